@@ -1,0 +1,191 @@
+"""Settings: the command-line flags with their defaults, checked and resolved into one config."""
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+from utils import UserError
+
+# What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
+DEMO_SETTINGS = dict(
+    data_dir=os.path.join("data", "demo"),
+    checkpoint_name="demo",
+    image_size=64,
+    batch_size=32,
+    epochs=8,
+    learning_rate=1e-3,
+    warmup_epochs=1,
+    pretrained=False,
+)
+
+# A resumed run keeps its saved settings; these are the only ones a flag may change then.
+RESUMABLE_OVERRIDES = {
+    "device", "num_workers", "log_interval", "data_dir", "checkpoint_dir", "save_every_steps", "progress",
+}
+
+AMP_DTYPES = ("float16", "bfloat16")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every flag's default, except on on/off switches where it only confuses."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is a user error like any other: one line, exit code 2."""
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = _Parser(
+        prog="main.py",
+        description="Train ResNet-18 on an image-folder dataset in FP32 or with automatic mixed precision.",
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="data", help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/")
+    g.add_argument("--demo", action="store_true", help="generate a small six-class dataset in data/demo and train a short CPU-sized run on it")
+    g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
+    g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
+    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes (0: load in the main process)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights")
+    g.add_argument("--pretrained_path", default=None, help="ImageNet ResNet-18 weights file to use instead of the torch hub cache")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
+    g.add_argument("--batch_size", type=int, default=256, help="images per optimizer step (per micro-batch with --accum_steps)")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Adam's peak LR, reached at the end of warmup")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="Adam's L2 penalty")
+    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup length (default: epochs // 10)")
+    g.add_argument("--min_lr", type=float, default=0.0, help="LR of the last step, where the cosine ends")
+    g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling)")
+    g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order and the flips")
+
+    g = p.add_argument_group("precision and device")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--amp", action="store_true", help="automatic mixed precision: autocast (+ GradScaler for float16)")
+    g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None, help="AMP dtype (default: float16 on CUDA, bfloat16 on the CPU)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint_name", default="baseline", help="run name: outputs go to CHECKPOINT_DIR/NAME/")
+    g.add_argument("--checkpoint_dir", default="checkpoints", help="root folder of all runs")
+    g.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    g.add_argument("--evaluate", action="store_true", help="test an existing run's best.pt and print its test accuracy")
+    g.add_argument("--log_interval", type=int, default=20, help="optimizer steps between progress-bar updates")
+    g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The dests of the flags the user actually typed (so defaults can be told from choices)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = action.const
+            probe.add_argument(*action.option_strings, **kwargs)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return str(device)
+
+
+def validate(cfg):
+    """Reject settings that cannot work, before anything is written."""
+    for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if not cfg.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.weight_decay < 0 or cfg.min_lr < 0:
+        raise UserError("--weight_decay and --min_lr must not be negative")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise UserError(f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.num_workers < 0:
+        raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
+    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
+        raise UserError(f"--clip_grad_norm must be positive, got {cfg.clip_grad_norm}")
+    if not NAME_PATTERN.match(cfg.checkpoint_name) or cfg.checkpoint_name in (".", ".."):
+        raise UserError(
+            f"--checkpoint_name {cfg.checkpoint_name!r} is not a plain name: use letters, digits, '.', '_' and '-'"
+        )
+    device = torch.device(cfg.device)
+    if cfg.amp and device.type == "cpu" and cfg.amp_dtype != "bfloat16":
+        raise UserError("--amp_dtype float16 is not supported on the CPU; use bfloat16 (the default there)")
+    if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
+
+
+def resolve(cfg):
+    """Fill in the settings that depend on others (device, AMP dtype, warmup), then validate."""
+    cfg.device = resolve_device(cfg.device)
+    if cfg.amp_dtype is None:
+        cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = cfg.epochs // 10
+    validate(cfg)
+    return cfg
+
+
+def parse_config(argv=None):
+    """(config, the set of flags given explicitly)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    if cfg.demo:
+        for name, value in DEMO_SETTINGS.items():
+            if name not in explicit:
+                setattr(cfg, name, value)
+    return resolve(cfg), explicit
+
+
+def merge_resumed(saved, cfg, explicit):
+    """The config of a resumed run: its saved settings, plus the few flags that may change
+    between sessions. Any other flag that disagrees with the saved run is an error."""
+    merged = argparse.Namespace(**saved)
+    for name in sorted(explicit - {"resume", "overwrite", "evaluate", "demo", "checkpoint_name"}):
+        value = getattr(cfg, name)
+        if name in RESUMABLE_OVERRIDES:
+            setattr(merged, name, value)
+        elif saved.get(name) != value:
+            raise UserError(
+                f"--resume: run {cfg.checkpoint_name!r} was trained with --{name} {saved.get(name)}, not {value}; "
+                "drop the flag to continue it, or start a new run under another --checkpoint_name"
+            )
+    merged.resume, merged.evaluate, merged.overwrite = True, False, False
+    merged.device = cfg.device  # where this session runs, whatever the saved run used
+    validate(merged)
+    return merged

@@ -1,0 +1,274 @@
+"""The data: find the image folders, split train/val, build the loaders, and turn uint8
+batches into normalized model inputs on the device. Also writes the generated demo dataset."""
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Sampler, Subset
+from torchvision.datasets import ImageFolder
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still decode
+# JPEGs 1.8x faster than PIL here, and load_image_uint8 falls back to PIL without them.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
+try:
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # a torchvision without its own decoders: PIL decodes everything
+    decode_image = None
+from torchvision.transforms.v2 import functional as TF
+
+from utils import UserError, derived_seed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTEL_URL = "https://www.kaggle.com/datasets/puneet6060/intel-image-classification"
+
+# Folder names tried for each split, in order; Kaggle's zip nests each split in itself.
+SPLIT_NAMES = {"train": ("seg_train", "train"), "test": ("seg_test", "test"), "pred": ("seg_pred", "pred")}
+
+
+# --------------------------------------------------------------------------- finding the data
+def find_split_dir(data_dir, split):
+    """The folder holding `split`'s images: DATA/seg_train/seg_train, DATA/seg_train,
+    DATA/train, ... whichever exists first; None if none does."""
+    for name in SPLIT_NAMES[split]:
+        for candidate in (os.path.join(data_dir, name, name), os.path.join(data_dir, name)):
+            if os.path.isdir(candidate):
+                return candidate
+    return None
+
+
+def expected_layout(data_dir):
+    return (
+        f"expected {data_dir}/seg_train/seg_train/<class>/*.jpg and {data_dir}/seg_test/seg_test/<class>/*.jpg "
+        f"(or without the repeated folder), e.g. Kaggle's Intel Image Classification from {INTEL_URL}; "
+        "or run `python main.py --demo` for a generated dataset"
+    )
+
+
+def load_image_uint8(path):
+    """Decode any image file to an RGB uint8 tensor [3, H, W]. torchvision's decoders
+    (libjpeg-turbo, libpng) are fast; PIL covers the formats they lack (BMP, TIFF, ...).
+    Grayscale, palette and RGBA images are converted to RGB."""
+    if decode_image is not None:
+        try:
+            return decode_image(path, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass
+    try:
+        with Image.open(path) as img:
+            return TF.pil_to_tensor(img.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for a bad file
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+class ResizeUint8:
+    """Resize((S, S)) on a uint8 tensor, antialiased like PIL's bilinear resize."""
+
+    def __init__(self, size):
+        self.size = [size, size]
+
+    def __call__(self, image):
+        return TF.resize(image, self.size, antialias=True)
+
+
+def image_folder(root, image_size):
+    """An ImageFolder whose items are (uint8 tensor [3, S, S], class index)."""
+    try:
+        return ImageFolder(root, transform=ResizeUint8(image_size), loader=load_image_uint8)
+    except FileNotFoundError as exc:  # no class folders, or a class folder without images
+        raise UserError(f"{root}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- splitting
+def stratified_split(targets, val_fraction, seed):
+    """Split indices into (train, val) keeping each class's share: round(val_fraction * n)
+    of each class goes to val, chosen by a generator seeded with `seed` alone, so the split
+    is the same in every run and every resume with that seed."""
+    by_class = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for target in sorted(by_class):
+        indices = by_class[target]
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        n_val = min(round(val_fraction * len(indices)), len(indices) - 1)
+        val.extend(indices[i] for i in order[:n_val])
+        train.extend(indices[i] for i in order[n_val:])
+    return sorted(train), sorted(val)
+
+
+class EpochSampler(Sampler):
+    """Yields this process's share of the indices for one epoch.
+
+    The order is a permutation seeded by (seed, epoch) alone, so a resumed run replays it
+    exactly; `skip` drops the samples already trained on in an interrupted epoch. Under DDP
+    each rank takes every world-th index; training pads the order so every rank gets the
+    same number of batches (DDP needs that), evaluation does not (so no image counts twice).
+    """
+
+    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=False):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.size % self.world_size:
+            order += order[: self.world_size - self.size % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices()[self.skip :])
+
+    def __len__(self):
+        return len(self._indices()) - self.skip
+
+    def samples_per_epoch(self):
+        return len(self._indices())
+
+
+# --------------------------------------------------------------------------- on the device
+class DeviceTransform:
+    """uint8 batch [B, 3, S, S] -> normalized float batch on the device, with a random
+    horizontal flip when training. Doing this on the device keeps the workers' job to decoding
+    and resizing, and sends 4x fewer bytes (uint8) to the GPU."""
+
+    def __init__(self, device, channels_last=False):
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std == x * scale - shift
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = mean / std
+
+    def __call__(self, images, flip_seed=None):
+        """`flip_seed` (training only) fixes which images are flipped, so a batch replays exactly."""
+        images = images.to(self.device, non_blocking=True)
+        if flip_seed is not None:
+            generator = torch.Generator().manual_seed(flip_seed)
+            flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(self.device, non_blocking=True)
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        images = images.to(dtype=torch.float32, memory_format=self.memory_format)
+        return images.mul_(self.scale).sub_(self.shift)
+
+
+# --------------------------------------------------------------------------- loaders
+def _loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+    )
+
+
+def build_datasets(cfg):
+    """(train, val, test) datasets and the class names, checked for a usable layout."""
+    data_dir = cfg.data_dir
+    train_dir, test_dir = find_split_dir(data_dir, "train"), find_split_dir(data_dir, "test")
+    if train_dir is None or test_dir is None:
+        missing = "training" if train_dir is None else "test"
+        raise UserError(f"no {missing} split found in {data_dir}: {expected_layout(data_dir)}")
+    full_train = image_folder(train_dir, cfg.image_size)
+    test = image_folder(test_dir, cfg.image_size)
+    if test.classes != full_train.classes:
+        raise UserError(
+            f"the test classes in {test_dir} ({', '.join(test.classes)}) differ from the training "
+            f"classes in {train_dir} ({', '.join(full_train.classes)})"
+        )
+    if len(full_train.classes) < 2:
+        raise UserError(f"{train_dir} has {len(full_train.classes)} class folder; a classifier needs at least 2")
+    train_idx, val_idx = stratified_split(full_train.targets, cfg.val_fraction, cfg.seed)
+    if not val_idx:
+        raise UserError(f"{train_dir} is too small for a validation split of {cfg['val_fraction']}")
+    return Subset(full_train, train_idx), Subset(full_train, val_idx), test, full_train.classes
+
+
+def build_loaders(cfg, device, rank=0, world_size=1):
+    """Train, val and test loaders plus the class names. `cfg['batch_size']` is the global
+    batch: each of the `world_size` processes loads its share."""
+    train_set, val_set, test_set, class_names = build_datasets(cfg)
+    batch = max(cfg.batch_size // world_size, 1)
+    train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True)
+    # BatchNorm cannot train on a batch of one image: drop such a last batch (one image an epoch).
+    drop_last = train_sampler.samples_per_epoch() % batch == 1 and train_sampler.samples_per_epoch() > 1
+    train = _loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
+    val = _loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
+    test = _loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)
+    return train, val, test, class_names
+
+
+# --------------------------------------------------------------------------- demo data
+DEMO_CLASSES = ("checkerboard", "circles", "diagonal", "horizontal_stripes", "squares", "vertical_stripes")
+
+
+def _demo_image(kind, generator, size):
+    """A procedural picture: the pattern gives the class; colours, phase, scale and noise vary."""
+    def rand(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+    def colour():
+        return tuple(int(rand(0, 255)) for _ in range(3))
+
+    background, ink = colour(), colour()
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    period = int(rand(size / 10, size / 5))
+    offset = int(rand(0, period))
+    half = max(period // 2, 1)
+    for k in range(-size, 2 * size, period):
+        p = k + offset
+        if kind == "horizontal_stripes":
+            draw.rectangle([0, p, size, p + half], fill=ink)
+        elif kind == "vertical_stripes":
+            draw.rectangle([p, 0, p + half, size], fill=ink)
+        elif kind == "diagonal":
+            draw.polygon([(p, 0), (p + half, 0), (p + half - size, size), (p - size, size)], fill=ink)
+        elif kind == "checkerboard":
+            for j in range(-size, 2 * size, period):
+                if ((k + j) // period) % 2 == 0:
+                    draw.rectangle([p, j + offset, p + half * 2, j + offset + half * 2], fill=ink)
+    for _ in range(int(rand(3, 8)) if kind in ("circles", "squares") else 0):
+        r = rand(size / 12, size / 5)
+        cx, cy = rand(r, size - r), rand(r, size - r)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        (draw.ellipse if kind == "circles" else draw.rectangle)(box, fill=ink)
+    noise = (torch.randn(size, size, 3, generator=generator) * 12).round()
+    pixels = (torch.from_numpy(np.array(img)).float() + noise).clamp(0, 255).byte()
+    return Image.fromarray(pixels.numpy())
+
+
+def make_demo_dataset(root, train_per_class=100, test_per_class=30, size=150, seed=0):
+    """Write a six-class generated dataset in the Kaggle layout under `root` (if not there)."""
+    done_marker = os.path.join(root, ".complete")
+    if os.path.exists(done_marker):
+        return False
+    generator = torch.Generator().manual_seed(seed)
+    for split, per_class in (("seg_train", train_per_class), ("seg_test", test_per_class)):
+        for kind in DEMO_CLASSES:
+            folder = os.path.join(root, split, split, kind)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                _demo_image(kind, generator, size).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
+    pred = os.path.join(root, "seg_pred", "seg_pred")
+    os.makedirs(pred, exist_ok=True)
+    for i in range(2 * len(DEMO_CLASSES)):
+        kind = DEMO_CLASSES[i % len(DEMO_CLASSES)]
+        _demo_image(kind, generator, size).save(os.path.join(pred, f"{i:04d}.jpg"), quality=90)
+    open(done_marker, "w").close()
+    return True
+

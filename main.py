@@ -1,0 +1,114 @@
+"""Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer."""
+import os
+import sys
+
+import torch
+
+import config
+from dataset import DeviceTransform, build_loaders, make_demo_dataset
+from model import build_model
+from scheduler import WarmupCosineLR
+from trainer import Trainer, autocast_for, load_checkpoint, precision_name
+from trainer import evaluate as evaluate_model
+from utils import UserError, atomic_write_json, seed_everything, setup_logging
+
+# Files a run writes; --overwrite removes these and nothing else.
+RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log")
+
+
+def prepare_run_dir(cfg):
+    """Create CHECKPOINT_DIR/NAME for a new run, refusing to clobber an existing one."""
+    run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if existing and not cfg.overwrite:
+        raise UserError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --checkpoint_name"
+        )
+    for name in existing:
+        os.remove(os.path.join(run_dir, name))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {run_dir}: {exc.strerror}") from None
+    return run_dir
+
+
+def build_optimizer(model, cfg):
+    # The fused kernel does the whole Adam update for all parameters at once where available.
+    fused = torch.device(cfg.device).type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def train(cfg, checkpoint=None):
+    run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+    logger = setup_logging(os.path.join(run_dir, "train.log"))
+    seed_everything(cfg.seed)
+    train_loader, val_loader, test_loader, class_names = build_loaders(cfg, cfg.device)
+    model = build_model(len(class_names), cfg.pretrained and checkpoint is None, cfg.pretrained_path)
+    model.to(cfg.device)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)
+    scheduler = WarmupCosineLR(
+        optimizer,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=cfg.warmup_epochs * steps_per_epoch,
+        min_lr=cfg.min_lr,
+    )
+    loaders = (train_loader, val_loader, test_loader)
+    trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        logger.info(f"resuming {cfg.checkpoint_name} after epoch {trainer.epoch} (step {scheduler.last_epoch})")
+    else:
+        atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
+    trainer.fit()
+    return 0
+
+
+def evaluate(cfg):
+    """Re-test a run's best.pt with the image size and precision it was trained with."""
+    run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    saved = best["config"]
+    for name in ("image_size", "amp", "amp_dtype", "val_fraction", "seed"):
+        setattr(cfg, name, saved[name])
+    if cfg.amp and cfg.device == "cpu":
+        cfg.amp_dtype = "bfloat16"
+    _, _, test_loader, class_names = build_loaders(cfg, cfg.device)
+    if list(class_names) != list(best["class_names"]):
+        raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
+    model = build_model(len(class_names), pretrained=False)
+    model.load_state_dict(best["model"])
+    model.to(cfg.device)
+    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device), autocast_for(cfg), len(class_names))
+    print(f"{cfg.checkpoint_name} (epoch {best['epoch']}, {precision_name(cfg)}): "
+          f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
+    return 0
+
+
+def run(argv=None):
+    cfg, explicit = config.parse_config(argv)
+    if cfg.demo and make_demo_dataset(cfg.data_dir):
+        print(f"wrote a generated demo dataset to {cfg.data_dir}")
+    if cfg.evaluate:
+        return evaluate(cfg)
+    if cfg.resume:
+        run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+        checkpoint = load_checkpoint(os.path.join(run_dir, "last.pt"))
+        cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
+        return train(cfg, checkpoint)
+    prepare_run_dir(cfg)
+    return train(cfg)
+
+
+def main(argv=None):
+    try:
+        return run(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

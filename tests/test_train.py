@@ -1,0 +1,142 @@
+"""Training through the real CLI on a tiny generated dataset: FP32 and AMP learn, outputs are
+complete and loadable, resume continues exactly, clip and accumulation do their job."""
+import json
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from conftest import FAST, read_results
+from scheduler import warmup_cosine_lr
+from trainer import AmpUpdate
+
+RESULT_KEYS = {"test_acc", "best_val_acc", "total_train_seconds", "device", "amp", "amp_dtype", "skipped_steps", "epochs"}
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec", "peak_mem_mb"}
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
+def test_training_learns_and_writes_every_output(demo_data, run_cli, tmp_path, amp):
+    name = "amp" if amp else "fp32"
+    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", name, "--epochs", "5", *FAST,
+                             *(["--amp"] if amp else []))
+    assert code == 0, err
+    run_dir = tmp_path / "checkpoints" / name
+    results = read_results(run_dir)
+    assert RESULT_KEYS <= set(results)
+    assert results["amp"] is amp and results["amp_dtype"] == ("bfloat16" if amp else None)
+    epochs = results["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(1, 6))
+    assert all(EPOCH_KEYS <= set(e) for e in epochs)
+    assert all(e["peak_mem_mb"] is None for e in epochs)  # CPU
+    assert epochs[-1]["train_loss"] < 0.7 * epochs[0]["train_loss"]  # it learns
+    assert results["test_acc"] >= 75  # chance is 33
+    assert results["best_val_acc"] == max(e["val_acc"] for e in epochs)
+
+    # Checkpoints: the promised keys, weights_only, and a plain torchvision resnet18 takes them.
+    for file in ("best.pt", "last.pt"):
+        ckpt = torch.load(run_dir / file, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config"} <= set(ckpt)
+        plain = resnet18(num_classes=len(ckpt["class_names"]))
+        plain.load_state_dict(ckpt["model"])  # strict: no wrapper prefixes
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 5
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["amp"] is amp and config["image_size"] == 32 and config["warmup_epochs"] == 0
+    assert "epoch   5/5" in (run_dir / "train.log").read_text()
+    assert f"{results['test_acc']:.2f}" in out  # the summary row
+
+    # --evaluate re-tests best.pt and prints the same accuracy.
+    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", name, "--evaluate", *FAST)
+    assert code == 0, err
+    assert f"test accuracy {results['test_acc']:.2f}%" in out
+
+
+def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path, monkeypatch):
+    flags = ["--data_dir", demo_data, "--epochs", "4", "--warmup_epochs", "1", *FAST]
+    assert run_cli("--checkpoint_name", "full", *flags)[0] == 0
+    full = read_results(tmp_path / "checkpoints" / "full")
+
+    # Interrupt a second run after its second epoch, then resume it.
+    import trainer
+
+    original = trainer.Trainer.train_one_epoch
+
+    def crash_in_third_epoch(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("--checkpoint_name", "cut", *flags)
+    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
+    assert torch.load(tmp_path / "checkpoints" / "cut" / "last.pt", weights_only=True)["epoch"] == 2
+
+    code, out, err = run_cli("--checkpoint_name", "cut", "--resume", "--data_dir", demo_data, "--no_progress")
+    assert code == 0, err
+    assert "after epoch 2" in out
+    cut = read_results(tmp_path / "checkpoints" / "cut")
+    assert [e["epoch"] for e in cut["epochs"]] == [1, 2, 3, 4]
+    for a, b in zip(full["epochs"], cut["epochs"]):
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_acc"] == pytest.approx(b["val_acc"])
+    assert cut["test_acc"] == pytest.approx(full["test_acc"])
+
+
+def test_lr_schedule_counts_optimizer_steps_with_accumulation(demo_data, run_cli, tmp_path):
+    # 48 training images in batches of 16 -> 3 micro-batches -> 2 optimizer steps an epoch.
+    code, _, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "acc", "--epochs", "2", "--warmup_epochs", "1",
+                           "--accum_steps", "2", *FAST)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "checkpoints" / "acc" / "last.pt", weights_only=True)
+    assert ckpt["scheduler"]["last_epoch"] == 4  # 2 epochs x 2 optimizer steps
+    lrs = [e["lr"] for e in read_results(tmp_path / "checkpoints" / "acc")["epochs"]]
+    assert lrs == pytest.approx([warmup_cosine_lr(s, 2e-3, 4, 2) for s in (0, 2)])
+
+
+# --------------------------------------------------------------------------- the update step
+def linear_problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    return model, x, y
+
+
+def sgd_update(model, update, batches):
+    """The change of all parameters after one AmpUpdate over `batches` (micro-batches)."""
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for i, (x, y) in enumerate(batches):
+        loss = torch.nn.functional.cross_entropy(model(x), y) / len(batches)
+        update(loss, update=i == len(batches) - 1)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["no_scaler", "grad_scaler"])
+def test_clipping_bounds_the_true_gradient_norm(scaled):
+    model, x, y = linear_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=scaled)
+    step = sgd_update(model, AmpUpdate(opt, scaler, clip_grad_norm=0.01), [(x, y)])
+    # With SGD at lr 1 the step is the clipped gradient: its norm is the clip value, whatever
+    # the loss scale (clipping the scaled gradients would give 0.01 / 1024).
+    assert step.norm().item() == pytest.approx(0.01, rel=1e-4)
+
+    unclipped_model, x, y = linear_problem()
+    opt = torch.optim.SGD(unclipped_model.parameters(), lr=1.0)
+    step = sgd_update(unclipped_model, AmpUpdate(opt, scaler.__class__("cpu", enabled=False)), [(x, y)])
+    assert step.norm().item() > 0.1  # the clip really cut something
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    model_a, x, y = linear_problem()
+    model_b, _, _ = linear_problem()
+    big = sgd_update(model_a, AmpUpdate(torch.optim.SGD(model_a.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False)), [(x, y)])
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    small = sgd_update(model_b, AmpUpdate(torch.optim.SGD(model_b.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False)), halves)
+    torch.testing.assert_close(big, small)
+    # and without the update on the first micro-batch nothing moved in between:
+    model_c, _, _ = linear_problem()
+    upd = AmpUpdate(torch.optim.SGD(model_c.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False))
+    w0 = model_c.weight.detach().clone()
+    upd(torch.nn.functional.cross_entropy(model_c(x[:4]), y[:4]), update=False)
+    assert torch.equal(model_c.weight, w0)

@@ -1,0 +1,340 @@
+"""Training: the FP32/AMP step, the epoch loop, evaluation, checkpoints and results."""
+import contextlib
+import math
+import os
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import DeviceTransform
+from utils import (
+    ClassificationMeter,
+    Stopwatch,
+    UserError,
+    atomic_torch_save,
+    atomic_write_json,
+    derived_seed,
+    device_name,
+    is_main_process,
+    peak_memory_mb,
+    rank,
+    reset_peak_memory,
+)
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
+# Steps in a row whose loss is not finite (or whose update GradScaler skipped) before we stop.
+MAX_BAD_STEPS = 20
+
+
+class TrainingDiverged(UserError):
+    exit_code = 1
+
+
+class AmpUpdate:
+    """backward -> [unscale -> clip] -> optimizer step -> scaler update, in one callable.
+
+    One code path for every precision: with the scaler disabled (FP32, bfloat16) `scale` and
+    `unscale_` return their input and `step` is a plain `optimizer.step()`. With float16 the
+    scaler multiplies the loss so small gradients survive in half precision, unscales them
+    before clipping, and skips the step (lowering the scale) when it finds inf/NaN.
+    """
+
+    def __init__(self, optimizer, scaler, clip_grad_norm=None):
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.clip_grad_norm = clip_grad_norm
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, loss, update=True):
+        """Backpropagate `loss`; when `update`, step the optimizer. Returns a device bool
+        tensor telling whether GradScaler skipped the step (no host sync)."""
+        self.scaler.scale(loss).backward()
+        if not update:
+            return None
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_grad_norm)
+        skipped = None
+        if self.scaler.is_enabled():
+            # The scale only ever drops when the step was skipped; compare on the device.
+            scale_before = self.scaler._get_scale_async().clone()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler._get_scale_async() < scale_before
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return skipped
+
+
+class Trainer:
+    """Runs the epochs. `model` is the plain module (saved and evaluated); `train_model` may
+    wrap it (DistributedDataParallel, torch.compile) and is what the training step calls."""
+
+    def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None):
+        self.model = model
+        self.train_model = train_model or model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader, self.val_loader, self.test_loader = loaders
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.class_names = list(class_names)
+        self.log = logger
+        self.device = torch.device(cfg.device)
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        # GradScaler only for float16: bfloat16 has float32's range, so gradients don't underflow.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
+        self.update = AmpUpdate(optimizer, self.scaler, cfg.clip_grad_norm)
+        self.autocast = autocast_for(cfg)
+        self.transform = DeviceTransform(self.device, getattr(cfg, "channels_last", False))
+        self.epoch = 0  # epochs completed
+        self.best_val_acc = -1.0
+        self.history = []
+        self.skipped_steps = 0
+        self.total_train_seconds = 0.0
+
+    # ------------------------------------------------------------------ pieces
+    def grad_sync(self, update):
+        """Under DDP, skip the gradient all-reduce on micro-batches that only accumulate."""
+        if update or not hasattr(self.train_model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def steps_per_epoch(self):
+        return math.ceil(len(self.train_loader) / self.cfg.accum_steps)
+
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ one epoch
+    def train_one_epoch(self, epoch):
+        cfg = self.cfg
+        self.train_model.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        num_batches = len(self.train_loader)
+        meter = ClassificationMeter(len(self.class_names), self.device)
+        skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        group_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        reset_peak_memory(self.device)
+        watch = Stopwatch(self.device)
+        bar = tqdm(total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and is_main_process()) or None, dynamic_ncols=True)
+        for i, (images, targets) in enumerate(self.train_loader):
+            images = self.transform(images, flip_seed=derived_seed(cfg.seed, epoch, i, rank()))
+            targets = targets.to(self.device, non_blocking=True)
+            # An optimizer step every accum_steps micro-batches; the loss is averaged over the
+            # micro-batches of its group (the last group of an epoch may be shorter).
+            group_start = i - i % cfg.accum_steps
+            group_size = min(cfg.accum_steps, num_batches - group_start)
+            update = i == group_start + group_size - 1
+            with self.grad_sync(update):
+                with self.autocast():
+                    logits = self.train_model(images)
+                    loss = F.cross_entropy(logits, targets)
+                step_skipped = self.update(loss / group_size, update)
+            meter.update(loss, logits, targets)
+            group_bad |= ~torch.isfinite(loss.detach())
+            bar.update()
+            if not update:
+                continue
+            if step_skipped is not None:
+                skipped += step_skipped
+                group_bad |= step_skipped
+            bad_streak = (bad_streak + 1) * group_bad
+            group_bad = torch.zeros_like(group_bad)
+            self.scheduler.step()
+            step = self.scheduler.last_epoch
+            if step % cfg.log_interval == 0 or i == num_batches - 1:
+                self._check_finite(int(bad_streak), epoch, step)  # the only host sync of the loop
+                stats = meter.compute()
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.lr():.2e}")
+        bar.close()
+        seconds = watch.stop()
+        stats = meter.compute()
+        self.skipped_steps += int(skipped)
+        return {
+            "train_loss": stats["loss"],
+            "train_acc": stats["acc"],
+            "seconds": seconds,
+            "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+
+    def _check_finite(self, bad_streak, epoch, step):
+        if bad_streak >= MAX_BAD_STEPS:
+            raise TrainingDiverged(
+                f"training diverged: the loss was not finite (or its step was skipped) for {bad_streak} steps in a row "
+                f"at epoch {epoch + 1}, step {step}; try a lower --learning_rate"
+                + ("" if self.amp_dtype == torch.bfloat16 and self.cfg.amp else " or --amp --amp_dtype bfloat16")
+                + f". The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}"
+            )
+
+    def evaluate(self, loader):
+        return evaluate(self.model, loader, self.transform, self.autocast, len(self.class_names))
+
+    # ------------------------------------------------------------------ the run
+    def fit(self):
+        cfg = self.cfg
+        self.log.info(
+            f"training {cfg.checkpoint_name}: {len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val / "
+            f"{len(self.test_loader.dataset)} test images, {len(self.class_names)} classes, on {device_name(self.device)} "
+            f"({precision_name(cfg)}), {self.steps_per_epoch()} steps x {cfg.epochs} epochs"
+        )
+        for epoch in range(self.epoch, cfg.epochs):
+            started = time.perf_counter()
+            record = {"epoch": epoch + 1, "lr": self.lr()}
+            record.update(self.train_one_epoch(epoch))
+            val = self.evaluate(self.val_loader)
+            record["val_loss"], record["val_acc"] = val["loss"], val["acc"]
+            self.epoch = epoch + 1
+            self.history.append(record)
+            if val["acc"] > self.best_val_acc:
+                self.best_val_acc = val["acc"]
+                self.save_checkpoint("best.pt")
+            self.save_checkpoint("last.pt")
+            self.total_train_seconds += time.perf_counter() - started
+            self.write_results()
+            self.log.info(format_epoch(record, cfg.epochs))
+        return self.test()
+
+    def test(self):
+        """Test the best-validation weights; record and print the result."""
+        best = load_checkpoint(os.path.join(self.run_dir, "best.pt"))
+        self.model.load_state_dict(best["model"])
+        test = self.evaluate(self.test_loader)
+        results = self.write_results(test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"])
+        self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}): {test['acc']:.2f}%")
+        self.log.info(summary_table([results]))
+        return results
+
+    # ------------------------------------------------------------------ saving and restoring
+    def checkpoint(self):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "class_names": self.class_names,
+            "config": vars(self.cfg),
+            "best_val_acc": self.best_val_acc,
+            "history": self.history,
+            "skipped_steps": self.skipped_steps,
+            "total_train_seconds": self.total_train_seconds,
+        }
+
+    def save_checkpoint(self, name):
+        if is_main_process():
+            atomic_torch_save(self.checkpoint(), os.path.join(self.run_dir, name))
+
+    def restore(self, checkpoint):
+        """Continue from a checkpoint made by `checkpoint()`."""
+        if checkpoint["class_names"] != self.class_names:
+            raise UserError(
+                f"--resume: the run was trained on classes {checkpoint['class_names']}, "
+                f"but the data now has {self.class_names}"
+            )
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch = checkpoint["epoch"]
+        self.best_val_acc = checkpoint["best_val_acc"]
+        self.history = list(checkpoint["history"])
+        self.skipped_steps = checkpoint["skipped_steps"]
+        self.total_train_seconds = checkpoint["total_train_seconds"]
+
+    def write_results(self, **final):
+        results = {
+            "run": self.cfg.checkpoint_name,
+            "finished": bool(final),
+            "test_acc": None,
+            "best_val_acc": self.best_val_acc if self.history else None,
+            "total_train_seconds": self.total_train_seconds,
+            "device": device_name(self.device),
+            "amp": self.cfg.amp,
+            "amp_dtype": self.cfg.amp_dtype if self.cfg.amp else None,
+            "precision": precision_name(self.cfg),
+            "skipped_steps": self.skipped_steps,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "epochs": self.history,
+        }
+        results.update(final)
+        if is_main_process():
+            atomic_write_json(os.path.join(self.run_dir, "results.json"), results)
+        return results
+
+
+def autocast_for(cfg):
+    """A factory of autocast contexts for cfg's device and AMP dtype; disabled in FP32."""
+    return partial(torch.autocast, torch.device(cfg.device).type, dtype=getattr(torch, cfg.amp_dtype), enabled=cfg.amp)
+
+
+@torch.no_grad()
+def evaluate(model, loader, transform, autocast, num_classes):
+    """Loss, accuracy (percent), count and confusion matrix of `model` over `loader`, under
+    `autocast()` (the same precision as training)."""
+    model.eval()
+    meter = ClassificationMeter(num_classes, transform.device)
+    for images, targets in loader:
+        images = transform(images)
+        targets = targets.to(transform.device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits, targets)
+        meter.update(loss, logits, targets)
+    return meter.compute()
+
+
+# ---------------------------------------------------------------------- loading and reporting
+def load_checkpoint(path):
+    """A checkpoint written by Trainer, loaded with weights_only=True (no code can run)."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, a foreign format, or a pickle that would run code
+        raise UserError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
+        raise UserError(f"{path} is not a checkpoint of this template (it lacks {', '.join(CHECKPOINT_KEYS)})")
+    return checkpoint
+
+
+def precision_name(cfg):
+    if not cfg.amp:
+        return "FP32"
+    return "AMP fp16" if cfg.amp_dtype == "float16" else "AMP bf16"
+
+
+def format_epoch(r, epochs):
+    memory = "" if r["peak_mem_mb"] is None else f", peak {r['peak_mem_mb'] / 1024:.1f} GB"
+    return (
+        f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f} | lr {r['lr']:.2e} | "
+        f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{memory}"
+    )
+
+
+def summary_table(runs):
+    """The README's results table for finished runs (their results.json dicts)."""
+    lines = [
+        "| run | device | precision | test acc | peak GPU memory | time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        epochs = r["epochs"]
+        peaks = [e["peak_mem_mb"] for e in epochs if e["peak_mem_mb"] is not None]
+        memory = f"{max(peaks) / 1024:.1f} G" if peaks else "n/a (CPU)"
+        per_epoch = sum(e["seconds"] for e in epochs) / max(len(epochs), 1)
+        test_acc = "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.2f}"
+        lines.append(
+            f"| {r['run']} | {r['device']} | {r['precision']} | {test_acc} | {memory} | "
+            f"{per_epoch:.1f} s x {len(epochs)} epochs ({r['total_train_seconds']:.0f} s total) |"
+        )
+    return "\n".join(lines)

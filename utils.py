@@ -1,0 +1,193 @@
+"""Small helpers shared by the other files: user errors, seeding, metrics, timing, memory,
+atomic file writes, logging and the few torch.distributed calls the trainer needs."""
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake in the user's input (data, flags, files): main.py prints one line and exits 2."""
+
+
+# --------------------------------------------------------------------------- distributed
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all processes in place (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# --------------------------------------------------------------------------- seeding
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        # cuBLAS needs this set before its first call to be reproducible.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def derived_seed(*parts):
+    """A 63-bit seed that depends only on `parts` (seed, epoch, step, ...), so any batch's
+    randomness can be recreated after a resume without saving generator states."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+# --------------------------------------------------------------------------- metrics
+class ClassificationMeter:
+    """Accumulates loss, accuracy and a confusion matrix on the device, so that the training
+    loop never waits for the GPU; `compute()` is the only place that syncs."""
+
+    def __init__(self, num_classes, device):
+        self.num_classes = num_classes
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, loss, logits, targets):
+        """`loss` is the batch mean; rows of the confusion matrix are true classes."""
+        self.loss_sum += loss.detach().double() * targets.numel()
+        pairs = targets * self.num_classes + logits.argmax(dim=1)
+        self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2)
+
+    def compute(self):
+        """Loss, accuracy (percent), count and confusion matrix summed over all processes."""
+        loss_sum = all_reduce_sum(self.loss_sum.clone())
+        confusion = all_reduce_sum(self.confusion.clone()).view(self.num_classes, -1).cpu()
+        count = int(confusion.sum())
+        correct = int(confusion.diag().sum())
+        return {
+            "loss": float(loss_sum) / max(count, 1),
+            "acc": 100.0 * correct / max(count, 1),
+            "count": count,
+            "confusion": confusion,
+        }
+
+
+# --------------------------------------------------------------------------- timing, memory
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Wall-clock seconds that include the GPU work queued before `stop()`."""
+
+    def __init__(self, device):
+        self.device = device
+        synchronize(device)
+        self.start = time.perf_counter()
+
+    def stop(self):
+        synchronize(self.device)
+        return time.perf_counter() - self.start
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device):
+    """Peak CUDA memory allocated by tensors since the last reset, or None on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+# --------------------------------------------------------------------------- files
+def _atomic_write(path, write):
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename it
+    over `path`: a crash or a full disk leaves the old file as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_torch_save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(path, obj):
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- logging
+def setup_logging(log_file=None):
+    """Log to stdout (main process only) and, when given, to `log_file`."""
+    logger = logging.getLogger("amp")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if not is_main_process():
+        logger.addHandler(logging.NullHandler())
+        return logger
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    return logger
