@@ -209,6 +209,8 @@ class Trainer:
         test = self.evaluate(self.test_loader)
         results = self.write_results(test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"])
         self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}): {test['acc']:.2f}%")
+        if self.skipped_steps:
+            self.log.info(f"GradScaler skipped {self.skipped_steps} optimizer steps with inf/NaN gradients")
         self.log.info(summary_table([results]))
         return results
 
