@@ -23,6 +23,7 @@ DEMO_SETTINGS = dict(
 # A resumed run keeps its saved settings; these are the only ones a flag may change then.
 RESUMABLE_OVERRIDES = {
     "device", "num_workers", "log_interval", "data_dir", "checkpoint_dir", "save_every_steps", "progress",
+    "deterministic",
 }
 
 AMP_DTYPES = ("float16", "bfloat16")
@@ -55,6 +56,7 @@ def build_parser():
     g.add_argument("--demo", action="store_true", help="generate a small six-class dataset in data/demo and train a short CPU-sized run on it")
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
+    g.add_argument("--skip_bad_images", action="store_true", help="decode every image once before training and leave out the unreadable ones (listed in train.log)")
     g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes (0: load in the main process)")
 
     g = p.add_argument_group("model")
@@ -71,6 +73,7 @@ def build_parser():
     g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order and the flips")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only, so a resumed run ends with the same weights as an uninterrupted one")
 
     g = p.add_argument_group("precision and device")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -83,6 +86,7 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--evaluate", action="store_true", help="test an existing run's best.pt and print its test accuracy")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N optimizer steps within an epoch (0: only at epoch ends)")
     g.add_argument("--log_interval", type=int, default=20, help="optimizer steps between progress-bar updates")
     g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
     return p
@@ -133,6 +137,8 @@ def validate(cfg):
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise UserError(f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.save_every_steps < 0:
+        raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
     if cfg.num_workers < 0:
         raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:

@@ -1,11 +1,13 @@
 """The data: find the image folders, split train/val, build the loaders, and turn uint8
 batches into normalized model inputs on the device. Also writes the generated demo dataset."""
+import logging
 import os
+import signal
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile
 from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision.datasets import ImageFolder
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still decode
@@ -18,6 +20,10 @@ except ImportError:  # a torchvision without its own decoders: PIL decodes every
 from torchvision.transforms.v2 import functional as TF
 
 from utils import UserError, derived_seed
+
+# A truncated JPEG (say, an interrupted download) loads with its missing part gray instead of
+# crashing an epoch; the check before training warns about such files.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,6 +169,13 @@ class DeviceTransform:
 
 
 # --------------------------------------------------------------------------- loaders
+def _ignore_stop_signals(worker_id):
+    """Workers leave Ctrl-C and SIGTERM to the main process, which finishes its step and saves;
+    they exit with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
     workers = cfg.num_workers
     return DataLoader(
@@ -173,7 +186,96 @@ def _loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=workers > 0,
         drop_last=drop_last,
+        worker_init_fn=_ignore_stop_signals,
+        # The loader seeds its workers from this generator, not the global RNG; no
+        # randomness happens in the workers anyway (flips are drawn on the device).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+# --------------------------------------------------------------------------- bad images
+def quick_image_problem(path):
+    """Why `path` cannot be an image, from its size and header alone ('' if it looks fine)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path):
+            return ""
+    except Exception as exc:  # PIL raises several types for a file that is not an image
+        return str(exc) or type(exc).__name__
+
+
+def looks_truncated(path):
+    """A JPEG whose last bytes are not the end-of-image marker was probably cut off."""
+    if not path.lower().endswith((".jpg", ".jpeg")):
+        return False
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read() != b"\xff\xd9"
+
+
+class _DecodeCheck(torch.utils.data.Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            if decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
+                decode_image(path, mode=ImageReadMode.RGB)  # strict: a truncated file fails here
+            else:
+                load_image_uint8(path)
+            return path, ""
+        except Exception as exc:
+            return path, str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+
+
+def find_bad_images(paths, decode=False, workers=0):
+    """{path: reason} for the images that cannot be read. Without `decode`, a quick look at
+    each file's size and header; with it, every image is decoded (in `workers` processes)."""
+    if not decode:
+        problems = ((p, quick_image_problem(p)) for p in paths)
+    else:
+        loader = DataLoader(_DecodeCheck(paths), batch_size=64, num_workers=workers, collate_fn=list)
+        problems = (item for batch in loader for item in batch)
+    return {path: reason for path, reason in problems if reason}
+
+
+def drop_images(folder, bad):
+    """Remove `bad` paths from an ImageFolder in place."""
+    folder.samples = [s for s in folder.samples if s[0] not in bad]
+    folder.imgs = folder.samples
+    folder.targets = [target for _, target in folder.samples]
+
+
+def check_images(folders, cfg):
+    """Stop before training on unreadable images, or with --skip_bad_images leave them out
+    and log which."""
+    log = logging.getLogger("amp")
+    paths = [path for folder in folders for path, _ in folder.samples]
+    bad = find_bad_images(paths, decode=cfg.skip_bad_images, workers=cfg.num_workers)
+    if bad and not cfg.skip_bad_images:
+        path, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"unreadable image {path}: {reason}{more}; remove it, or pass --skip_bad_images to leave such files out")
+    if bad:
+        log.info(f"--skip_bad_images: left out {len(bad)} unreadable image(s):")
+        for path, reason in bad.items():
+            log.info(f"  {path}: {reason}")
+        for folder in folders:
+            drop_images(folder, bad)
+        for folder in folders:
+            if len(set(folder.targets)) < len(folder.classes):
+                empty = sorted(set(range(len(folder.classes))) - set(folder.targets))
+                raise UserError(f"{folder.root}: class folder {folder.classes[empty[0]]!r} has no readable image left")
+    elif not cfg.skip_bad_images:
+        truncated = [p for p in paths if looks_truncated(p)]
+        if truncated:
+            log.info(f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
+                     "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
 
 
 def build_datasets(cfg):
@@ -185,6 +287,7 @@ def build_datasets(cfg):
         raise UserError(f"no {missing} split found in {data_dir}: {expected_layout(data_dir)}")
     full_train = image_folder(train_dir, cfg.image_size)
     test = image_folder(test_dir, cfg.image_size)
+    check_images((full_train, test), cfg)
     if test.classes != full_train.classes:
         raise UserError(
             f"the test classes in {test_dir} ({', '.join(test.classes)}) differ from the training "

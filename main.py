@@ -10,7 +10,7 @@ from model import build_model
 from scheduler import WarmupCosineLR
 from trainer import Trainer, autocast_for, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
-from utils import UserError, atomic_write_json, seed_everything, setup_logging
+from utils import GracefulStop, UserError, atomic_write_json, remove_stale_temp_files, seed_everything, setup_logging
 
 # Files a run writes; --overwrite removes these and nothing else.
 RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log")
@@ -42,8 +42,9 @@ def build_optimizer(model, cfg):
 
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+    remove_stale_temp_files(run_dir)  # left by a write that was killed
     logger = setup_logging(os.path.join(run_dir, "train.log"))
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic)
     train_loader, val_loader, test_loader, class_names = build_loaders(cfg, cfg.device)
     model = build_model(len(class_names), cfg.pretrained and checkpoint is None, cfg.pretrained_path)
     model.to(cfg.device)
@@ -56,13 +57,17 @@ def train(cfg, checkpoint=None):
         min_lr=cfg.min_lr,
     )
     loaders = (train_loader, val_loader, test_loader)
-    trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger)
+    stop = GracefulStop().install()
+    trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, stop=stop)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         logger.info(f"resuming {cfg.checkpoint_name} after epoch {trainer.epoch} (step {scheduler.last_epoch})")
     else:
         atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        stop.uninstall()
     return 0
 
 
@@ -106,8 +111,8 @@ def main(argv=None):
     try:
         return run(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        print(f"{exc.prefix}{exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ class WarmupCosineLR(LRScheduler):
             for base_lr in self.base_lrs
         ]
 
+    def lr_at(self, step):
+        """The (first parameter group's) LR of optimizer step `step`."""
+        return warmup_cosine_lr(step, self.base_lrs[0], self.total_steps, self.warmup_steps, self.min_lr)
+
     def load_state_dict(self, state_dict):
         """Restore the position and set the optimizer's LR to match it, so the LR is a pure
         function of the restored step whatever the optimizer's own state says."""

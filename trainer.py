@@ -2,6 +2,7 @@
 import contextlib
 import math
 import os
+import signal
 import time
 from functools import partial
 
@@ -12,6 +13,8 @@ from tqdm import tqdm
 from dataset import DeviceTransform
 from utils import (
     ClassificationMeter,
+    GracefulStop,
+    RunStopped,
     Stopwatch,
     UserError,
     atomic_torch_save,
@@ -27,10 +30,6 @@ from utils import (
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
 # Steps in a row whose loss is not finite (or whose update GradScaler skipped) before we stop.
 MAX_BAD_STEPS = 20
-
-
-class TrainingDiverged(UserError):
-    exit_code = 1
 
 
 class AmpUpdate:
@@ -74,7 +73,8 @@ class Trainer:
     """Runs the epochs. `model` is the plain module (saved and evaluated); `train_model` may
     wrap it (DistributedDataParallel, torch.compile) and is what the training step calls."""
 
-    def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None):
+    def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None,
+                 stop=None):
         self.model = model
         self.train_model = train_model or model
         self.optimizer = optimizer
@@ -91,11 +91,16 @@ class Trainer:
         self.update = AmpUpdate(optimizer, self.scaler, cfg.clip_grad_norm)
         self.autocast = autocast_for(cfg)
         self.transform = DeviceTransform(self.device, getattr(cfg, "channels_last", False))
+        self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
         self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # batches of epoch `self.epoch` already trained (mid-epoch checkpoints)
+        self.epoch_state = None  # that unfinished epoch's meter and seconds
         self.best_val_acc = -1.0
         self.history = []
-        self.skipped_steps = 0
         self.total_train_seconds = 0.0
+        # Kept on the device so the loop never waits for the GPU to count them.
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)  # bad steps in a row
 
     # ------------------------------------------------------------------ pieces
     def grad_sync(self, update):
@@ -112,19 +117,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def train_one_epoch(self, epoch):
+        """Train epoch `epoch` (0-based) from batch `self.batch_in_epoch` on, so an epoch cut
+        by a mid-epoch checkpoint continues with the same batches; returns its history fields."""
         cfg = self.cfg
         self.train_model.train()
-        self.train_loader.sampler.set_epoch(epoch)
-        num_batches = len(self.train_loader)
+        start = self.batch_in_epoch
+        self.train_loader.sampler.set_epoch(epoch, skip=start * self.train_loader.batch_size)
+        num_batches = start + len(self.train_loader)
         meter = ClassificationMeter(len(self.class_names), self.device)
-        skipped = torch.zeros((), dtype=torch.int64, device=self.device)
-        bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        seconds_before = 0.0
+        if self.epoch_state is not None:
+            meter.load_state_dict(self.epoch_state["meter"])
+            seconds_before = self.epoch_state["seconds"]
         group_bad = torch.zeros((), dtype=torch.bool, device=self.device)
         reset_peak_memory(self.device)
         watch = Stopwatch(self.device)
-        bar = tqdm(total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        bar = tqdm(initial=start, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and is_main_process()) or None, dynamic_ncols=True)
-        for i, (images, targets) in enumerate(self.train_loader):
+        for i, (images, targets) in enumerate(self.train_loader, start=start):
             images = self.transform(images, flip_seed=derived_seed(cfg.seed, epoch, i, rank()))
             targets = targets.to(self.device, non_blocking=True)
             # An optimizer step every accum_steps micro-batches; the loss is averaged over the
@@ -143,20 +153,24 @@ class Trainer:
             if not update:
                 continue
             if step_skipped is not None:
-                skipped += step_skipped
+                self.skipped_steps += step_skipped
                 group_bad |= step_skipped
-            bad_streak = (bad_streak + 1) * group_bad
+            self.bad_streak = (self.bad_streak + 1) * group_bad
             group_bad = torch.zeros_like(group_bad)
             self.scheduler.step()
+            self.batch_in_epoch = i + 1
             step = self.scheduler.last_epoch
             if step % cfg.log_interval == 0 or i == num_batches - 1:
-                self._check_finite(int(bad_streak), epoch, step)  # the only host sync of the loop
+                self.check_not_diverged()  # with the postfix below, the only host syncs of the loop
                 stats = meter.compute()
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.lr():.2e}")
+            if self.stop.signal is not None or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                self.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_before + watch.elapsed()}
+                self.save_checkpoint("last.pt")
+                self.exit_if_signalled()
         bar.close()
-        seconds = watch.stop()
+        seconds = seconds_before + watch.stop()
         stats = meter.compute()
-        self.skipped_steps += int(skipped)
         return {
             "train_loss": stats["loss"],
             "train_acc": stats["acc"],
@@ -165,14 +179,32 @@ class Trainer:
             "peak_mem_mb": peak_memory_mb(self.device),
         }
 
-    def _check_finite(self, bad_streak, epoch, step):
-        if bad_streak >= MAX_BAD_STEPS:
-            raise TrainingDiverged(
-                f"training diverged: the loss was not finite (or its step was skipped) for {bad_streak} steps in a row "
-                f"at epoch {epoch + 1}, step {step}; try a lower --learning_rate"
-                + ("" if self.amp_dtype == torch.bfloat16 and self.cfg.amp else " or --amp --amp_dtype bfloat16")
-                + f". The last good checkpoint is {os.path.join(self.run_dir, 'last.pt')}"
-            )
+    def check_not_diverged(self):
+        """Stop when the loss has not been finite (or GradScaler skipped every update) for
+        MAX_BAD_STEPS steps in a row, or when the weights themselves went non-finite."""
+        bad_steps = int(self.bad_streak)
+        weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+        if bad_steps < MAX_BAD_STEPS and weights_ok:
+            return
+        what = "the weights are no longer finite" if not weights_ok else (
+            f"the loss was not finite (or GradScaler skipped the update) for {bad_steps} steps in a row")
+        hint = "" if self.cfg.amp and self.amp_dtype == torch.bfloat16 else " or --amp --amp_dtype bfloat16"
+        raise RunStopped(
+            f"training diverged: {what} (epoch {self.epoch + 1}, step {self.scheduler.last_epoch}); "
+            f"try a lower --learning_rate{hint}. The last good checkpoint, "
+            f"{os.path.join(self.run_dir, 'last.pt')}, is untouched"
+        )
+
+    def exit_if_signalled(self):
+        if self.stop.signal is None:
+            return
+        name = signal.Signals(self.stop.signal).name
+        raise RunStopped(
+            f"{name}: saved {os.path.join(self.run_dir, 'last.pt')} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}); "
+            f"continue with: python main.py --checkpoint_dir {self.cfg.checkpoint_dir} "
+            f"--checkpoint_name {self.cfg.checkpoint_name} --resume",
+            exit_code=128 + self.stop.signal,
+        )
 
     def evaluate(self, loader):
         return evaluate(self.model, loader, self.transform, self.autocast, len(self.class_names))
@@ -187,19 +219,20 @@ class Trainer:
         )
         for epoch in range(self.epoch, cfg.epochs):
             started = time.perf_counter()
-            record = {"epoch": epoch + 1, "lr": self.lr()}
+            record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
             record.update(self.train_one_epoch(epoch))
             val = self.evaluate(self.val_loader)
             record["val_loss"], record["val_acc"] = val["loss"], val["acc"]
-            self.epoch = epoch + 1
+            self.epoch, self.batch_in_epoch, self.epoch_state = epoch + 1, 0, None
             self.history.append(record)
+            self.total_train_seconds += time.perf_counter() - started
             if val["acc"] > self.best_val_acc:
                 self.best_val_acc = val["acc"]
                 self.save_checkpoint("best.pt")
             self.save_checkpoint("last.pt")
-            self.total_train_seconds += time.perf_counter() - started
             self.write_results()
             self.log.info(format_epoch(record, cfg.epochs))
+            self.exit_if_signalled()
         return self.test()
 
     def test(self):
@@ -209,8 +242,8 @@ class Trainer:
         test = self.evaluate(self.test_loader)
         results = self.write_results(test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"])
         self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}): {test['acc']:.2f}%")
-        if self.skipped_steps:
-            self.log.info(f"GradScaler skipped {self.skipped_steps} optimizer steps with inf/NaN gradients")
+        if int(self.skipped_steps):
+            self.log.info(f"GradScaler skipped {int(self.skipped_steps)} optimizer steps with inf/NaN gradients")
         self.log.info(summary_table([results]))
         return results
 
@@ -224,18 +257,29 @@ class Trainer:
             "epoch": self.epoch,
             "class_names": self.class_names,
             "config": vars(self.cfg),
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_state": self.epoch_state,
             "best_val_acc": self.best_val_acc,
             "history": self.history,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": int(self.skipped_steps),
+            "bad_streak": int(self.bad_streak),
             "total_train_seconds": self.total_train_seconds,
         }
 
     def save_checkpoint(self, name):
-        if is_main_process():
-            atomic_torch_save(self.checkpoint(), os.path.join(self.run_dir, name))
+        """Write `name` atomically, never with diverged weights; a failed write leaves the
+        previous file as it was and stops the run with one line."""
+        self.check_not_diverged()
+        if not is_main_process():
+            return
+        path = os.path.join(self.run_dir, name)
+        try:
+            atomic_torch_save(self.checkpoint(), path)
+        except OSError as exc:
+            raise RunStopped(f"cannot write {path}: {exc.strerror or exc}; the previous {name} is intact") from None
 
     def restore(self, checkpoint):
-        """Continue from a checkpoint made by `checkpoint()`."""
+        """Continue from a checkpoint made by `checkpoint()`, at the batch where it was saved."""
         if checkpoint["class_names"] != self.class_names:
             raise UserError(
                 f"--resume: the run was trained on classes {checkpoint['class_names']}, "
@@ -246,9 +290,12 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = checkpoint["epoch"]
+        self.batch_in_epoch = checkpoint["batch_in_epoch"]
+        self.epoch_state = checkpoint["epoch_state"]
         self.best_val_acc = checkpoint["best_val_acc"]
         self.history = list(checkpoint["history"])
-        self.skipped_steps = checkpoint["skipped_steps"]
+        self.skipped_steps.fill_(checkpoint["skipped_steps"])
+        self.bad_streak.fill_(checkpoint["bad_streak"])
         self.total_train_seconds = checkpoint["total_train_seconds"]
 
     def write_results(self, **final):
@@ -262,7 +309,7 @@ class Trainer:
             "amp": self.cfg.amp,
             "amp_dtype": self.cfg.amp_dtype if self.cfg.amp else None,
             "precision": precision_name(self.cfg),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": int(self.skipped_steps),
             "num_classes": len(self.class_names),
             "class_names": self.class_names,
             "epochs": self.history,

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -14,6 +15,48 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A mistake in the user's input (data, flags, files): main.py prints one line and exits 2."""
+
+    exit_code = 2
+    prefix = "error: "
+
+
+class RunStopped(UserError):
+    """The run stopped for a reason that is not a bug (a signal, divergence, a failed write):
+    one line, and an exit code of its own."""
+
+    prefix = ""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask the trainer to stop after the current step,
+    save, and exit; a second Ctrl-C exits at once (atomic writes keep the files whole)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            print("second interrupt: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        if is_main_process():
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step "
+                  "(press Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -74,6 +117,13 @@ class ClassificationMeter:
         pairs = targets * self.num_classes + logits.argmax(dim=1)
         self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2)
 
+    def state_dict(self):
+        return {"loss_sum": self.loss_sum.cpu(), "confusion": self.confusion.cpu()}
+
+    def load_state_dict(self, state):
+        self.loss_sum.copy_(state["loss_sum"])
+        self.confusion.copy_(state["confusion"])
+
     def compute(self):
         """Loss, accuracy (percent), count and confusion matrix summed over all processes."""
         loss_sum = all_reduce_sum(self.loss_sum.clone())
@@ -104,6 +154,10 @@ class Stopwatch:
 
     def stop(self):
         synchronize(self.device)
+        return time.perf_counter() - self.start
+
+    def elapsed(self):
+        """Seconds so far, without waiting for the GPU (for checkpoints, not for benchmarks)."""
         return time.perf_counter() - self.start
 
 
@@ -157,6 +211,14 @@ def _atomic_write(path, write):
         except OSError:
             pass
         raise
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temporary files a killed write left behind (see _atomic_write)."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(directory, name))
 
 
 def atomic_torch_save(obj, path):
