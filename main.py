@@ -10,28 +10,43 @@ from model import build_model
 from scheduler import WarmupCosineLR
 from trainer import Trainer, autocast_for, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
-from utils import GracefulStop, UserError, atomic_write_json, remove_stale_temp_files, seed_everything, setup_logging
+from utils import (
+    GracefulStop,
+    UserError,
+    atomic_write_json,
+    log_to_file,
+    remove_stale_temp_files,
+    seed_everything,
+    setup_logging,
+)
 
 # Files a run writes; --overwrite removes these and nothing else.
 RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log")
+# A folder with any of these holds a run that trained (config.json alone: one that never started).
+TRAINED_FILES = ("best.pt", "last.pt", "results.json")
 
 
-def prepare_run_dir(cfg):
-    """Create CHECKPOINT_DIR/NAME for a new run, refusing to clobber an existing one."""
+def refuse_to_clobber(cfg):
+    """A new run must not silently replace a run of the same name (checked before any write)."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    existing = [f for f in TRAINED_FILES if os.path.exists(os.path.join(run_dir, f))]
     if existing and not cfg.overwrite:
         raise UserError(
             f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
             "--overwrite to replace it, or choose another --checkpoint_name"
         )
-    for name in existing:
-        os.remove(os.path.join(run_dir, name))
+
+
+def start_run_dir(run_dir, fresh):
+    """Create the run folder once the run is ready to start; a fresh run clears an old one's files."""
     try:
         os.makedirs(run_dir, exist_ok=True)
+        remove_stale_temp_files(run_dir)  # left by a write that was killed
+        for name in RUN_FILES if fresh else ():
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
     except OSError as exc:
-        raise UserError(f"cannot create {run_dir}: {exc.strerror}") from None
-    return run_dir
+        raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
 
 
 def build_optimizer(model, cfg):
@@ -42,8 +57,7 @@ def build_optimizer(model, cfg):
 
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
-    remove_stale_temp_files(run_dir)  # left by a write that was killed
-    logger = setup_logging(os.path.join(run_dir, "train.log"))
+    logger = setup_logging()
     seed_everything(cfg.seed, cfg.deterministic)
     train_loader, val_loader, test_loader, class_names = build_loaders(cfg, cfg.device)
     model = build_model(len(class_names), cfg.pretrained and checkpoint is None, cfg.pretrained_path)
@@ -61,7 +75,11 @@ def train(cfg, checkpoint=None):
     trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, stop=stop)
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        logger.info(f"resuming {cfg.checkpoint_name} after epoch {trainer.epoch} (step {scheduler.last_epoch})")
+    start_run_dir(run_dir, fresh=checkpoint is None)
+    log_to_file(logger, os.path.join(run_dir, "train.log"))
+    if checkpoint is not None:
+        batch = f", batch {trainer.batch_in_epoch}" if trainer.batch_in_epoch else ""
+        logger.info(f"resuming {cfg.checkpoint_name} after epoch {trainer.epoch}{batch} (step {scheduler.last_epoch})")
     else:
         atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
     try:
@@ -103,7 +121,7 @@ def run(argv=None):
         checkpoint = load_checkpoint(os.path.join(run_dir, "last.pt"))
         cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
         return train(cfg, checkpoint)
-    prepare_run_dir(cfg)
+    refuse_to_clobber(cfg)
     return train(cfg)
 
 

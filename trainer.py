@@ -80,6 +80,7 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_loader, self.val_loader, self.test_loader = loaders
+        self.batches_per_epoch = len(self.train_loader)  # a whole epoch's, before any resume skips
         self.cfg = cfg
         self.run_dir = run_dir
         self.class_names = list(class_names)
@@ -110,7 +111,7 @@ class Trainer:
         return self.train_model.no_sync()
 
     def steps_per_epoch(self):
-        return math.ceil(len(self.train_loader) / self.cfg.accum_steps)
+        return math.ceil(self.batches_per_epoch / self.cfg.accum_steps)
 
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]

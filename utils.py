@@ -2,6 +2,7 @@
 atomic file writes, logging and the few torch.distributed calls the trainer needs."""
 import json
 import logging
+import logging.handlers
 import os
 import random
 import signal
@@ -194,12 +195,17 @@ def cpu_name():
 
 
 # --------------------------------------------------------------------------- files
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path, write):
     """Write through `write(file)` into a temporary file beside `path`, fsync, then rename it
     over `path`: a crash or a full disk leaves the old file as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -236,8 +242,9 @@ def load_json(path):
 
 
 # --------------------------------------------------------------------------- logging
-def setup_logging(log_file=None):
-    """Log to stdout (main process only) and, when given, to `log_file`."""
+def setup_logging():
+    """Log to stdout (main process only). Lines are also held back until `log_to_file` names
+    the run's log file, so nothing is written into a run folder before the run can start."""
     logger = logging.getLogger("amp")
     logger.handlers.clear()
     logger.propagate = False
@@ -248,8 +255,18 @@ def setup_logging(log_file=None):
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
-    if log_file:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
+    logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
     return logger
+
+
+def log_to_file(logger, log_file):
+    """From now on also log to `log_file` (appending), starting with the lines held back."""
+    if not is_main_process():
+        return
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(handler)
+        held.flush()
+        logger.removeHandler(held)
+    logger.addHandler(handler)
