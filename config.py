@@ -23,7 +23,7 @@ DEMO_SETTINGS = dict(
 # A resumed run keeps its saved settings; these are the only ones a flag may change then.
 RESUMABLE_OVERRIDES = {
     "device", "num_workers", "log_interval", "data_dir", "checkpoint_dir", "save_every_steps", "progress",
-    "deterministic",
+    "deterministic", "cache", "compile", "channels_last", "benchmark_steps",
 }
 
 AMP_DTYPES = ("float16", "bfloat16")
@@ -80,6 +80,17 @@ def build_parser():
     g.add_argument("--amp", action="store_true", help="automatic mixed precision: autocast (+ GradScaler for float16)")
     g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None, help="AMP dtype (default: float16 on CUDA, bfloat16 on the CPU)")
 
+    g = p.add_argument_group("speed")
+    g.add_argument("--channels_last", dest="channels_last", action="store_true", default=None,
+                   help="NHWC memory format (default: on for CUDA, where tensor cores want it; off on the CPU)")
+    g.add_argument("--no_channels_last", dest="channels_last", action="store_false", help="keep NCHW")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, see docs/benchmarks.md)")
+    g.add_argument("--cache", action="store_true", help="decode every image once and keep the uint8 pixels in RAM")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time training steps in FP32 and AMP, NCHW and channels_last, on synthetic data; no dataset needed")
+    g.add_argument("--data", action="store_true", help="with --benchmark: also time the input pipeline on the dataset")
+    g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)")
+
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint_name", default="baseline", help="run name: outputs go to CHECKPOINT_DIR/NAME/")
     g.add_argument("--checkpoint_dir", default="checkpoints", help="root folder of all runs")
@@ -124,7 +135,7 @@ def resolve_device(name):
 
 def validate(cfg):
     """Reject settings that cannot work, before anything is written."""
-    for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval"):
+    for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     if not cfg.learning_rate > 0:
@@ -161,6 +172,8 @@ def resolve(cfg):
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs // 10
+    if cfg.channels_last is None:
+        cfg.channels_last = cfg.device.startswith("cuda")
     validate(cfg)
     return cfg
 

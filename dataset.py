@@ -176,13 +176,15 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
-    workers = cfg.num_workers
+def make_loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
+    cached = isinstance(dataset, CachedImages)
+    workers = 0 if cached else cfg.num_workers  # slicing a tensor in RAM needs no helpers
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
+        collate_fn=_already_batched if cached else None,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=workers > 0,
         drop_last=drop_last,
@@ -191,6 +193,46 @@ def _loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
         # randomness happens in the workers anyway (flips are drawn on the device).
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+# --------------------------------------------------------------------------- --cache
+class CachedImages(torch.utils.data.Dataset):
+    """Images kept as one uint8 tensor [N, 3, S, S] in RAM, with their labels."""
+
+    def __init__(self, images, targets):
+        self.images, self.targets = images, targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.images[index], self.targets[index]
+
+    def __getitems__(self, indices):
+        """A whole batch in one indexing operation (the DataLoader calls this)."""
+        indices = torch.as_tensor(indices)
+        return self.images[indices], self.targets[indices]
+
+    def nbytes(self):
+        return self.images.numel() * self.images.element_size()
+
+
+def _already_batched(batch):
+    return batch
+
+
+def cache_dataset(dataset, workers=0):
+    """Decode and resize a split once (in parallel) into CachedImages: later epochs skip
+    decoding. The pixels are exactly what `dataset` itself returns."""
+    first, _ = dataset[0]
+    images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
+    targets = torch.empty(len(dataset), dtype=torch.int64)
+    start = 0
+    for batch, labels in DataLoader(dataset, batch_size=64, num_workers=workers):  # in order
+        images[start : start + len(batch)] = batch
+        targets[start : start + len(batch)] = labels
+        start += len(batch)
+    return CachedImages(images, targets)
 
 
 # --------------------------------------------------------------------------- bad images
@@ -305,13 +347,19 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     """Train, val and test loaders plus the class names. `cfg['batch_size']` is the global
     batch: each of the `world_size` processes loads its share."""
     train_set, val_set, test_set, class_names = build_datasets(cfg)
+    if getattr(cfg, "cache", False):
+        train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
+        gigabytes = sum(d.nbytes() for d in (train_set, val_set, test_set)) / 2**30
+        logging.getLogger("amp").info(
+            f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
+            f"into {gigabytes:.2f} GB of RAM")
     batch = max(cfg.batch_size // world_size, 1)
     train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True)
     # BatchNorm cannot train on a batch of one image: drop such a last batch (one image an epoch).
     drop_last = train_sampler.samples_per_epoch() % batch == 1 and train_sampler.samples_per_epoch() > 1
-    train = _loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
-    val = _loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
-    test = _loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)
+    train = make_loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
+    val = make_loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
+    test = make_loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)
     return train, val, test, class_names
 
 

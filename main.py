@@ -4,11 +4,12 @@ import sys
 
 import torch
 
+import benchmark
 import config
 from dataset import DeviceTransform, build_loaders, make_demo_dataset
 from model import build_model
 from scheduler import WarmupCosineLR
-from trainer import Trainer, autocast_for, load_checkpoint, precision_name
+from trainer import Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
 from utils import (
     GracefulStop,
@@ -49,20 +50,17 @@ def start_run_dir(run_dir, fresh):
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
 
 
-def build_optimizer(model, cfg):
-    # The fused kernel does the whole Adam update for all parameters at once where available.
-    fused = torch.device(cfg.device).type == "cuda"
-    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
-
-
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     logger = setup_logging()
     seed_everything(cfg.seed, cfg.deterministic)
     train_loader, val_loader, test_loader, class_names = build_loaders(cfg, cfg.device)
     model = build_model(len(class_names), cfg.pretrained and checkpoint is None, cfg.pretrained_path)
-    model.to(cfg.device)
+    model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg)
+    # cuDNN tries its algorithms once per input shape and keeps the fastest (not deterministic).
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    train_model = torch.compile(model) if cfg.compile else model
     steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)
     scheduler = WarmupCosineLR(
         optimizer,
@@ -72,7 +70,8 @@ def train(cfg, checkpoint=None):
     )
     loaders = (train_loader, val_loader, test_loader)
     stop = GracefulStop().install()
-    trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, stop=stop)
+    trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger,
+                      train_model=train_model, stop=stop)
     if checkpoint is not None:
         trainer.restore(checkpoint)
     start_run_dir(run_dir, fresh=checkpoint is None)
@@ -114,6 +113,8 @@ def run(argv=None):
     cfg, explicit = config.parse_config(argv)
     if cfg.demo and make_demo_dataset(cfg.data_dir):
         print(f"wrote a generated demo dataset to {cfg.data_dir}")
+    if cfg.benchmark:
+        return benchmark.run(cfg)
     if cfg.evaluate:
         return evaluate(cfg)
     if cfg.resume:

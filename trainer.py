@@ -69,6 +69,21 @@ class AmpUpdate:
         return skipped
 
 
+def training_step(model, images, targets, autocast, update, loss_divisor=1, step=True):
+    """Forward under autocast, then `update` (an AmpUpdate): backward and, when `step`, the
+    optimizer step. Returns the loss, the logits and GradScaler's skipped flag."""
+    with autocast():
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets)
+    return loss, logits, update(loss / loss_divisor, step)
+
+
+def build_optimizer(model, cfg):
+    # On CUDA the fused kernel does the whole Adam update for all parameters in a few launches.
+    fused = torch.device(cfg.device).type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+
+
 class Trainer:
     """Runs the epochs. `model` is the plain module (saved and evaluated); `train_model` may
     wrap it (DistributedDataParallel, torch.compile) and is what the training step calls."""
@@ -144,10 +159,8 @@ class Trainer:
             group_size = min(cfg.accum_steps, num_batches - group_start)
             update = i == group_start + group_size - 1
             with self.grad_sync(update):
-                with self.autocast():
-                    logits = self.train_model(images)
-                    loss = F.cross_entropy(logits, targets)
-                step_skipped = self.update(loss / group_size, update)
+                loss, logits, step_skipped = training_step(
+                    self.train_model, images, targets, self.autocast, self.update, group_size, update)
             meter.update(loss, logits, targets)
             group_bad |= ~torch.isfinite(loss.detach())
             bar.update()
