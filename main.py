@@ -53,8 +53,8 @@ def start_run_dir(run_dir, fresh):
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     logger = setup_logging()
-    seed_everything(cfg.seed, cfg.deterministic)
     train_loader, val_loader, test_loader, class_names = build_loaders(cfg, cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)  # here, so the init depends on the seed alone
     model = build_model(len(class_names), cfg.pretrained and checkpoint is None, cfg.pretrained_path)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg)

@@ -183,6 +183,7 @@ class Trainer:
                 self.save_checkpoint("last.pt")
                 self.exit_if_signalled()
         bar.close()
+        self.batch_in_epoch, self.epoch_state = 0, None  # the next call starts a fresh epoch
         seconds = seconds_before + watch.stop()
         stats = meter.compute()
         return {
@@ -237,7 +238,7 @@ class Trainer:
             record.update(self.train_one_epoch(epoch))
             val = self.evaluate(self.val_loader)
             record["val_loss"], record["val_acc"] = val["loss"], val["acc"]
-            self.epoch, self.batch_in_epoch, self.epoch_state = epoch + 1, 0, None
+            self.epoch = epoch + 1
             self.history.append(record)
             self.total_train_seconds += time.perf_counter() - started
             if val["acc"] > self.best_val_acc:

@@ -1,0 +1,88 @@
+"""--benchmark and the fast paths: a well-formed benchmark.json, and channels_last, --cache and
+the device-side transforms change speed only, never the numbers."""
+import json
+import os
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from conftest import FAST, ROOT, read_results
+from dataset import build_loaders
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+ROW_KEYS = {"mode", "channels_last", "images_per_sec", "ms_per_step", "peak_mem_mb"}
+
+
+def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
+    code, out, err = run_cli("--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32",
+                             "--benchmark_steps", "1", "--data", "--data_dir", demo_data, "--num_workers", "0",
+                             "--checkpoint_name", "bench")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
+    assert [(r["mode"], r["channels_last"]) for r in rows] == [
+        ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]  # no float16 on a CPU
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["images_per_sec"] > 0 and r["ms_per_step"] > 0 and r["peak_mem_mb"] is None
+        assert r["images_per_sec"] == pytest.approx(2 / (r["ms_per_step"] / 1000))
+    assert "| fp32 | NCHW |" in out and "1.00x" in out
+    assert "feed the fastest training mode" in out  # the --data verdict
+    pipeline = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark_data.json").read_text())
+    assert {p["workers"] for p in pipeline} >= {0}
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = resnet18(num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_gives_the_same_batches(demo_data):
+    cfg = dict(data_dir=demo_data, image_size=24, val_fraction=0.2, seed=3, batch_size=8, num_workers=0,
+               skip_bad_images=False)
+    plain = build_loaders(Namespace(**cfg, cache=False), "cpu")
+    cached = build_loaders(Namespace(**cfg, cache=True), "cpu")
+    assert plain[3] == cached[3]
+    for a, b in zip(plain[:3], cached[:3]):
+        a.sampler.set_epoch(1)
+        b.sampler.set_epoch(1)
+        batches_a, batches_b = list(a), list(b)
+        assert len(batches_a) == len(batches_b) > 0
+        for (xa, ya), (xb, yb) in zip(batches_a, batches_b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_cached_training_equals_plain_training(run_cli, demo_data, tmp_path):
+    flags = ["--data_dir", demo_data, "--epochs", "2", *FAST, "--deterministic"]
+    assert run_cli(*flags, "--checkpoint_name", "plain")[0] == 0
+    code, out, err = run_cli(*flags, "--checkpoint_name", "cached", "--cache")
+    assert code == 0, err
+    assert "--cache: 48 train, 12 val and 24 test images decoded" in out
+    strip = lambda r: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_sec")} for e in r["epochs"]]  # noqa: E731
+    plain, cached = read_results(tmp_path / "checkpoints" / "plain"), read_results(tmp_path / "checkpoints" / "cached")
+    assert strip(plain) == strip(cached) and plain["test_acc"] == cached["test_acc"]
+
+
+def test_overhead_script_runs_small():
+    import overhead
+
+    ratio = overhead.main(["--steps", "2", "--rounds", "1", "--batch_size", "2", "--image_size", "32"])
+    assert ratio > 0
+
+
+def test_gpu_report_script_runs_on_the_cpu(tmp_path):
+    import gpu_report
+
+    report = gpu_report.main(["--device", "cpu", "--batch_size", "4", "--image_size", "32", "--images", "48",
+                              "--workers", "0", "--benchmark_steps", "1", "--epochs", "1",
+                              "--workdir", str(tmp_path), "--out", str(tmp_path / "report.md")])
+    assert "| amp_bfloat16 | channels_last |" in report and "| amp_cache | 1 | 48 |" in report
+    assert "an epoch of 48 images in at most 3 s" in report
+    assert (tmp_path / "report.md").read_text().strip() == report.strip()
