@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from utils import UserError
+from utils import UserError, launched_by_torchrun, launched_world_size, local_rank
 
 # What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
 DEMO_SETTINGS = dict(
@@ -23,7 +23,7 @@ DEMO_SETTINGS = dict(
 # A resumed run keeps its saved settings; these are the only ones a flag may change then.
 RESUMABLE_OVERRIDES = {
     "device", "num_workers", "log_interval", "data_dir", "checkpoint_dir", "save_every_steps", "progress",
-    "deterministic", "cache", "compile", "channels_last", "benchmark_steps",
+    "deterministic", "cache", "compile", "channels_last", "benchmark_steps", "dist_timeout",
 }
 
 AMP_DTYPES = ("float16", "bfloat16")
@@ -57,7 +57,9 @@ def build_parser():
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
     g.add_argument("--skip_bad_images", action="store_true", help="decode every image once before training and leave out the unreadable ones (listed in train.log)")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes (0: load in the main process)")
+    # Under torchrun the node's processes share its CPUs.
+    cpus_per_process = max((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    g.add_argument("--num_workers", type=int, default=min(8, cpus_per_process), help="data-loading processes per training process (0: load in the main process)")
 
     g = p.add_argument_group("model")
     g.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights")
@@ -65,7 +67,7 @@ def build_parser():
 
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
-    g.add_argument("--batch_size", type=int, default=256, help="images per optimizer step (per micro-batch with --accum_steps)")
+    g.add_argument("--batch_size", type=int, default=256, help="images per optimizer step (per micro-batch with --accum_steps), over all processes under torchrun")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Adam's peak LR, reached at the end of warmup")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="Adam's L2 penalty")
     g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup length (default: epochs // 10)")
@@ -90,6 +92,10 @@ def build_parser():
                    help="time training steps in FP32 and AMP, NCHW and channels_last, on synthetic data; no dataset needed")
     g.add_argument("--data", action="store_true", help="with --benchmark: also time the input pipeline on the dataset")
     g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)")
+
+    g = p.add_argument_group("distributed (when started by torchrun)")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over the global batch, not each GPU's share (CUDA)")
+    g.add_argument("--dist_timeout", type=float, default=600, help="seconds a process waits for the others in a collective before the run fails")
 
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint_name", default="baseline", help="run name: outputs go to CHECKPOINT_DIR/NAME/")
@@ -128,6 +134,15 @@ def resolve_device(name):
             raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        if launched_by_torchrun():
+            # One process per GPU: each takes the GPU of its LOCAL_RANK.
+            if device.index is not None:
+                raise UserError(f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                                "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
+            if local_rank() >= torch.cuda.device_count():
+                raise UserError(f"torchrun started more processes on this node than it has GPUs "
+                                f"({torch.cuda.device_count()}); lower --nproc_per_node")
+            device = torch.device("cuda", local_rank())
     elif device.type != "cpu":
         raise UserError(f"--device {name}: only cpu and cuda are supported")
     return str(device)
@@ -163,6 +178,14 @@ def validate(cfg):
         raise UserError("--amp_dtype float16 is not supported on the CPU; use bfloat16 (the default there)")
     if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
+    processes = launched_world_size()
+    if cfg.batch_size % processes:
+        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
+                        f"{processes} processes torchrun started; change one of them")
+    if getattr(cfg, "sync_bn", False) and processes > 1 and device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
+    if not getattr(cfg, "dist_timeout", 1) > 0:
+        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
 
 
 def resolve(cfg):
