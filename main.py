@@ -13,12 +13,22 @@ from trainer import Trainer, autocast_for, build_optimizer, load_checkpoint, pre
 from trainer import evaluate as evaluate_model
 from utils import (
     GracefulStop,
+    PeerError,
     UserError,
     atomic_write_json,
+    from_main_process,
+    init_distributed,
+    is_main_process,
+    leave_distributed,
     log_to_file,
+    on_all_ranks,
+    print_error,
+    rank,
     remove_stale_temp_files,
     seed_everything,
     setup_logging,
+    world_size,
+    wrap_ddp,
 )
 
 # Files a run writes; --overwrite removes these and nothing else.
@@ -53,14 +63,24 @@ def start_run_dir(run_dir, fresh):
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     logger = setup_logging()
-    train_loader, val_loader, test_loader, class_names = build_loaders(cfg, cfg.device)
+    train_loader, val_loader, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
     seed_everything(cfg.seed, cfg.deterministic)  # here, so the init depends on the seed alone
-    model = build_model(len(class_names), cfg.pretrained and checkpoint is None, cfg.pretrained_path)
+    # Under DDP only rank 0 needs (or downloads) the ImageNet weights: DDP copies its
+    # parameters and buffers to the other ranks when it wraps the model.
+    pretrained = cfg.pretrained and checkpoint is None and is_main_process()
+    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    train_model = model
+    if torch.distributed.is_initialized():
+        train_model = wrap_ddp(model, cfg.device, getattr(cfg, "sync_bn", False))
+        model = train_model.module  # saved and evaluated: no `module.` prefix
+        logger.info(f"DistributedDataParallel: {world_size()} processes ({torch.distributed.get_backend()}), "
+                    f"{cfg.batch_size // world_size()} images each per micro-batch")
     optimizer = build_optimizer(model, cfg)
     # cuDNN tries its algorithms once per input shape and keeps the fastest (not deterministic).
     torch.backends.cudnn.benchmark = not cfg.deterministic
-    train_model = torch.compile(model) if cfg.compile else model
+    # Under DDP the compiler wraps the DDP module, so it can split the graph at DDP's gradient buckets.
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)
     scheduler = WarmupCosineLR(
         optimizer,
@@ -74,12 +94,12 @@ def train(cfg, checkpoint=None):
                       train_model=train_model, stop=stop)
     if checkpoint is not None:
         trainer.restore(checkpoint)
-    start_run_dir(run_dir, fresh=checkpoint is None)
+    from_main_process(start_run_dir, run_dir, checkpoint is None)
     log_to_file(logger, os.path.join(run_dir, "train.log"))
     if checkpoint is not None:
         batch = f", batch {trainer.batch_in_epoch}" if trainer.batch_in_epoch else ""
         logger.info(f"resuming {cfg.checkpoint_name} after epoch {trainer.epoch}{batch} (step {scheduler.last_epoch})")
-    else:
+    elif is_main_process():
         atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
     try:
         trainer.fit()
@@ -91,27 +111,31 @@ def train(cfg, checkpoint=None):
 def evaluate(cfg):
     """Re-test a run's best.pt with the image size and precision it was trained with."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
-    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    best = from_main_process(load_checkpoint, os.path.join(run_dir, "best.pt"))
     saved = best["config"]
     for name in ("image_size", "amp", "amp_dtype", "val_fraction", "seed"):
         setattr(cfg, name, saved[name])
     if cfg.amp and cfg.device == "cpu":
         cfg.amp_dtype = "bfloat16"
-    _, _, test_loader, class_names = build_loaders(cfg, cfg.device)
+    _, _, test_loader, class_names = build_loaders(cfg, cfg.device, rank(), world_size())
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
     model = build_model(len(class_names), pretrained=False)
     model.load_state_dict(best["model"])
     model.to(cfg.device)
     test = evaluate_model(model, test_loader, DeviceTransform(cfg.device), autocast_for(cfg), len(class_names))
-    print(f"{cfg.checkpoint_name} (epoch {best['epoch']}, {precision_name(cfg)}): "
-          f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
+    if is_main_process():
+        print(f"{cfg.checkpoint_name} (epoch {best['epoch']}, {precision_name(cfg)}): "
+              f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
     return 0
 
 
 def run(argv=None):
     cfg, explicit = config.parse_config(argv)
-    if cfg.demo and make_demo_dataset(cfg.data_dir):
+    # Under torchrun: join the group. Rank 0 alone then touches the shared files (demo data,
+    # run folder, checkpoints) and hands the result, or its error, to the other ranks.
+    init_distributed(cfg.device, cfg.dist_timeout)
+    if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")
     if cfg.benchmark:
         return benchmark.run(cfg)
@@ -119,19 +143,23 @@ def run(argv=None):
         return evaluate(cfg)
     if cfg.resume:
         run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
-        checkpoint = load_checkpoint(os.path.join(run_dir, "last.pt"))
+        checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
         cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
         return train(cfg, checkpoint)
-    refuse_to_clobber(cfg)
+    from_main_process(refuse_to_clobber, cfg)
     return train(cfg)
 
 
 def main(argv=None):
     try:
         return run(argv)
-    except UserError as exc:
-        print(f"{exc.prefix}{exc}", file=sys.stderr)
+    except PeerError as exc:  # printed already, by the rank that hit it
         return exc.exit_code
+    except UserError as exc:
+        print_error(exc)
+        return exc.exit_code
+    finally:
+        leave_distributed()
 
 
 if __name__ == "__main__":

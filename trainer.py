@@ -17,14 +17,19 @@ from utils import (
     RunStopped,
     Stopwatch,
     UserError,
+    agreed_failure,
+    all_reduce_max,
     atomic_torch_save,
     atomic_write_json,
+    broadcast_buffers,
     derived_seed,
     device_name,
+    from_main_process,
     is_main_process,
     peak_memory_mb,
     rank,
     reset_peak_memory,
+    world_size,
 )
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
@@ -178,7 +183,7 @@ class Trainer:
                 self.check_not_diverged()  # with the postfix below, the only host syncs of the loop
                 stats = meter.compute()
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.lr():.2e}")
-            if self.stop.signal is not None or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+            if self.stop.requested() or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
                 self.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_before + watch.elapsed()}
                 self.save_checkpoint("last.pt")
                 self.exit_if_signalled()
@@ -197,29 +202,30 @@ class Trainer:
     def check_not_diverged(self):
         """Stop when the loss has not been finite (or GradScaler skipped every update) for
         MAX_BAD_STEPS steps in a row, or when the weights themselves went non-finite."""
-        bad_steps = int(self.bad_streak)
+        bad_steps = int(all_reduce_max(self.bad_streak.clone()))  # the worst rank's, so all stop together
         weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
         if bad_steps < MAX_BAD_STEPS and weights_ok:
             return
         what = "the weights are no longer finite" if not weights_ok else (
             f"the loss was not finite (or GradScaler skipped the update) for {bad_steps} steps in a row")
         hint = "" if self.cfg.amp and self.amp_dtype == torch.bfloat16 else " or --amp --amp_dtype bfloat16"
-        raise RunStopped(
+        raise agreed_failure(RunStopped(
             f"training diverged: {what} (epoch {self.epoch + 1}, step {self.scheduler.last_epoch}); "
             f"try a lower --learning_rate{hint}. The last good checkpoint, "
             f"{os.path.join(self.run_dir, 'last.pt')}, is untouched"
-        )
+        ))
 
     def exit_if_signalled(self):
-        if self.stop.signal is None:
+        if not self.stop.requested():
             return
         name = signal.Signals(self.stop.signal).name
-        raise RunStopped(
+        launcher = "python main.py" if world_size() == 1 else "torchrun [the same options] main.py"
+        raise agreed_failure(RunStopped(
             f"{name}: saved {os.path.join(self.run_dir, 'last.pt')} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}); "
-            f"continue with: python main.py --checkpoint_dir {self.cfg.checkpoint_dir} "
+            f"continue with: {launcher} --checkpoint_dir {self.cfg.checkpoint_dir} "
             f"--checkpoint_name {self.cfg.checkpoint_name} --resume",
             exit_code=128 + self.stop.signal,
-        )
+        ))
 
     def evaluate(self, loader):
         return evaluate(self.model, loader, self.transform, self.autocast, len(self.class_names))
@@ -236,6 +242,7 @@ class Trainer:
             started = time.perf_counter()
             record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
             record.update(self.train_one_epoch(epoch))
+            broadcast_buffers(self.model)  # validate (and save) rank 0's BatchNorm statistics on every rank
             val = self.evaluate(self.val_loader)
             record["val_loss"], record["val_acc"] = val["loss"], val["acc"]
             self.epoch = epoch + 1
@@ -252,7 +259,8 @@ class Trainer:
 
     def test(self):
         """Test the best-validation weights; record and print the result."""
-        best = load_checkpoint(os.path.join(self.run_dir, "best.pt"))
+        # Rank 0 wrote best.pt: it reads it and hands it to the others (no race, no shared disk needed).
+        best = from_main_process(load_checkpoint, os.path.join(self.run_dir, "best.pt"))
         self.model.load_state_dict(best["model"])
         test = self.evaluate(self.test_loader)
         results = self.write_results(test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"])
@@ -279,14 +287,16 @@ class Trainer:
             "skipped_steps": int(self.skipped_steps),
             "bad_streak": int(self.bad_streak),
             "total_train_seconds": self.total_train_seconds,
+            "world_size": world_size(),
         }
 
     def save_checkpoint(self, name):
         """Write `name` atomically, never with diverged weights; a failed write leaves the
-        previous file as it was and stops the run with one line."""
+        previous file as it was and stops the run with one line (on every rank under DDP)."""
         self.check_not_diverged()
-        if not is_main_process():
-            return
+        from_main_process(self._write_checkpoint, name)
+
+    def _write_checkpoint(self, name):
         path = os.path.join(self.run_dir, name)
         try:
             atomic_torch_save(self.checkpoint(), path)
@@ -299,6 +309,12 @@ class Trainer:
             raise UserError(
                 f"--resume: the run was trained on classes {checkpoint['class_names']}, "
                 f"but the data now has {self.class_names}"
+            )
+        saved_world = checkpoint.get("world_size", 1)
+        if checkpoint["batch_in_epoch"] and saved_world != world_size():
+            raise UserError(
+                f"--resume: {checkpoint['config']['checkpoint_name']} was saved in the middle of an epoch by "
+                f"{saved_world} process(es); continue it with {saved_world}, not {world_size()}"
             )
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -321,6 +337,7 @@ class Trainer:
             "best_val_acc": self.best_val_acc if self.history else None,
             "total_train_seconds": self.total_train_seconds,
             "device": device_name(self.device),
+            "world_size": world_size(),
             "amp": self.cfg.amp,
             "amp_dtype": self.cfg.amp_dtype if self.cfg.amp else None,
             "precision": precision_name(self.cfg),

@@ -53,6 +53,15 @@ class GracefulStop:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def requested(self):
+        """Whether to stop after this step. torchrun hands a signal on to every rank, but they may
+        see it a step apart: under DDP every rank takes the first one any of them has seen."""
+        if world_size() > 1:
+            seen = torch.tensor(self.signal or 0)
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=_host_group)  # CPU: no wait for the GPU
+            self.signal = self.signal or int(seen) or None
+        return self.signal is not None
+
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
             print("second interrupt: exiting now", file=sys.stderr, flush=True)
@@ -98,6 +107,9 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, src=0)
 
 
+_host_group = None  # None: the default group, which is gloo itself on the CPU
+
+
 def launched_by_torchrun():
     """torchrun (and launchers like it) give every process these before it starts."""
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
@@ -126,10 +138,15 @@ def init_distributed(device, timeout_seconds):
         options["device_id"] = device  # binds the group to this GPU (no device guessing in barriers)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds), **options)
+    global _host_group
+    # Small host-side agreements (stop on a signal) go over gloo, so they never wait for a GPU.
+    _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return True
 
 
 def leave_distributed():
+    global _host_group
+    _host_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -147,7 +164,7 @@ def wrap_ddp(model, device, sync_bn=False):
 def print_error(exc):
     """A user error's one line on stderr; under torchrun it names the rank."""
     where = f"rank {os.environ.get('RANK', '?')}: " if launched_world_size() > 1 else ""
-    print(f"error: {where}{exc}", file=sys.stderr, flush=True)
+    print(f"{exc.prefix}{where}{exc}", file=sys.stderr, flush=True)
 
 
 class PeerError(UserError):
@@ -159,12 +176,18 @@ class PeerError(UserError):
         self.exit_code = exit_code
 
 
+def agreed_failure(exc):
+    """`exc` to raise where all ranks stop together on a decision they share (divergence, a
+    signal): rank 0 reports it, the others exit with its code quietly."""
+    return exc if is_main_process() else PeerError(str(exc), exc.exit_code)
+
+
 def _fail(exc):
     """Print `exc` (one line for a UserError, else its traceback) before the other ranks hear of
     it, since torchrun ends this process as soon as one of them exits. (message, exit code)."""
     if isinstance(exc, UserError):
         print_error(exc)
-        return str(exc), getattr(exc, "exit_code", 2)
+        return str(exc), exc.exit_code
     traceback.print_exc()
     return f"{type(exc).__name__}: {exc}", 1
 
@@ -250,11 +273,15 @@ class ClassificationMeter:
         self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2)
 
     def state_dict(self):
-        return {"loss_sum": self.loss_sum.cpu(), "confusion": self.confusion.cpu()}
+        """The sums over all processes (a collective under DDP)."""
+        return {"loss_sum": all_reduce_sum(self.loss_sum.clone()).cpu(),
+                "confusion": all_reduce_sum(self.confusion.clone()).cpu()}
 
     def load_state_dict(self, state):
-        self.loss_sum.copy_(state["loss_sum"])
-        self.confusion.copy_(state["confusion"])
+        """Rank 0 takes the saved sums and the other ranks start from zero, so they count once."""
+        if is_main_process():
+            self.loss_sum.copy_(state["loss_sum"])
+            self.confusion.copy_(state["confusion"])
 
     def compute(self):
         """Loss, accuracy (percent), count and confusion matrix summed over all processes."""
