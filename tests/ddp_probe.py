@@ -1,0 +1,103 @@
+"""main.py under torchrun, with hooks for tests/test_ddp.py that only observe or break a run.
+
+Started like main.py (`torchrun ... tests/ddp_probe.py FLAGS`); the environment picks the hooks:
+
+PROBE_DUMP_DIR      every rank saves the weights it trained (its model's state dict) just before
+                    the final test, as rank<R>.pt (only rank 0 saves anything otherwise)
+PROBE_SNAPSHOT_DIR  after epoch 1, rank 0 copies the run folder: what a run stopped then leaves
+PROBE_CRASH_RANK    that rank crashes as training starts, while the others wait in a collective
+
+It also holds `helpers_worker`, a process of the two-process test of the distributed helpers.
+"""
+import io
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def install_hooks():
+    import torch
+
+    import trainer
+    from utils import is_main_process, rank
+
+    dump_dir = os.environ.get("PROBE_DUMP_DIR")
+    snapshot_dir = os.environ.get("PROBE_SNAPSHOT_DIR")
+    crash_rank = os.environ.get("PROBE_CRASH_RANK")
+    Trainer = trainer.Trainer
+
+    if dump_dir:
+        test = Trainer.test
+
+        def dumping_test(self):
+            torch.save(self.model.state_dict(), os.path.join(dump_dir, f"rank{rank()}.pt"))
+            return test(self)
+
+        Trainer.test = dumping_test
+
+    if snapshot_dir:
+        write_results = Trainer.write_results
+
+        def snapshotting_write_results(self, **final):
+            results = write_results(self, **final)
+            if not final and self.epoch == 1 and is_main_process():
+                shutil.copytree(self.run_dir, snapshot_dir)
+            return results
+
+        Trainer.write_results = snapshotting_write_results
+
+    if crash_rank is not None:
+        train_one_epoch = Trainer.train_one_epoch
+
+        def crashing_train_one_epoch(self, epoch):
+            if rank() == int(crash_rank):
+                raise RuntimeError(f"probe: rank {rank()} crashed")
+            return train_one_epoch(self, epoch)
+
+        Trainer.train_one_epoch = crashing_train_one_epoch
+
+
+def helpers_worker(rank, store, out_dir):
+    """One of two processes: runs each distributed helper through success and failure on a
+    gloo group and writes what it saw (results, errors, what it printed) to rank<R>.json."""
+    import torch.distributed as dist
+
+    import utils
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+    def fail(exc):
+        raise exc
+
+    cases = {
+        "main_result": lambda: utils.from_main_process(lambda: f"made by rank {utils.rank()}"),
+        "main_user_error": lambda: utils.from_main_process(fail, utils.UserError("no checkpoint here")),
+        "main_bug": lambda: utils.from_main_process(fail, ValueError("boom")),
+        "all_result": lambda: utils.on_all_ranks(lambda: utils.rank()),
+        "rank1_user_error": lambda: utils.on_all_ranks(
+            lambda: utils.rank() == 1 and fail(utils.UserError("data missing on this node"))),
+    }
+    seen = {}
+    for name, case in cases.items():
+        stderr, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            seen[name] = {"result": case()}
+        except utils.PeerError as exc:
+            seen[name] = {"error": str(exc), "exit_code": exc.exit_code}
+        finally:
+            printed, sys.stderr = sys.stderr.getvalue(), stderr
+        seen[name]["printed"] = printed
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+if __name__ == "__main__":
+    install_hooks()
+    import main
+
+    sys.exit(main.main())

@@ -1,0 +1,266 @@
+"""DistributedDataParallel under torchrun, on the CPU with gloo: two processes through the real CLI
+on a tiny dataset. One two-epoch run (with AMP, accumulation and clipping) serves several tests;
+tests/ddp_probe.py is main.py plus hooks that let every rank dump its weights and keep a copy of
+the run folder after epoch 1. Each torchrun start costs seconds, so there are few of them."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torchvision.models import resnet18
+
+import config
+import main as main_module
+import utils
+from conftest import FAST, ROOT, make_colour_dataset, read_results
+from dataset import EpochSampler, build_loaders
+from scheduler import WarmupCosineLR
+from trainer import Trainer
+from utils import UserError, setup_logging, wrap_ddp
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
+MAIN = os.path.join(ROOT, "main.py")
+# 45 train / 15 val / 21 test images: odd counts, so a rank's shard is padded (train) or one
+# image shorter (val, test); the global batch of 16 is 8 a rank.
+DDP_FLAGS = [*FAST, "--epochs", "2", "--val_fraction", "0.25", "--amp", "--accum_steps", "2", "--clip_grad_norm", "1"]
+RUN_FILES = set(main_module.RUN_FILES)
+TIME_LIMIT = 60  # seconds a failed two-process start may take, well past its normal ~15 s
+
+
+def torchrun(script, *flags, env=None, timeout=180):
+    """(completed process, seconds) of `torchrun --nproc_per_node 2 script flags`."""
+    # One thread a process: two ranks on two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    started = time.monotonic()
+    proc = subprocess.run([*TORCHRUN, script, *map(str, flags)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    root = make_colour_dataset(tmp_path_factory.mktemp("ddp_colours"), test_per_class=7)
+    # Two mislabelled test images keep the test accuracy below 100%, so comparing it with
+    # --evaluate's also checks that both counted the same images.
+    test_dir = os.path.join(root, "seg_test", "seg_test")
+    for i in range(2):
+        os.rename(os.path.join(test_dir, "red", f"{i}.jpg"), os.path.join(test_dir, "blue", f"red{i}.jpg"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_data, tmp_path_factory):
+    """One two-process run through the probe: its paths and completed process."""
+    base = tmp_path_factory.mktemp("ddp_run")
+    run = SimpleNamespace(data=ddp_data, checkpoints=base / "checkpoints", name="ddp", dumps=base / "dumps",
+                          snapshot=base / "after_epoch_1")
+    run.dir = run.checkpoints / run.name
+    run.dumps.mkdir()
+    run.proc, run.seconds = torchrun(
+        PROBE, "--data_dir", ddp_data, "--checkpoint_dir", run.checkpoints, "--checkpoint_name", run.name, *DDP_FLAGS,
+        env={"PROBE_DUMP_DIR": str(run.dumps), "PROBE_SNAPSHOT_DIR": str(run.snapshot)},
+    )
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    return run
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+# --------------------------------------------------------------------------- two processes, real CLI
+def test_ddp_run_completes_with_one_set_of_outputs(ddp_run):
+    out = ddp_run.proc.stdout
+    assert "DistributedDataParallel: 2 processes (gloo), 8 images each per micro-batch" in out
+    # Only rank 0 logs, prints and writes: each line once, one run folder with one set of files.
+    for line in ("epoch   1/2", "epoch   2/2", "test accuracy of the best-validation model", "| ddp |"):
+        assert out.count(line) == 1, out
+    assert os.listdir(ddp_run.checkpoints) == [ddp_run.name]
+    assert set(os.listdir(ddp_run.dir)) == RUN_FILES
+    results = read_results(ddp_run.dir)
+    assert results["finished"] and results["world_size"] == 2
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+    # 45 images, 8 a rank and micro-batch: 3 micro-batches a rank, 2 optimizer steps an epoch with
+    # --accum_steps 2, the same schedule as one process with batch 16.
+    assert load(ddp_run.dir / "last.pt")["scheduler"]["last_epoch"] == 4
+    # Checkpoints hold the unwrapped model: strict loading into a plain resnet18, no `module.`.
+    for file in ("best.pt", "last.pt"):
+        state = load(ddp_run.dir / file)["model"]
+        assert not any(key.startswith("module.") for key in state)
+        resnet18(num_classes=3).load_state_dict(state)
+
+
+def test_ddp_ranks_end_with_identical_weights(ddp_run):
+    rank0, rank1 = load(ddp_run.dumps / "rank0.pt"), load(ddp_run.dumps / "rank1.pt")
+    last = load(ddp_run.dir / "last.pt")
+    assert rank0.keys() == rank1.keys() == last["model"].keys()
+    for key, value in rank0.items():  # parameters and BatchNorm statistics, bit for bit
+        assert torch.equal(value, rank1[key]), key
+        assert torch.equal(value, last["model"][key]), key
+    # The ranks trained: the weights moved away from the first epoch's.
+    first = load(ddp_run.snapshot / "last.pt")["model"]
+    assert not torch.equal(first["fc.weight"], last["model"]["fc.weight"])
+
+
+def test_ddp_test_accuracy_equals_single_process_evaluate(ddp_run, run_cli):
+    results = read_results(ddp_run.dir)
+    assert 50 < results["test_acc"] < 100  # learned, and the mislabelled images count
+    code, out, err = run_cli("--data_dir", ddp_run.data, "--checkpoint_name", ddp_run.name, "--evaluate", *FAST,
+                             checkpoint_dir=ddp_run.checkpoints)
+    assert code == 0, err
+    assert (f"test accuracy {results['test_acc']:.2f}% on 21 images, test loss {results['test_loss']:.4f}"
+            in out), (out, results["test_acc"], results["test_loss"])
+
+
+def test_ddp_resume_continues_the_run(ddp_run, tmp_path):
+    # The probe copied the run folder after epoch 1: what a run stopped then leaves behind.
+    cut_dir = tmp_path / "checkpoints" / ddp_run.name
+    shutil.copytree(ddp_run.snapshot, cut_dir)
+    assert load(cut_dir / "last.pt")["epoch"] == 1
+    proc, _ = torchrun(MAIN, "--checkpoint_name", ddp_run.name, "--resume", "--checkpoint_dir", cut_dir.parent,
+                       "--data_dir", ddp_run.data, "--num_workers", "0", "--no_progress", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"resuming {ddp_run.name} after epoch 1 (step 2)") == 1
+    full, cut = read_results(ddp_run.dir), read_results(cut_dir)
+    assert [e["epoch"] for e in cut["epochs"]] == [1, 2] and cut["finished"]
+    for a, b in zip(full["epochs"], cut["epochs"]):
+        assert a["lr"] == b["lr"] and a["val_acc"] == b["val_acc"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert cut["test_acc"] == full["test_acc"]
+    full_weights, cut_weights = load(ddp_run.dir / "last.pt")["model"], load(cut_dir / "last.pt")["model"]
+    for key, value in full_weights.items():  # the same weights, bit for bit
+        assert torch.equal(cut_weights[key], value), key
+
+
+def test_ddp_failure_on_one_rank_at_start_up_stops_every_rank(demo_data, tmp_path):
+    # Only rank 0 reads the ImageNet weights; rank 1 would wait for them in DDP's first broadcast.
+    missing = tmp_path / "missing.pth"
+    pretrained = [flag for flag in FAST if flag != "--no_pretrained"]
+    proc, seconds = torchrun(MAIN, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *pretrained,
+                             "--pretrained_path", missing)
+    assert proc.returncode != 0 and seconds < TIME_LIMIT
+    assert proc.stderr.count("error: rank") == 1  # said once, by the rank that hit it
+    assert f"error: rank 0: weights file not found: {missing}" in proc.stderr
+    assert "[rank1]" not in proc.stderr  # rank 1 left quietly, not by a crash in a collective
+
+
+def test_ddp_crash_mid_training_brings_the_group_down(demo_data, tmp_path):
+    # Rank 1 dies as training starts while rank 0 waits for it in the first gradient all-reduce.
+    proc, seconds = torchrun(PROBE, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *FAST,
+                             env={"PROBE_CRASH_RANK": "1"})
+    assert proc.returncode != 0 and seconds < TIME_LIMIT
+    assert "RuntimeError: probe: rank 1 crashed" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the helpers, two processes
+def test_distributed_helpers_share_results_and_errors(tmp_path):
+    from ddp_probe import helpers_worker
+
+    mp.start_processes(helpers_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # from_main_process: rank 0's result on every rank; its error raised on every rank, printed once.
+    assert rank0["main_result"]["result"] == rank1["main_result"]["result"] == "made by rank 0"
+    for seen in (rank0, rank1):
+        assert seen["main_user_error"]["error"] == "no checkpoint here" and seen["main_user_error"]["exit_code"] == 2
+        assert seen["main_bug"]["error"] == "ValueError: boom" and seen["main_bug"]["exit_code"] == 1
+        assert seen["rank1_user_error"]["error"] == "data missing on this node"
+        assert seen["rank1_user_error"]["exit_code"] == 2
+    assert rank0["main_user_error"]["printed"] == "error: no checkpoint here\n" and not rank1["main_user_error"]["printed"]
+    assert "ValueError: boom" in rank0["main_bug"]["printed"] and not rank1["main_bug"]["printed"]
+    # on_all_ranks: each rank's own result; one rank's error raised on every rank, printed by it.
+    assert (rank0["all_result"]["result"], rank1["all_result"]["result"]) == (0, 1)
+    assert rank1["rank1_user_error"]["printed"] == "error: data missing on this node\n"
+    assert not rank0["rank1_user_error"]["printed"]
+
+
+# --------------------------------------------------------------------------- in this process
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process, so DDP can be built here; left again afterwards."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_no_gradient_all_reduce_on_accumulating_micro_batches(demo_data, tmp_path, one_process_group):
+    cfg = config.parse_config(["--data_dir", demo_data, *FAST, "--epochs", "1", "--accum_steps", "2"])[0]
+    train_loader, val_loader, test_loader, class_names = build_loaders(cfg, "cpu")
+    assert len(train_loader) == 3  # micro-batches: 2 (accumulated, then synced) + 1 (synced)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, len(class_names)))
+    ddp = wrap_ddp(model, "cpu")
+    all_reduces = []
+
+    def counting_hook(state, bucket):  # DDP's gradient all-reduce, one call per bucket (one here)
+        all_reduces.append(bucket.index())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    ddp.register_comm_hook(None, counting_hook)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = WarmupCosineLR(optimizer, total_steps=2, warmup_steps=0)
+    trainer = Trainer(model, optimizer, scheduler, (train_loader, val_loader, test_loader), cfg, str(tmp_path),
+                      class_names, setup_logging(), train_model=ddp)
+    trainer.train_one_epoch(0)
+    assert scheduler.last_epoch == 2 and len(all_reduces) == 2  # one all-reduce per optimizer step, not 3
+
+
+def test_sync_bn_converts_batchnorm_and_keeps_a_plain_state_dict(monkeypatch):
+    # DDP takes SyncBatchNorm on GPUs only: stand in for it to see what wrap_ddp gives it.
+    monkeypatch.setattr(utils, "DistributedDataParallel", lambda module, device_ids: SimpleNamespace(module=module))
+    wrapped = wrap_ddp(resnet18(num_classes=3), "cpu", sync_bn=True)
+    norms = [m for m in wrapped.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 20 and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    resnet18(num_classes=3).load_state_dict(wrapped.module.state_dict())  # strict: same keys, no prefix
+    plain = wrap_ddp(resnet18(num_classes=3), "cpu")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain.module.modules())
+
+
+def test_torchrun_settings_are_checked_before_joining(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match="global batch and must split evenly over the 2 processes"):
+        config.parse_config(["--batch_size", "15", "--device", "cpu"])
+    with pytest.raises(UserError, match="--sync_bn needs CUDA"):
+        config.parse_config(["--sync_bn", "--device", "cpu"])
+    # main reports it on one line that names the rank, exit code 2, and joins no group.
+    assert main_module.main(["--batch_size", "15", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: rank 1: --batch_size 15 is the global batch")
+    assert not dist.is_initialized()
+
+
+def test_plain_run_stays_single_process(demo_data, run_cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "plain", "--epochs", "1", *FAST)
+    assert code == 0, err
+    assert "DistributedDataParallel" not in out and not dist.is_initialized()
+    assert read_results(tmp_path / "checkpoints" / "plain")["world_size"] == 1
+
+
+def test_epoch_sampler_shards_like_a_distributed_sampler():
+    def shards(pad, epoch=0):
+        samplers = [EpochSampler(7, pad, seed=3, rank=r, world_size=2, pad=pad) for r in (0, 1)]
+        for s in samplers:
+            s.set_epoch(epoch)
+        return [list(s) for s in samplers]
+
+    # Evaluation: every image on exactly one rank, none twice (7 = 4 + 3).
+    a, b = shards(pad=False)
+    assert sorted(a + b) == list(range(7)) and len(a) == 4
+    # Training: shuffled, padded so both ranks take the same number of batches, all images used.
+    a, b = shards(pad=True)
+    assert len(a) == len(b) == 4 and set(a + b) == set(range(7))
+    # set_epoch reshuffles, identically on every rank (the permutation depends on seed and epoch).
+    assert shards(pad=True, epoch=1) != [a, b] and shards(pad=True, epoch=1) == shards(pad=True, epoch=1)
