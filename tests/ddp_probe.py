@@ -4,7 +4,8 @@ Started like main.py (`torchrun ... tests/ddp_probe.py FLAGS`); the environment 
 
 PROBE_DUMP_DIR      every rank saves the weights it trained (its model's state dict) just before
                     the final test, as rank<R>.pt (only rank 0 saves anything otherwise)
-PROBE_SNAPSHOT_DIR  after epoch 1, rank 0 copies the run folder: what a run stopped then leaves
+PROBE_SIGTERM_STEP  after that optimizer step rank 0 sends SIGTERM to torchrun, as a cluster
+                    preempting the job would; torchrun hands it on to every rank
 PROBE_CRASH_RANK    that rank crashes as training starts, while the others wait in a collective
 
 It also holds `helpers_worker`, a process of the two-process test of the distributed helpers.
@@ -12,7 +13,7 @@ It also holds `helpers_worker`, a process of the two-process test of the distrib
 import io
 import json
 import os
-import shutil
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,10 +24,11 @@ def install_hooks():
     import torch
 
     import trainer
+    from scheduler import WarmupCosineLR
     from utils import is_main_process, rank
 
     dump_dir = os.environ.get("PROBE_DUMP_DIR")
-    snapshot_dir = os.environ.get("PROBE_SNAPSHOT_DIR")
+    sigterm_step = os.environ.get("PROBE_SIGTERM_STEP")
     crash_rank = os.environ.get("PROBE_CRASH_RANK")
     Trainer = trainer.Trainer
 
@@ -39,16 +41,15 @@ def install_hooks():
 
         Trainer.test = dumping_test
 
-    if snapshot_dir:
-        write_results = Trainer.write_results
+    if sigterm_step:
+        step = WarmupCosineLR.step
 
-        def snapshotting_write_results(self, **final):
-            results = write_results(self, **final)
-            if not final and self.epoch == 1 and is_main_process():
-                shutil.copytree(self.run_dir, snapshot_dir)
-            return results
+        def signalling_step(self, *args, **kwargs):
+            step(self, *args, **kwargs)
+            if self.last_epoch == int(sigterm_step) and is_main_process():
+                os.kill(os.getppid(), signal.SIGTERM)  # the parent is torchrun's agent
 
-        Trainer.write_results = snapshotting_write_results
+        WarmupCosineLR.step = signalling_step
 
     if crash_rank is not None:
         train_one_epoch = Trainer.train_one_epoch
@@ -73,6 +74,12 @@ def helpers_worker(rank, store, out_dir):
     def fail(exc):
         raise exc
 
+    def stop_seen_by(signalled_rank):
+        stop = utils.GracefulStop()
+        if rank == signalled_rank:
+            stop.signal = signal.SIGTERM
+        return [stop.requested(), stop.signal]
+
     cases = {
         "main_result": lambda: utils.from_main_process(lambda: f"made by rank {utils.rank()}"),
         "main_user_error": lambda: utils.from_main_process(fail, utils.UserError("no checkpoint here")),
@@ -80,6 +87,8 @@ def helpers_worker(rank, store, out_dir):
         "all_result": lambda: utils.on_all_ranks(lambda: utils.rank()),
         "rank1_user_error": lambda: utils.on_all_ranks(
             lambda: utils.rank() == 1 and fail(utils.UserError("data missing on this node"))),
+        "signal_on_rank1": lambda: stop_seen_by(1),
+        "no_signal": lambda: stop_seen_by(None),
     }
     seen = {}
     for name, case in cases.items():

@@ -23,6 +23,7 @@ def test_training_learns_and_writes_every_output(demo_data, run_cli, tmp_path, a
     run_dir = tmp_path / "checkpoints" / name
     results = read_results(run_dir)
     assert RESULT_KEYS <= set(results)
+    assert results["world_size"] == 1 and "DistributedDataParallel" not in out  # no torchrun: one process
     assert results["amp"] is amp and results["amp_dtype"] == ("bfloat16" if amp else None)
     epochs = results["epochs"]
     assert [e["epoch"] for e in epochs] == list(range(1, 6))
