@@ -182,6 +182,8 @@ def validate(cfg):
     if cfg.batch_size % processes:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                         f"{processes} processes torchrun started; change one of them")
+    if getattr(cfg, "benchmark", False) and processes > 1:
+        raise UserError("--benchmark times one GPU: run it with python main.py, not torchrun")
     if getattr(cfg, "sync_bn", False) and processes > 1 and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
     if not getattr(cfg, "dist_timeout", 1) > 0:

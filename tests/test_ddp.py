@@ -243,6 +243,8 @@ def test_torchrun_settings_are_checked_before_joining(monkeypatch, capsys):
         config.parse_config(["--batch_size", "15", "--device", "cpu"])
     with pytest.raises(UserError, match="--sync_bn needs CUDA"):
         config.parse_config(["--sync_bn", "--device", "cpu"])
+    with pytest.raises(UserError, match="--benchmark times one GPU"):
+        config.parse_config(["--benchmark", "--device", "cpu"])
     # main reports it on one line that names the rank, exit code 2, and joins no group.
     assert main_module.main(["--batch_size", "15", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: rank 1: --batch_size 15 is the global batch")
