@@ -1,5 +1,6 @@
 """Small helpers shared by the other files: user errors, seeding, metrics, timing, memory,
-atomic file writes, logging and the few torch.distributed calls the trainer needs."""
+atomic file writes, logging, and the torch.distributed set-up, teardown and collectives a run
+needs under torchrun."""
 import json
 import logging
 import logging.handlers
