@@ -139,8 +139,8 @@ def plot_comparison(runs, path):
     by_time.set(xlabel="training time (s)", title="validation accuracy by training time")
     by_time.grid(alpha=0.3)
     by_epoch.legend(loc="lower right")
-    devices = sorted({r["device"] for r in runs})
-    figure.suptitle(f"on {devices[0]}" if len(devices) == 1 else "on " + ", ".join(devices))
+    devices = ", ".join(sorted({r["device"] for r in runs}))
+    figure.suptitle(f"{len(runs)} runs on {devices}" if len(runs) > 1 else f"{runs[0]['run']} on {devices}")
     atomic_savefig(figure, path)
 
 
