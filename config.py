@@ -104,6 +104,12 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--evaluate", action="store_true", help="test an existing run's best.pt and print its test accuracy")
     g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N optimizer steps within an epoch (0: only at epoch ends)")
+    g.add_argument("--predict", action="store_true",
+                   help="label the unlabeled images (DATA_DIR/seg_pred) with the run's best.pt into NAME/predictions.csv")
+    g.add_argument("--predict_dir", default=None, help="with --predict: the folder of images to label instead of DATA_DIR/seg_pred")
+    g.add_argument("--compare", nargs="+", default=None, metavar="NAME",
+                   help="print and save (CHECKPOINT_DIR/compare.md, compare.png) a table of finished runs; "
+                   "speedup and memory saving are relative to the first")
     g.add_argument("--log_interval", type=int, default=20, help="optimizer steps between progress-bar updates")
     g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
     return p
@@ -169,10 +175,15 @@ def validate(cfg):
         raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         raise UserError(f"--clip_grad_norm must be positive, got {cfg.clip_grad_norm}")
-    if not NAME_PATTERN.match(cfg.checkpoint_name) or cfg.checkpoint_name in (".", ".."):
-        raise UserError(
-            f"--checkpoint_name {cfg.checkpoint_name!r} is not a plain name: use letters, digits, '.', '_' and '-'"
-        )
+    compared = getattr(cfg, "compare", None) or []
+    for flag, name in [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]:
+        if not NAME_PATTERN.match(name) or name in (".", ".."):
+            raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")
+    modes = [f"--{mode}" for mode in ("compare", "predict", "evaluate", "resume", "benchmark") if getattr(cfg, mode, None)]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined; pass one of them")
+    if getattr(cfg, "predict_dir", None) and not cfg.predict:
+        raise UserError("--predict_dir is only used with --predict")
     device = torch.device(cfg.device)
     if cfg.amp and device.type == "cpu" and cfg.amp_dtype != "bfloat16":
         raise UserError("--amp_dtype float16 is not supported on the CPU; use bfloat16 (the default there)")

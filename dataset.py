@@ -8,8 +8,9 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still decode
 # JPEGs 1.8x faster than PIL here, and load_image_uint8 falls back to PIL without them.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
@@ -84,6 +85,33 @@ def image_folder(root, image_size):
         return ImageFolder(root, transform=ResizeUint8(image_size), loader=load_image_uint8)
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise UserError(f"{root}: {exc}") from None
+
+
+class UnlabeledImages(Dataset):
+    """The image files under `root` (at any depth), sorted by their path relative to `root`.
+    An item is (uint8 tensor [3, S, S], relative path, error): an unreadable file gives a black
+    image and the reason, so one bad file does not stop a prediction run."""
+
+    def __init__(self, root, image_size):
+        self.root = root
+        self.resize = ResizeUint8(image_size)
+        self.image_size = image_size
+        self.files = []
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .ipynb_checkpoints and the like
+            self.files += [os.path.relpath(os.path.join(folder, name), root) for name in names
+                           if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")]
+        self.files.sort()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        file = self.files[index]
+        try:
+            return self.resize(load_image_uint8(os.path.join(self.root, file))), file, ""
+        except UserError as exc:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), file, str(exc)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -361,6 +389,16 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     val = make_loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
     test = make_loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)
     return train, val, test, class_names
+
+
+def build_predict_loader(root, cfg, device):
+    """Batches of (images, relative paths, errors) over the image files under `root`, in order."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder of images")
+    images = UnlabeledImages(root, cfg.image_size)
+    if not len(images):
+        raise UserError(f"no image files in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
+    return make_loader(images, None, cfg.batch_size, cfg, device)
 
 
 # --------------------------------------------------------------------------- demo data

@@ -6,8 +6,9 @@ import torch
 
 import benchmark
 import config
-from dataset import DeviceTransform, build_loaders, make_demo_dataset
+from dataset import DeviceTransform, build_loaders, build_predict_loader, find_split_dir, make_demo_dataset
 from model import build_model
+from report import comparison_table, load_finished_run, per_class_report, plot_comparison, write_predictions
 from scheduler import WarmupCosineLR
 from trainer import Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
@@ -16,6 +17,7 @@ from utils import (
     PeerError,
     UserError,
     atomic_write_json,
+    atomic_write_text,
     from_main_process,
     init_distributed,
     is_main_process,
@@ -32,7 +34,8 @@ from utils import (
 )
 
 # Files a run writes; --overwrite removes these and nothing else.
-RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log")
+RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log", "curves.png", "confusion.png",
+             "predictions.csv")
 # A folder with any of these holds a run that trained (config.json alone: one that never started).
 TRAINED_FILES = ("best.pt", "last.pt", "results.json")
 
@@ -108,25 +111,76 @@ def train(cfg, checkpoint=None):
     return 0
 
 
-def evaluate(cfg):
-    """Re-test a run's best.pt with the image size and precision it was trained with."""
-    run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
-    best = from_main_process(load_checkpoint, os.path.join(run_dir, "best.pt"))
+def load_best(cfg):
+    """A run's best.pt and its model on cfg.device; cfg takes the image size, precision and
+    split the run was trained with."""
+    best = from_main_process(load_checkpoint, os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "best.pt"))
     saved = best["config"]
     for name in ("image_size", "amp", "amp_dtype", "val_fraction", "seed"):
         setattr(cfg, name, saved[name])
     if cfg.amp and cfg.device == "cpu":
         cfg.amp_dtype = "bfloat16"
+    model = build_model(len(best["class_names"]), pretrained=False)
+    model.load_state_dict(best["model"])
+    model.to(cfg.device)
+    return best, model
+
+
+def evaluate(cfg):
+    """Re-test a run's best.pt with the image size and precision it was trained with."""
+    best, model = load_best(cfg)
     _, _, test_loader, class_names = build_loaders(cfg, cfg.device, rank(), world_size())
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
-    model = build_model(len(class_names), pretrained=False)
-    model.load_state_dict(best["model"])
-    model.to(cfg.device)
     test = evaluate_model(model, test_loader, DeviceTransform(cfg.device), autocast_for(cfg), len(class_names))
     if is_main_process():
         print(f"{cfg.checkpoint_name} (epoch {best['epoch']}, {precision_name(cfg)}): "
               f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
+        print(per_class_report(test["confusion"], class_names))
+    return 0
+
+
+@torch.inference_mode()
+def predict(cfg):
+    """Label the unlabeled images with a run's best.pt into <run>/predictions.csv."""
+    best, model = load_best(cfg)
+    root = cfg.predict_dir or find_split_dir(cfg.data_dir, "pred")
+    if root is None:
+        raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
+                        f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
+    loader = build_predict_loader(root, cfg, cfg.device)
+    transform, autocast, class_names = DeviceTransform(cfg.device), autocast_for(cfg), best["class_names"]
+    model.eval()
+    rows, unreadable = [], []
+    for images, files, errors in loader:
+        readable = [i for i, error in enumerate(errors) if not error]
+        unreadable += [error for error in errors if error]
+        if not readable:
+            continue
+        with autocast():
+            logits = model(transform(images[readable]))
+        confidence, label = logits.float().softmax(dim=1).max(dim=1)
+        rows += [(files[i], class_names[k], p) for i, k, p in zip(readable, label.tolist(), confidence.tolist())]
+    path = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
+    write_predictions(path, rows)
+    for error in unreadable:
+        print(f"skipped: {error}", file=sys.stderr)
+    skipped = f" ({len(unreadable)} unreadable file(s) skipped)" if unreadable else ""
+    print(f"wrote {len(rows)} predictions of {cfg.checkpoint_name} ({precision_name(cfg)}) for {root} to {path}{skipped}")
+    return 0
+
+
+def compare(cfg):
+    """The comparison table of finished runs, printed and saved with a validation-accuracy chart."""
+    runs = [load_finished_run(cfg.checkpoint_dir, name) for name in cfg.compare]  # all checked before writing
+    text = comparison_table(runs) + "\n"
+    if len(runs) > 1:
+        text += f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {runs[0]['run']}.\n"
+    table_path = os.path.join(cfg.checkpoint_dir, "compare.md")
+    chart_path = os.path.join(cfg.checkpoint_dir, "compare.png")
+    atomic_write_text(table_path, text)
+    plot_comparison(runs, chart_path)
+    print(text + f"\nwrote {table_path} and {chart_path}")
     return 0
 
 
@@ -134,6 +188,12 @@ def run(argv=None):
     cfg, explicit = config.parse_config(argv)
     # Under torchrun: join the group. Rank 0 alone then touches the shared files (demo data,
     # run folder, checkpoints) and hands the result, or its error, to the other ranks.
+    if cfg.compare or cfg.predict:
+        # One-process jobs (compare reads results.json files only, no dataset): under torchrun
+        # the first process does them and the others have nothing to do.
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        return compare(cfg) if cfg.compare else predict(cfg)
     init_distributed(cfg.device, cfg.dist_timeout)
     if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")

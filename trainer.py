@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import DeviceTransform
+from report import comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
 from utils import (
     ClassificationMeter,
     GracefulStop,
@@ -253,6 +254,9 @@ class Trainer:
                 self.save_checkpoint("best.pt")
             self.save_checkpoint("last.pt")
             self.write_results()
+            if is_main_process():
+                plot_curves(self.history, os.path.join(self.run_dir, "curves.png"),
+                            f"{cfg.checkpoint_name}: {precision_name(cfg)} on {device_name(self.device)}")
             self.log.info(format_epoch(record, cfg.epochs))
             self.exit_if_signalled()
         return self.test()
@@ -263,11 +267,19 @@ class Trainer:
         best = from_main_process(load_checkpoint, os.path.join(self.run_dir, "best.pt"))
         self.model.load_state_dict(best["model"])
         test = self.evaluate(self.test_loader)
-        results = self.write_results(test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"])
+        confusion = test["confusion"]  # rows: true classes
+        results = self.write_results(
+            test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"],
+            per_class_acc=per_class_accuracy(confusion, self.class_names), confusion_matrix=confusion.tolist(),
+        )
         self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}): {test['acc']:.2f}%")
+        self.log.info(per_class_report(confusion, self.class_names))
+        if is_main_process():
+            plot_confusion(confusion, self.class_names, os.path.join(self.run_dir, "confusion.png"),
+                           f"{self.cfg.checkpoint_name}: test accuracy {test['acc']:.2f}% ({precision_name(self.cfg)})")
         if int(self.skipped_steps):
             self.log.info(f"GradScaler skipped {int(self.skipped_steps)} optimizer steps with inf/NaN gradients")
-        self.log.info(summary_table([results]))
+        self.log.info(comparison_table([results]))
         return results
 
     # ------------------------------------------------------------------ saving and restoring
@@ -400,22 +412,3 @@ def format_epoch(r, epochs):
         f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f} | lr {r['lr']:.2e} | "
         f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{memory}"
     )
-
-
-def summary_table(runs):
-    """The README's results table for finished runs (their results.json dicts)."""
-    lines = [
-        "| run | device | precision | test acc | peak GPU memory | time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in runs:
-        epochs = r["epochs"]
-        peaks = [e["peak_mem_mb"] for e in epochs if e["peak_mem_mb"] is not None]
-        memory = f"{max(peaks) / 1024:.1f} G" if peaks else "n/a (CPU)"
-        per_epoch = sum(e["seconds"] for e in epochs) / max(len(epochs), 1)
-        test_acc = "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.2f}"
-        lines.append(
-            f"| {r['run']} | {r['device']} | {r['precision']} | {test_acc} | {memory} | "
-            f"{per_epoch:.1f} s x {len(epochs)} epochs ({r['total_train_seconds']:.0f} s total) |"
-        )
-    return "\n".join(lines)

@@ -390,9 +390,18 @@ def atomic_torch_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_json(path, obj):
-    data = (json.dumps(obj, indent=2) + "\n").encode()
+def atomic_write_text(path, text):
+    data = text.encode()
     _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_savefig(figure, path):
+    """A matplotlib figure as a PNG; a picture redrawn every epoch is never seen half-written."""
+    _atomic_write(path, lambda f: figure.savefig(f, format="png"))
 
 
 def load_json(path):

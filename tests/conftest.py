@@ -54,6 +54,15 @@ def run_cli(tmp_path, capsys):
     return run
 
 
+def assert_user_error(result, *needles):
+    """A run_cli result that is a user error: exit code 2, one line on stderr naming `needles`."""
+    code, out, err = result
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)

@@ -3,15 +3,7 @@ import os
 
 import pytest
 
-from conftest import FAST
-
-
-def assert_user_error(result, *needles):
-    code, out, err = result
-    assert code == 2, (out, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
+from conftest import FAST, assert_user_error
 
 
 def test_missing_data(run_cli, tmp_path):

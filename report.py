@@ -1,0 +1,180 @@
+"""Reporting: turn runs' results into the comparison table, the learning-curve, comparison and
+confusion-matrix pictures, per-class accuracies and the predictions CSV."""
+import csv
+import io
+import os
+
+import numpy as np
+# Figure (not pyplot) draws with the Agg canvas: no display needed and no global figure state,
+# so a picture redrawn every epoch of a long run leaks nothing.
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from utils import UserError, atomic_savefig, atomic_write_text, load_json
+
+TABLE_COLUMNS = ("run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
+                 "images/s")
+RELATIVE_COLUMNS = ("speedup", "memory saving")
+
+
+# --------------------------------------------------------------------------- the table
+def load_finished_run(checkpoint_dir, name):
+    """The results.json of a run that has been tested; anything else is a user error."""
+    path = os.path.join(checkpoint_dir, name, "results.json")
+    if not os.path.exists(path):
+        raise UserError(f"no run named {name!r}: {path} does not exist")
+    try:
+        results = load_json(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable results file: {exc}") from None
+    if not isinstance(results, dict) or not results.get("finished") or results.get("test_acc") is None:
+        raise UserError(f"run {name!r} has not finished (no test accuracy in {path}); complete it with --resume")
+    results["run"] = name  # the name it was asked for, even if its folder was renamed
+    return results
+
+
+def peak_memory(run):
+    """The largest peak GPU memory (MiB) of a run's epochs; None on the CPU."""
+    peaks = [e["peak_mem_mb"] for e in run["epochs"] if e.get("peak_mem_mb") is not None]
+    return max(peaks) if peaks else None
+
+
+def throughput(run):
+    """Training images per second over all epochs (each epoch weighted by its duration)."""
+    seconds = sum(e["seconds"] for e in run["epochs"])
+    images = sum(e["images_per_sec"] * e["seconds"] for e in run["epochs"] if e["images_per_sec"] is not None)
+    return images / seconds if seconds > 0 else None
+
+
+def comparison_table(runs):
+    """A markdown table with a row per run (results.json dicts). With more than one run, speedup
+    (images/s) and memory saving (peak GPU memory) are relative to the first run."""
+    relative = len(runs) > 1
+    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    reference = runs[0]
+    for r in runs:
+        epochs = r["epochs"]
+        memory, speed = peak_memory(r), throughput(r)
+        cells = [
+            r["run"],
+            r["device"],
+            r["precision"],
+            "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.2f}",
+            "n/a (CPU)" if memory is None else f"{memory / 1024:.2f} GiB",
+            f"{sum(e['seconds'] for e in epochs) / max(len(epochs), 1):.1f}",
+            str(len(epochs)),
+            f"{r['total_train_seconds']:.0f} s",
+            "n/a" if speed is None else f"{speed:.0f}",
+        ]
+        if relative:
+            reference_memory, reference_speed = peak_memory(reference), throughput(reference)
+            cells.append(f"{speed / reference_speed:.2f}x" if speed and reference_speed else "n/a")
+            cells.append(f"{100 * (1 - memory / reference_memory):.0f}%" if memory and reference_memory else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- per class
+def per_class_accuracy(confusion, class_names):
+    """{class: accuracy in percent} from a confusion matrix whose rows are the true classes;
+    None for a class without test images."""
+    matrix = np.asarray(confusion)
+    totals = matrix.sum(axis=1)
+    return {
+        name: (100.0 * matrix[i, i] / totals[i] if totals[i] else None) for i, name in enumerate(class_names)
+    }
+
+
+def per_class_report(confusion, class_names):
+    """One line per class: its accuracy and correct/total test images."""
+    matrix = np.asarray(confusion)
+    width = max(len(name) for name in class_names)
+    lines = ["per-class test accuracy:"]
+    for i, (name, acc) in enumerate(per_class_accuracy(matrix, class_names).items()):
+        value = "   n/a" if acc is None else f"{acc:6.2f}%"
+        lines.append(f"  {name:<{width}}  {value} ({matrix[i, i]}/{matrix[i].sum()})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pictures
+def _integer_epochs(ax):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def plot_curves(history, path, title):
+    """Train/validation loss and accuracy and the LR per epoch, side by side."""
+    epochs = [e["epoch"] for e in history]
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
+    for ax, key, name, ylabel in ((loss_ax, "loss", "loss", "cross-entropy loss"),
+                                  (acc_ax, "acc", "accuracy", "accuracy (%)")):
+        ax.plot(epochs, [e[f"train_{key}"] for e in history], marker="o", markersize=3, label="train")
+        ax.plot(epochs, [e[f"val_{key}"] for e in history], marker="o", markersize=3, label="validation")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=name)
+        ax.legend()
+        _integer_epochs(ax)
+    lr_ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
+    lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
+    _integer_epochs(lr_ax)
+    figure.suptitle(title)
+    atomic_savefig(figure, path)
+
+
+def plot_comparison(runs, path):
+    """The runs' validation accuracy by epoch and by training time, one line per run."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    by_epoch, by_time = figure.subplots(1, 2, sharey=True)
+    for r in runs:
+        label = f"{r['run']} ({r['precision']})"
+        epochs = r["epochs"]
+        elapsed = np.cumsum([e["seconds"] for e in epochs])
+        accuracy = [e["val_acc"] for e in epochs]
+        by_epoch.plot([e["epoch"] for e in epochs], accuracy, marker="o", markersize=3, label=label)
+        by_time.plot(elapsed, accuracy, marker="o", markersize=3, label=label)
+    by_epoch.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy by epoch")
+    _integer_epochs(by_epoch)
+    by_time.set(xlabel="training time (s)", title="validation accuracy by training time")
+    by_time.grid(alpha=0.3)
+    by_epoch.legend(loc="lower right")
+    devices = ", ".join(sorted({r["device"] for r in runs}))
+    figure.suptitle(f"{len(runs)} runs on {devices}" if len(runs) > 1 else f"{runs[0]['run']} on {devices}")
+    atomic_savefig(figure, path)
+
+
+def plot_confusion(confusion, class_names, path, title):
+    """The confusion matrix with class names on both axes: counts in the cells, colour by the
+    share of the true class (so classes of different sizes compare)."""
+    matrix = np.asarray(confusion)
+    n = len(class_names)
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(100.0 * matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    side = 2.8 + 0.75 * n
+    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    figure.colorbar(image, ax=ax, label="share of the true class (%)")
+    ax.set_xticks(range(n), class_names, rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), class_names)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if share[i, j] > 60 else "black")
+    atomic_savefig(figure, path)
+
+
+# --------------------------------------------------------------------------- predictions
+PREDICTION_COLUMNS = ("file", "label", "confidence")
+
+
+def write_predictions(path, rows):
+    """`rows` of (file, label, confidence) as a CSV sorted by file."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    for file, label, confidence in sorted(rows):
+        writer.writerow((file, label, f"{confidence:.4f}"))
+    atomic_write_text(path, text.getvalue())

@@ -1,0 +1,203 @@
+"""The reports, from two tiny runs (FP32 and AMP bf16) trained once for this module: --compare's
+table and chart, the learning curves, per-class results and confusion matrix, --predict's CSV."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import main as main_module
+import trainer
+from conftest import FAST, assert_user_error, read_results
+from report import comparison_table
+
+RUNS = ("fp32", "amp")
+CLASSES = ["blue", "green", "red"]
+TEST_PER_CLASS = 8  # make_colour_dataset's test split
+TRAIN_IMAGES = 48  # 3 classes x 20, less the 20% validation split
+EPOCHS = 2
+COLUMNS = ["run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
+           "images/s", "speedup", "memory saving"]
+CURVES_DRAWN = []  # (run, epochs shown) each time a curves.png was drawn while runs_dir trained
+
+
+@pytest.fixture(scope="module")
+def runs_dir(demo_data, tmp_path_factory):
+    """A checkpoint folder holding the finished runs `fp32` and `amp`."""
+    root = tmp_path_factory.mktemp("runs")
+    real_plot_curves = trainer.plot_curves
+
+    def spy(history, path, title):
+        CURVES_DRAWN.append((os.path.basename(os.path.dirname(path)), len(history)))
+        real_plot_curves(history, path, title)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "plot_curves", spy)
+        for name, extra in (("fp32", []), ("amp", ["--amp"])):
+            argv = ["--checkpoint_dir", str(root), "--data_dir", demo_data, "--checkpoint_name", name,
+                    "--epochs", str(EPOCHS), *FAST, *extra]
+            assert main_module.main(argv) == 0
+    return root
+
+
+def table(markdown):
+    """(header, rows) of the first markdown table in `markdown`, as lists of cell strings."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header, _rule, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return header, rows
+
+
+def assert_png(path, min_width, min_height):
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min_width <= image.width <= 3000 and min_height <= image.height <= 3000, image.size
+        pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, f"{path} is nearly blank"
+
+
+# --------------------------------------------------------------------------- --compare
+def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, run_cli):
+    code, out, err = run_cli("--compare", *RUNS, checkpoint_dir=runs_dir)
+    assert code == 0, err
+    markdown = (runs_dir / "compare.md").read_text()
+    assert markdown.split("\n\n")[0] in out  # the saved table is the printed one
+    header, rows = table(markdown)
+    assert header == COLUMNS
+    assert [row[0] for row in rows] == list(RUNS)  # one row per run, in the order named
+    seconds = {}
+    for row in rows:
+        cell = dict(zip(header, row))
+        results = read_results(runs_dir / cell["run"])
+        seconds[cell["run"]] = sum(e["seconds"] for e in results["epochs"])
+        assert cell["device"] == results["device"]
+        assert cell["precision"] == results["precision"] == {"fp32": "FP32", "amp": "AMP bf16"}[cell["run"]]
+        assert float(cell["test acc (%)"]) == pytest.approx(results["test_acc"], abs=0.005)
+        assert cell["peak GPU memory"] == "n/a (CPU)"
+        assert float(cell["s/epoch"]) == pytest.approx(seconds[cell["run"]] / EPOCHS, abs=0.05)
+        assert int(cell["epochs"]) == EPOCHS
+        assert cell["total time"] == f"{results['total_train_seconds']:.0f} s"
+        assert float(cell["images/s"]) == pytest.approx(TRAIN_IMAGES * EPOCHS / seconds[cell["run"]], abs=0.5)
+        assert cell["memory saving"] == "n/a"  # no GPU memory to compare on the CPU
+    assert rows[0][COLUMNS.index("speedup")] == "1.00x"
+    speedup = float(rows[1][COLUMNS.index("speedup")].rstrip("x"))
+    assert speedup == pytest.approx(seconds["fp32"] / seconds["amp"], abs=0.006)
+    assert_png(runs_dir / "compare.png", 600, 250)
+
+
+def gpu_run(name, precision, peak_mb, seconds, images_per_sec):
+    """A results.json as a CUDA run writes it, with three epochs."""
+    epochs = [{"epoch": i + 1, "seconds": seconds, "images_per_sec": images_per_sec, "peak_mem_mb": peak_mb - 100 * i,
+               "val_acc": 80.0 + i} for i in range(3)]
+    return {"run": name, "device": "NVIDIA H100 80GB HBM3", "precision": precision, "test_acc": 91.234,
+            "total_train_seconds": 3 * seconds + 1.6, "epochs": epochs}
+
+
+def test_speedup_and_memory_saving_are_relative_to_the_first_run():
+    runs = [gpu_run("base", "FP32", 4096, 30.0, 400.0), gpu_run("half", "AMP fp16", 2048, 12.0, 1000.0)]
+    header, rows = table(comparison_table(runs))
+    base, half = (dict(zip(header, row)) for row in rows)
+    assert (base["peak GPU memory"], half["peak GPU memory"]) == ("4.00 GiB", "2.00 GiB")  # the epochs' maximum
+    assert (base["speedup"], base["memory saving"]) == ("1.00x", "0%")
+    assert (half["speedup"], half["memory saving"]) == ("2.50x", "50%")
+    assert (half["s/epoch"], half["epochs"], half["total time"], half["images/s"]) == ("12.0", "3", "38 s", "1000")
+    assert half["test acc (%)"] == "91.23"
+    # One run alone (the summary at the end of training) has nothing to be relative to.
+    header, rows = table(comparison_table(runs[:1]))
+    assert header == COLUMNS[:-2] and len(rows) == 1
+
+
+def test_compare_refuses_missing_or_unfinished_runs_and_writes_nothing(runs_dir, run_cli, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(runs_dir / "fp32", checkpoints / "fp32", ignore=shutil.ignore_patterns("*.pt"))
+    unfinished = read_results(checkpoints / "fp32")
+    unfinished.update(finished=False, test_acc=None)
+    (checkpoints / "cut").mkdir()
+    (checkpoints / "cut" / "results.json").write_text(json.dumps(unfinished))
+    assert_user_error(run_cli("--compare", "fp32", "ghost"), "'ghost'", "results.json")
+    assert_user_error(run_cli("--compare", "fp32", "cut"), "'cut'", "not finished")
+    assert_user_error(run_cli("--compare", "fp32", "../fp32"), "--compare")
+    assert_user_error(run_cli("--compare", "fp32", "--predict"), "--compare and --predict")
+    assert not (checkpoints / "compare.md").exists() and not (checkpoints / "compare.png").exists()
+
+
+# --------------------------------------------------------------------------- each run's pictures and results
+def test_curves_are_redrawn_every_epoch(runs_dir):
+    assert CURVES_DRAWN == [(name, epoch) for name in RUNS for epoch in range(1, EPOCHS + 1)]
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_every_run_draws_valid_curves_and_confusion_pngs(runs_dir, name):
+    assert_png(runs_dir / name / "curves.png", 900, 250)
+    assert_png(runs_dir / name / "confusion.png", 300, 300)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_per_class_accuracy_and_confusion_matrix(runs_dir, name):
+    results = read_results(runs_dir / name)
+    matrix = np.array(results["confusion_matrix"])
+    assert results["class_names"] == CLASSES
+    assert matrix.sum() == len(CLASSES) * TEST_PER_CLASS  # every test image once
+    assert matrix.sum(axis=1).tolist() == [TEST_PER_CLASS] * len(CLASSES)  # rows are the true classes
+    assert 100 * np.trace(matrix) / matrix.sum() == pytest.approx(results["test_acc"])
+    expected = {c: 100 * matrix[i, i] / TEST_PER_CLASS for i, c in enumerate(CLASSES)}
+    assert results["per_class_acc"] == pytest.approx(expected)
+    log = (runs_dir / name / "train.log").read_text()
+    assert "per-class test accuracy" in log
+    for i, c in enumerate(CLASSES):
+        assert f"{c:<5}  {expected[c]:6.2f}% ({matrix[i, i]}/{TEST_PER_CLASS})" in log
+
+
+# --------------------------------------------------------------------------- --predict
+def read_predictions(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_predict_labels_every_readable_image_once(runs_dir, demo_data, run_cli, tmp_path, name):
+    # The test images (in class folders, so the answers are known), a broken file and a non-image.
+    images = tmp_path / "unlabeled"
+    shutil.copytree(os.path.join(demo_data, "seg_test", "seg_test"), images)
+    (images / "zz_broken.jpg").write_bytes(b"not a jpeg")  # sorts last: the batches stay the test's
+    (images / "notes.txt").write_text("not an image")
+    code, out, err = run_cli("--checkpoint_name", name, "--predict", "--predict_dir", images, *FAST,
+                             checkpoint_dir=runs_dir)
+    assert code == 0, err
+    assert "zz_broken.jpg" in err and "notes.txt" not in err  # listed, not fatal
+    assert "1 unreadable" in out
+
+    header, *rows = read_predictions(runs_dir / name / "predictions.csv")
+    assert header == ["file", "label", "confidence"]
+    expected_files = sorted(f"{c}/{f}" for c in CLASSES for f in os.listdir(images / c))
+    assert [file for file, _, _ in rows] == expected_files  # each readable image once, sorted
+    assert all(label in CLASSES and 1 / len(CLASSES) <= float(p) <= 1 for _, label, p in rows)
+    # The same weights on the same batches (under the run's autocast) give the test's confusion matrix.
+    matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)
+    for file, label, _ in rows:
+        matrix[CLASSES.index(file.split("/")[0]), CLASSES.index(label)] += 1
+    assert matrix.tolist() == read_results(runs_dir / name)["confusion_matrix"]
+
+
+def test_predict_finds_seg_pred_and_refuses_what_it_cannot_use(runs_dir, run_cli, tmp_path):
+    data = tmp_path / "data"
+    (data / "seg_pred").mkdir(parents=True)  # the flat layout
+    for i, size in enumerate((20, 45, 32)):  # any size: resized to the run's image_size
+        Image.new("RGB", (size, size), (200, 30 * i, 10)).save(data / "seg_pred" / f"{i}.png")
+    flags = ["--checkpoint_name", "fp32", "--predict", *FAST]
+    code, out, err = run_cli(*flags, "--data_dir", data, checkpoint_dir=runs_dir)
+    assert code == 0, err
+    rows = read_predictions(runs_dir / "fp32" / "predictions.csv")[1:]
+    assert [file for file, _, _ in rows] == ["0.png", "1.png", "2.png"]
+
+    assert_user_error(run_cli(*flags, "--data_dir", tmp_path / "nothing", checkpoint_dir=runs_dir),
+                      "seg_pred", "--predict_dir")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli(*flags, "--predict_dir", tmp_path / "empty", checkpoint_dir=runs_dir), "no image files")
+    assert_user_error(run_cli(*flags, "--predict_dir", tmp_path / "empty", "--checkpoint_name", "ghost",
+                              checkpoint_dir=runs_dir), "best.pt")
+    assert_user_error(run_cli("--predict_dir", data, *FAST, checkpoint_dir=runs_dir), "--predict_dir")
