@@ -230,7 +230,7 @@ def parse_config(argv=None):
 def merge_resumed(saved, cfg, explicit):
     """The config of a resumed run: its saved settings, plus the few flags that may change
     between sessions. Any other flag that disagrees with the saved run is an error."""
-    merged = argparse.Namespace(**saved)
+    merged = argparse.Namespace(**{**vars(cfg), **saved})  # flags added since the run was saved keep their defaults
     for name in sorted(explicit - {"resume", "overwrite", "evaluate", "demo", "checkpoint_name"}):
         value = getattr(cfg, name)
         if name in RESUMABLE_OVERRIDES:
@@ -242,5 +242,7 @@ def merge_resumed(saved, cfg, explicit):
             )
     merged.resume, merged.evaluate, merged.overwrite = True, False, False
     merged.device = cfg.device  # where this session runs, whatever the saved run used
+    # The run goes on where its last.pt was read, even if its folder was moved or renamed.
+    merged.checkpoint_dir, merged.checkpoint_name = cfg.checkpoint_dir, cfg.checkpoint_name
     validate(merged)
     return merged

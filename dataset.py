@@ -367,20 +367,20 @@ def build_datasets(cfg):
         raise UserError(f"{train_dir} has {len(full_train.classes)} class folder; a classifier needs at least 2")
     train_idx, val_idx = stratified_split(full_train.targets, cfg.val_fraction, cfg.seed)
     if not val_idx:
-        raise UserError(f"{train_dir} is too small for a validation split of {cfg['val_fraction']}")
+        raise UserError(f"{train_dir} is too small for a validation split of {cfg.val_fraction}")
     return Subset(full_train, train_idx), Subset(full_train, val_idx), test, full_train.classes
 
 
 def build_loaders(cfg, device, rank=0, world_size=1):
-    """Train, val and test loaders plus the class names. `cfg['batch_size']` is the global
+    """Train, val and test loaders plus the class names. `cfg.batch_size` is the global
     batch: each of the `world_size` processes loads its share."""
     train_set, val_set, test_set, class_names = build_datasets(cfg)
     if getattr(cfg, "cache", False):
         train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
-        gigabytes = sum(d.nbytes() for d in (train_set, val_set, test_set)) / 2**30
+        gibibytes = sum(d.nbytes() for d in (train_set, val_set, test_set)) / 2**30
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
-            f"into {gigabytes:.2f} GB of RAM")
+            f"into {gibibytes:.2f} GiB of RAM")
     batch = max(cfg.batch_size // world_size, 1)
     train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True)
     # BatchNorm cannot train on a batch of one image: drop such a last batch (one image an epoch).

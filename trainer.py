@@ -406,7 +406,7 @@ def precision_name(cfg):
 
 
 def format_epoch(r, epochs):
-    memory = "" if r["peak_mem_mb"] is None else f", peak {r['peak_mem_mb'] / 1024:.1f} GB"
+    memory = "" if r["peak_mem_mb"] is None else f", peak {r['peak_mem_mb'] / 1024:.1f} GiB"
     return (
         f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
         f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f} | lr {r['lr']:.2e} | "

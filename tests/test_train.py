@@ -72,10 +72,14 @@ def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path
     monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
     assert torch.load(tmp_path / "checkpoints" / "cut" / "last.pt", weights_only=True)["epoch"] == 2
 
-    code, out, err = run_cli("--checkpoint_name", "cut", "--resume", "--data_dir", demo_data, "--no_progress")
+    # The user renames the run folder before resuming: the run goes on in its new place.
+    (tmp_path / "checkpoints" / "cut").rename(tmp_path / "checkpoints" / "moved")
+    code, out, err = run_cli("--checkpoint_name", "moved", "--resume", "--data_dir", demo_data, "--no_progress")
     assert code == 0, err
     assert "after epoch 2" in out
-    cut = read_results(tmp_path / "checkpoints" / "cut")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["full", "moved"]
+    cut = read_results(tmp_path / "checkpoints" / "moved")
+    assert torch.load(tmp_path / "checkpoints" / "moved" / "last.pt", weights_only=True)["config"]["checkpoint_name"] == "moved"
     assert [e["epoch"] for e in cut["epochs"]] == [1, 2, 3, 4]
     for a, b in zip(full["epochs"], cut["epochs"]):
         assert a["lr"] == pytest.approx(b["lr"])
