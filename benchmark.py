@@ -12,7 +12,7 @@ from model import build_model
 from trainer import AmpUpdate, autocast_for, build_optimizer, training_step
 from utils import Stopwatch, atomic_write_json, device_name, peak_memory_mb, reset_peak_memory
 
-WARMUP_STEPS = 3
+WARMUP_STEPS = 3  # untimed steps first: oneDNN/cuDNN plans, the allocator, torch.compile
 NUM_CLASSES = 6
 MODES = {"fp32": None, "amp_float16": "float16", "amp_bfloat16": "bfloat16"}  # mode -> autocast dtype
 
@@ -28,44 +28,78 @@ def supported_modes(device):
     return modes
 
 
-def time_training_steps(cfg, mode, channels_last, steps, compile_model=False):
-    """Median time of `steps` training steps (after WARMUP_STEPS) on one synthetic batch:
-    the same transform, autocast, loss and AmpUpdate as the Trainer, the device synchronized."""
-    device = torch.device(cfg.device)
-    dtype = MODES[mode]
-    torch.manual_seed(0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(NUM_CLASSES, pretrained=False).to(device, memory_format=memory_format)
-    step_model = torch.compile(model) if compile_model else model
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    update = AmpUpdate(optimizer, scaler)
-    transform = DeviceTransform(device, channels_last)
-    autocast = autocast_for(argparse.Namespace(device=cfg.device, amp=dtype is not None, amp_dtype=dtype or "float32"))
-    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    targets = torch.randint(0, NUM_CLASSES, (cfg.batch_size,))
-    if device.type == "cuda":
-        images, targets = images.pin_memory(), targets.pin_memory()
-    model.train()
-    times = []
-    for i in range(WARMUP_STEPS + steps):
-        if i == WARMUP_STEPS:
-            reset_peak_memory(device)  # the steady state, not the warm-up's allocations
-        watch = Stopwatch(device)
-        x = transform(images, flip_seed=i)
-        training_step(step_model, x, targets.to(device, non_blocking=True), autocast, update)
-        seconds = watch.stop()
-        if i >= WARMUP_STEPS:
-            times.append(seconds)
-    seconds = statistics.median(times)
-    return {
-        "mode": mode,
-        "channels_last": channels_last,
-        "compiled": compile_model,
-        "images_per_sec": cfg.batch_size / seconds,
-        "ms_per_step": 1000 * seconds,
-        "peak_mem_mb": peak_memory_mb(device),
-    }
+class TrainingSteps:
+    """One benchmark row: a fresh model, optimizer and synthetic batch in one mode and memory
+    format, stepped with the same transform, autocast, loss and AmpUpdate as the Trainer."""
+
+    def __init__(self, cfg, mode, channels_last, compiled=False):
+        self.mode, self.channels_last, self.compiled = mode, channels_last, compiled
+        self.device = device = torch.device(cfg.device)
+        dtype = MODES[mode]
+        # Memory already held (the other rows' models) is not this row's: its peak is counted above it.
+        self.memory_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        torch.manual_seed(0)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = build_model(NUM_CLASSES, pretrained=False).to(device, memory_format=memory_format).train()
+        self.model = torch.compile(model) if compiled else model
+        optimizer = build_optimizer(model, cfg)
+        self.update = AmpUpdate(optimizer, torch.amp.GradScaler(device.type, enabled=dtype == "float16"))
+        self.transform = DeviceTransform(device, channels_last)
+        self.autocast = autocast_for(argparse.Namespace(device=cfg.device, amp=dtype is not None,
+                                                        amp_dtype=dtype or "float32"))
+        self.images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+        self.targets = torch.randint(0, NUM_CLASSES, (cfg.batch_size,))
+        if device.type == "cuda":
+            self.images, self.targets = self.images.pin_memory(), self.targets.pin_memory()
+        self.steps = 0
+
+    def step(self):
+        """Seconds of one training step, the device synchronized."""
+        watch = Stopwatch(self.device)
+        x = self.transform(self.images, flip_seed=self.steps)
+        training_step(self.model, x, self.targets.to(self.device, non_blocking=True), self.autocast, self.update)
+        self.steps += 1
+        return watch.stop()
+
+    def peak_mem_mb(self):
+        """Peak memory of one steady-state step (CUDA), or None on the CPU."""
+        reset_peak_memory(self.device)
+        self.step()
+        peak = peak_memory_mb(self.device)
+        return None if peak is None else peak - self.memory_before / 2**20
+
+
+def benchmark_rows(cfg, modes, on_row=None):
+    """One row per (mode, memory format[, compiled]): images/s and ms/step of the median of
+    cfg.benchmark_steps timed steps, and the peak memory. The rows take their timed steps in
+    turn, one each, so a slow spell of a shared machine slows them all alike."""
+    variants = [(mode, channels_last, compiled) for mode in modes for channels_last in (False, True)
+                for compiled in ((False, True) if cfg.compile else (False,))]
+    rows, peaks = [], []
+    for variant in variants:
+        row = TrainingSteps(cfg, *variant)
+        for _ in range(WARMUP_STEPS):
+            row.step()
+        peaks.append(row.peak_mem_mb())
+        rows.append(row)
+    times = [[] for _ in rows]
+    for _ in range(cfg.benchmark_steps):
+        for row, row_times in zip(rows, times):
+            row_times.append(row.step())
+    results = []
+    for row, row_times, peak in zip(rows, times, peaks):
+        seconds = statistics.median(row_times)
+        results.append({
+            "mode": row.mode,
+            "channels_last": row.channels_last,
+            "compiled": row.compiled,
+            "images_per_sec": cfg.batch_size / seconds,
+            "ms_per_step": 1000 * seconds,
+            "peak_mem_mb": peak,
+        })
+        if on_row:
+            on_row(results[-1])
+    return results
 
 
 def format_table(rows):
@@ -110,16 +144,12 @@ def run(cfg):
     """Print and save the benchmark table (and the input pipeline's, with --data)."""
     modes = supported_modes(cfg.device)
     print(f"benchmark: ResNet-18 training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
-          f"on {device_name(cfg.device)}; median of {cfg.benchmark_steps} steps after {WARMUP_STEPS} warm-up steps",
+          f"on {device_name(cfg.device)}; the median of {cfg.benchmark_steps} steps a row, the rows "
+          f"stepping in turn, after {WARMUP_STEPS} warm-up steps",
           flush=True)
-    rows = []
-    for mode in modes:
-        for channels_last in (False, True):
-            rows.append(time_training_steps(cfg, mode, channels_last, cfg.benchmark_steps))
-            if cfg.compile:
-                rows.append(time_training_steps(cfg, mode, channels_last, cfg.benchmark_steps, compile_model=True))
-            print(f"  {mode:13s} {'channels_last' if channels_last else 'NCHW':13s} "
-                  f"{rows[-1]['images_per_sec']:8.1f} images/s", flush=True)
+    rows = benchmark_rows(cfg, modes, on_row=lambda r: print(
+        f"  {r['mode'] + (' + compile' if r['compiled'] else ''):23s} "
+        f"{'channels_last' if r['channels_last'] else 'NCHW':13s} {r['images_per_sec']:8.1f} images/s", flush=True))
     print(format_table(rows))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     os.makedirs(run_dir, exist_ok=True)

@@ -83,8 +83,8 @@ def build_parser():
     g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None, help="AMP dtype (default: float16 on CUDA, bfloat16 on the CPU)")
 
     g = p.add_argument_group("speed")
-    g.add_argument("--channels_last", dest="channels_last", action="store_true", default=None,
-                   help="NHWC memory format (default: on for CUDA, where tensor cores want it; off on the CPU)")
+    g.add_argument("--channels_last", dest="channels_last", action="store_true", default=True,
+                   help="NHWC memory format: faster convolutions for tensor cores and oneDNN (see --benchmark)")
     g.add_argument("--no_channels_last", dest="channels_last", action="store_false", help="keep NCHW")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, see docs/benchmarks.md)")
     g.add_argument("--cache", action="store_true", help="decode every image once and keep the uint8 pixels in RAM")
@@ -208,8 +208,6 @@ def resolve(cfg):
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs // 10
-    if cfg.channels_last is None:
-        cfg.channels_last = cfg.device.startswith("cuda")
     validate(cfg)
     return cfg
 
