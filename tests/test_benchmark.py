@@ -35,6 +35,17 @@ def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
     assert {p["workers"] for p in pipeline} >= {0}
 
 
+def test_benchmark_on_the_cpu_is_sized_for_a_cpu_unless_told():
+    import config
+
+    cfg, _ = config.parse_config(["--benchmark", "--device", "cpu"])
+    assert (cfg.batch_size, cfg.image_size) == (32, 128)  # a minute, not the ~15 of batch 256 at 256 px
+    cfg, _ = config.parse_config(["--benchmark", "--device", "cpu", "--batch_size", "8"])
+    assert (cfg.batch_size, cfg.image_size) == (8, 128)
+    cfg, _ = config.parse_config(["--device", "cpu"])  # training keeps the reference's defaults
+    assert (cfg.batch_size, cfg.image_size) == (256, 256)
+
+
 def test_channels_last_gives_the_same_outputs():
     torch.manual_seed(0)
     model = resnet18(num_classes=3).eval()
