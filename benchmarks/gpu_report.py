@@ -22,14 +22,14 @@ from dataset import make_demo_dataset  # noqa: E402
 VAL_FRACTION = 0.2
 
 
-def main_py(*flags):
-    command = [sys.executable, os.path.join(ROOT, "main.py"), *map(str, flags)]
+def run_main_py(flags):
+    """`python main.py flags` in a fresh process (each run starts with clean CUDA memory stats)."""
+    command = [sys.executable, os.path.join(ROOT, "main.py"), *flags]
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
-    return " ".join(["python main.py", *map(str, flags)])
 
 
-def main(argv=None):
+def main(argv=None, run=run_main_py):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch_size", type=int, default=256)
@@ -42,6 +42,11 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="amp_gpu_report_")
+
+    def main_py(*flags):
+        run([str(f) for f in flags])
+        return " ".join(["python main.py", *map(str, flags)])
+
     checkpoints = os.path.join(workdir, "checkpoints")
     common = ["--device", args.device, "--batch_size", args.batch_size, "--image_size", args.image_size,
               "--checkpoint_dir", checkpoints]
