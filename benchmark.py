@@ -143,6 +143,7 @@ def time_input_pipeline(cfg, batches=20):
 def run(cfg):
     """Print and save the benchmark table (and the input pipeline's, with --data)."""
     modes = supported_modes(cfg.device)
+    torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
     print(f"benchmark: ResNet-18 training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
           f"on {device_name(cfg.device)}; the median of {cfg.benchmark_steps} steps a row, the rows "
           f"stepping in turn, after {WARMUP_STEPS} warm-up steps",

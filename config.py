@@ -243,9 +243,9 @@ def merge_resumed(saved, cfg, explicit):
         value = getattr(cfg, name)
         if name in RESUMABLE_OVERRIDES:
             setattr(merged, name, value)
-        elif saved.get(name) != value:
+        elif getattr(merged, name) != value:
             raise UserError(
-                f"--resume: run {cfg.checkpoint_name!r} was trained with --{name} {saved.get(name)}, not {value}; "
+                f"--resume: run {cfg.checkpoint_name!r} was trained with --{name} {getattr(merged, name)}, not {value}; "
                 "drop the flag to continue it, or start a new run under another --checkpoint_name"
             )
     merged.resume, merged.evaluate, merged.overwrite = True, False, False

@@ -118,21 +118,22 @@ def load_best(cfg):
     saved = best["config"]
     for name in ("image_size", "amp", "amp_dtype", "val_fraction", "seed"):
         setattr(cfg, name, saved[name])
+    cfg.channels_last = saved.get("channels_last", False)  # the same kernels as the run's own test
     if cfg.amp and cfg.device == "cpu":
         cfg.amp_dtype = "bfloat16"
     model = build_model(len(best["class_names"]), pretrained=False)
     model.load_state_dict(best["model"])
-    model.to(cfg.device)
+    model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     return best, model
 
 
 def evaluate(cfg):
     """Re-test a run's best.pt with the image size and precision it was trained with."""
     best, model = load_best(cfg)
-    _, _, test_loader, class_names = build_loaders(cfg, cfg.device, rank(), world_size())
+    _, _, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
-    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device), autocast_for(cfg), len(class_names))
+    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), len(class_names))
     if is_main_process():
         print(f"{cfg.checkpoint_name} (epoch {best['epoch']}, {precision_name(cfg)}): "
               f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
@@ -149,7 +150,7 @@ def predict(cfg):
         raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
                         f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
     loader = build_predict_loader(root, cfg, cfg.device)
-    transform, autocast, class_names = DeviceTransform(cfg.device), autocast_for(cfg), best["class_names"]
+    transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
     model.eval()
     rows, unreadable = [], []
     for images, files, errors in loader:

@@ -86,7 +86,7 @@ def training_step(model, images, targets, autocast, update, loss_divisor=1, step
 
 def build_optimizer(model, cfg):
     # The fused kernel does the whole Adam update in one pass over the parameters: a few launches
-    # on CUDA, and on the CPU ~7x faster than the default (7 vs 50 ms a step for ResNet-18).
+    # on CUDA, and on the CPU ~7x faster than the default (7 vs 50 ms a step for ResNet-18: docs/benchmarks.md).
     return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -254,9 +254,9 @@ class Trainer:
                 self.save_checkpoint("best.pt")
             self.save_checkpoint("last.pt")
             self.write_results()
-            if is_main_process():
-                plot_curves(self.history, os.path.join(self.run_dir, "curves.png"),
-                            f"{cfg.checkpoint_name}: {precision_name(cfg)} on {device_name(self.device)}")
+            curves = os.path.join(self.run_dir, "curves.png")
+            self.write_output(curves, lambda: plot_curves(
+                self.history, curves, f"{cfg.checkpoint_name}: {precision_name(cfg)} on {device_name(self.device)}"))
             self.log.info(format_epoch(record, cfg.epochs))
             self.exit_if_signalled()
         return self.test()
@@ -274,9 +274,10 @@ class Trainer:
         )
         self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}): {test['acc']:.2f}%")
         self.log.info(per_class_report(confusion, self.class_names))
-        if is_main_process():
-            plot_confusion(confusion, self.class_names, os.path.join(self.run_dir, "confusion.png"),
-                           f"{self.cfg.checkpoint_name}: test accuracy {test['acc']:.2f}% ({precision_name(self.cfg)})")
+        path = os.path.join(self.run_dir, "confusion.png")
+        self.write_output(path, lambda: plot_confusion(
+            confusion, self.class_names, path,
+            f"{self.cfg.checkpoint_name}: test accuracy {test['acc']:.2f}% ({precision_name(self.cfg)})"))
         if int(self.skipped_steps):
             self.log.info(f"GradScaler skipped {int(self.skipped_steps)} optimizer steps with inf/NaN gradients")
         self.log.info(comparison_table([results]))
@@ -329,7 +330,12 @@ class Trainer:
                 f"{saved_world} process(es); continue it with {saved_world}, not {world_size()}"
             )
         self.model.load_state_dict(checkpoint["model"])
+        # load_state_dict also restores each group's implementation flags: keep this session's
+        # (a run saved with the slower unfused Adam continues with the fused one).
+        implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, flags in zip(self.optimizer.param_groups, implementation):
+            group.update(flags)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = checkpoint["epoch"]
@@ -359,9 +365,20 @@ class Trainer:
             "epochs": self.history,
         }
         results.update(final)
-        if is_main_process():
-            atomic_write_json(os.path.join(self.run_dir, "results.json"), results)
+        path = os.path.join(self.run_dir, "results.json")
+        self.write_output(path, lambda: atomic_write_json(path, results))
         return results
+
+    def write_output(self, path, write):
+        """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
+        with one line (checkpoints already written stay as they are)."""
+        def guarded():
+            try:
+                write()
+            except OSError as exc:
+                raise RunStopped(f"cannot write {path}: {exc.strerror or exc}") from None
+
+        from_main_process(guarded)
 
 
 def autocast_for(cfg):

@@ -40,6 +40,7 @@ def main(argv=None, run=run_main_py):
     p.add_argument("--benchmark_steps", type=int, default=10)
     p.add_argument("--workdir", default=None, help="where the generated data and runs go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="also write the report to this file")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="amp_gpu_report_")
 
@@ -69,7 +70,7 @@ def main(argv=None, run=run_main_py):
         with open(os.path.join(checkpoints, name, "results.json")) as f:
             runs[name] = json.load(f)
 
-    report = make_report(args, rows, runs, commands)
+    report = make_report(args, argv, rows, runs, commands)
     print(report)
     if args.out:
         with open(args.out, "w") as f:
@@ -77,7 +78,7 @@ def main(argv=None, run=run_main_py):
     return report
 
 
-def make_report(args, rows, runs, commands):
+def make_report(args, argv, rows, runs, commands):
     device = next(iter(runs.values()))["device"]
     lines = [f"## {device}: batch {args.batch_size}, {args.image_size} px", "",
              "| mode | memory format | images/s | ms/step | peak memory (MB) | speedup vs FP32 NCHW |",
@@ -105,7 +106,7 @@ def make_report(args, rows, runs, commands):
         if amp["peak_mem_mb"] and fp32["peak_mem_mb"]:
             lines.append(f"- at least 40% less peak memory: {100 * (1 - amp['peak_mem_mb'] / fp32['peak_mem_mb']):.0f}% less")
     lines.append(f"- an epoch of {args.images} images in at most 3 s with AMP: fastest epoch {best_epoch:.2f} s")
-    lines += ["", "Commands:", "", "```", f"python benchmarks/gpu_report.py {' '.join(sys.argv[1:])}".rstrip(),
+    lines += ["", "Commands:", "", "```", f"python benchmarks/gpu_report.py {' '.join(argv)}".rstrip(),
               *commands, "```"]
     return "\n".join(lines)
 

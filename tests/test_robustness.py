@@ -185,6 +185,20 @@ def test_a_failed_write_keeps_the_previous_checkpoint(run_cli, demo_data, tmp_pa
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1  # the previous one, whole
 
 
+def test_a_failed_results_or_plot_write_stops_with_one_line(run_cli, demo_data, tmp_path, monkeypatch):
+    import trainer
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(trainer, "plot_curves", disk_full)
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "curves.png" in err and "No space left on device" in err
+    run_dir = tmp_path / "checkpoints" / "baseline"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1  # saved before the failed plot
+
+
 # --------------------------------------------------------------------------- numerical faults
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(run_cli, demo_data, tmp_path, monkeypatch):
     import trainer
