@@ -164,7 +164,8 @@ class EpochSampler(Sampler):
         return iter(self._indices()[self.skip :])
 
     def __len__(self):
-        return len(self._indices()) - self.skip
+        # A run stopped after the last (partial) batch of an epoch skips past the end: nothing is left.
+        return max(len(self._indices()) - self.skip, 0)
 
     def samples_per_epoch(self):
         return len(self._indices())

@@ -60,7 +60,11 @@ class GracefulStop:
         if world_size() > 1:
             seen = torch.tensor(self.signal or 0)
             dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=_host_group)  # CPU: no wait for the GPU
-            self.signal = self.signal or int(seen) or None
+            # Decide on the agreed value alone: a signal that lands after the all-reduce counts at
+            # the next step, on every rank alike (else one rank could stop a step before the rest).
+            agreed = int(seen)
+            self.signal = self.signal or agreed or None
+            return agreed != 0
         return self.signal is not None
 
     def _handle(self, signum, frame):

@@ -88,6 +88,32 @@ def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path
     assert cut["test_acc"] == pytest.approx(full["test_acc"])
 
 
+def test_a_stop_after_the_last_partial_batch_of_an_epoch_resumes(demo_data, run_cli, tmp_path, monkeypatch):
+    # 48 training images in batches of 20: 20, 20, 8. A stop right after the third batch's save
+    # leaves a checkpoint whose epoch has no batches left (skipping 60 of 48 samples).
+    flags = ["--data_dir", demo_data, "--epochs", "2", "--warmup_epochs", "0", *FAST, "--batch_size", "20",
+             "--save_every_steps", "1"]
+    assert run_cli("--checkpoint_name", "full", *flags)[0] == 0
+    import trainer
+
+    original = trainer.Trainer.save_checkpoint
+
+    def stop_after_the_epochs_last_batch(self, name):
+        original(self, name)
+        if self.epoch == 0 and self.batch_in_epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "save_checkpoint", stop_after_the_epochs_last_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("--checkpoint_name", "cut", *flags)
+    monkeypatch.setattr(trainer.Trainer, "save_checkpoint", original)
+    code, out, err = run_cli("--checkpoint_name", "cut", "--resume", "--data_dir", demo_data, "--no_progress")
+    assert code == 0, err
+    full, cut = read_results(tmp_path / "checkpoints" / "full"), read_results(tmp_path / "checkpoints" / "cut")
+    for a, b in zip(full["epochs"], cut["epochs"], strict=True):
+        assert (a["train_loss"], a["train_acc"], a["val_acc"]) == pytest.approx((b["train_loss"], b["train_acc"], b["val_acc"]))
+
+
 def test_lr_schedule_counts_optimizer_steps_with_accumulation(demo_data, run_cli, tmp_path):
     # 48 training images in batches of 16 -> 3 micro-batches -> 2 optimizer steps an epoch.
     code, _, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "acc", "--epochs", "2", "--warmup_epochs", "1",
