@@ -69,7 +69,7 @@ class TrainingSteps:
         return None if peak is None else peak - self.memory_before / 2**20
 
 
-def benchmark_rows(cfg, modes, on_row=None):
+def benchmark_rows(cfg, modes):
     """One row per (mode, memory format[, compiled]): images/s and ms/step of the median of
     cfg.benchmark_steps timed steps, and the peak memory. The rows take their timed steps in
     turn, one each, so a slow spell of a shared machine slows them all alike."""
@@ -97,8 +97,6 @@ def benchmark_rows(cfg, modes, on_row=None):
             "ms_per_step": 1000 * seconds,
             "peak_mem_mb": peak,
         })
-        if on_row:
-            on_row(results[-1])
     return results
 
 
@@ -148,9 +146,7 @@ def run(cfg):
           f"on {device_name(cfg.device)}; the median of {cfg.benchmark_steps} steps a row, the rows "
           f"stepping in turn, after {WARMUP_STEPS} warm-up steps",
           flush=True)
-    rows = benchmark_rows(cfg, modes, on_row=lambda r: print(
-        f"  {r['mode'] + (' + compile' if r['compiled'] else ''):23s} "
-        f"{'channels_last' if r['channels_last'] else 'NCHW':13s} {r['images_per_sec']:8.1f} images/s", flush=True))
+    rows = benchmark_rows(cfg, modes)
     print(format_table(rows))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     os.makedirs(run_dir, exist_ok=True)
