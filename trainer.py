@@ -307,14 +307,8 @@ class Trainer:
         """Write `name` atomically, never with diverged weights; a failed write leaves the
         previous file as it was and stops the run with one line (on every rank under DDP)."""
         self.check_not_diverged()
-        from_main_process(self._write_checkpoint, name)
-
-    def _write_checkpoint(self, name):
         path = os.path.join(self.run_dir, name)
-        try:
-            atomic_torch_save(self.checkpoint(), path)
-        except OSError as exc:
-            raise RunStopped(f"cannot write {path}: {exc.strerror or exc}; the previous {name} is intact") from None
+        self.write_output(path, lambda: atomic_torch_save(self.checkpoint(), path), f"; the previous {name} is intact")
 
     def restore(self, checkpoint):
         """Continue from a checkpoint made by `checkpoint()`, at the batch where it was saved."""
@@ -369,14 +363,14 @@ class Trainer:
         self.write_output(path, lambda: atomic_write_json(path, results))
         return results
 
-    def write_output(self, path, write):
+    def write_output(self, path, write, note=""):
         """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
-        with one line (checkpoints already written stay as they are)."""
+        with one line (ending in `note`; files already written stay as they are)."""
         def guarded():
             try:
                 write()
             except OSError as exc:
-                raise RunStopped(f"cannot write {path}: {exc.strerror or exc}") from None
+                raise RunStopped(f"cannot write {path}: {exc.strerror or exc}{note}") from None
 
         from_main_process(guarded)
 
