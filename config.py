@@ -1,5 +1,6 @@
 """Settings: the command-line flags with their defaults, checked and resolved into one config."""
 import argparse
+import math
 import os
 import re
 import sys
@@ -9,6 +10,7 @@ import torch
 from utils import UserError, launched_by_torchrun, launched_world_size, local_rank
 
 # What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
+# (With --amp the run is named demo_amp, so the FP32 and AMP demos can be compared.)
 DEMO_SETTINGS = dict(
     data_dir=os.path.join("data", "demo"),
     checkpoint_name="demo",
@@ -20,14 +22,20 @@ DEMO_SETTINGS = dict(
     pretrained=False,
 )
 
-# A resumed run keeps its saved settings; these are the only ones a flag may change then.
 # --benchmark on the CPU, unless --batch_size / --image_size say otherwise.
 CPU_BENCHMARK_SETTINGS = dict(batch_size=32, image_size=128)
 
+# A resumed run keeps its saved settings; these are the only ones a flag may change then.
 RESUMABLE_OVERRIDES = {
     "device", "num_workers", "log_interval", "data_dir", "checkpoint_dir", "save_every_steps", "progress",
     "deterministic", "cache", "compile", "channels_last", "benchmark_steps", "dist_timeout",
 }
+# --evaluate and --predict also take the run's saved settings; these may differ from them.
+EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file"}
+# Flags that select what main.py does, rather than how a run trains.
+MODE_FLAGS = ("resume", "evaluate", "predict", "compare", "benchmark")
+# The only flags --compare reads (it works on finished runs' results.json).
+COMPARE_FLAGS = {"compare", "checkpoint_dir"}
 
 AMP_DTYPES = ("float16", "bfloat16")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -37,7 +45,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show every flag's default, except on on/off switches where it only confuses."""
 
     def _get_help_string(self, action):
-        if action.nargs == 0:
+        if action.nargs == 0 or action.default is None or "default" in action.help:
             return action.help
         return super()._get_help_string(action)
 
@@ -56,7 +64,9 @@ def build_parser():
     )
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data", help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/")
-    g.add_argument("--demo", action="store_true", help="generate a small six-class dataset in data/demo and train a short CPU-sized run on it")
+    g.add_argument("--demo", action="store_true", help="generate a small six-class dataset in data/demo and train a short CPU-sized run on it: "
+                        "64 px, batch 32, 8 epochs, lr 1e-3, 1 warmup epoch, random init, run name demo (demo_amp "
+                        "with --amp); flags you give win")
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
     g.add_argument("--skip_bad_images", action="store_true", help="decode every image once before training and leave out the unreadable ones (listed in train.log)")
@@ -66,29 +76,31 @@ def build_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights")
-    g.add_argument("--pretrained_path", default=None, help="ImageNet ResNet-18 weights file to use instead of the torch hub cache")
+    g.add_argument("--pretrained_path", default=None, help="start from this weights file instead of the torch hub's ImageNet weights: an ImageNet "
+                        "ResNet-18 file, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
+                        "when its classes differ)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
     g.add_argument("--batch_size", type=int, default=256, help="images per optimizer step (per micro-batch with --accum_steps), over all processes under torchrun")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Adam's peak LR, reached at the end of warmup")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="Adam's L2 penalty")
-    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup length (default: epochs // 10)")
+    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup length, below --epochs (default: epochs // 10)")
     g.add_argument("--min_lr", type=float, default=0.0, help="LR of the last step, where the cosine ends")
-    g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling)")
+    g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order and the flips")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only, so a resumed run ends with the same weights as an uninterrupted one")
 
     g = p.add_argument_group("precision and device")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--amp", action="store_true", help="automatic mixed precision: autocast (+ GradScaler for float16)")
-    g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None, help="AMP dtype (default: float16 on CUDA, bfloat16 on the CPU)")
+    g.add_argument("--amp", action="store_true", help="automatic mixed precision: autocast (+ GradScaler for float16); float16 on CUDA, bfloat16 on the CPU")
+    g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None, help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--channels_last", dest="channels_last", action="store_true", default=True,
-                   help="NHWC memory format: faster convolutions for tensor cores and oneDNN (see --benchmark)")
-    g.add_argument("--no_channels_last", dest="channels_last", action="store_false", help="keep NCHW")
+                   help="NHWC memory format: faster convolutions for tensor cores and oneDNN (see --benchmark); on by default")
+    g.add_argument("--no_channels_last", dest="channels_last", action="store_false", help="keep NCHW (turns --channels_last off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, see docs/benchmarks.md)")
     g.add_argument("--cache", action="store_true", help="decode every image once and keep the uint8 pixels in RAM")
     g.add_argument("--benchmark", action="store_true",
@@ -98,7 +110,7 @@ def build_parser():
     g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)")
 
     g = p.add_argument_group("distributed (when started by torchrun)")
-    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over the global batch, not each GPU's share (CUDA)")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over the global batch, not each GPU's share (torchrun on CUDA GPUs)")
     g.add_argument("--dist_timeout", type=float, default=600, help="seconds a process waits for the others in a collective before the run fails")
 
     g = p.add_argument_group("run")
@@ -110,7 +122,9 @@ def build_parser():
     g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N optimizer steps within an epoch (0: only at epoch ends)")
     g.add_argument("--predict", action="store_true",
                    help="label the unlabeled images (DATA_DIR/seg_pred) with the run's best.pt into NAME/predictions.csv")
-    g.add_argument("--predict_dir", default=None, help="with --predict: the folder of images to label instead of DATA_DIR/seg_pred")
+    g.add_argument("--predict_dir", default=None, help="with --predict: the folder of images to label (default: DATA_DIR/seg_pred)")
+    g.add_argument("--predictions_file", default=None, metavar="PATH",
+                   help="with --predict: write the CSV here (default: CHECKPOINT_DIR/NAME/predictions.csv)")
     g.add_argument("--compare", nargs="+", default=None, metavar="NAME",
                    help="print and save (CHECKPOINT_DIR/compare.md, compare.png) a table of finished runs; "
                    "speedup and memory saving are relative to the first")
@@ -133,8 +147,9 @@ def explicit_flags(parser, argv):
 
 
 def resolve_device(name):
+    """The device this process trains on; under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -145,7 +160,6 @@ def resolve_device(name):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
         if launched_by_torchrun():
-            # One process per GPU: each takes the GPU of its LOCAL_RANK.
             if device.index is not None:
                 raise UserError(f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
                                 "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
@@ -158,11 +172,20 @@ def resolve_device(name):
     return str(device)
 
 
+def bf16_supported():
+    """Native bfloat16 on the current GPU (emulated bfloat16 is slower than float32)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def validate(cfg):
     """Reject settings that cannot work, before anything is written."""
     for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout"):
+        value = getattr(cfg, name, None)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
     if not cfg.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
     if cfg.weight_decay < 0 or cfg.min_lr < 0:
@@ -171,8 +194,9 @@ def validate(cfg):
         raise UserError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
-    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        raise UserError(f"--warmup_epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise UserError(f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
+                        f"got {cfg.warmup_epochs}")
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
     if cfg.num_workers < 0:
@@ -183,15 +207,10 @@ def validate(cfg):
     for flag, name in [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]:
         if not NAME_PATTERN.match(name) or name in (".", ".."):
             raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")
-    modes = [f"--{mode}" for mode in ("compare", "predict", "evaluate", "resume", "benchmark") if getattr(cfg, mode, None)]
-    if len(modes) > 1:
-        raise UserError(f"{' and '.join(modes)} cannot be combined; pass one of them")
-    if getattr(cfg, "predict_dir", None) and not cfg.predict:
-        raise UserError("--predict_dir is only used with --predict")
     device = torch.device(cfg.device)
     if cfg.amp and device.type == "cpu" and cfg.amp_dtype != "bfloat16":
         raise UserError("--amp_dtype float16 is not supported on the CPU; use bfloat16 (the default there)")
-    if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
     processes = launched_world_size()
     if cfg.batch_size % processes:
@@ -205,10 +224,37 @@ def validate(cfg):
         raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
 
 
+def check_flag_combinations(cfg, explicit):
+    """Refuse flags the user typed that would be silently ignored or contradict each other.
+    (Checked on the typed flags only: a resumed run's saved settings are not the user's typing.)"""
+    modes = [f"--{mode}" for mode in MODE_FLAGS if getattr(cfg, mode)]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined; pass one of them")
+    if cfg.overwrite and (cfg.resume or modes):
+        what = "--resume continues the run" if cfg.resume else f"{modes[0]} trains nothing"
+        raise UserError(f"--overwrite replaces a run with a new one, but {what}; drop one of them")
+    if cfg.compare:
+        ignored = sorted(explicit - COMPARE_FLAGS)
+        if ignored:
+            raise UserError(f"--compare only reads finished runs (under --checkpoint_dir); --{ignored[0]} does "
+                            "nothing with it")
+    for flag, needs in (("amp_dtype", "amp"), ("data", "benchmark"), ("predict_dir", "predict"),
+                        ("predictions_file", "predict")):
+        if flag in explicit and not getattr(cfg, needs):
+            raise UserError(f"--{flag} is only used with --{needs}")
+    if "pretrained_path" in explicit and not cfg.pretrained:
+        raise UserError("--pretrained_path gives weights to start from, --no_pretrained says to start from random "
+                        "weights; drop one of them")
+    if cfg.sync_bn and launched_world_size() == 1:
+        raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
+
+
 def resolve(cfg):
     """Fill in the settings that depend on others (device, AMP dtype, warmup), then validate."""
     cfg.device = resolve_device(cfg.device)
-    if cfg.amp_dtype is None:
+    if not cfg.amp:
+        cfg.amp_dtype = None  # FP32: config.json says so
+    elif cfg.amp_dtype is None:
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs // 10
@@ -222,8 +268,10 @@ def parse_config(argv=None):
     parser = build_parser()
     cfg = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
+    check_flag_combinations(cfg, explicit)
     if cfg.demo:
-        for name, value in DEMO_SETTINGS.items():
+        demo = {**DEMO_SETTINGS, "checkpoint_name": "demo_amp" if cfg.amp else "demo"}
+        for name, value in demo.items():
             if name not in explicit:
                 setattr(cfg, name, value)
     cfg = resolve(cfg)
@@ -235,22 +283,34 @@ def parse_config(argv=None):
     return cfg, explicit
 
 
-def merge_resumed(saved, cfg, explicit):
-    """The config of a resumed run: its saved settings, plus the few flags that may change
-    between sessions. Any other flag that disagrees with the saved run is an error."""
+def merge_saved(saved, cfg, explicit, overrides):
+    """The settings of an existing run (resumed, evaluated or predicted with): its saved
+    settings, plus the flags in `overrides` that may change between sessions. Any other flag
+    that disagrees with the saved run is an error."""
     merged = argparse.Namespace(**{**vars(cfg), **saved})  # flags added since the run was saved keep their defaults
-    for name in sorted(explicit - {"resume", "overwrite", "evaluate", "demo", "checkpoint_name"}):
+    for name in sorted(explicit - {*MODE_FLAGS, "overwrite", "demo", "checkpoint_name"}):
         value = getattr(cfg, name)
-        if name in RESUMABLE_OVERRIDES:
+        if name in overrides:
             setattr(merged, name, value)
         elif getattr(merged, name) != value:
+            mode = next(f"--{m}" for m in MODE_FLAGS if getattr(cfg, m))
             raise UserError(
-                f"--resume: run {cfg.checkpoint_name!r} was trained with --{name} {getattr(merged, name)}, not {value}; "
-                "drop the flag to continue it, or start a new run under another --checkpoint_name"
+                f"{mode}: run {cfg.checkpoint_name!r} was trained with --{name} {getattr(merged, name)}, not {value}; "
+                "drop the flag" + (" to continue it, or start a new run under another --checkpoint_name"
+                                   if cfg.resume else "")
             )
-    merged.resume, merged.evaluate, merged.overwrite = True, False, False
+    for mode in (*MODE_FLAGS, "overwrite"):
+        setattr(merged, mode, getattr(cfg, mode))
     merged.device = cfg.device  # where this session runs, whatever the saved run used
-    # The run goes on where its last.pt was read, even if its folder was moved or renamed.
+    # The run goes on where its checkpoint was read, even if its folder was moved or renamed.
     merged.checkpoint_dir, merged.checkpoint_name = cfg.checkpoint_dir, cfg.checkpoint_name
+    if not merged.amp:
+        merged.amp_dtype = None  # runs saved before config.json told the truth about FP32
+    return merged
+
+
+def merge_resumed(saved, cfg, explicit):
+    """The config of a resumed run (see merge_saved), checked again as a whole."""
+    merged = merge_saved(saved, cfg, explicit, RESUMABLE_OVERRIDES)
     validate(merged)
     return merged

@@ -6,7 +6,7 @@ import torch
 
 import benchmark
 import config
-from dataset import DeviceTransform, build_loaders, build_predict_loader, find_split_dir, make_demo_dataset
+from dataset import DeviceTransform, build_loaders, build_predict_loader, build_test_loader, find_split_dir, make_demo_dataset
 from model import build_model
 from report import comparison_table, load_finished_run, per_class_report, plot_comparison, write_predictions
 from scheduler import WarmupCosineLR
@@ -23,6 +23,7 @@ from utils import (
     is_main_process,
     leave_distributed,
     log_to_file,
+    log_to_file_only,
     on_all_ranks,
     print_error,
     rank,
@@ -71,7 +72,7 @@ def train(cfg, checkpoint=None):
     # Under DDP only rank 0 needs (or downloads) the ImageNet weights: DDP copies its
     # parameters and buffers to the other ranks when it wraps the model.
     pretrained = cfg.pretrained and checkpoint is None and is_main_process()
-    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path)
+    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     train_model = model
     if torch.distributed.is_initialized():
@@ -100,37 +101,40 @@ def train(cfg, checkpoint=None):
     from_main_process(start_run_dir, run_dir, checkpoint is None)
     log_to_file(logger, os.path.join(run_dir, "train.log"))
     if checkpoint is not None:
-        batch = f", batch {trainer.batch_in_epoch}" if trainer.batch_in_epoch else ""
-        logger.info(f"resuming {cfg.checkpoint_name} after epoch {trainer.epoch}{batch} (step {scheduler.last_epoch})")
+        logger.info(f"resuming {cfg.checkpoint_name}: {trainer.position()} (step {scheduler.last_epoch})")
     elif is_main_process():
         atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
     try:
         trainer.fit()
+    except UserError as exc:  # a stop (signal, divergence, failed write): printed on stderr, kept in the log
+        log_to_file_only(logger, f"{exc.prefix}{exc}")
+        raise
     finally:
         stop.uninstall()
     return 0
 
 
-def load_best(cfg):
-    """A run's best.pt and its model on cfg.device; cfg takes the image size, precision and
-    split the run was trained with."""
+def load_best(cfg, explicit):
+    """A run's best.pt, and the settings it was trained with (image size, precision, data
+    folder, ...) for --evaluate and --predict: a flag may change only those that do not change
+    the model's answers (device, batch size, workers, folders)."""
     best = from_main_process(load_checkpoint, os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "best.pt"))
-    saved = best["config"]
-    for name in ("image_size", "amp", "amp_dtype", "val_fraction", "seed"):
-        setattr(cfg, name, saved[name])
-    cfg.channels_last = saved.get("channels_last", False)  # the same kernels as the run's own test
-    if cfg.amp and cfg.device == "cpu":
-        cfg.amp_dtype = "bfloat16"
+    cfg = config.merge_saved(best["config"], cfg, explicit, config.EVALUATE_OVERRIDES)
+    if cfg.amp and cfg.device == "cpu" and cfg.amp_dtype == "float16":
+        cfg.amp_dtype = "bfloat16"  # a GPU run's float16 autocast has no fast CPU kernels
+    return best, cfg
+
+
+def best_model(best, cfg):
     model = build_model(len(best["class_names"]), pretrained=False)
     model.load_state_dict(best["model"])
-    model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    return best, model
+    return model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
-def evaluate(cfg):
+def evaluate(best, cfg):
     """Re-test a run's best.pt with the image size and precision it was trained with."""
-    best, model = load_best(cfg)
-    _, _, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
+    model = best_model(best, cfg)
+    test_loader, class_names = on_all_ranks(build_test_loader, cfg, cfg.device, rank(), world_size())
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
     test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), len(class_names))
@@ -142,14 +146,14 @@ def evaluate(cfg):
 
 
 @torch.inference_mode()
-def predict(cfg):
-    """Label the unlabeled images with a run's best.pt into <run>/predictions.csv."""
-    best, model = load_best(cfg)
+def predict(best, cfg):
+    """Label the unlabeled images with a run's best.pt into predictions.csv (or --predictions_file)."""
     root = cfg.predict_dir or find_split_dir(cfg.data_dir, "pred")
     if root is None:
         raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
                         f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
     loader = build_predict_loader(root, cfg, cfg.device)
+    model = best_model(best, cfg)
     transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
     model.eval()
     rows, unreadable = [], []
@@ -162,10 +166,16 @@ def predict(cfg):
             logits = model(transform(images[readable]))
         confidence, label = logits.float().softmax(dim=1).max(dim=1)
         rows += [(files[i], class_names[k], p) for i, k, p in zip(readable, label.tolist(), confidence.tolist())]
-    path = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
-    write_predictions(path, rows)
+    path = cfg.predictions_file or os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
+    if not rows:  # an empty CSV would replace earlier predictions with nothing
+        raise UserError(f"none of the {len(unreadable)} image file(s) in {root} could be read "
+                        f"(first: {unreadable[0]}); {path} is unchanged")
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
+    try:
+        write_predictions(path, rows)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     skipped = f" ({len(unreadable)} unreadable file(s) skipped)" if unreadable else ""
     print(f"wrote {len(rows)} predictions of {cfg.checkpoint_name} ({precision_name(cfg)}) for {root} to {path}{skipped}")
     return 0
@@ -194,14 +204,14 @@ def run(argv=None):
         # the first process does them and the others have nothing to do.
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
-        return compare(cfg) if cfg.compare else predict(cfg)
+        return compare(cfg) if cfg.compare else predict(*load_best(cfg, explicit))
     init_distributed(cfg.device, cfg.dist_timeout)
     if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")
     if cfg.benchmark:
         return benchmark.run(cfg)
     if cfg.evaluate:
-        return evaluate(cfg)
+        return evaluate(*load_best(cfg, explicit))
     if cfg.resume:
         run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
@@ -219,8 +229,20 @@ def main(argv=None):
     except UserError as exc:
         print_error(exc)
         return exc.exit_code
+    except KeyboardInterrupt:  # before training's own handler is installed (loading data, say)
+        print("interrupted before anything was saved", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `python main.py ... | head`: the reader left, so stop quietly
+        silence_stdout()
+        return 1
     finally:
         leave_distributed()
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, so Python's final flush does not complain of the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The model: torchvision's ResNet-18, ImageNet weights when asked, a new head for our classes."""
+"""The model: torchvision's ResNet-18, ImageNet (or an earlier run's) weights when asked, a head for our classes."""
+import logging
 import os
 import urllib.error
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from utils import UserError
+from utils import UserError, torch_load_error
 
 WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
 
@@ -16,28 +17,31 @@ def cached_weights_path():
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS.url))
 
 
-def load_state_dict_file(path):
-    """A state dict from a file, refusing anything that is not plain tensors (weights_only)."""
+def load_weights_file(path):
+    """(state dict, class names or None) from a weights file: a plain state dict (the ImageNet
+    file) or a checkpoint of this template, whose classes it names. weights_only: plain tensors only."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"weights file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"--pretrained_path {path} is a folder, not a weights file") from None
     except Exception as exc:  # truncated, foreign, or a pickle that would run code
-        raise UserError(f"cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # one of our own checkpoints
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state dict")
-    return state
+        raise UserError(f"cannot load weights from {path}: {torch_load_error(exc)}") from None
+    class_names = None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # one of our own checkpoints
+        class_names = state.get("class_names")
+        state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return state, class_names
 
 
-def imagenet_state_dict(pretrained_path=None):
-    """ImageNet ResNet-18 weights: from `pretrained_path`, else through torchvision's weights
-    API (the hub cache first, then a download), with a clear error when offline."""
-    if pretrained_path:
-        return load_state_dict_file(pretrained_path)
+def imagenet_state_dict():
+    """ImageNet ResNet-18 weights through torchvision's weights API (the hub cache first, then a
+    download), with a clear error when offline."""
     if os.path.exists(cached_weights_path()):
-        return load_state_dict_file(cached_weights_path())
+        return load_weights_file(cached_weights_path())[0]
     try:  # downloads into the cache
         return WEIGHTS.get_state_dict(progress=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
@@ -49,15 +53,41 @@ def imagenet_state_dict(pretrained_path=None):
         ) from None
 
 
-def build_model(num_classes, pretrained=True, pretrained_path=None):
-    """ResNet-18 with a `num_classes` head. Its state dict loads into a plain
-    `torchvision.models.resnet18(num_classes=num_classes)`."""
+def misfit(model, state):
+    """Why `state` does not load into `model`, in one line ('' if it does)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None):
+    """ResNet-18 with a `num_classes` head; its state dict loads into a plain
+    `torchvision.models.resnet18(num_classes=num_classes)`.
+
+    With `pretrained`, the weights come from `pretrained_path` or the ImageNet file. A run of
+    this template keeps its head when it was trained on `class_names` (training a finished run
+    further); any other head is replaced by a new one for our classes (fine-tuning)."""
     if not pretrained:
         return resnet18(num_classes=num_classes)
-    model = resnet18()
-    try:
-        model.load_state_dict(imagenet_state_dict(pretrained_path))
-    except RuntimeError as exc:  # wrong keys or shapes: not a ResNet-18 ImageNet file
-        raise UserError(f"the pretrained weights do not fit ResNet-18: {str(exc).splitlines()[0]}") from None
+    state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(), None)
+    head = state.get("fc.weight")
+    model = resnet18(num_classes=head.shape[0] if head is not None and head.dim() == 2 else 1000)
+    problem = misfit(model, state)
+    if problem:
+        raise UserError(f"the weights in {pretrained_path or cached_weights_path()} do not fit ResNet-18: {problem}")
+    model.load_state_dict(state)
+    if file_classes is not None and list(file_classes) == list(class_names or []):
+        logging.getLogger("amp").info(f"--pretrained_path: starting from {pretrained_path} with its head "
+                                      f"(the same {len(file_classes)} classes)")
+        return model
+    if file_classes is not None:
+        logging.getLogger("amp").info(
+            f"--pretrained_path: fine-tuning {pretrained_path}; its head for {len(file_classes)} classes "
+            f"({', '.join(file_classes)}) is replaced by a new one for this data's {num_classes}")
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model

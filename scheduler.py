@@ -43,7 +43,11 @@ class WarmupCosineLR(LRScheduler):
 
     def load_state_dict(self, state_dict):
         """Restore the position and set the optimizer's LR to match it, so the LR is a pure
-        function of the restored step whatever the optimizer's own state says."""
+        function of the restored step whatever the optimizer's own state says. The schedule's
+        shape (total and warmup steps, min_lr) stays this session's: a resume under another
+        number of processes may have another number of steps per epoch."""
+        shape = {k: getattr(self, k) for k in ("total_steps", "warmup_steps", "min_lr")}
         super().load_state_dict(state_dict)
+        self.__dict__.update(shape)
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr

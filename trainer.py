@@ -30,6 +30,7 @@ from utils import (
     peak_memory_mb,
     rank,
     reset_peak_memory,
+    torch_load_error,
     world_size,
 )
 
@@ -75,6 +76,25 @@ class AmpUpdate:
         return skipped
 
 
+class SkippedStepGuard:
+    """A float16 step that GradScaler skips had inf/NaN somewhere, and its forward may already
+    have written them into BatchNorm's running statistics (which no optimizer step touches).
+    `save()` keeps the buffers from before the step's forward; `restore_if(skipped)` puts them
+    back when the step was skipped, on the device (no host sync). A no-op without a scaler."""
+
+    def __init__(self, model, enabled):
+        self.buffers = list(model.buffers()) if enabled else []
+        self.saved = [buffer.clone() for buffer in self.buffers]
+
+    def save(self):
+        for saved, buffer in zip(self.saved, self.buffers):
+            saved.copy_(buffer)
+
+    def restore_if(self, skipped):
+        for saved, buffer in zip(self.saved, self.buffers):
+            buffer.copy_(torch.where(skipped, saved, buffer))
+
+
 def training_step(model, images, targets, autocast, update, loss_divisor=1, step=True):
     """Forward under autocast, then `update` (an AmpUpdate): backward and, when `step`, the
     optimizer step. Returns the loss, the logits and GradScaler's skipped flag."""
@@ -97,7 +117,7 @@ class Trainer:
     def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None,
                  stop=None):
         self.model = model
-        self.train_model = train_model or model
+        self.train_model = model if train_model is None else train_model  # (a compiled module has no truth value)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_loader, self.val_loader, self.test_loader = loaders
@@ -107,10 +127,10 @@ class Trainer:
         self.class_names = list(class_names)
         self.log = logger
         self.device = torch.device(cfg.device)
-        self.amp_dtype = getattr(torch, cfg.amp_dtype)
         # GradScaler only for float16: bfloat16 has float32's range, so gradients don't underflow.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and cfg.amp_dtype == "float16")
         self.update = AmpUpdate(optimizer, self.scaler, cfg.clip_grad_norm)
+        self.skip_guard = SkippedStepGuard(model, self.scaler.is_enabled())
         self.autocast = autocast_for(cfg)
         self.transform = DeviceTransform(self.device, getattr(cfg, "channels_last", False))
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
@@ -164,6 +184,8 @@ class Trainer:
             group_start = i - i % cfg.accum_steps
             group_size = min(cfg.accum_steps, num_batches - group_start)
             update = i == group_start + group_size - 1
+            if i == group_start:
+                self.skip_guard.save()
             with self.grad_sync(update):
                 loss, logits, step_skipped = training_step(
                     self.train_model, images, targets, self.autocast, self.update, group_size, update)
@@ -173,6 +195,7 @@ class Trainer:
             if not update:
                 continue
             if step_skipped is not None:
+                self.skip_guard.restore_if(step_skipped)
                 self.skipped_steps += step_skipped
                 group_bad |= step_skipped
             self.bad_streak = (self.bad_streak + 1) * group_bad
@@ -202,19 +225,28 @@ class Trainer:
 
     def check_not_diverged(self):
         """Stop when the loss has not been finite (or GradScaler skipped every update) for
-        MAX_BAD_STEPS steps in a row, or when the weights themselves went non-finite."""
+        MAX_BAD_STEPS steps in a row, or when the weights or BatchNorm statistics went non-finite."""
         bad_steps = int(all_reduce_max(self.bad_streak.clone()))  # the worst rank's, so all stop together
-        weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        weights_ok = bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
         if bad_steps < MAX_BAD_STEPS and weights_ok:
             return
         what = "the weights are no longer finite" if not weights_ok else (
             f"the loss was not finite (or GradScaler skipped the update) for {bad_steps} steps in a row")
-        hint = "" if self.cfg.amp and self.amp_dtype == torch.bfloat16 else " or --amp --amp_dtype bfloat16"
+        hint = "" if self.cfg.amp and self.cfg.amp_dtype == "bfloat16" else " or --amp --amp_dtype bfloat16"
+        last = os.path.join(self.run_dir, "last.pt")
+        kept = (f"The last good checkpoint, {last}, is untouched" if os.path.exists(last)
+                else "No checkpoint was written: the weights were never finite at a save")
         raise agreed_failure(RunStopped(
             f"training diverged: {what} (epoch {self.epoch + 1}, step {self.scheduler.last_epoch}); "
-            f"try a lower --learning_rate{hint}. The last good checkpoint, "
-            f"{os.path.join(self.run_dir, 'last.pt')}, is untouched"
+            f"try a lower --learning_rate{hint}. {kept}"
         ))
+
+    def position(self):
+        """Where the run stands, as the save and resume messages say it."""
+        if self.batch_in_epoch:
+            return f"epoch {self.epoch + 1}, after batch {self.batch_in_epoch} of {self.batches_per_epoch}"
+        return f"after epoch {self.epoch}"
 
     def exit_if_signalled(self):
         if not self.stop.requested():
@@ -222,7 +254,7 @@ class Trainer:
         name = signal.Signals(self.stop.signal).name
         launcher = "python main.py" if world_size() == 1 else "torchrun [the same options] main.py"
         raise agreed_failure(RunStopped(
-            f"{name}: saved {os.path.join(self.run_dir, 'last.pt')} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}); "
+            f"{name}: saved {os.path.join(self.run_dir, 'last.pt')} ({self.position()}); "
             f"continue with: {launcher} --checkpoint_dir {self.cfg.checkpoint_dir} "
             f"--checkpoint_name {self.cfg.checkpoint_name} --resume",
             exit_code=128 + self.stop.signal,
@@ -237,10 +269,12 @@ class Trainer:
         self.log.info(
             f"training {cfg.checkpoint_name}: {len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val / "
             f"{len(self.test_loader.dataset)} test images, {len(self.class_names)} classes, on {device_name(self.device)} "
-            f"({precision_name(cfg)}), {self.steps_per_epoch()} steps x {cfg.epochs} epochs"
+            f"({precision_name(cfg)}), {plural(self.steps_per_epoch(), 'step')} x {plural(cfg.epochs, 'epoch')}"
         )
         for epoch in range(self.epoch, cfg.epochs):
             started = time.perf_counter()
+            # A resumed epoch's seconds before the stop count in the total too.
+            seconds_before = self.epoch_state["seconds"] if self.epoch_state else 0.0
             record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
             record.update(self.train_one_epoch(epoch))
             broadcast_buffers(self.model)  # validate (and save) rank 0's BatchNorm statistics on every rank
@@ -248,7 +282,7 @@ class Trainer:
             record["val_loss"], record["val_acc"] = val["loss"], val["acc"]
             self.epoch = epoch + 1
             self.history.append(record)
-            self.total_train_seconds += time.perf_counter() - started
+            self.total_train_seconds += time.perf_counter() - started + seconds_before
             if val["acc"] > self.best_val_acc:
                 self.best_val_acc = val["acc"]
                 self.save_checkpoint("best.pt")
@@ -259,6 +293,8 @@ class Trainer:
                 self.history, curves, f"{cfg.checkpoint_name}: {precision_name(cfg)} on {device_name(self.device)}"))
             self.log.info(format_epoch(record, cfg.epochs))
             self.exit_if_signalled()
+        # A Ctrl-C from here on would only lose the test: finish it unless asked twice.
+        self.stop.finishing = "the final test"
         return self.test()
 
     def test(self):
@@ -330,6 +366,7 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         for group, flags in zip(self.optimizer.param_groups, implementation):
             group.update(flags)
+        match_parameter_layouts(self.optimizer)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = checkpoint["epoch"]
@@ -375,9 +412,27 @@ class Trainer:
         from_main_process(guarded)
 
 
+def match_parameter_layouts(optimizer):
+    """Give each optimizer state tensor (Adam's moments) its parameter's memory layout. Loaded
+    state keeps the strides it was saved with; if the model's layout changed since
+    (--channels_last on resume) the fused kernels, which walk memory flat, would pair each
+    weight with another element's moments."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def autocast_for(cfg):
     """A factory of autocast contexts for cfg's device and AMP dtype; disabled in FP32."""
-    return partial(torch.autocast, torch.device(cfg.device).type, dtype=getattr(torch, cfg.amp_dtype), enabled=cfg.amp)
+    dtype = getattr(torch, cfg.amp_dtype) if cfg.amp else None
+    return partial(torch.autocast, torch.device(cfg.device).type, dtype=dtype, enabled=cfg.amp)
 
 
 @torch.no_grad()
@@ -404,7 +459,7 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, a foreign format, or a pickle that would run code
-        raise UserError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path} is not a readable checkpoint: {torch_load_error(exc)}") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint of this template (it lacks {', '.join(CHECKPOINT_KEYS)})")
     return checkpoint

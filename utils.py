@@ -42,6 +42,7 @@ class GracefulStop:
 
     def __init__(self):
         self.signal = None
+        self.finishing = None  # set to what is being finished when stopping would only lose it (the test)
         self._previous = {}
 
     def install(self):
@@ -72,7 +73,12 @@ class GracefulStop:
             print("second interrupt: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signal = signum
-        if is_main_process():
+        if not is_main_process():
+            return
+        if self.finishing:
+            print(f"\n{signal.Signals(signum).name}: training is done and saved; finishing {self.finishing} "
+                  "first (press Ctrl-C again to stop now; --resume then runs the test)", file=sys.stderr, flush=True)
+        else:
             print(f"\n{signal.Signals(signum).name}: stopping after the current step "
                   "(press Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
@@ -408,6 +414,16 @@ def atomic_savefig(figure, path):
     _atomic_write(path, lambda f: figure.savefig(f, format="png"))
 
 
+def torch_load_error(exc):
+    """One line on why torch.load(weights_only=True) refused a file, without torch's advice to
+    retry with weights_only=False (that would let a pickle run code)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "it holds Python objects besides tensors, which are not loaded for safety"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"truncated or not a PyTorch file ({first})"
+
+
 def load_json(path):
     with open(path) as f:
         return json.load(f)
@@ -429,6 +445,14 @@ def setup_logging():
     logger.addHandler(console)
     logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
     return logger
+
+
+def log_to_file_only(logger, message):
+    """Add `message` to the run's log file alone (it was printed already, on stderr)."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def log_to_file(logger, log_file):

@@ -35,6 +35,15 @@ def make_colour_dataset(root, train_per_class=20, test_per_class=8, size=32, see
     return str(root)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def drop_checkpoints_after_each_module(tmp_path_factory):
+    """When a test module is done, delete the checkpoints (~130 MB each) its runs left under the
+    temporary folder, kept or not: a suite run must not fill the disk. Logs and results stay."""
+    yield
+    for path in tmp_path_factory.getbasetemp().rglob("*.pt"):
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A learnable three-class dataset (20 train + 8 test images a class, 32 px)."""

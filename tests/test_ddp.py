@@ -132,7 +132,7 @@ def test_ddp_sigterm_stops_every_rank_and_resume_ends_with_the_same_weights(ddp_
 
     proc, _ = torchrun(MAIN, "--resume", *flags, "--num_workers", "0", "--no_progress", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(f"resuming {ddp_run.name} after epoch 1, batch") == 1
+    assert proc.stdout.count(f"resuming {ddp_run.name}: epoch 2, after batch") == 1
     full, cut = read_results(ddp_run.dir), read_results(cut_dir)
     assert [e["epoch"] for e in cut["epochs"]] == [1, 2] and cut["finished"]
     for a, b in zip(full["epochs"], cut["epochs"]):

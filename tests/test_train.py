@@ -10,6 +10,10 @@ from conftest import FAST, read_results
 from scheduler import warmup_cosine_lr
 from trainer import AmpUpdate
 
+class SimulatedCrash(Exception):
+    """A crash that main.py does not handle (as a power cut would not be)."""
+
+
 RESULT_KEYS = {"test_acc", "best_val_acc", "total_train_seconds", "device", "amp", "amp_dtype", "skipped_steps", "epochs"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec", "peak_mem_mb"}
 
@@ -63,11 +67,11 @@ def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path
 
     def crash_in_third_epoch(self, epoch):
         if epoch == 2:
-            raise KeyboardInterrupt
+            raise SimulatedCrash
         return original(self, epoch)
 
     monkeypatch.setattr(trainer.Trainer, "train_one_epoch", crash_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedCrash):
         run_cli("--checkpoint_name", "cut", *flags)
     monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
     assert torch.load(tmp_path / "checkpoints" / "cut" / "last.pt", weights_only=True)["epoch"] == 2
@@ -101,10 +105,10 @@ def test_a_stop_after_the_last_partial_batch_of_an_epoch_resumes(demo_data, run_
     def stop_after_the_epochs_last_batch(self, name):
         original(self, name)
         if self.epoch == 0 and self.batch_in_epoch == 3:
-            raise KeyboardInterrupt
+            raise SimulatedCrash
 
     monkeypatch.setattr(trainer.Trainer, "save_checkpoint", stop_after_the_epochs_last_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedCrash):
         run_cli("--checkpoint_name", "cut", *flags)
     monkeypatch.setattr(trainer.Trainer, "save_checkpoint", original)
     code, out, err = run_cli("--checkpoint_name", "cut", "--resume", "--data_dir", demo_data, "--no_progress")

@@ -1,0 +1,435 @@
+"""Paths off the default one that once broke (issue 10): --compile, torchrun's device choice,
+a layout change on resume, float16 overflows and BatchNorm, Ctrl-C at the wrong moment,
+--predict with nothing readable, non-finite flags, fine-tuning from an earlier run, flags
+that contradict each other, and the small things a new user trips over. Each test failed
+before its fix."""
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+from torch import nn
+
+import config
+import main as main_module
+import trainer
+import utils
+from conftest import FAST, ROOT, assert_user_error, make_colour_dataset, read_results
+from dataset import build_loaders
+from scheduler import WarmupCosineLR, warmup_cosine_lr
+
+
+def one_epoch(run_cli, data, name, *flags):
+    code, out, err = run_cli("--data_dir", data, "--checkpoint_name", name, "--epochs", "1", *FAST, *flags)
+    assert code == 0, err
+    return out, err
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+class SimulatedCrash(Exception):
+    """A crash main.py does not handle (as a power cut would not be)."""
+
+
+def crash_in_epoch(monkeypatch, epoch_to_crash):
+    """Make Trainer.train_one_epoch crash when it starts `epoch_to_crash` (0-based)."""
+    original = trainer.Trainer.train_one_epoch
+
+    def train_one_epoch(self, epoch):
+        if epoch == epoch_to_crash:
+            raise SimulatedCrash
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", train_one_epoch)
+    return lambda: monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
+
+
+# --------------------------------------------------------------------------- 1. --compile
+def test_compile_trains(run_cli, demo_data, tmp_path, monkeypatch):
+    # Inductor takes a minute to compile ResNet-18 on a CPU; the eager backend still wraps the
+    # model in torch.compile's OptimizedModule, which is what the Trainer must handle.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    one_epoch(run_cli, demo_data, "compiled", "--compile")
+    results = read_results(tmp_path / "checkpoints" / "compiled")
+    assert results["finished"] and results["test_acc"] is not None
+    assert not any(k.startswith("_orig_mod.") for k in load(tmp_path / "checkpoints" / "compiled" / "best.pt")["model"])
+
+
+# --------------------------------------------------------------------------- 2. torchrun picks a GPU per LOCAL_RANK
+@pytest.fixture
+def two_gpus_under_torchrun(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_torchrun_gives_each_process_the_gpu_of_its_local_rank(two_gpus_under_torchrun, monkeypatch, device):
+    assert config.resolve_device(device) == "cuda:1"
+    cfg, _ = config.parse_config(["--device", device])
+    assert cfg.device == "cuda:1"
+    # init_distributed then binds the process to that GPU (set_device with an index, not "cuda").
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", torch.device(d)))
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(utils.dist, "new_group", lambda **kw: None)
+    assert utils.init_distributed(cfg.device, 60)
+    assert calls["set_device"] == torch.device("cuda", 1) and calls["backend"] == "nccl"
+    assert calls["device_id"] == torch.device("cuda", 1)
+
+
+def test_torchrun_refuses_a_fixed_gpu_index(two_gpus_under_torchrun):
+    with pytest.raises(utils.UserError, match="LOCAL_RANK"):
+        config.resolve_device("cuda:0")
+
+
+# --------------------------------------------------------------------------- 3. layout change on resume
+def test_resume_with_another_memory_layout_keeps_adams_moments_right(run_cli, demo_data, tmp_path, monkeypatch):
+    flags = ["--data_dir", demo_data, "--epochs", "2", *FAST, "--deterministic"]
+    restore = crash_in_epoch(monkeypatch, 1)
+    with pytest.raises(SimulatedCrash):
+        run_cli("--checkpoint_name", "fused", *flags)  # channels_last (the default) for epoch 1
+    restore()
+    shutil.copytree(tmp_path / "checkpoints" / "fused", tmp_path / "checkpoints" / "unfused")
+    resume = ["--data_dir", demo_data, "--resume", "--no_channels_last", "--no_progress"]
+    assert run_cli("--checkpoint_name", "fused", *resume)[0] == 0
+    # Unfused Adam steps each tensor by its own strides, so it is right whatever the layout.
+    monkeypatch.setattr(main_module, "build_optimizer", lambda model, cfg: torch.optim.Adam(
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False))
+    assert run_cli("--checkpoint_name", "unfused", *resume)[0] == 0
+    fused, unfused = (load(tmp_path / "checkpoints" / n / "last.pt")["model"] for n in ("fused", "unfused"))
+    for key, value in fused.items():
+        if value.is_floating_point():  # was 1e-3 apart when the moments kept the old layout
+            torch.testing.assert_close(value, unfused[key], rtol=0, atol=2e-5, msg=key)
+
+
+# --------------------------------------------------------------------------- 5. float16 overflow and BatchNorm
+class TinyNet(nn.Sequential):
+    def __init__(self, classes):
+        super().__init__(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, classes))
+
+
+def float16_trainer(demo_data, tmp_path):
+    """A Trainer on float16 autocast + GradScaler, on the CPU (how CUDA's recipe is tested here)."""
+    cfg = config.parse_config(["--data_dir", demo_data, *FAST, "--epochs", "1", "--checkpoint_dir", str(tmp_path)])[0]
+    cfg.amp, cfg.amp_dtype = True, "float16"  # (the CLI refuses float16 on a CPU for now)
+    loaders = build_loaders(cfg, "cpu")
+    torch.manual_seed(0)
+    model = TinyNet(len(loaders[3]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = WarmupCosineLR(optimizer, total_steps=3, warmup_steps=0)
+    os.makedirs(tmp_path / cfg.checkpoint_name, exist_ok=True)
+    return Trainer(model, optimizer, scheduler, loaders[:3], cfg, str(tmp_path / cfg.checkpoint_name), loaders[3],
+                   utils.setup_logging())
+
+
+Trainer = trainer.Trainer
+
+
+def test_a_skipped_float16_step_leaves_batchnorm_statistics_as_they_were(demo_data, tmp_path):
+    t = float16_trainer(demo_data, tmp_path)
+    assert t.scaler.is_enabled()
+    real_transform = t.transform
+    batches = []
+
+    def overflow_on_second_batch(images, flip_seed=None):
+        x = real_transform(images, flip_seed)
+        batches.append(1)
+        if len(batches) == 2:  # an overflow in the forward: inf reaches BatchNorm and the loss
+            x[0, 0, 0, 0] = float("inf")
+        return x
+
+    t.transform = overflow_on_second_batch
+    t.train_one_epoch(0)
+    assert int(t.skipped_steps) == 1 and t.scaler.get_scale() < 2.0**16  # skipped, and the scale backed off
+    for buffer in t.model.buffers():
+        assert torch.isfinite(buffer.float()).all()
+    t.transform = real_transform
+    assert math.isfinite(t.evaluate(t.val_loader)["loss"])  # evaluation was NaN from here on
+
+
+def test_no_checkpoint_is_written_with_non_finite_batchnorm_statistics(demo_data, tmp_path):
+    t = float16_trainer(demo_data, tmp_path)
+    t.model[1].running_var.fill_(float("nan"))
+    with pytest.raises(utils.RunStopped, match="no longer finite"):
+        t.save_checkpoint("best.pt")
+    assert not os.path.exists(os.path.join(t.run_dir, "best.pt"))
+
+
+# --------------------------------------------------------------------------- 7. Ctrl-C during the final test
+def test_ctrl_c_during_the_final_test_says_it_finishes_the_test(run_cli, demo_data, tmp_path, monkeypatch):
+    real_test = trainer.Trainer.test
+
+    def interrupted_test(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs now: the user pressed Ctrl-C
+        return real_test(self)
+
+    monkeypatch.setattr(trainer.Trainer, "test", interrupted_test)
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "1", *FAST)
+    assert code == 0
+    assert "finishing the final test" in err and "Ctrl-C again" in err and "--resume" in err
+    assert "stopping after the current step" not in err
+    assert read_results(tmp_path / "checkpoints" / "baseline")["finished"]
+
+
+def test_a_run_stopped_before_its_test_finishes_it_on_resume(run_cli, demo_data, tmp_path, monkeypatch):
+    def killed(self):  # the second Ctrl-C: the process ends during the test
+        raise SimulatedCrash
+
+    monkeypatch.setattr(trainer.Trainer, "test", killed)
+    with pytest.raises(SimulatedCrash):
+        run_cli("--data_dir", demo_data, "--epochs", "1", *FAST)
+    monkeypatch.undo()
+    code, out, err = run_cli("--data_dir", demo_data, "--resume", "--no_progress")
+    assert code == 0, err
+    assert read_results(tmp_path / "checkpoints" / "baseline")["test_acc"] is not None
+
+
+# --------------------------------------------------------------------------- 8. --predict
+@pytest.fixture(scope="module")
+def finished_run(demo_data, tmp_path_factory):
+    """A finished one-epoch run `done` (under `checkpoints`) on a copy of the colour data with a seg_pred folder."""
+    root = tmp_path_factory.mktemp("finished")
+    data = shutil.copytree(demo_data, root / "data")
+    shutil.copytree(data / "seg_test" / "seg_test" / "red", data / "seg_pred" / "seg_pred")
+    argv = ["--checkpoint_dir", str(root / "checkpoints"), "--data_dir", str(data), "--checkpoint_name", "done",
+            "--epochs", "1", *FAST]
+    assert main_module.main(argv) == 0
+    return Namespace(data=str(data), checkpoints=root / "checkpoints", dir=root / "checkpoints" / "done")
+
+
+def test_predict_with_nothing_readable_keeps_the_earlier_predictions(run_cli, finished_run, tmp_path):
+    csv_path = finished_run.dir / "predictions.csv"
+    code, out, err = run_cli("--checkpoint_name", "done", "--predict", checkpoint_dir=finished_run.checkpoints)
+    assert code == 0, err
+    before = csv_path.read_text()
+    assert len(before.splitlines()) == 9  # header + 8 images
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not an image")
+    (junk / "b.png").write_bytes(b"")
+    result = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", junk, checkpoint_dir=finished_run.checkpoints)
+    assert_user_error(result, "none of the 2 image file(s)", "unchanged")
+    assert csv_path.read_text() == before
+
+
+def test_predictions_file_labels_several_folders_into_their_own_files(run_cli, finished_run, tmp_path):
+    green = os.path.join(finished_run.data, "seg_test", "seg_test", "green")
+    out_file = tmp_path / "green.csv"
+    code, out, err = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", green, "--predictions_file",
+                             out_file, checkpoint_dir=finished_run.checkpoints)
+    assert code == 0, err
+    rows = out_file.read_text().splitlines()
+    assert rows[0] == "file,label,confidence" and len(rows) == 9 and str(out_file) in out
+
+
+# --------------------------------------------------------------------------- 9. non-finite values; the divergence message
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "inf"), ("--learning_rate", "nan"), ("--weight_decay", "nan"),
+                                        ("--min_lr", "nan"), ("--clip_grad_norm", "inf"), ("--val_fraction", "nan"),
+                                        ("--dist_timeout", "inf")])
+def test_non_finite_values_are_refused(run_cli, demo_data, flag, value):
+    assert_user_error(run_cli("--data_dir", demo_data, *FAST, flag, value), flag, "finite")
+
+
+def test_divergence_before_any_save_names_no_missing_checkpoint(run_cli, demo_data, tmp_path, monkeypatch):
+    real_loss = trainer.F.cross_entropy
+    monkeypatch.setattr(trainer.F, "cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST)
+    assert code == 1 and err.count("\n") == 1 and "diverged" in err, err
+    run_dir = tmp_path / "checkpoints" / "baseline"
+    assert not (run_dir / "last.pt").exists()
+    assert "last.pt" not in err and "No checkpoint was written" in err
+    assert "diverged" in (run_dir / "train.log").read_text()  # the reason is in the log too
+
+
+# --------------------------------------------------------------------------- 10. the AMP demo has its own name
+def test_demo_with_amp_gets_its_own_run_name():
+    assert config.parse_config(["--demo", "--device", "cpu"])[0].checkpoint_name == "demo"
+    assert config.parse_config(["--demo", "--amp", "--device", "cpu"])[0].checkpoint_name == "demo_amp"
+    assert config.parse_config(["--demo", "--amp", "--device", "cpu", "--checkpoint_name", "x"])[0].checkpoint_name == "x"
+
+
+# --------------------------------------------------------------------------- 11. --evaluate and --predict use the run's data folder
+def test_evaluate_and_predict_use_the_runs_saved_data_dir(finished_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing under ./data here
+    argv = ["--checkpoint_dir", str(finished_run.checkpoints), "--checkpoint_name", "done"]
+    assert main_module.main([*argv, "--evaluate"]) == 0
+    assert main_module.main([*argv, "--predict", "--predictions_file", str(tmp_path / "p.csv")]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 9
+
+
+def test_evaluate_refuses_a_setting_that_would_change_the_answers(run_cli, finished_run):
+    result = run_cli("--checkpoint_name", "done", "--evaluate", "--image_size", "64", checkpoint_dir=finished_run.checkpoints)
+    assert_user_error(result, "--evaluate", "--image_size 32", "not 64")
+
+
+def test_evaluate_needs_only_the_test_split(run_cli, finished_run, tmp_path):
+    only_test = tmp_path / "only_test"
+    shutil.copytree(os.path.join(finished_run.data, "seg_test"), only_test / "seg_test")
+    code, out, err = run_cli("--checkpoint_name", "done", "--evaluate", "--data_dir", only_test,
+                             checkpoint_dir=finished_run.checkpoints)
+    assert code == 0, err
+    assert "on 24 images" in out
+
+
+# --------------------------------------------------------------------------- 12. --pretrained_path from an earlier run
+def test_pretrained_path_fine_tunes_from_an_earlier_run(run_cli, finished_run, tmp_path):
+    best = finished_run.dir / "best.pt"
+    trained_acc = read_results(finished_run.dir)["best_val_acc"]
+    # The same classes: the run's head is kept, so it starts where the earlier run ended.
+    tiny_lr = ["--learning_rate", "1e-9", "--min_lr", "0"]
+    code, out, err = run_cli("--data_dir", finished_run.data, "--checkpoint_name", "further", "--epochs", "1",
+                             *[f for f in FAST if f != "--no_pretrained"], *tiny_lr, "--pretrained_path", best)
+    assert code == 0, err
+    assert "with its head (the same 3 classes)" in out
+    assert read_results(tmp_path / "checkpoints" / "further")["epochs"][0]["val_acc"] == pytest.approx(trained_acc)
+    # Other classes: the head is replaced, and it says so in one line.
+    two = make_colour_dataset(tmp_path / "two", train_per_class=6, test_per_class=2)
+    shutil.rmtree(os.path.join(two, "seg_train", "seg_train", "red"))
+    shutil.rmtree(os.path.join(two, "seg_test", "seg_test", "red"))
+    code, out, err = run_cli("--data_dir", two, "--checkpoint_name", "tuned", "--epochs", "1",
+                             *[f for f in FAST if f != "--no_pretrained"], "--pretrained_path", best)
+    assert code == 0, err
+    assert out.count("is replaced by a new one for this data's 2") == 1
+    assert load(tmp_path / "checkpoints" / "tuned" / "best.pt")["model"]["fc.weight"].shape == (2, 512)
+
+
+# --------------------------------------------------------------------------- 13. flags that contradict
+@pytest.mark.parametrize("flags,needles", [
+    (["--resume", "--overwrite"], ["--overwrite", "--resume"]),
+    (["--evaluate", "--overwrite"], ["--overwrite", "--evaluate"]),
+    (["--data"], ["--data", "--benchmark"]),
+    (["--amp_dtype", "bfloat16"], ["--amp_dtype", "--amp"]),
+    (["--pretrained_path", "x.pth", "--no_pretrained"], ["--pretrained_path", "--no_pretrained"]),
+    (["--predictions_file", "p.csv"], ["--predictions_file", "--predict"]),
+    (["--warmup_epochs", "3", "--epochs", "3"], ["--warmup_epochs"]),
+    (["--sync_bn"], ["--sync_bn", "torchrun"]),
+])
+def test_contradicting_flags_are_refused(run_cli, demo_data, flags, needles):
+    argv = [f for f in FAST if f != "--no_pretrained"] if "--pretrained_path" in flags else FAST
+    assert_user_error(run_cli("--data_dir", demo_data, *argv, *flags), *needles)
+
+
+def test_compare_refuses_training_flags(run_cli):
+    assert_user_error(run_cli("--compare", "a", "b", "--epochs", "3"), "--compare", "--epochs")
+
+
+def test_config_json_tells_the_truth_about_fp32(finished_run):
+    saved = json.loads((finished_run.dir / "config.json").read_text())
+    assert saved["amp"] is False and saved["amp_dtype"] is None
+
+
+# --------------------------------------------------------------------------- 16. epochs, interrupts, pipes
+def test_the_save_and_resume_messages_name_the_same_place(run_cli, demo_data, tmp_path, monkeypatch):
+    real_step = trainer.training_step
+    steps = []
+
+    def sigterm_in_second_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a cluster preempting the job
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_step", sigterm_in_second_step)
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST)
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM: saved" in err and "(epoch 1, after batch 2 of 3)" in err
+    monkeypatch.setattr(trainer, "training_step", real_step)
+    # 18: the seconds trained before the stop count in the total.
+    last_pt = tmp_path / "checkpoints" / "baseline" / "last.pt"
+    ckpt = load(last_pt)
+    ckpt["epoch_state"]["seconds"] = 1000.0
+    torch.save(ckpt, last_pt)
+    code, out, err = run_cli("--data_dir", demo_data, "--resume", "--no_progress")
+    assert code == 0, err
+    assert "resuming baseline: epoch 1, after batch 2 of 3" in out
+    assert read_results(tmp_path / "checkpoints" / "baseline")["total_train_seconds"] > 1000
+
+
+def test_ctrl_c_during_start_up_is_one_line(run_cli, demo_data, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_module, "build_loaders", interrupted)
+    code, out, err = run_cli("--data_dir", demo_data, *FAST)
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    proc = subprocess.run(f"{sys.executable} main.py --help | head -1", shell=True, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.startswith("usage: main.py")
+    assert proc.stderr == "", proc.stderr
+
+
+# --------------------------------------------------------------------------- 17. small things
+def test_help_shows_one_default_each_and_says_what_is_on():
+    text = " ".join(config.build_parser().format_help().split())
+    text = text[text.index("options:"):]  # past the usage line
+    warmup = text[text.index("--warmup_epochs"):text.index("--min_lr")]
+    assert warmup.count("default") == 1, warmup
+    amp_dtype = text[text.index("--amp_dtype"):text.index("--channels_last")]
+    assert amp_dtype.count("default") == 1, amp_dtype
+    assert "on by default" in text[text.index("--channels_last"):text.index("--no_channels_last")]
+    demo = text[text.index("--demo"):text.index("--image_size")]
+    assert "64 px" in demo and "8 epochs" in demo and "demo_amp" in demo
+
+
+def test_one_step_one_epoch_is_singular(run_cli, demo_data):
+    out, _ = one_epoch(run_cli, demo_data, "single", "--batch_size", "64")
+    assert "1 step x 1 epoch" in out
+
+
+@pytest.mark.parametrize("how", ["garbage", "pickle"])
+def test_a_bad_checkpoint_message_never_suggests_unsafe_loading(run_cli, finished_run, tmp_path, how):
+    ckdir = tmp_path / "ck"
+    shutil.copytree(finished_run.dir, ckdir / "bad", ignore=shutil.ignore_patterns("last.pt"))
+    best = ckdir / "bad" / "best.pt"
+    if how == "garbage":
+        best.write_bytes(b"\x00garbage" * 100)
+    else:
+        torch.save({"model": Namespace(a=1)}, best)  # a pickle of a Python object
+    code, out, err = run_cli("--checkpoint_name", "bad", "--evaluate", checkpoint_dir=ckdir)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "weights_only" not in err and "False" not in err
+
+
+# --------------------------------------------------------------------------- 18. smaller review findings
+def test_bfloat16_counts_only_when_the_gpu_has_it_natively(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(utils.UserError, match="T4 has no bfloat16"):
+        config.parse_config(["--device", "cuda", "--amp", "--amp_dtype", "bfloat16"])
+
+
+def test_a_resumed_schedule_keeps_this_sessions_length():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    before = WarmupCosineLR(optimizer, total_steps=100, warmup_steps=10)
+    for _ in range(40):
+        optimizer.step()
+        before.step()
+    # Resumed under another number of processes: 120 steps now, warmup 12.
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    after = WarmupCosineLR(optimizer, total_steps=120, warmup_steps=12)
+    after.load_state_dict(before.state_dict())
+    assert (after.last_epoch, after.total_steps, after.warmup_steps) == (40, 120, 12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine_lr(40, 1.0, 120, 12))
+
+
+# --------------------------------------------------------------------------- 19. the suite's disk use
+def test_the_suite_keeps_only_failed_tests_folders(request):
+    assert request.config.getini("tmp_path_retention_policy") == "failed"
+    assert int(request.config.getini("tmp_path_retention_count")) <= 1
