@@ -53,18 +53,37 @@ def expected_layout(data_dir):
     )
 
 
+def _as_uint8(image):
+    """A decoded image of any depth as uint8, scaled (65535 -> 255): 16-bit PNGs decode to
+    uint16, which would not batch with 8-bit images nor normalize like them."""
+    return TF.to_dtype(image, torch.uint8, scale=True)
+
+
+def _torchvision_decode(path):
+    """RGB uint8 [3, H, W] by torchvision's decoders, which fail on a truncated file."""
+    return _as_uint8(decode_image(path, mode=ImageReadMode.RGB))
+
+
+def _pil_decode(path):
+    """RGB uint8 [3, H, W] by PIL, which fills a truncated file's missing part with gray."""
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16"):  # 16-bit gray: PIL's convert("RGB") would clip it at 255, not scale it
+            gray = torch.from_numpy(np.asarray(img).astype(np.uint16))
+            return _as_uint8(gray).expand(3, -1, -1).contiguous()
+        return TF.pil_to_tensor(img.convert("RGB"))
+
+
 def load_image_uint8(path):
     """Decode any image file to an RGB uint8 tensor [3, H, W]. torchvision's decoders
     (libjpeg-turbo, libpng) are fast; PIL covers the formats they lack (BMP, TIFF, ...).
-    Grayscale, palette and RGBA images are converted to RGB."""
+    Grayscale, palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits."""
     if decode_image is not None:
         try:
-            return decode_image(path, mode=ImageReadMode.RGB)
+            return _torchvision_decode(path)
         except RuntimeError:
             pass
     try:
-        with Image.open(path) as img:
-            return TF.pil_to_tensor(img.convert("RGB"))
+        return _pil_decode(path)
     except Exception as exc:  # PIL raises many types for a bad file
         raise UserError(f"cannot read image {path}: {exc}") from None
 
@@ -296,7 +315,7 @@ class _DecodeCheck(torch.utils.data.Dataset):
         path = self.paths[index]
         try:
             if decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
-                decode_image(path, mode=ImageReadMode.RGB)  # strict: a truncated file fails here
+                _torchvision_decode(path)  # strict: a truncated file fails here
             else:
                 load_image_uint8(path)
             return path, ""
