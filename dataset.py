@@ -1,6 +1,7 @@
 """The data: find the image folders, split train/val, build the loaders, and turn uint8
 batches into normalized model inputs on the device. Also writes the generated demo dataset."""
 import logging
+import math
 import os
 import signal
 import warnings
@@ -158,12 +159,13 @@ class EpochSampler(Sampler):
     The order is a permutation seeded by (seed, epoch) alone, so a resumed run replays it
     exactly; `skip` drops the samples already trained on in an interrupted epoch. Under DDP
     each rank takes every world-th index; training pads the order so every rank gets the
-    same number of batches (DDP needs that), evaluation does not (so no image counts twice).
+    same number of samples (DDP needs that), at least `min_per_rank`, repeating it as often as
+    needed (a set smaller than the world); evaluation does not pad (so no image counts twice).
     """
 
-    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=False):
+    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=False, min_per_rank=1):
         self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.rank, self.world_size, self.pad, self.min_per_rank = rank, world_size, pad, min_per_rank
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -175,8 +177,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        if self.pad and self.size % self.world_size:
-            order += order[: self.world_size - self.size % self.world_size]
+        if self.pad and self.size:
+            total = max(math.ceil(self.size / self.world_size), self.min_per_rank) * self.world_size
+            order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -402,9 +405,11 @@ def build_loaders(cfg, device, rank=0, world_size=1):
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
             f"into {gibibytes:.2f} GiB of RAM")
     batch = max(cfg.batch_size // world_size, 1)
-    train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True)
-    # BatchNorm cannot train on a batch of one image: drop such a last batch (one image an epoch).
-    drop_last = train_sampler.samples_per_epoch() % batch == 1 and train_sampler.samples_per_epoch() > 1
+    # BatchNorm cannot train on a batch of one image (and under DDP, without --sync_bn, each
+    # rank's batch is its own): give every rank at least two samples, and drop a last batch
+    # of one (one image an epoch; at least one batch is left, as the share is over `batch`).
+    train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True, min_per_rank=2)
+    drop_last = train_sampler.samples_per_epoch() % batch == 1
     train = make_loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
     val = make_loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
     test = make_loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)

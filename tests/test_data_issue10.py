@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from dataset import build_loaders, find_bad_images, load_image_uint8
+from dataset import EpochSampler, build_loaders, find_bad_images, load_image_uint8
 from test_data import cfg, make_layout, write_images
 
 
@@ -67,3 +67,42 @@ def test_16_bit_and_8_bit_images_batch_together(tmp_path):
             images, _ = next(iter(loader))  # every split mixes both kinds in its one batch
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)
         assert len(loaders[2].dataset) == 10
+
+
+# --------------------------------------------------------------------------- tiny DDP shares (item 6)
+@pytest.mark.parametrize("size,world_size", [(3, 8), (1, 4), (7, 2), (10, 3), (8, 4)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_training_pads_every_rank_to_the_same_share(size, world_size, shuffle):
+    shares = [list(EpochSampler(size, shuffle, seed=1, rank=r, world_size=world_size, pad=True))
+              for r in range(world_size)]
+    assert len({len(share) for share in shares}) == 1 and len(shares[0]) > 0
+    assert len(shares[0]) == -(-size // world_size)  # padded no further than needed
+    assert {i for share in shares for i in share} == set(range(size))  # every image is used
+
+
+@pytest.mark.parametrize("size,world_size", [(3, 8), (1, 4), (7, 2)])
+def test_evaluation_shares_are_not_padded(size, world_size):
+    shares = [list(EpochSampler(size, False, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert sorted(i for share in shares for i in share) == list(range(size))  # each image once
+
+
+def test_training_pads_to_a_minimum_share():
+    shares = [list(EpochSampler(3, True, rank=r, world_size=8, pad=True, min_per_rank=2)) for r in range(8)]
+    assert all(len(share) == 2 for share in shares)
+    assert {i for share in shares for i in share} == {0, 1, 2}
+    assert len(EpochSampler(20, True, world_size=8, pad=True, min_per_rank=2)) == 3  # a bigger share is kept
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("batch_size", [2, 3, 4, 16])
+def test_no_rank_trains_on_a_batch_of_one_image(tmp_path, world_size, batch_size):
+    """BatchNorm cannot train on one image (per rank, without --sync_bn): no such batch, even
+    with fewer training images than processes; and every rank has as many batches."""
+    make_layout(tmp_path, nested=True, classes=("cat", "dog"), n=3)  # 4 train, 2 val, 6 test images
+    batch_counts = set()
+    for rank in range(world_size):
+        train = build_loaders(cfg(tmp_path, batch_size=batch_size), "cpu", rank, world_size)[0]
+        batches = list(train.batch_sampler)
+        assert batches and all(len(b) > 1 for b in batches) or train.batch_size == 1, batches
+        batch_counts.add(len(batches))
+    assert len(batch_counts) == 1
