@@ -99,10 +99,32 @@ class ResizeUint8:
         return TF.resize(image, self.size, antialias=True)
 
 
+def is_visible_image(relative_path):
+    """An image file with no hidden name (starting with '.') on its path below the split
+    folder: Jupyter's .ipynb_checkpoints copies and macOS's ._photo.jpg files are no data."""
+    parts = relative_path.split(os.sep)
+    return parts[-1].lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+
+
+class VisibleImageFolder(ImageFolder):
+    """ImageFolder leaving out hidden folders (no `.ipynb_checkpoints` class) and hidden files."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform=transform, loader=load_image_uint8,
+                         is_valid_file=lambda path: is_visible_image(os.path.relpath(path, root)))
+
+    def find_classes(self, directory):
+        classes = sorted(entry.name for entry in os.scandir(directory)
+                         if entry.is_dir() and not entry.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
 def image_folder(root, image_size):
     """An ImageFolder whose items are (uint8 tensor [3, S, S], class index)."""
     try:
-        return ImageFolder(root, transform=ResizeUint8(image_size), loader=load_image_uint8)
+        return VisibleImageFolder(root, transform=ResizeUint8(image_size))
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise UserError(f"{root}: {exc}") from None
 
@@ -116,12 +138,9 @@ class UnlabeledImages(Dataset):
         self.root = root
         self.resize = ResizeUint8(image_size)
         self.image_size = image_size
-        self.files = []
-        for folder, subfolders, names in os.walk(root):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .ipynb_checkpoints and the like
-            self.files += [os.path.relpath(os.path.join(folder, name), root) for name in names
-                           if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")]
-        self.files.sort()
+        files = (os.path.relpath(os.path.join(folder, name), root)
+                 for folder, _, names in os.walk(root) for name in names)
+        self.files = sorted(file for file in files if is_visible_image(file))
 
     def __len__(self):
         return len(self.files)

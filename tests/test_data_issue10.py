@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from dataset import EpochSampler, build_loaders, find_bad_images, load_image_uint8
+from dataset import EpochSampler, UnlabeledImages, build_datasets, build_loaders, find_bad_images, load_image_uint8
 from test_data import cfg, make_layout, write_images
 
 
@@ -106,3 +106,31 @@ def test_no_rank_trains_on_a_batch_of_one_image(tmp_path, world_size, batch_size
         assert batches and all(len(b) > 1 for b in batches) or train.batch_size == 1, batches
         batch_counts.add(len(batches))
     assert len(batch_counts) == 1
+
+
+# --------------------------------------------------------------------------- hidden folders (item 15)
+def test_hidden_folders_and_files_are_not_classes_or_samples(tmp_path):
+    make_layout(tmp_path, nested=True, classes=("cat", "dog"), n=5)
+    for split in ("seg_train", "seg_test"):
+        base = tmp_path / split / split
+        write_images(base / ".ipynb_checkpoints", 2)  # Jupyter's copies: a folder of images
+        os.makedirs(base / ".cache")  # and one without any
+        write_images(base / "cat" / ".ipynb_checkpoints", 2)  # hidden folder inside a class
+        (base / "dog" / "._0.jpg").write_bytes(b"macOS resource fork, not a picture")
+    train, val, test, classes = build_datasets(cfg(tmp_path))
+    assert classes == ["cat", "dog"] and test.classes == ["cat", "dog"]
+    assert (len(train) + len(val), len(test)) == (10, 10)
+    assert not any("/." in path for path, _ in test.samples)
+
+
+def test_hidden_files_are_not_images_to_label(tmp_path):
+    write_images(tmp_path / "pred", 2)
+    write_images(tmp_path / "pred" / ".ipynb_checkpoints", 2)
+    (tmp_path / "pred" / ".0.jpg").write_bytes(b"hidden")
+    assert UnlabeledImages(str(tmp_path / "pred"), 16).files == ["0.jpg", "1.jpg"]
+
+
+def test_a_hidden_data_dir_is_still_read(tmp_path):
+    """Only names below the split folder count: data kept under ~/.cache is fine."""
+    make_layout(tmp_path / ".cache" / "data", nested=True, classes=("cat", "dog"), n=5)
+    assert len(build_datasets(cfg(tmp_path / ".cache" / "data"))[2]) == 10
