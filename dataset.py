@@ -3,6 +3,7 @@ batches into normalized model inputs on the device. Also writes the generated de
 import logging
 import math
 import os
+import re
 import signal
 import warnings
 
@@ -74,17 +75,22 @@ def _pil_decode(path):
         return TF.pil_to_tensor(img.convert("RGB"))
 
 
-def load_image_uint8(path):
-    """Decode any image file to an RGB uint8 tensor [3, H, W]. torchvision's decoders
-    (libjpeg-turbo, libpng) are fast; PIL covers the formats they lack (BMP, TIFF, ...).
-    Grayscale, palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits."""
+def _decode(path):
+    """torchvision's decoders where they take the file, else PIL (raising what PIL raises)."""
     if decode_image is not None:
         try:
             return _torchvision_decode(path)
         except RuntimeError:
             pass
+    return _pil_decode(path)
+
+
+def load_image_uint8(path):
+    """Decode any image file to an RGB uint8 tensor [3, H, W]. torchvision's decoders
+    (libjpeg-turbo, libpng) are fast; PIL covers the formats they lack (BMP, TIFF, ...).
+    Grayscale, palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits."""
     try:
-        return _pil_decode(path)
+        return _decode(path)
     except Exception as exc:  # PIL raises many types for a bad file
         raise UserError(f"cannot read image {path}: {exc}") from None
 
@@ -287,6 +293,17 @@ class CachedImages(torch.utils.data.Dataset):
         return self.images.numel() * self.images.element_size()
 
 
+def human_bytes(n):
+    """A byte count for people: '512 B', '3.4 MiB', '2.10 GiB'."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.2f} GiB"
+
+
 def _already_batched(batch):
     return batch
 
@@ -326,7 +343,34 @@ def looks_truncated(path):
         return f.read() != b"\xff\xd9"
 
 
+# torchvision's errors read "decode_jpeg, /.../csrc/.../decode_jpeg.cpp:171, Image is incomplete",
+# or, in some builds, add "Exception raised from ... at /.../file.cpp:67" and C++ stack frames.
+_CPP_LOCATION = re.compile(r"^.*?\.(?:cpp|cc|cu|h|hpp)(?::\d+)?,\s*")
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
+
+
+def error_summary(exc):
+    """The first sentence of an exception's message, on one line, without C++ source paths."""
+    message = str(exc).split("Exception raised from")[0].strip()
+    first_line = message.splitlines()[0] if message else ""
+    summary = _SENTENCE_END.split(_CPP_LOCATION.sub("", first_line))[0].strip().rstrip(".")
+    return summary or type(exc).__name__
+
+
+def decode_problem(path):
+    """Why `path` does not decode ('' if it does), in one line. Strict for the formats
+    torchvision decodes: a truncated JPEG or PNG fails here, though training would load it."""
+    strict = decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png"))
+    try:
+        (_torchvision_decode if strict else _decode)(path)
+        return ""
+    except Exception as exc:  # each decoder raises its own types
+        return f"not a decodable image ({error_summary(exc)})"
+
+
 class _DecodeCheck(torch.utils.data.Dataset):
+    """(path, decode_problem(path)) items, so a DataLoader's workers check images in parallel."""
+
     def __init__(self, paths):
         self.paths = paths
 
@@ -334,15 +378,7 @@ class _DecodeCheck(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        path = self.paths[index]
-        try:
-            if decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
-                _torchvision_decode(path)  # strict: a truncated file fails here
-            else:
-                load_image_uint8(path)
-            return path, ""
-        except Exception as exc:
-            return path, str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return self.paths[index], decode_problem(self.paths[index])
 
 
 def find_bad_images(paths, decode=False, workers=0):
@@ -393,6 +429,9 @@ def check_images(folders, cfg):
 def build_datasets(cfg):
     """(train, val, test) datasets and the class names, checked for a usable layout."""
     data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir)}")
     train_dir, test_dir = find_split_dir(data_dir, "train"), find_split_dir(data_dir, "test")
     if train_dir is None or test_dir is None:
         missing = "training" if train_dir is None else "test"
@@ -419,10 +458,10 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     train_set, val_set, test_set, class_names = build_datasets(cfg)
     if getattr(cfg, "cache", False):
         train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
-        gibibytes = sum(d.nbytes() for d in (train_set, val_set, test_set)) / 2**30
+        size = human_bytes(sum(d.nbytes() for d in (train_set, val_set, test_set)))
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
-            f"into {gibibytes:.2f} GiB of RAM")
+            f"into {size} of RAM")
     batch = max(cfg.batch_size // world_size, 1)
     # BatchNorm cannot train on a batch of one image (and under DDP, without --sync_bn, each
     # rank's batch is its own): give every rank at least two samples, and drop a last batch

@@ -1,5 +1,6 @@
 """Issue 10's data items: 16-bit PNGs, tiny DDP shares, hidden folders, clear messages, and a
 test loader that needs only the test split."""
+import logging
 import os
 import struct
 import zlib
@@ -10,8 +11,18 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from dataset import EpochSampler, UnlabeledImages, build_datasets, build_loaders, find_bad_images, load_image_uint8
+from dataset import (
+    EpochSampler,
+    UnlabeledImages,
+    build_datasets,
+    build_loaders,
+    error_summary,
+    find_bad_images,
+    human_bytes,
+    load_image_uint8,
+)
 from test_data import cfg, make_layout, write_images
+from utils import UserError
 
 
 def write_png16(path, pixels):
@@ -134,3 +145,68 @@ def test_a_hidden_data_dir_is_still_read(tmp_path):
     """Only names below the split folder count: data kept under ~/.cache is fine."""
     make_layout(tmp_path / ".cache" / "data", nested=True, classes=("cat", "dog"), n=5)
     assert len(build_datasets(cfg(tmp_path / ".cache" / "data"))[2]) == 10
+
+
+# --------------------------------------------------------------------------- messages (item 17)
+def test_human_bytes():
+    assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(int(3.4 * 2**20)) == "3.4 MiB"
+    assert human_bytes(2**30 - 2**20) == "1023.0 MiB"
+    assert human_bytes(2**30) == "1.00 GiB" and human_bytes(int(2.5 * 2**30)) == "2.50 GiB"
+
+
+def test_cache_logs_a_readable_size(tmp_path, caplog):
+    make_layout(tmp_path, nested=True, classes=("cat", "dog"), n=5)  # 20 images of 3x16x16 bytes
+    with caplog.at_level(logging.INFO, logger="amp"):
+        build_loaders(cfg(tmp_path, batch_size=4, cache=True), "cpu")
+    assert "decoded into 15.0 KiB of RAM" in caplog.text, caplog.text
+
+
+def broken_files(folder):
+    """A truncated JPEG, a truncated PNG, a text file named .jpg, an empty PNG and a bad BMP."""
+    write_images(folder, 1, size=40)
+    write_images(folder, 1, size=40, ext="png")
+    jpeg, png = (folder / "0.jpg").read_bytes(), (folder / "0.png").read_bytes()
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "cut.png").write_bytes(png[: len(png) // 2])
+    (folder / "text.jpg").write_bytes(b"this is not a picture\n")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "junk.bmp").write_bytes(b"BM" + b"junk" * 10)
+    return [str(folder / name) for name in ("cut.jpg", "cut.png", "text.jpg", "empty.png", "junk.bmp")]
+
+
+def test_skip_bad_images_reasons_are_one_clean_line(tmp_path):
+    paths = broken_files(tmp_path)
+    reasons = find_bad_images(paths + [str(tmp_path / "0.jpg"), str(tmp_path / "0.png")], decode=True)
+    assert sorted(reasons) == sorted(paths)
+    for path, reason in reasons.items():
+        assert reason.startswith("not a decodable image (") and reason.endswith(")"), reason
+        for junk in ("csrc", ".cpp", "Exception raised from", "frame #", "\n"):
+            assert junk not in reason, reason
+    assert reasons[paths[0]] == "not a decodable image (Image is incomplete or truncated)"
+    assert reasons[paths[2]] == "not a decodable image (Unsupported image file)"
+
+
+def test_error_summary_drops_cpp_locations_and_stack_frames():
+    compact = RuntimeError("decode_jpeg, /__w/vision/vision/pytorch/vision/torchvision/csrc/io/image/cpu/"
+                           "decode_jpeg.cpp:171, Image is incomplete or truncated")
+    with_frames = RuntimeError(
+        "Unsupported image file. Only jpeg, png, webp and gif are currently supported.\n"
+        "Exception raised from decode_image at /pytorch/vision/torchvision/csrc/io/image/cpu/decode_image.cpp:67 "
+        "(most recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x96 (0x7f in libc10.so)\n")
+    assert error_summary(compact) == "Image is incomplete or truncated"
+    assert error_summary(with_frames) == "Unsupported image file"
+    assert error_summary(OSError("cannot identify image file 'a.bmp'")) == "cannot identify image file 'a.bmp'"
+    assert error_summary(ValueError()) == "ValueError"
+
+
+def test_missing_data_dir_says_it_does_not_exist(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError, match=f"--data_dir {missing} does not exist") as error:
+        build_datasets(cfg(missing))
+    assert "seg_train/seg_train/<class>" in str(error.value) and "--demo" in str(error.value)
+    assert "\n" not in str(error.value)
+    os.makedirs(missing)
+    with pytest.raises(UserError, match=f"no training split found in {missing}: expected .*seg_train/seg_train/<class>"):
+        build_datasets(cfg(missing))
