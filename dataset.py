@@ -1,5 +1,6 @@
-"""The data: find the image folders, split train/val, build the loaders, and turn uint8
-batches into normalized model inputs on the device. Also writes the generated demo dataset."""
+"""The data: find the image folders, split train/val, build the loaders (or the test loader
+alone), and turn uint8 batches into normalized model inputs on the device. Also writes the
+generated demo dataset."""
 import logging
 import math
 import os
@@ -47,12 +48,30 @@ def find_split_dir(data_dir, split):
     return None
 
 
-def expected_layout(data_dir):
+def expected_layout(data_dir, splits=("train", "test")):
+    """What `data_dir` should hold for `splits`, for error messages."""
+    folders = " and ".join(f"{data_dir}/{SPLIT_NAMES[s][0]}/{SPLIT_NAMES[s][0]}/<class>/*.jpg" for s in splits)
+    other_names = " and ".join(SPLIT_NAMES[s][1] for s in splits)
     return (
-        f"expected {data_dir}/seg_train/seg_train/<class>/*.jpg and {data_dir}/seg_test/seg_test/<class>/*.jpg "
-        f"(or without the repeated folder), e.g. Kaggle's Intel Image Classification from {INTEL_URL}; "
+        f"expected {folders} (or without the repeated folder, or named {other_names}), "
+        f"e.g. Kaggle's Intel Image Classification from {INTEL_URL}; "
         "or run `python main.py --demo` for a generated dataset"
     )
+
+
+def split_folders(cfg, splits):
+    """The ImageFolder of each of `splits` ("train", "test") in `cfg.data_dir`; a UserError
+    saying what is expected if the folder or a split is missing (before reading any)."""
+    data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir, splits)}")
+    roots = [find_split_dir(data_dir, split) for split in splits]
+    for split, root in zip(splits, roots):
+        if root is None:
+            name = "training" if split == "train" else split
+            raise UserError(f"no {name} split found in {data_dir}: {expected_layout(data_dir, splits)}")
+    return [image_folder(root, cfg.image_size) for root in roots]
 
 
 def _as_uint8(image):
@@ -428,33 +447,34 @@ def check_images(folders, cfg):
 
 def build_datasets(cfg):
     """(train, val, test) datasets and the class names, checked for a usable layout."""
-    data_dir = cfg.data_dir
-    if not os.path.isdir(data_dir):
-        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
-        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir)}")
-    train_dir, test_dir = find_split_dir(data_dir, "train"), find_split_dir(data_dir, "test")
-    if train_dir is None or test_dir is None:
-        missing = "training" if train_dir is None else "test"
-        raise UserError(f"no {missing} split found in {data_dir}: {expected_layout(data_dir)}")
-    full_train = image_folder(train_dir, cfg.image_size)
-    test = image_folder(test_dir, cfg.image_size)
+    full_train, test = split_folders(cfg, ("train", "test"))
     check_images((full_train, test), cfg)
     if test.classes != full_train.classes:
         raise UserError(
-            f"the test classes in {test_dir} ({', '.join(test.classes)}) differ from the training "
-            f"classes in {train_dir} ({', '.join(full_train.classes)})"
+            f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
+            f"classes in {full_train.root} ({', '.join(full_train.classes)})"
         )
     if len(full_train.classes) < 2:
-        raise UserError(f"{train_dir} has {len(full_train.classes)} class folder; a classifier needs at least 2")
+        raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
     train_idx, val_idx = stratified_split(full_train.targets, cfg.val_fraction, cfg.seed)
     if not val_idx:
-        raise UserError(f"{train_dir} is too small for a validation split of {cfg.val_fraction}")
+        raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}")
     return Subset(full_train, train_idx), Subset(full_train, val_idx), test, full_train.classes
 
 
+def per_rank_batch(cfg, world_size):
+    """`cfg.batch_size` is the global batch: each of the `world_size` processes loads its share."""
+    return max(cfg.batch_size // world_size, 1)
+
+
+def evaluation_loader(dataset, cfg, device, rank, world_size):
+    """`dataset` in order, each image on one rank only (no padding: none counts twice)."""
+    sampler = EpochSampler(len(dataset), False, 0, rank, world_size)
+    return make_loader(dataset, sampler, per_rank_batch(cfg, world_size), cfg, device)
+
+
 def build_loaders(cfg, device, rank=0, world_size=1):
-    """Train, val and test loaders plus the class names. `cfg.batch_size` is the global
-    batch: each of the `world_size` processes loads its share."""
+    """Train, val and test loaders plus the class names, for process `rank` of `world_size`."""
     train_set, val_set, test_set, class_names = build_datasets(cfg)
     if getattr(cfg, "cache", False):
         train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
@@ -462,16 +482,25 @@ def build_loaders(cfg, device, rank=0, world_size=1):
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
             f"into {size} of RAM")
-    batch = max(cfg.batch_size // world_size, 1)
+    batch = per_rank_batch(cfg, world_size)
     # BatchNorm cannot train on a batch of one image (and under DDP, without --sync_bn, each
     # rank's batch is its own): give every rank at least two samples, and drop a last batch
     # of one (one image an epoch; at least one batch is left, as the share is over `batch`).
     train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True, min_per_rank=2)
     drop_last = train_sampler.samples_per_epoch() % batch == 1
     train = make_loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
-    val = make_loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
-    test = make_loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)
+    val = evaluation_loader(val_set, cfg, device, rank, world_size)
+    test = evaluation_loader(test_set, cfg, device, rank, world_size)
     return train, val, test, class_names
+
+
+def build_test_loader(cfg, device, rank=0, world_size=1):
+    """(test loader, class names) from the test split alone, for --evaluate: no training
+    images needed. Its batches are build_loaders' test batches; --cache is left out, as
+    decoding the images into RAM first gains nothing for a single pass."""
+    (test_set,) = split_folders(cfg, ("test",))
+    check_images((test_set,), cfg)
+    return evaluation_loader(test_set, cfg, device, rank, world_size), test_set.classes
 
 
 def build_predict_loader(root, cfg, device):

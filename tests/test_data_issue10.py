@@ -2,6 +2,7 @@
 test loader that needs only the test split."""
 import logging
 import os
+import shutil
 import struct
 import zlib
 
@@ -16,6 +17,7 @@ from dataset import (
     UnlabeledImages,
     build_datasets,
     build_loaders,
+    build_test_loader,
     error_summary,
     find_bad_images,
     human_bytes,
@@ -210,3 +212,40 @@ def test_missing_data_dir_says_it_does_not_exist(tmp_path):
     os.makedirs(missing)
     with pytest.raises(UserError, match=f"no training split found in {missing}: expected .*seg_train/seg_train/<class>"):
         build_datasets(cfg(missing))
+
+
+# --------------------------------------------------------------------------- test split alone (item 11)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_test_loader_needs_only_the_test_split(tmp_path, world_size):
+    full, test_only = tmp_path / "full", tmp_path / "test_only"
+    make_layout(full, nested=True, classes=("cat", "dog", "owl"), n=7)
+    shutil.copytree(full / "seg_test", test_only / "seg_test")
+    for rank in range(world_size):
+        settings = cfg(test_only, batch_size=4)
+        loader, classes = build_test_loader(settings, "cpu", rank, world_size)
+        *_, reference, reference_classes = build_loaders(cfg(full, batch_size=4), "cpu", rank, world_size)
+        assert classes == reference_classes == ["cat", "dog", "owl"]
+        assert len(loader) == len(reference) > 0
+        for (images, targets), (want_images, want_targets) in zip(loader, reference):
+            assert torch.equal(images, want_images) and torch.equal(targets, want_targets)
+
+
+def test_test_loader_checks_the_test_images(tmp_path):
+    make_layout(tmp_path, nested=True, classes=("cat", "dog"), n=3)
+    shutil.rmtree(tmp_path / "seg_train")
+    (tmp_path / "seg_test" / "seg_test" / "cat" / "bad.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="bad.jpg: empty file"):
+        build_test_loader(cfg(tmp_path, batch_size=4), "cpu")
+    loader, _ = build_test_loader(cfg(tmp_path, batch_size=4, skip_bad_images=True), "cpu")
+    assert len(loader.dataset) == 6
+
+
+def test_test_loader_names_what_it_looked_for(tmp_path):
+    make_layout(tmp_path, nested=True, classes=("cat", "dog"), n=3)
+    shutil.rmtree(tmp_path / "seg_test")
+    with pytest.raises(UserError, match="no test split found") as error:
+        build_test_loader(cfg(tmp_path, batch_size=4), "cpu")
+    message = str(error.value)
+    assert f"{tmp_path}/seg_test/seg_test/<class>" in message and "seg_train" not in message
+    with pytest.raises(UserError, match="does not exist"):
+        build_test_loader(cfg(tmp_path / "nowhere", batch_size=4), "cpu")
