@@ -59,21 +59,6 @@ def expected_layout(data_dir, splits=("train", "test")):
     )
 
 
-def split_folders(cfg, splits):
-    """The ImageFolder of each of `splits` ("train", "test") in `cfg.data_dir`; a UserError
-    saying what is expected if the folder or a split is missing (before reading any)."""
-    data_dir = cfg.data_dir
-    if not os.path.isdir(data_dir):
-        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
-        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir, splits)}")
-    roots = [find_split_dir(data_dir, split) for split in splits]
-    for split, root in zip(splits, roots):
-        if root is None:
-            name = "training" if split == "train" else split
-            raise UserError(f"no {name} split found in {data_dir}: {expected_layout(data_dir, splits)}")
-    return [image_folder(root, cfg.image_size) for root in roots]
-
-
 def _as_uint8(image):
     """A decoded image of any depth as uint8, scaled (65535 -> 255): 16-bit PNGs decode to
     uint16, which would not batch with 8-bit images nor normalize like them."""
@@ -152,6 +137,21 @@ def image_folder(root, image_size):
         return VisibleImageFolder(root, transform=ResizeUint8(image_size))
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise UserError(f"{root}: {exc}") from None
+
+
+def split_folders(cfg, splits):
+    """The ImageFolder of each of `splits` ("train", "test") in `cfg.data_dir`; a UserError
+    saying what is expected if the folder or a split is missing (before reading any)."""
+    data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir, splits)}")
+    roots = [find_split_dir(data_dir, split) for split in splits]
+    for split, root in zip(splits, roots):
+        if root is None:
+            name = "training" if split == "train" else split
+            raise UserError(f"no {name} split found in {data_dir}: {expected_layout(data_dir, splits)}")
+    return [image_folder(root, cfg.image_size) for root in roots]
 
 
 class UnlabeledImages(Dataset):
