@@ -1,7 +1,10 @@
-"""The data: find the image folders, split train/val, build the loaders, and turn uint8
-batches into normalized model inputs on the device. Also writes the generated demo dataset."""
+"""The data: find the image folders, split train/val, build the loaders (or the test loader
+alone), and turn uint8 batches into normalized model inputs on the device. Also writes the
+generated demo dataset."""
 import logging
+import math
 import os
+import re
 import signal
 import warnings
 
@@ -45,26 +48,53 @@ def find_split_dir(data_dir, split):
     return None
 
 
-def expected_layout(data_dir):
+def expected_layout(data_dir, splits=("train", "test")):
+    """What `data_dir` should hold for `splits`, for error messages."""
+    folders = " and ".join(f"{data_dir}/{SPLIT_NAMES[s][0]}/{SPLIT_NAMES[s][0]}/<class>/*.jpg" for s in splits)
+    other_names = " and ".join(SPLIT_NAMES[s][1] for s in splits)
     return (
-        f"expected {data_dir}/seg_train/seg_train/<class>/*.jpg and {data_dir}/seg_test/seg_test/<class>/*.jpg "
-        f"(or without the repeated folder), e.g. Kaggle's Intel Image Classification from {INTEL_URL}; "
+        f"expected {folders} (or without the repeated folder, or named {other_names}), "
+        f"e.g. Kaggle's Intel Image Classification from {INTEL_URL}; "
         "or run `python main.py --demo` for a generated dataset"
     )
+
+
+def _as_uint8(image):
+    """A decoded image of any depth as uint8, scaled (65535 -> 255): 16-bit PNGs decode to
+    uint16, which would not batch with 8-bit images nor normalize like them."""
+    return TF.to_dtype(image, torch.uint8, scale=True)
+
+
+def _torchvision_decode(path):
+    """RGB uint8 [3, H, W] by torchvision's decoders, which fail on a truncated file."""
+    return _as_uint8(decode_image(path, mode=ImageReadMode.RGB))
+
+
+def _pil_decode(path):
+    """RGB uint8 [3, H, W] by PIL, which fills a truncated file's missing part with gray."""
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16"):  # 16-bit gray: PIL's convert("RGB") would clip it at 255, not scale it
+            gray = torch.from_numpy(np.asarray(img).astype(np.uint16))
+            return _as_uint8(gray).expand(3, -1, -1).contiguous()
+        return TF.pil_to_tensor(img.convert("RGB"))
+
+
+def _decode(path):
+    """torchvision's decoders where they take the file, else PIL (raising what PIL raises)."""
+    if decode_image is not None:
+        try:
+            return _torchvision_decode(path)
+        except RuntimeError:
+            pass
+    return _pil_decode(path)
 
 
 def load_image_uint8(path):
     """Decode any image file to an RGB uint8 tensor [3, H, W]. torchvision's decoders
     (libjpeg-turbo, libpng) are fast; PIL covers the formats they lack (BMP, TIFF, ...).
-    Grayscale, palette and RGBA images are converted to RGB."""
-    if decode_image is not None:
-        try:
-            return decode_image(path, mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass
+    Grayscale, palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits."""
     try:
-        with Image.open(path) as img:
-            return TF.pil_to_tensor(img.convert("RGB"))
+        return _decode(path)
     except Exception as exc:  # PIL raises many types for a bad file
         raise UserError(f"cannot read image {path}: {exc}") from None
 
@@ -79,12 +109,49 @@ class ResizeUint8:
         return TF.resize(image, self.size, antialias=True)
 
 
+def is_visible_image(relative_path):
+    """An image file with no hidden name (starting with '.') on its path below the split
+    folder: Jupyter's .ipynb_checkpoints copies and macOS's ._photo.jpg files are no data."""
+    parts = relative_path.split(os.sep)
+    return parts[-1].lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+
+
+class VisibleImageFolder(ImageFolder):
+    """ImageFolder leaving out hidden folders (no `.ipynb_checkpoints` class) and hidden files."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform=transform, loader=load_image_uint8,
+                         is_valid_file=lambda path: is_visible_image(os.path.relpath(path, root)))
+
+    def find_classes(self, directory):
+        classes = sorted(entry.name for entry in os.scandir(directory)
+                         if entry.is_dir() and not entry.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
 def image_folder(root, image_size):
     """An ImageFolder whose items are (uint8 tensor [3, S, S], class index)."""
     try:
-        return ImageFolder(root, transform=ResizeUint8(image_size), loader=load_image_uint8)
+        return VisibleImageFolder(root, transform=ResizeUint8(image_size))
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise UserError(f"{root}: {exc}") from None
+
+
+def split_folders(cfg, splits):
+    """The ImageFolder of each of `splits` ("train", "test") in `cfg.data_dir`; a UserError
+    saying what is expected if the folder or a split is missing (before reading any)."""
+    data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
+        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir, splits)}")
+    roots = [find_split_dir(data_dir, split) for split in splits]
+    for split, root in zip(splits, roots):
+        if root is None:
+            name = "training" if split == "train" else split
+            raise UserError(f"no {name} split found in {data_dir}: {expected_layout(data_dir, splits)}")
+    return [image_folder(root, cfg.image_size) for root in roots]
 
 
 class UnlabeledImages(Dataset):
@@ -96,12 +163,9 @@ class UnlabeledImages(Dataset):
         self.root = root
         self.resize = ResizeUint8(image_size)
         self.image_size = image_size
-        self.files = []
-        for folder, subfolders, names in os.walk(root):
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .ipynb_checkpoints and the like
-            self.files += [os.path.relpath(os.path.join(folder, name), root) for name in names
-                           if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")]
-        self.files.sort()
+        files = (os.path.relpath(os.path.join(folder, name), root)
+                 for folder, _, names in os.walk(root) for name in names)
+        self.files = sorted(file for file in files if is_visible_image(file))
 
     def __len__(self):
         return len(self.files)
@@ -139,12 +203,13 @@ class EpochSampler(Sampler):
     The order is a permutation seeded by (seed, epoch) alone, so a resumed run replays it
     exactly; `skip` drops the samples already trained on in an interrupted epoch. Under DDP
     each rank takes every world-th index; training pads the order so every rank gets the
-    same number of batches (DDP needs that), evaluation does not (so no image counts twice).
+    same number of samples (DDP needs that), at least `min_per_rank`, repeating it as often as
+    needed (a set smaller than the world); evaluation does not pad (so no image counts twice).
     """
 
-    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=False):
+    def __init__(self, size, shuffle, seed=0, rank=0, world_size=1, pad=False, min_per_rank=1):
         self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.rank, self.world_size, self.pad, self.min_per_rank = rank, world_size, pad, min_per_rank
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
@@ -156,8 +221,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        if self.pad and self.size % self.world_size:
-            order += order[: self.world_size - self.size % self.world_size]
+        if self.pad and self.size:
+            total = max(math.ceil(self.size / self.world_size), self.min_per_rank) * self.world_size
+            order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -246,6 +312,17 @@ class CachedImages(torch.utils.data.Dataset):
         return self.images.numel() * self.images.element_size()
 
 
+def human_bytes(n):
+    """A byte count for people: '512 B', '3.4 MiB', '2.10 GiB'."""
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.2f} GiB"
+
+
 def _already_batched(batch):
     return batch
 
@@ -285,7 +362,34 @@ def looks_truncated(path):
         return f.read() != b"\xff\xd9"
 
 
+# torchvision's errors read "decode_jpeg, /.../csrc/.../decode_jpeg.cpp:171, Image is incomplete",
+# or, in some builds, add "Exception raised from ... at /.../file.cpp:67" and C++ stack frames.
+_CPP_LOCATION = re.compile(r"^.*?\.(?:cpp|cc|cu|h|hpp)(?::\d+)?,\s*")
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
+
+
+def error_summary(exc):
+    """The first sentence of an exception's message, on one line, without C++ source paths."""
+    message = str(exc).split("Exception raised from")[0].strip()
+    first_line = message.splitlines()[0] if message else ""
+    summary = _SENTENCE_END.split(_CPP_LOCATION.sub("", first_line))[0].strip().rstrip(".")
+    return summary or type(exc).__name__
+
+
+def decode_problem(path):
+    """Why `path` does not decode ('' if it does), in one line. Strict for the formats
+    torchvision decodes: a truncated JPEG or PNG fails here, though training would load it."""
+    strict = decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png"))
+    try:
+        (_torchvision_decode if strict else _decode)(path)
+        return ""
+    except Exception as exc:  # each decoder raises its own types
+        return f"not a decodable image ({error_summary(exc)})"
+
+
 class _DecodeCheck(torch.utils.data.Dataset):
+    """(path, decode_problem(path)) items, so a DataLoader's workers check images in parallel."""
+
     def __init__(self, paths):
         self.paths = paths
 
@@ -293,15 +397,7 @@ class _DecodeCheck(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        path = self.paths[index]
-        try:
-            if decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
-                decode_image(path, mode=ImageReadMode.RGB)  # strict: a truncated file fails here
-            else:
-                load_image_uint8(path)
-            return path, ""
-        except Exception as exc:
-            return path, str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return self.paths[index], decode_problem(self.paths[index])
 
 
 def find_bad_images(paths, decode=False, workers=0):
@@ -351,45 +447,60 @@ def check_images(folders, cfg):
 
 def build_datasets(cfg):
     """(train, val, test) datasets and the class names, checked for a usable layout."""
-    data_dir = cfg.data_dir
-    train_dir, test_dir = find_split_dir(data_dir, "train"), find_split_dir(data_dir, "test")
-    if train_dir is None or test_dir is None:
-        missing = "training" if train_dir is None else "test"
-        raise UserError(f"no {missing} split found in {data_dir}: {expected_layout(data_dir)}")
-    full_train = image_folder(train_dir, cfg.image_size)
-    test = image_folder(test_dir, cfg.image_size)
+    full_train, test = split_folders(cfg, ("train", "test"))
     check_images((full_train, test), cfg)
     if test.classes != full_train.classes:
         raise UserError(
-            f"the test classes in {test_dir} ({', '.join(test.classes)}) differ from the training "
-            f"classes in {train_dir} ({', '.join(full_train.classes)})"
+            f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
+            f"classes in {full_train.root} ({', '.join(full_train.classes)})"
         )
     if len(full_train.classes) < 2:
-        raise UserError(f"{train_dir} has {len(full_train.classes)} class folder; a classifier needs at least 2")
+        raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
     train_idx, val_idx = stratified_split(full_train.targets, cfg.val_fraction, cfg.seed)
     if not val_idx:
-        raise UserError(f"{train_dir} is too small for a validation split of {cfg.val_fraction}")
+        raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}")
     return Subset(full_train, train_idx), Subset(full_train, val_idx), test, full_train.classes
 
 
+def per_rank_batch(cfg, world_size):
+    """`cfg.batch_size` is the global batch: each of the `world_size` processes loads its share."""
+    return max(cfg.batch_size // world_size, 1)
+
+
+def evaluation_loader(dataset, cfg, device, rank, world_size):
+    """`dataset` in order, each image on one rank only (no padding: none counts twice)."""
+    sampler = EpochSampler(len(dataset), False, 0, rank, world_size)
+    return make_loader(dataset, sampler, per_rank_batch(cfg, world_size), cfg, device)
+
+
 def build_loaders(cfg, device, rank=0, world_size=1):
-    """Train, val and test loaders plus the class names. `cfg.batch_size` is the global
-    batch: each of the `world_size` processes loads its share."""
+    """Train, val and test loaders plus the class names, for process `rank` of `world_size`."""
     train_set, val_set, test_set, class_names = build_datasets(cfg)
     if getattr(cfg, "cache", False):
         train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
-        gibibytes = sum(d.nbytes() for d in (train_set, val_set, test_set)) / 2**30
+        size = human_bytes(sum(d.nbytes() for d in (train_set, val_set, test_set)))
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
-            f"into {gibibytes:.2f} GiB of RAM")
-    batch = max(cfg.batch_size // world_size, 1)
-    train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True)
-    # BatchNorm cannot train on a batch of one image: drop such a last batch (one image an epoch).
-    drop_last = train_sampler.samples_per_epoch() % batch == 1 and train_sampler.samples_per_epoch() > 1
+            f"into {size} of RAM")
+    batch = per_rank_batch(cfg, world_size)
+    # BatchNorm cannot train on a batch of one image (and under DDP, without --sync_bn, each
+    # rank's batch is its own): give every rank at least two samples, and drop a last batch
+    # of one (one image an epoch; at least one batch is left, as the share is over `batch`).
+    train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True, min_per_rank=2)
+    drop_last = train_sampler.samples_per_epoch() % batch == 1
     train = make_loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
-    val = make_loader(val_set, EpochSampler(len(val_set), False, 0, rank, world_size), batch, cfg, device)
-    test = make_loader(test_set, EpochSampler(len(test_set), False, 0, rank, world_size), batch, cfg, device)
+    val = evaluation_loader(val_set, cfg, device, rank, world_size)
+    test = evaluation_loader(test_set, cfg, device, rank, world_size)
     return train, val, test, class_names
+
+
+def build_test_loader(cfg, device, rank=0, world_size=1):
+    """(test loader, class names) from the test split alone, for --evaluate: no training
+    images needed. Its batches are build_loaders' test batches; --cache is left out, as
+    decoding the images into RAM first gains nothing for a single pass."""
+    (test_set,) = split_folders(cfg, ("test",))
+    check_images((test_set,), cfg)
+    return evaluation_loader(test_set, cfg, device, rank, world_size), test_set.classes
 
 
 def build_predict_loader(root, cfg, device):
