@@ -193,12 +193,26 @@ def per_class_report(confusion, class_names):
 
 
 # --------------------------------------------------------------------------- pictures
-def _integer_epochs(ax):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+MAX_EPOCH_TICKS = 10  # up to this many epochs, each gets its tick
+
+
+def _integer_epochs(ax, epochs):
+    """Ticks at whole epochs only. A locator asked for integers still puts fractional ticks around
+    a single point, so few epochs get a tick each; for many the locator chooses integer ones."""
+    epochs = sorted(set(epochs))
+    if len(epochs) <= MAX_EPOCH_TICKS:
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
 def plot_curves(history, path, title):
+    """Save curves_figure(history, title) to `path`."""
+    atomic_savefig(curves_figure(history, title), path)
+
+
+def curves_figure(history, title):
     """Train/validation loss and accuracy and the LR per epoch, side by side."""
     epochs = [e["epoch"] for e in history]
     figure = Figure(figsize=(13, 3.8), layout="constrained")
@@ -209,16 +223,21 @@ def plot_curves(history, path, title):
         ax.plot(epochs, [e[f"val_{key}"] for e in history], marker="o", markersize=3, label="validation")
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.legend()
-        _integer_epochs(ax)
+        _integer_epochs(ax, epochs)
     lr_ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
     lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
-    _integer_epochs(lr_ax)
+    _integer_epochs(lr_ax, epochs)
     figure.suptitle(title)
-    atomic_savefig(figure, path)
+    return figure
 
 
 def plot_comparison(runs, path):
+    """Save comparison_figure(runs) to `path`."""
+    atomic_savefig(comparison_figure(runs), path)
+
+
+def comparison_figure(runs):
     """The runs' validation accuracy by epoch and by training time, one line per run."""
     figure = Figure(figsize=(11, 4), layout="constrained")
     by_epoch, by_time = figure.subplots(1, 2, sharey=True)
@@ -230,13 +249,13 @@ def plot_comparison(runs, path):
         by_epoch.plot([e["epoch"] for e in epochs], accuracy, marker="o", markersize=3, label=label)
         by_time.plot(elapsed, accuracy, marker="o", markersize=3, label=label)
     by_epoch.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy by epoch")
-    _integer_epochs(by_epoch)
+    _integer_epochs(by_epoch, [e["epoch"] for r in runs for e in r["epochs"]])
     by_time.set(xlabel="training time (s)", title="validation accuracy by training time")
     by_time.grid(alpha=0.3)
     by_epoch.legend(loc="lower right")
     devices = ", ".join(sorted({r["device"] for r in runs}))
     figure.suptitle(f"{len(runs)} runs on {devices}" if len(runs) > 1 else f"{runs[0]['run']} on {devices}")
-    atomic_savefig(figure, path)
+    return figure
 
 
 def plot_confusion(confusion, class_names, path, title):

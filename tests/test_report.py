@@ -12,7 +12,7 @@ from PIL import Image
 import main as main_module
 import trainer
 from conftest import FAST, assert_user_error, read_results
-from report import comparison_report, comparison_table, load_finished_run
+from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
 from report import setting_differences
 
 RUNS = ("fp32", "amp")
@@ -196,6 +196,19 @@ def test_compare_refuses_missing_or_unfinished_runs_and_writes_nothing(runs_dir,
 # --------------------------------------------------------------------------- each run's pictures and results
 def test_curves_are_redrawn_every_epoch(runs_dir):
     assert CURVES_DRAWN == [(name, epoch) for name in RUNS for epoch in range(1, EPOCHS + 1)]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 30])
+def test_epoch_axes_tick_whole_epochs_only(epochs):
+    history = [{"epoch": i, "train_loss": 1 / i, "val_loss": 1.1 / i, "train_acc": 50 + i, "val_acc": 48 + i,
+                "lr": 1e-3 / i, "seconds": 2.0} for i in range(1, epochs + 1)]
+    run = {"run": "a", "device": "cpu", "precision": "FP32", "epochs": history}
+    axes = curves_figure(history, "a").axes + comparison_figure([run]).axes[:1]  # not the by-time axis
+    for ax in axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 1 and all(tick == round(tick) for tick in ticks), (ax.get_title(), ticks)
+        if epochs <= 2:
+            assert list(ticks) == list(range(1, epochs + 1))
 
 
 @pytest.mark.parametrize("name", RUNS)
