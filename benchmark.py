@@ -146,6 +146,19 @@ def images_per_sec(loader, batches):
     return images / (time.perf_counter() - start)
 
 
+def benchmark_record(cfg, rows):
+    """What benchmark.json holds: the rows and what they were measured with."""
+    return {
+        "device": device_name(cfg.device),
+        "torch": torch.__version__,
+        "model": "resnet18",  # what TrainingSteps builds
+        "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "benchmark_steps": cfg.benchmark_steps,
+        "rows": rows,
+    }
+
+
 def run(cfg):
     """Print and save the benchmark table (and the input pipeline's, with --data)."""
     # The dataset first: a missing or broken one fails now, not after minutes of timing.
@@ -160,7 +173,7 @@ def run(cfg):
     print(format_table(rows))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_json(os.path.join(run_dir, "benchmark.json"), rows)
+    atomic_write_json(os.path.join(run_dir, "benchmark.json"), benchmark_record(cfg, rows))
     print(f"wrote {os.path.join(run_dir, 'benchmark.json')}")
     if cfg.data:
         fastest = max(rows, key=lambda r: r["images_per_sec"])
