@@ -19,9 +19,10 @@ RELATIVE_COLUMNS = ("speedup", "memory saving")
 SETTING_COLUMNS = ("model", "image size", "batch size", "dataset")
 UNKNOWN = "?"  # a setting of a run without a readable config.json
 DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written then have no "model"
-# Settings that change neither what a run learns nor how fast it trains (or, for amp and amp_dtype,
-# are the precision being compared), so runs may differ in them. The config's device ("cuda") is
-# left out for the device's name in results.json.
+# Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype), where
+# and how a run is saved, logged or resumed, and other modes' flags. num_workers and cache change
+# images/s only where loading is the bottleneck. The config's device ("cuda") gives way to the
+# device's name in results.json.
 NOT_COMPARED = {
     "amp", "amp_dtype", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress", "log_interval",
     "save_every_steps", "resume", "evaluate", "predict", "predict_dir", "compare", "overwrite", "dist_timeout",
