@@ -113,9 +113,9 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def time_input_pipeline(cfg, batches=20):
-    """Images/s the training loader delivers (decode + resize in workers), per worker count."""
-    train_set = build_datasets(cfg)[0]
+def time_input_pipeline(cfg, train_set, batches=20):
+    """Images/s the training loader of `train_set` delivers (decode + resize in workers), per
+    worker count."""
     counts = sorted({w for w in (0, 1, 2, 4, 8) if w <= (os.cpu_count() or 1)} | {cfg.num_workers})
     results = []
     sources = [(w, train_set) for w in counts]
@@ -125,21 +125,44 @@ def time_input_pipeline(cfg, batches=20):
         run_cfg = argparse.Namespace(**{**vars(cfg), "num_workers": workers if workers != "cache" else 0})
         sampler = EpochSampler(len(dataset), True, cfg.seed)
         loader = make_loader(dataset, sampler, cfg.batch_size, run_cfg, "cpu")
-        n, start = 0, None
-        for i, (images, _) in enumerate(loader):
-            if i == 1:  # after the workers' start-up
-                start, n = time.perf_counter(), 0
-            n += len(images)
-            if i == batches:
-                break
-        seconds = time.perf_counter() - start if start else float("nan")
-        results.append({"workers": workers, "images_per_sec": n / seconds if seconds else 0.0})
+        results.append({"workers": workers, "images_per_sec": images_per_sec(loader, batches)})
         del loader
     return results
 
 
+def images_per_sec(loader, batches):
+    """Images/s of the `batches` batches after the first. The clock starts when the first batch
+    arrives (after the workers' start-up), so its images, delivered before, do not count."""
+    start, images = None, 0
+    for i, (batch, _) in enumerate(loader):
+        if i == 0:
+            start = time.perf_counter()
+        else:
+            images += len(batch)
+        if i == batches:
+            break
+    if not images:  # a loader of one batch: nothing was timed
+        return float("nan")
+    return images / (time.perf_counter() - start)
+
+
+def benchmark_record(cfg, rows):
+    """What benchmark.json holds: the rows and what they were measured with."""
+    return {
+        "device": device_name(cfg.device),
+        "torch": torch.__version__,
+        "model": "resnet18",  # what TrainingSteps builds
+        "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "benchmark_steps": cfg.benchmark_steps,
+        "rows": rows,
+    }
+
+
 def run(cfg):
     """Print and save the benchmark table (and the input pipeline's, with --data)."""
+    # The dataset first: a missing or broken one fails now, not after minutes of timing.
+    train_set = build_datasets(cfg)[0] if cfg.data else None
     modes = supported_modes(cfg.device)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
     print(f"benchmark: ResNet-18 training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
@@ -150,11 +173,11 @@ def run(cfg):
     print(format_table(rows))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_json(os.path.join(run_dir, "benchmark.json"), rows)
+    atomic_write_json(os.path.join(run_dir, "benchmark.json"), benchmark_record(cfg, rows))
     print(f"wrote {os.path.join(run_dir, 'benchmark.json')}")
     if cfg.data:
         fastest = max(rows, key=lambda r: r["images_per_sec"])
-        pipeline = time_input_pipeline(cfg)
+        pipeline = time_input_pipeline(cfg, train_set)
         print("\n| data loading workers | images/s |\n|---|---|")
         for p in pipeline:
             print(f"| {p['workers']} | {p['images_per_sec']:.0f} |")

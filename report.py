@@ -15,11 +15,25 @@ from utils import UserError, atomic_savefig, atomic_write_text, load_json
 TABLE_COLUMNS = ("run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
                  "images/s")
 RELATIVE_COLUMNS = ("speedup", "memory saving")
+# After the others, so scripts that read the table by position still find them where they were.
+SETTING_COLUMNS = ("model", "image size", "batch size", "dataset")
+UNKNOWN = "?"  # a setting of a run without a readable config.json
+DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written then have no "model"
+# Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype), where
+# and how a run is saved, logged or resumed, and other modes' flags. num_workers and cache change
+# images/s only where loading is the bottleneck. The config's device ("cuda") gives way to the
+# device's name in results.json.
+NOT_COMPARED = {
+    "amp", "amp_dtype", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress", "log_interval",
+    "save_every_steps", "resume", "evaluate", "predict", "predict_dir", "compare", "overwrite", "dist_timeout",
+    "cache", "benchmark", "benchmark_steps", "data", "demo",
+}
 
 
 # --------------------------------------------------------------------------- the table
 def load_finished_run(checkpoint_dir, name):
-    """The results.json of a run that has been tested; anything else is a user error."""
+    """The results.json of a run that has been tested, with its config.json's settings under
+    "config" (None when the run has no readable config.json); anything else is a user error."""
     path = os.path.join(checkpoint_dir, name, "results.json")
     if not os.path.exists(path):
         raise UserError(f"no run named {name!r}: {path} does not exist")
@@ -30,7 +44,18 @@ def load_finished_run(checkpoint_dir, name):
     if not isinstance(results, dict) or not results.get("finished") or results.get("test_acc") is None:
         raise UserError(f"run {name!r} has not finished (no test accuracy in {path}); complete it with --resume")
     results["run"] = name  # the name it was asked for, even if its folder was renamed
+    results["config"] = load_run_config(os.path.join(checkpoint_dir, name, "config.json"))
     return results
+
+
+def load_run_config(path):
+    """A run's config.json as a dict, or None if it is missing or unreadable (old runs may lack
+    it): the comparison then shows the run's settings as unknown instead of failing."""
+    try:
+        config = load_json(path)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def peak_memory(run):
@@ -47,10 +72,11 @@ def throughput(run):
 
 
 def comparison_table(runs):
-    """A markdown table with a row per run (results.json dicts). With more than one run, speedup
-    (images/s) and memory saving (peak GPU memory) are relative to the first run."""
+    """A markdown table with a row per run (results.json dicts, with their "config" where known).
+    With more than one run, speedup (images/s) and memory saving (peak GPU memory) are relative
+    to the first run."""
     relative = len(runs) > 1
-    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ())
+    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ()) + SETTING_COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     reference = runs[0]
     for r in runs:
@@ -71,8 +97,78 @@ def comparison_table(runs):
             reference_memory, reference_speed = peak_memory(reference), throughput(reference)
             cells.append(f"{speed / reference_speed:.2f}x" if speed and reference_speed else "n/a")
             cells.append(f"{100 * (1 - memory / reference_memory):.0f}%" if memory and reference_memory else "n/a")
+        cells += setting_cells(r.get("config"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def setting_cells(config):
+    """The SETTING_COLUMNS cells of a run with these settings (None: unknown)."""
+    if config is None:
+        return [UNKNOWN] * len(SETTING_COLUMNS)
+    return [str(config.get("model", DEFAULT_MODEL)), str(config.get("image_size", UNKNOWN)),
+            str(config.get("batch_size", UNKNOWN)), dataset_name(config.get("data_dir"))]
+
+
+def dataset_name(data_dir):
+    """The dataset folder's own name: short enough for the table (the warning gives full paths)."""
+    if not data_dir:
+        return UNKNOWN
+    return os.path.basename(os.path.normpath(data_dir)) or data_dir
+
+
+def compared_settings(run):
+    """{setting: value} of what a run's accuracy and speed depend on, besides its precision: its
+    config.json's settings (if known) and the device it ran on. Unknown settings are left out."""
+    config = run.get("config")
+    settings = {} if config is None else {"model": DEFAULT_MODEL, **config}
+    settings["device"] = run["device"]  # its name, not config.json's "cuda"
+    if "world_size" in run:
+        settings["world_size"] = run["world_size"]
+    return {name: value for name, value in settings.items() if name not in NOT_COMPARED}
+
+
+def setting_differences(runs):
+    """One line per setting in which the runs differ, e.g. "image_size: 32 (a), 64 (b)"; a run
+    whose setting is unknown is listed as "?" but makes no difference by itself."""
+    settings = [compared_settings(r) for r in runs]
+    names = dict.fromkeys(name for s in settings for name in s)  # in the order config.json lists them
+    differences = []
+    for name in names:
+        known = [s[name] for s in settings if name in s]
+        if any(value != known[0] for value in known):
+            values = [(s.get(name, UNKNOWN), r["run"]) for s, r in zip(settings, runs)]
+            differences.append(f"{name}: {_grouped(values)}")
+    return differences
+
+
+def _grouped(values):
+    """[(value, run)] as "value (run, run), value (run)", each value once, in order of appearance."""
+    groups = []  # [(value, [runs])]; a list, since values need not be hashable
+    for value, run in values:
+        group = next((g for g in groups if g[0] == value), None)
+        if group is None:
+            groups.append((value, [run]))
+        else:
+            group[1].append(run)
+    return ", ".join(f"{value} ({', '.join(runs)})" for value, runs in groups)
+
+
+def comparison_report(runs):
+    """What --compare prints and saves to compare.md: the table, what speedup and memory saving
+    are relative to, and a warning when the runs differ in more than their precision."""
+    text = comparison_table(runs) + "\n"
+    if len(runs) > 1:
+        text += f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {runs[0]['run']}.\n"
+    differences = setting_differences(runs)
+    if differences:
+        text += (f"\nwarning: these runs differ in more than precision ({'; '.join(differences)}); "
+                 "speedup and accuracy differences are not AMP's alone\n")
+    unknown = [r["run"] for r in runs if r.get("config") is None]
+    if unknown and len(runs) > 1:
+        text += (f"\nnote: no readable config.json for {', '.join(unknown)}; settings shown as {UNKNOWN} are "
+                 "unknown and were not compared\n")
+    return text
 
 
 # --------------------------------------------------------------------------- per class
@@ -98,12 +194,26 @@ def per_class_report(confusion, class_names):
 
 
 # --------------------------------------------------------------------------- pictures
-def _integer_epochs(ax):
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+MAX_EPOCH_TICKS = 10  # up to this many epochs, each gets its tick
+
+
+def _integer_epochs(ax, epochs):
+    """Ticks at whole epochs only. A locator asked for integers still puts fractional ticks around
+    a single point, so few epochs get a tick each; for many the locator chooses integer ones."""
+    epochs = sorted(set(epochs))
+    if len(epochs) <= MAX_EPOCH_TICKS:
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
 def plot_curves(history, path, title):
+    """Save curves_figure(history, title) to `path`."""
+    atomic_savefig(curves_figure(history, title), path)
+
+
+def curves_figure(history, title):
     """Train/validation loss and accuracy and the LR per epoch, side by side."""
     epochs = [e["epoch"] for e in history]
     figure = Figure(figsize=(13, 3.8), layout="constrained")
@@ -114,16 +224,21 @@ def plot_curves(history, path, title):
         ax.plot(epochs, [e[f"val_{key}"] for e in history], marker="o", markersize=3, label="validation")
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.legend()
-        _integer_epochs(ax)
+        _integer_epochs(ax, epochs)
     lr_ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
     lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
-    _integer_epochs(lr_ax)
+    _integer_epochs(lr_ax, epochs)
     figure.suptitle(title)
-    atomic_savefig(figure, path)
+    return figure
 
 
 def plot_comparison(runs, path):
+    """Save comparison_figure(runs) to `path`."""
+    atomic_savefig(comparison_figure(runs), path)
+
+
+def comparison_figure(runs):
     """The runs' validation accuracy by epoch and by training time, one line per run."""
     figure = Figure(figsize=(11, 4), layout="constrained")
     by_epoch, by_time = figure.subplots(1, 2, sharey=True)
@@ -135,13 +250,13 @@ def plot_comparison(runs, path):
         by_epoch.plot([e["epoch"] for e in epochs], accuracy, marker="o", markersize=3, label=label)
         by_time.plot(elapsed, accuracy, marker="o", markersize=3, label=label)
     by_epoch.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy by epoch")
-    _integer_epochs(by_epoch)
+    _integer_epochs(by_epoch, [e["epoch"] for r in runs for e in r["epochs"]])
     by_time.set(xlabel="training time (s)", title="validation accuracy by training time")
     by_time.grid(alpha=0.3)
     by_epoch.legend(loc="lower right")
     devices = ", ".join(sorted({r["device"] for r in runs}))
     figure.suptitle(f"{len(runs)} runs on {devices}" if len(runs) > 1 else f"{runs[0]['run']} on {devices}")
-    atomic_savefig(figure, path)
+    return figure
 
 
 def plot_confusion(confusion, class_names, path, title):

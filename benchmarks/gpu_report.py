@@ -54,7 +54,7 @@ def main(argv=None, run=run_main_py):
     commands = [main_py("--benchmark", *common, "--checkpoint_name", "benchmark",
                         "--benchmark_steps", args.benchmark_steps)]
     with open(os.path.join(checkpoints, "benchmark", "benchmark.json")) as f:
-        rows = json.load(f)
+        rows = json.load(f)["rows"]
 
     # The training split is (1 - VAL_FRACTION) of seg_train: generate enough for --images of it.
     per_class = round(args.images / (1 - VAL_FRACTION) / 6)

@@ -4,26 +4,32 @@ import json
 import os
 import sys
 from argparse import Namespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torchvision.models import resnet18
 
-from conftest import FAST, ROOT, read_results
+from conftest import FAST, ROOT, assert_user_error, read_results
+import benchmark
 import main as main_module
 from dataset import build_loaders
+from utils import device_name
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 ROW_KEYS = {"mode", "channels_last", "images_per_sec", "ms_per_step", "peak_mem_mb"}
+SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "1",
+                   "--num_workers", "0", "--checkpoint_name", "bench"]
 
 
 def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
-    code, out, err = run_cli("--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32",
-                             "--benchmark_steps", "1", "--data", "--data_dir", demo_data, "--num_workers", "0",
-                             "--checkpoint_name", "bench")
+    code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", demo_data)
     assert code == 0, err
-    rows = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
+    record = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
+    rows = record.pop("rows")
+    assert record == {"device": device_name("cpu"), "torch": torch.__version__, "model": "resnet18",
+                      "batch_size": 2, "image_size": 32, "benchmark_steps": 1}
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
         ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]  # no float16 on a CPU
     for r in rows:
@@ -34,6 +40,29 @@ def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
     assert "feed the fastest training mode" in out  # the --data verdict
     pipeline = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark_data.json").read_text())
     assert {p["workers"] for p in pipeline} >= {0}
+
+
+def test_benchmark_data_checks_the_dataset_before_timing(run_cli, tmp_path):
+    code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", tmp_path / "missing")
+    assert_user_error((code, out, err), "no training split", "missing")
+    assert "| fp32 |" not in out  # failed before the first timed step, not after them all
+    assert not (tmp_path / "checkpoints" / "bench").exists()
+
+
+def test_input_pipeline_counts_only_the_images_it_timed(monkeypatch):
+    clock = SimpleNamespace(now=0.0)
+
+    def loader():  # batches of 4 images, one (fake) second apart
+        for _ in range(10):
+            clock.now += 1.0
+            yield torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+
+    monkeypatch.setattr(benchmark, "make_loader", lambda *args, **kwargs: loader())
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    cfg = Namespace(num_workers=0, cache=False, seed=0, batch_size=4)
+    results = benchmark.time_input_pipeline(cfg, list(range(40)), batches=3)
+    # The clock starts as the first batch arrives: 3 batches of 4 images in 3 s.
+    assert [r["images_per_sec"] for r in results] == [4.0] * len(results) and results
 
 
 def test_benchmark_on_the_cpu_is_sized_for_a_cpu_unless_told():

@@ -12,7 +12,8 @@ from PIL import Image
 import main as main_module
 import trainer
 from conftest import FAST, assert_user_error, read_results
-from report import comparison_table
+from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
+from report import setting_differences
 
 RUNS = ("fp32", "amp")
 CLASSES = ["blue", "green", "red"]
@@ -20,7 +21,8 @@ TEST_PER_CLASS = 8  # make_colour_dataset's test split
 TRAIN_IMAGES = 48  # 3 classes x 20, less the 20% validation split
 EPOCHS = 2
 COLUMNS = ["run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
-           "images/s", "speedup", "memory saving"]
+           "images/s", "speedup", "memory saving", "model", "image size", "batch size", "dataset"]
+SETTING_COLUMNS = COLUMNS[-4:]
 CURVES_DRAWN = []  # (run, epochs shown) each time a curves.png was drawn while runs_dir trained
 
 
@@ -61,7 +63,7 @@ def assert_png(path, min_width, min_height):
 
 
 # --------------------------------------------------------------------------- --compare
-def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, run_cli):
+def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, demo_data, run_cli):
     code, out, err = run_cli("--compare", *RUNS, checkpoint_dir=runs_dir)
     assert code == 0, err
     markdown = (runs_dir / "compare.md").read_text()
@@ -83,6 +85,7 @@ def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, run_cli
         assert cell["total time"] == f"{results['total_train_seconds']:.0f} s"
         assert float(cell["images/s"]) == pytest.approx(TRAIN_IMAGES * EPOCHS / seconds[cell["run"]], abs=0.5)
         assert cell["memory saving"] == "n/a"  # no GPU memory to compare on the CPU
+        assert [cell[c] for c in SETTING_COLUMNS] == ["resnet18", "32", "16", os.path.basename(demo_data)]
     assert rows[0][COLUMNS.index("speedup")] == "1.00x"
     speedup = float(rows[1][COLUMNS.index("speedup")].rstrip("x"))
     assert speedup == pytest.approx(seconds["fp32"] / seconds["amp"], abs=0.006)
@@ -108,7 +111,72 @@ def test_speedup_and_memory_saving_are_relative_to_the_first_run():
     assert half["test acc (%)"] == "91.23"
     # One run alone (the summary at the end of training) has nothing to be relative to.
     header, rows = table(comparison_table(runs[:1]))
-    assert header == COLUMNS[:-2] and len(rows) == 1
+    assert header == COLUMNS[:-6] + SETTING_COLUMNS and len(rows) == 1
+
+
+# The settings of a run as config.json holds them (vars(cfg)), trimmed to a few.
+SETTINGS = dict(data_dir="/data/intel", image_size=64, batch_size=32, epochs=3, learning_rate=1e-4, seed=42,
+                amp=False, amp_dtype="float16", accum_steps=1, channels_last=True, compile=False,
+                checkpoint_dir="checkpoints", num_workers=8, progress=True, compare=None)
+
+
+def write_run(root, name, precision="FP32", config=SETTINGS, **changes):
+    """A finished run folder root/name, loaded as --compare does: results.json, and config.json
+    holding `config` with `changes` (none if `config` is None; a string is written as it is)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    results = {**gpu_run(name, precision, 2048, 10.0, 500.0), "finished": True, "world_size": 1}
+    (folder / "results.json").write_text(json.dumps(results))
+    if isinstance(config, dict):
+        config = json.dumps({**config, "checkpoint_name": name, **changes})
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    return load_finished_run(str(root), name)
+
+
+def test_compare_warns_when_runs_differ_in_more_than_precision(tmp_path):
+    runs = [write_run(tmp_path, "a"), write_run(tmp_path, "b", image_size=32, epochs=4, num_workers=2),
+            write_run(tmp_path, "c", "AMP fp16", epochs=4, amp=True)]
+    assert setting_differences(runs) == ["image_size: 64 (a, c), 32 (b)", "epochs: 3 (a), 4 (b, c)"]
+    report = comparison_report(runs)
+    assert ("warning: these runs differ in more than precision (image_size: 64 (a, c), 32 (b); epochs: 3 (a), "
+            "4 (b, c)); speedup and accuracy differences are not AMP's alone") in report
+    header, rows = table(report)
+    assert header == COLUMNS
+    assert [dict(zip(header, row))["image size"] for row in rows] == ["64", "32", "64"]
+    assert report.startswith(comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving")
+    # Another dataset, model or GPU is named too (full paths in the warning, folder names in the table).
+    runs = [write_run(tmp_path / "more", "a"), write_run(tmp_path / "more", "b", data_dir="/data/other/", model="vit")]
+    runs[1]["device"] = "NVIDIA A100"
+    assert setting_differences(runs) == ["model: resnet18 (a), vit (b)", "data_dir: /data/intel (a), /data/other/ (b)",
+                                         "device: NVIDIA H100 80GB HBM3 (a), NVIDIA A100 (b)"]
+    _, rows = table(comparison_table(runs))
+    assert [row[-4:] for row in rows] == [["resnet18", "64", "32", "intel"], ["vit", "64", "32", "other"]]
+
+
+def test_compare_of_fp32_and_amp_alone_has_no_warning(tmp_path):
+    runs = [write_run(tmp_path, "fp32"), write_run(tmp_path, "amp", "AMP bf16", amp=True, amp_dtype="bfloat16",
+                                                   num_workers=2, checkpoint_dir="elsewhere")]
+    assert setting_differences(runs) == []
+    report = comparison_report(runs)
+    assert "warning" not in report and "note" not in report
+    assert report == comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to fp32.\n"
+
+
+def test_compare_shows_the_settings_of_a_run_without_config_as_unknown(tmp_path):
+    runs = [write_run(tmp_path, "new", image_size=128), write_run(tmp_path, "old", config=None),
+            write_run(tmp_path, "broken", config="{not json"), write_run(tmp_path, "odd", config="[1, 2]")]
+    assert [r["config"] for r in runs[1:]] == [None, None, None]
+    _, rows = table(comparison_table(runs))
+    assert [row[-4:] for row in rows] == [["resnet18", "128", "32", "intel"]] + [["?"] * 4] * 3
+    assert setting_differences(runs) == []  # nothing known differs
+    assert setting_differences(runs + [write_run(tmp_path, "small", image_size=64)]) == [
+        "image_size: 128 (new), ? (old, broken, odd), 64 (small)"]
+    assert "note: no readable config.json for old, broken, odd;" in comparison_report(runs)
+    # An old config.json, written before a setting existed, leaves that setting unknown.
+    old_config = {k: v for k, v in SETTINGS.items() if k != "channels_last"}
+    runs = [write_run(tmp_path / "more", "a", channels_last=False), write_run(tmp_path / "more", "b", config=old_config)]
+    assert setting_differences(runs) == []
 
 
 def test_compare_refuses_missing_or_unfinished_runs_and_writes_nothing(runs_dir, run_cli, tmp_path):
@@ -128,6 +196,19 @@ def test_compare_refuses_missing_or_unfinished_runs_and_writes_nothing(runs_dir,
 # --------------------------------------------------------------------------- each run's pictures and results
 def test_curves_are_redrawn_every_epoch(runs_dir):
     assert CURVES_DRAWN == [(name, epoch) for name in RUNS for epoch in range(1, EPOCHS + 1)]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 30])
+def test_epoch_axes_tick_whole_epochs_only(epochs):
+    history = [{"epoch": i, "train_loss": 1 / i, "val_loss": 1.1 / i, "train_acc": 50 + i, "val_acc": 48 + i,
+                "lr": 1e-3 / i, "seconds": 2.0} for i in range(1, epochs + 1)]
+    run = {"run": "a", "device": "cpu", "precision": "FP32", "epochs": history}
+    axes = curves_figure(history, "a").axes + comparison_figure([run]).axes[:1]  # not the by-time axis
+    for ax in axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 1 and all(tick == round(tick) for tick in ticks), (ax.get_title(), ticks)
+        if epochs <= 2:
+            assert list(ticks) == list(range(1, epochs + 1))
 
 
 @pytest.mark.parametrize("name", RUNS)
