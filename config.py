@@ -33,7 +33,7 @@ RESUMABLE_OVERRIDES = {
 # --evaluate and --predict also take the run's saved settings; these may differ from them.
 EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file"}
 # Flags that select what main.py does, rather than how a run trains.
-MODE_FLAGS = ("resume", "evaluate", "predict", "compare", "benchmark")
+MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark")
 # The only flags --compare reads (it works on finished runs' results.json).
 COMPARE_FLAGS = {"compare", "checkpoint_dir"}
 
@@ -274,6 +274,8 @@ def parse_config(argv=None):
         for name, value in demo.items():
             if name not in explicit:
                 setattr(cfg, name, value)
+        if "warmup_epochs" not in explicit and cfg.epochs <= cfg.warmup_epochs:
+            cfg.warmup_epochs = 0  # --demo --epochs 1: no room for the demo's warmup epoch
     cfg = resolve(cfg)
     if cfg.benchmark and cfg.device == "cpu" and not cfg.demo:
         # Batch 256 at 256 px is ~20 s a step on a laptop CPU: --benchmark should take a minute.

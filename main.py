@@ -8,7 +8,7 @@ import benchmark
 import config
 from dataset import DeviceTransform, build_loaders, build_predict_loader, build_test_loader, find_split_dir, make_demo_dataset
 from model import build_model
-from report import comparison_table, load_finished_run, per_class_report, plot_comparison, write_predictions
+from report import comparison_report, load_finished_run, per_class_report, plot_comparison, write_predictions
 from scheduler import WarmupCosineLR
 from trainer import Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
@@ -184,9 +184,7 @@ def predict(best, cfg):
 def compare(cfg):
     """The comparison table of finished runs, printed and saved with a validation-accuracy chart."""
     runs = [load_finished_run(cfg.checkpoint_dir, name) for name in cfg.compare]  # all checked before writing
-    text = comparison_table(runs) + "\n"
-    if len(runs) > 1:
-        text += f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {runs[0]['run']}.\n"
+    text = comparison_report(runs)
     table_path = os.path.join(cfg.checkpoint_dir, "compare.md")
     chart_path = os.path.join(cfg.checkpoint_dir, "compare.png")
     atomic_write_text(table_path, text)

@@ -316,7 +316,7 @@ class Trainer:
             f"{self.cfg.checkpoint_name}: test accuracy {test['acc']:.2f}% ({precision_name(self.cfg)})"))
         if int(self.skipped_steps):
             self.log.info(f"GradScaler skipped {int(self.skipped_steps)} optimizer steps with inf/NaN gradients")
-        self.log.info(comparison_table([results]))
+        self.log.info(comparison_table([{**results, "config": vars(self.cfg)}]))
         return results
 
     # ------------------------------------------------------------------ saving and restoring

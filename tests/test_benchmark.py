@@ -44,7 +44,7 @@ def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
 
 def test_benchmark_data_checks_the_dataset_before_timing(run_cli, tmp_path):
     code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", tmp_path / "missing")
-    assert_user_error((code, out, err), "no training split", "missing")
+    assert_user_error((code, out, err), "does not exist", "missing")
     assert "| fp32 |" not in out  # failed before the first timed step, not after them all
     assert not (tmp_path / "checkpoints" / "bench").exists()
 

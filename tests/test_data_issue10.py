@@ -158,8 +158,9 @@ def test_human_bytes():
     assert human_bytes(2**30) == "1.00 GiB" and human_bytes(int(2.5 * 2**30)) == "2.50 GiB"
 
 
-def test_cache_logs_a_readable_size(tmp_path, caplog):
+def test_cache_logs_a_readable_size(tmp_path, caplog, monkeypatch):
     make_layout(tmp_path, nested=True, classes=("cat", "dog"), n=5)  # 20 images of 3x16x16 bytes
+    monkeypatch.setattr(logging.getLogger("amp"), "propagate", True)  # a run earlier in the suite turned it off
     with caplog.at_level(logging.INFO, logger="amp"):
         build_loaders(cfg(tmp_path, batch_size=4, cache=True), "cpu")
     assert "decoded into 15.0 KiB of RAM" in caplog.text, caplog.text

@@ -309,7 +309,7 @@ def demo_run(request, tmp_path_factory):
 def check_base_run(run, shared):
     run.assert_ok()
     assert "training base: 48 train / 12 val / 24 test images, 3 classes" in run.out  # --data_dir: the colours
-    assert "3 steps x 1 epochs" in run.out  # --batch_size 16: 48 images in 3 steps
+    assert "3 steps x 1 epoch\n" in run.out  # --batch_size 16: 48 images in 3 steps
     for name in ("best.pt", "last.pt", "results.json", "config.json", "train.log"):
         assert (run.dir / name).exists(), name  # --checkpoint_dir / --checkpoint_name
     assert run.results_at_exit["run"] == "base" and run.results_at_exit["finished"]
@@ -429,7 +429,7 @@ def check_compile(run, shared):
 
 def check_benchmark(run, shared):
     run.assert_ok()
-    rows = json.loads((run.dir / "benchmark.json").read_text())
+    rows = json.loads((run.dir / "benchmark.json").read_text())["rows"]
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
         ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]
     assert "batch 2, 32x32 px" in run.out and "the median of 1 steps" in run.out  # --benchmark_steps 1
@@ -479,7 +479,7 @@ def check_compare(run, shared):
 
 def check_resume(run, shared):
     run.assert_ok()
-    assert "resuming base after epoch 1" in run.out
+    assert "resuming base: after epoch 1" in run.out
     results = run.results_at_exit
     assert results["finished"] and len(results["epochs"]) == 1  # a finished run: only the test again
     assert results["test_acc"] == shared.base.results_at_exit["test_acc"]
@@ -605,7 +605,7 @@ REFUSED = "refused with one line"
 
 def check_demo_resume(run, shared):
     run.assert_ok()
-    assert "resuming demo after epoch 1" in run.out  # a finished run: only the test again
+    assert "resuming demo: after epoch 1" in run.out  # a finished run: only the test again
     assert run.results_at_exit["finished"] and len(run.results_at_exit["epochs"]) == 1
     assert run.results_at_exit["test_acc"] == shared.demo.results_at_exit["test_acc"]
 
@@ -624,7 +624,7 @@ def check_demo_predict(run, shared):
 def check_demo_benchmark(run, shared):
     run.assert_ok()
     assert "batch 2, 32x32 px" in run.out
-    assert len(json.loads((run.dir / "benchmark.json").read_text())) == 4
+    assert len(json.loads((run.dir / "benchmark.json").read_text())["rows"]) == 4
 
 
 def check_demo_overwrite(run, shared):
