@@ -29,6 +29,7 @@ from utils import (
     rank,
     remove_stale_temp_files,
     seed_everything,
+    silence_stdout,
     setup_logging,
     world_size,
     wrap_ddp,
@@ -235,12 +236,6 @@ def main(argv=None):
         return 1
     finally:
         leave_distributed()
-
-
-def silence_stdout():
-    """Point stdout at /dev/null, so Python's final flush does not complain of the closed pipe."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -430,6 +430,23 @@ def load_json(path):
 
 
 # --------------------------------------------------------------------------- logging
+class _ConsoleHandler(logging.StreamHandler):
+    """The log on stdout. When its reader has gone (`python main.py ... | head`), stop writing
+    there quietly instead of printing a logging traceback for every line after."""
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            silence_stdout()
+        else:
+            super().handleError(record)
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, so later writes (and Python's final flush) find no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def setup_logging():
     """Log to stdout (main process only). Lines are also held back until `log_to_file` names
     the run's log file, so nothing is written into a run folder before the run can start."""
@@ -440,7 +457,7 @@ def setup_logging():
     if not is_main_process():
         logger.addHandler(logging.NullHandler())
         return logger
-    console = logging.StreamHandler(sys.stdout)
+    console = _ConsoleHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
