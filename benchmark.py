@@ -10,7 +10,8 @@ import torch
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
 from model import build_model
 from trainer import AmpUpdate, autocast_for, build_optimizer, training_step
-from utils import Stopwatch, atomic_write_json, device_name, peak_memory_mb, reset_peak_memory
+from metrics import Stopwatch, device_name, peak_memory_mb, reset_peak_memory
+from utils import atomic_write_json
 
 WARMUP_STEPS = 3  # untimed steps first: oneDNN/cuDNN plans, the allocator, torch.compile
 NUM_CLASSES = 6

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from utils import UserError, launched_by_torchrun, launched_world_size, local_rank
+from distributed import launched_by_torchrun, launched_world_size, local_rank
+from utils import UserError
 
 # What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
 # (With --amp the run is named demo_amp, so the FP32 and AMP demos can be compared.)

@@ -6,33 +6,35 @@ import torch
 
 import benchmark
 import config
-from dataset import DeviceTransform, build_loaders, build_predict_loader, build_test_loader, find_split_dir, make_demo_dataset
+from dataset import DeviceTransform, build_loaders, build_predict_loader, build_test_loader, find_split_dir
+from demo import make_demo_dataset
 from model import build_model
 from report import comparison_report, load_finished_run, per_class_report, plot_comparison, write_predictions
 from scheduler import WarmupCosineLR
-from trainer import Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
+from trainer import GracefulStop, Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
-from utils import (
-    GracefulStop,
+from distributed import (
     PeerError,
-    UserError,
-    atomic_write_json,
-    atomic_write_text,
     from_main_process,
     init_distributed,
     is_main_process,
     leave_distributed,
-    log_to_file,
-    log_to_file_only,
     on_all_ranks,
     print_error,
     rank,
-    remove_stale_temp_files,
-    seed_everything,
-    silence_stdout,
-    setup_logging,
     world_size,
     wrap_ddp,
+)
+from utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    log_to_file,
+    log_to_file_only,
+    remove_stale_temp_files,
+    seed_everything,
+    setup_logging,
+    silence_stdout,
 )
 
 # Files a run writes; --overwrite removes these and nothing else.
@@ -67,7 +69,7 @@ def start_run_dir(run_dir, fresh):
 
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
-    logger = setup_logging()
+    logger = setup_logging(is_main_process())
     train_loader, val_loader, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
     seed_everything(cfg.seed, cfg.deterministic)  # here, so the init depends on the seed alone
     # Under DDP only rank 0 needs (or downloads) the ImageNet weights: DDP copies its

@@ -1,8 +1,10 @@
-"""Training: the FP32/AMP step, the epoch loop, evaluation, checkpoints and results."""
+"""Training: the FP32/AMP step, the epoch loop, evaluation, checkpoints and results, and a clean
+stop on Ctrl-C or SIGTERM."""
 import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from functools import partial
 
@@ -12,31 +14,64 @@ from tqdm import tqdm
 
 from dataset import DeviceTransform
 from report import comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
-from utils import (
-    ClassificationMeter,
-    GracefulStop,
-    RunStopped,
-    Stopwatch,
-    UserError,
+from distributed import (
     agreed_failure,
+    agreed_signal,
     all_reduce_max,
-    atomic_torch_save,
-    atomic_write_json,
     broadcast_buffers,
-    derived_seed,
-    device_name,
     from_main_process,
     is_main_process,
-    peak_memory_mb,
     rank,
-    reset_peak_memory,
-    torch_load_error,
     world_size,
 )
+from metrics import ClassificationMeter, Stopwatch, device_name, peak_memory_mb, reset_peak_memory
+from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, derived_seed, torch_load_error
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
 # Steps in a row whose loss is not finite (or whose update GradScaler skipped) before we stop.
 MAX_BAD_STEPS = 20
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask the trainer to stop after the current step,
+    save, and exit; a second Ctrl-C exits at once (atomic writes keep the files whole)."""
+
+    def __init__(self):
+        self.signal = None
+        self.finishing = None  # set to what is being finished when stopping would only lose it (the test)
+        self._previous = {}
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def requested(self):
+        """Whether to stop after this step. Decided on the signal any rank has seen (see
+        agreed_signal), so a signal that lands after the agreement counts at the next step on
+        every rank alike: no rank stops a step before the rest."""
+        agreed = agreed_signal(self.signal or 0)
+        self.signal = self.signal or agreed or None
+        return agreed != 0
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            print("second interrupt: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        if not is_main_process():
+            return
+        if self.finishing:
+            print(f"\n{signal.Signals(signum).name}: training is done and saved; finishing {self.finishing} "
+                  "first (press Ctrl-C again to stop now; --resume then runs the test)", file=sys.stderr, flush=True)
+        else:
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step "
+                  "(press Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
 
 class AmpUpdate:
@@ -143,6 +178,7 @@ class Trainer:
         # Kept on the device so the loop never waits for the GPU to count them.
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)  # bad steps in a row
+        self.group_bad = torch.zeros((), dtype=torch.bool, device=self.device)  # this step's micro-batches so far
 
     # ------------------------------------------------------------------ pieces
     def grad_sync(self, update):
@@ -166,12 +202,7 @@ class Trainer:
         start = self.batch_in_epoch
         self.train_loader.sampler.set_epoch(epoch, skip=start * self.train_loader.batch_size)
         num_batches = start + len(self.train_loader)
-        meter = ClassificationMeter(len(self.class_names), self.device)
-        seconds_before = 0.0
-        if self.epoch_state is not None:
-            meter.load_state_dict(self.epoch_state["meter"])
-            seconds_before = self.epoch_state["seconds"]
-        group_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        meter, seconds_before = self.epoch_meter()
         reset_peak_memory(self.device)
         watch = Stopwatch(self.device)
         bar = tqdm(initial=start, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -190,27 +221,12 @@ class Trainer:
                 loss, logits, step_skipped = training_step(
                     self.train_model, images, targets, self.autocast, self.update, group_size, update)
             meter.update(loss, logits, targets)
-            group_bad |= ~torch.isfinite(loss.detach())
             bar.update()
-            if not update:
-                continue
-            if step_skipped is not None:
-                self.skip_guard.restore_if(step_skipped)
-                self.skipped_steps += step_skipped
-                group_bad |= step_skipped
-            self.bad_streak = (self.bad_streak + 1) * group_bad
-            group_bad = torch.zeros_like(group_bad)
-            self.scheduler.step()
-            self.batch_in_epoch = i + 1
-            step = self.scheduler.last_epoch
-            if step % cfg.log_interval == 0 or i == num_batches - 1:
-                self.check_not_diverged()  # with the postfix below, the only host syncs of the loop
-                stats = meter.compute()
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.lr():.2e}")
-            if self.stop.requested() or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                self.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_before + watch.elapsed()}
-                self.save_checkpoint("last.pt")
-                self.exit_if_signalled()
+            self.track_bad_steps(loss, step_skipped, update)
+            if update:
+                self.scheduler.step()
+                self.batch_in_epoch = i + 1
+                self.after_optimizer_step(meter, bar, i == num_batches - 1, seconds_before + watch.elapsed())
         bar.close()
         self.batch_in_epoch, self.epoch_state = 0, None  # the next call starts a fresh epoch
         seconds = seconds_before + watch.stop()
@@ -222,6 +238,44 @@ class Trainer:
             "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
             "peak_mem_mb": peak_memory_mb(self.device),
         }
+
+    # ------------------------------------------------------------------ per-step bookkeeping
+    def epoch_meter(self):
+        """The epoch's meter and the seconds it had trained, restored when a mid-epoch
+        checkpoint cut it."""
+        meter = ClassificationMeter(len(self.class_names), self.device)
+        if self.epoch_state is None:
+            return meter, 0.0
+        meter.load_state_dict(self.epoch_state["meter"])
+        return meter, self.epoch_state["seconds"]
+
+    def track_bad_steps(self, loss, step_skipped, update):
+        """Count optimizer steps in a row that went bad, on the device (no host sync): a
+        non-finite loss in any micro-batch of the step, or an update GradScaler skipped (whose
+        BatchNorm statistics are then put back)."""
+        self.group_bad |= ~torch.isfinite(loss.detach())
+        if not update:
+            return
+        if step_skipped is not None:
+            self.skip_guard.restore_if(step_skipped)
+            self.skipped_steps += step_skipped
+            self.group_bad |= step_skipped
+        self.bad_streak = (self.bad_streak + 1) * self.group_bad
+        self.group_bad = torch.zeros_like(self.group_bad)
+
+    def after_optimizer_step(self, meter, bar, last_batch, seconds_so_far):
+        """Every --log_interval steps (and at the epoch's end): the divergence check and the
+        progress bar, the loop's only host syncs. On a signal, or every --save_every_steps:
+        last.pt with the epoch's progress so far, then stop if signalled."""
+        cfg, step = self.cfg, self.scheduler.last_epoch
+        if step % cfg.log_interval == 0 or last_batch:
+            self.check_not_diverged()
+            stats = meter.compute()
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.lr():.2e}")
+        if self.stop.requested() or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+            self.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_so_far}
+            self.save_checkpoint("last.pt")
+            self.exit_if_signalled()
 
     def check_not_diverged(self):
         """Stop when the loss has not been finite (or GradScaler skipped every update) for

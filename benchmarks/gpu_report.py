@@ -17,7 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset import make_demo_dataset  # noqa: E402
+from demo import make_demo_dataset  # noqa: E402
 
 VAL_FRACTION = 0.2
 

@@ -21,7 +21,8 @@ from dataset import IMAGENET_MEAN, IMAGENET_STD, CachedImages, EpochSampler, mak
 from model import build_model  # noqa: E402
 from scheduler import WarmupCosineLR  # noqa: E402
 from trainer import Trainer, build_optimizer  # noqa: E402
-from utils import Stopwatch, derived_seed  # noqa: E402
+from metrics import Stopwatch  # noqa: E402
+from utils import derived_seed  # noqa: E402
 
 
 def make_cfg(args):

@@ -25,7 +25,7 @@ def install_hooks():
 
     import trainer
     from scheduler import WarmupCosineLR
-    from utils import is_main_process, rank
+    from distributed import is_main_process, rank
 
     dump_dir = os.environ.get("PROBE_DUMP_DIR")
     sigterm_step = os.environ.get("PROBE_SIGTERM_STEP")
@@ -67,7 +67,9 @@ def helpers_worker(rank, store, out_dir):
     gloo group and writes what it saw (results, errors, what it printed) to rank<R>.json."""
     import torch.distributed as dist
 
-    import utils
+    import distributed
+    from trainer import GracefulStop
+    from utils import UserError
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 
@@ -75,18 +77,18 @@ def helpers_worker(rank, store, out_dir):
         raise exc
 
     def stop_seen_by(signalled_rank):
-        stop = utils.GracefulStop()
+        stop = GracefulStop()
         if rank == signalled_rank:
             stop.signal = signal.SIGTERM
         return [stop.requested(), stop.signal]
 
     cases = {
-        "main_result": lambda: utils.from_main_process(lambda: f"made by rank {utils.rank()}"),
-        "main_user_error": lambda: utils.from_main_process(fail, utils.UserError("no checkpoint here")),
-        "main_bug": lambda: utils.from_main_process(fail, ValueError("boom")),
-        "all_result": lambda: utils.on_all_ranks(lambda: utils.rank()),
-        "rank1_user_error": lambda: utils.on_all_ranks(
-            lambda: utils.rank() == 1 and fail(utils.UserError("data missing on this node"))),
+        "main_result": lambda: distributed.from_main_process(lambda: f"made by rank {distributed.rank()}"),
+        "main_user_error": lambda: distributed.from_main_process(fail, UserError("no checkpoint here")),
+        "main_bug": lambda: distributed.from_main_process(fail, ValueError("boom")),
+        "all_result": lambda: distributed.on_all_ranks(lambda: distributed.rank()),
+        "rank1_user_error": lambda: distributed.on_all_ranks(
+            lambda: distributed.rank() == 1 and fail(UserError("data missing on this node"))),
         "signal_on_rank1": lambda: stop_seen_by(1),
         "no_signal": lambda: stop_seen_by(None),
     }
@@ -95,7 +97,7 @@ def helpers_worker(rank, store, out_dir):
         stderr, sys.stderr = sys.stderr, io.StringIO()
         try:
             seen[name] = {"result": case()}
-        except utils.PeerError as exc:
+        except distributed.PeerError as exc:
             seen[name] = {"error": str(exc), "exit_code": exc.exit_code}
         finally:
             printed, sys.stderr = sys.stderr.getvalue(), stderr

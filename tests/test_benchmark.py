@@ -14,7 +14,7 @@ from conftest import FAST, ROOT, assert_user_error, read_results
 import benchmark
 import main as main_module
 from dataset import build_loaders
-from utils import device_name
+from metrics import device_name
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 

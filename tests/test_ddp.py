@@ -19,12 +19,13 @@ from torchvision.models import resnet18
 
 import config
 import main as main_module
-import utils
+import distributed
 from conftest import FAST, ROOT, make_colour_dataset, read_results
 from dataset import EpochSampler, build_loaders
 from scheduler import WarmupCosineLR
 from trainer import Trainer
-from utils import UserError, setup_logging, wrap_ddp
+from distributed import wrap_ddp
+from utils import UserError, setup_logging
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
@@ -226,7 +227,7 @@ def test_no_gradient_all_reduce_on_accumulating_micro_batches(demo_data, tmp_pat
 
 def test_sync_bn_converts_batchnorm_and_keeps_a_plain_state_dict(monkeypatch):
     # DDP takes SyncBatchNorm on GPUs only: stand in for it to see what wrap_ddp gives it.
-    monkeypatch.setattr(utils, "DistributedDataParallel", lambda module, device_ids: SimpleNamespace(module=module))
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, device_ids: SimpleNamespace(module=module))
     wrapped = wrap_ddp(resnet18(num_classes=3), "cpu", sync_bn=True)
     norms = [m for m in wrapped.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(norms) == 20 and all(isinstance(m, nn.SyncBatchNorm) for m in norms)

@@ -20,6 +20,7 @@ from torch import nn
 import config
 import main as main_module
 import trainer
+import distributed
 import utils
 from conftest import FAST, ROOT, assert_user_error, make_colour_dataset, read_results
 from dataset import build_loaders
@@ -81,9 +82,9 @@ def test_torchrun_gives_each_process_the_gpu_of_its_local_rank(two_gpus_under_to
     # init_distributed then binds the process to that GPU (set_device with an index, not "cuda").
     calls = {}
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", torch.device(d)))
-    monkeypatch.setattr(utils.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
-    monkeypatch.setattr(utils.dist, "new_group", lambda **kw: None)
-    assert utils.init_distributed(cfg.device, 60)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: None)
+    assert distributed.init_distributed(cfg.device, 60)
     assert calls["set_device"] == torch.device("cuda", 1) and calls["backend"] == "nccl"
     assert calls["device_id"] == torch.device("cuda", 1)
 

@@ -1,0 +1,185 @@
+"""torchrun and DistributedDataParallel: who this process is (ranks, launch environment),
+joining and leaving the process group, wrapping the model, the collectives a run needs, and
+rank-0 work and failures that all ranks agree on. In a single process every helper here is a
+no-op or returns what one process would, so the rest of the code reads the same either way."""
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from utils import UserError
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all processes in place (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor):
+    """The maximum of a tensor over all processes, in place (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP does so at the start of each
+    forward only, so after an epoch each rank holds the statistics of its own last batch."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+_host_group = None  # None: the default group, which is gloo itself on the CPU
+
+
+def launched_by_torchrun():
+    """torchrun (and launchers like it) give every process these before it starts."""
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def launched_world_size():
+    """The number of processes launched, known before any group is joined (1 without torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
+def local_rank():
+    """This process's index on its node: the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device, timeout_seconds):
+    """Under torchrun, join the process group: NCCL between GPUs, gloo on the CPU. A collective
+    that waits longer than `timeout_seconds` for a dead or stuck rank fails instead of hanging.
+    Without torchrun nothing happens and everything stays single-process."""
+    if not launched_by_torchrun():
+        return False
+    device = torch.device(device)
+    options = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        options["device_id"] = device  # binds the group to this GPU (no device guessing in barriers)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds), **options)
+    global _host_group
+    # Small host-side agreements (stop on a signal) go over gloo, so they never wait for a GPU.
+    _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return True
+
+
+def leave_distributed():
+    global _host_group
+    _host_group = None
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model, device, sync_bn=False):
+    """DistributedDataParallel around `model` (already on `device`). With `sync_bn` BatchNorm
+    becomes SyncBatchNorm first, so its statistics cover the global batch. Save and evaluate the
+    wrapper's `.module`: its state dict has no `module.` prefix."""
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = torch.device(device)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def print_error(exc):
+    """A user error's one line on stderr; under torchrun it names the rank."""
+    where = f"rank {os.environ.get('RANK', '?')}: " if launched_world_size() > 1 else ""
+    print(f"{exc.prefix}{where}{exc}", file=sys.stderr, flush=True)
+
+
+class PeerError(UserError):
+    """A failure of a set-up step that is already printed, by this rank or the one that hit it:
+    exit with its code and say nothing more."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def agreed_failure(exc):
+    """`exc` to raise where all ranks stop together on a decision they share (divergence, a
+    signal): rank 0 reports it, the others exit with its code quietly."""
+    return exc if is_main_process() else PeerError(str(exc), exc.exit_code)
+
+
+def _fail(exc):
+    """Print `exc` (one line for a UserError, else its traceback) before the other ranks hear of
+    it, since torchrun ends this process as soon as one of them exits. (message, exit code)."""
+    if isinstance(exc, UserError):
+        print_error(exc)
+        return str(exc), exc.exit_code
+    traceback.print_exc()
+    return f"{type(exc).__name__}: {exc}", 1
+
+
+def from_main_process(fn, *args):
+    """`fn(*args)` run by rank 0 alone and its result handed to every rank (pickled).
+
+    For file work the ranks must not race on (creating the run folder, reading a checkpoint
+    rank 0 has just written) or that only rank 0's node may be able to do. It is also a barrier.
+    If it fails on rank 0 every rank raises, so none is left waiting for the others.
+    """
+    if world_size() == 1:
+        return fn(*args)
+    outcome = [None]
+    if is_main_process():
+        try:
+            outcome[0] = (fn(*args), None)
+        except Exception as exc:
+            failure = _fail(exc)
+            dist.broadcast_object_list([(None, failure)], src=0)
+            raise PeerError(*failure) from exc
+    dist.broadcast_object_list(outcome, src=0)
+    result, failure = outcome[0]
+    if failure is not None:
+        raise PeerError(*failure)
+    return result
+
+
+def on_all_ranks(fn, *args):
+    """`fn(*args)` on every rank; if it fails on any rank, every rank raises, so none goes on to
+    wait in a collective for a rank that has quit. For set-up steps that can fail on some ranks
+    only (a file missing on one node, weights read by rank 0 alone)."""
+    if world_size() == 1:
+        return fn(*args)
+    try:
+        result, failure = fn(*args), None
+    except Exception as exc:
+        result, failure = None, _fail(exc)
+    failures = [None] * world_size()
+    dist.all_gather_object(failures, failure)
+    failure = failure or next((f for f in failures if f is not None), None)
+    if failure is not None:
+        raise PeerError(*failure)
+    return result
+
+
+def agreed_signal(local_signal):
+    """The signal number any rank has seen (0: none). torchrun hands a signal on to every rank,
+    but they may see it a step apart: every rank takes the first one any of them has seen."""
+    if world_size() == 1:
+        return local_signal
+    seen = torch.tensor(local_signal)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=_host_group)  # CPU: no wait for the GPU
+    return int(seen)

@@ -1,0 +1,101 @@
+"""What a run measures: loss, accuracy and the confusion matrix (kept on the device, summed over
+processes), wall time that waits for the GPU, peak GPU memory, and the device's name."""
+import platform
+import time
+
+import torch
+
+from distributed import all_reduce_sum, is_main_process
+
+
+class ClassificationMeter:
+    """Accumulates loss, accuracy and a confusion matrix on the device, so that the training
+    loop never waits for the GPU; `compute()` is the only place that syncs."""
+
+    def __init__(self, num_classes, device):
+        self.num_classes = num_classes
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, loss, logits, targets):
+        """`loss` is the batch mean; rows of the confusion matrix are true classes."""
+        self.loss_sum += loss.detach().double() * targets.numel()
+        pairs = targets * self.num_classes + logits.argmax(dim=1)
+        self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2)
+
+    def state_dict(self):
+        """The sums over all processes (a collective under DDP)."""
+        return {"loss_sum": all_reduce_sum(self.loss_sum.clone()).cpu(),
+                "confusion": all_reduce_sum(self.confusion.clone()).cpu()}
+
+    def load_state_dict(self, state):
+        """Rank 0 takes the saved sums and the other ranks start from zero, so they count once."""
+        if is_main_process():
+            self.loss_sum.copy_(state["loss_sum"])
+            self.confusion.copy_(state["confusion"])
+
+    def compute(self):
+        """Loss, accuracy (percent), count and confusion matrix summed over all processes."""
+        loss_sum = all_reduce_sum(self.loss_sum.clone())
+        confusion = all_reduce_sum(self.confusion.clone()).view(self.num_classes, -1).cpu()
+        count = int(confusion.sum())
+        correct = int(confusion.diag().sum())
+        return {
+            "loss": float(loss_sum) / max(count, 1),
+            "acc": 100.0 * correct / max(count, 1),
+            "count": count,
+            "confusion": confusion,
+        }
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Wall-clock seconds that include the GPU work queued before `stop()`."""
+
+    def __init__(self, device):
+        self.device = device
+        synchronize(device)
+        self.start = time.perf_counter()
+
+    def stop(self):
+        synchronize(self.device)
+        return time.perf_counter() - self.start
+
+    def elapsed(self):
+        """Seconds so far, without waiting for the GPU (for checkpoints, not for benchmarks)."""
+        return time.perf_counter() - self.start
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device):
+    """Peak CUDA memory allocated by tensors since the last reset, or None on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
