@@ -26,13 +26,20 @@ DEMO_SETTINGS = dict(
 # --benchmark on the CPU, unless --batch_size / --image_size say otherwise.
 CPU_BENCHMARK_SETTINGS = dict(batch_size=32, image_size=128)
 
-# A resumed run keeps its saved settings; these are the only ones a flag may change then.
-RESUMABLE_OVERRIDES = {
-    "device", "num_workers", "log_interval", "data_dir", "checkpoint_dir", "save_every_steps", "progress",
-    "deterministic", "cache", "compile", "channels_last", "benchmark_steps", "dist_timeout",
+# How this session runs, not what the run is: a resumed (or evaluated) run takes these from this
+# session's flags and defaults, never from the saved run (so --compile or --cache can be dropped).
+SESSION_SETTINGS = {
+    "device", "num_workers", "log_interval", "progress", "deterministic", "cache", "compile", "benchmark_steps",
+    "dist_timeout",
 }
-# --evaluate and --predict also take the run's saved settings; these may differ from them.
-EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file"}
+# A resumed run keeps its saved settings; a flag may change these and SESSION_SETTINGS, no others.
+RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_every_steps", "channels_last"}
+# --evaluate and --predict also take the run's saved settings; these may differ from them (none
+# changes the model's answers).
+EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
+                                            "pretrained_path"}
+# Settings stored under another name than their flag: (flag when False, flag when True).
+NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
 # Flags that select what main.py does, rather than how a run trains.
 MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark")
 # The only flags --compare reads (it works on finished runs' results.json).
@@ -170,6 +177,8 @@ def resolve_device(name):
             device = torch.device("cuda", local_rank())
     elif device.type != "cpu":
         raise UserError(f"--device {name}: only cpu and cuda are supported")
+    else:
+        device = torch.device("cpu")  # cpu:0 is the same CPU
     return str(device)
 
 
@@ -208,21 +217,37 @@ def validate(cfg):
     for flag, name in [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]:
         if not NAME_PATTERN.match(name) or name in (".", ".."):
             raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")
+    check_precision(cfg)
+    processes = launched_world_size()
+    if getattr(cfg, "benchmark", False) and processes > 1:
+        raise UserError("--benchmark times one GPU: run it with python main.py, not torchrun")
+    if getattr(cfg, "sync_bn", False) and processes > 1 and torch.device(cfg.device).type != "cuda":
+        raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
+    if not getattr(cfg, "dist_timeout", 1) > 0:
+        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+
+
+def check_precision(cfg):
+    """The AMP dtype must exist on the device this session runs on."""
     device = torch.device(cfg.device)
     if cfg.amp and device.type == "cpu" and cfg.amp_dtype != "bfloat16":
         raise UserError("--amp_dtype float16 is not supported on the CPU; use bfloat16 (the default there)")
     if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
+
+
+def check_batch_split(cfg):
+    """Under torchrun the global batch is split over the processes: evenly, and (at small image
+    sizes) into shares of at least two images, since BatchNorm cannot train on one value per
+    channel (ResNet-18's last feature map is 1x1 at 32 px or less)."""
     processes = launched_world_size()
     if cfg.batch_size % processes:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                         f"{processes} processes torchrun started; change one of them")
-    if getattr(cfg, "benchmark", False) and processes > 1:
-        raise UserError("--benchmark times one GPU: run it with python main.py, not torchrun")
-    if getattr(cfg, "sync_bn", False) and processes > 1 and device.type != "cuda":
-        raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
-    if not getattr(cfg, "dist_timeout", 1) > 0:
-        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+    if cfg.batch_size // processes == 1 and cfg.image_size <= 32:
+        where = "" if processes == 1 else f" over {processes} processes"
+        raise UserError(f"--batch_size {cfg.batch_size}{where} gives BatchNorm one image at a time, which it cannot "
+                        f"train on at --image_size {cfg.image_size}; use at least 2 images per process")
 
 
 def check_flag_combinations(cfg, explicit):
@@ -260,6 +285,8 @@ def resolve(cfg):
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs // 10
     validate(cfg)
+    if not (cfg.resume or cfg.evaluate or cfg.predict or cfg.compare):
+        check_batch_split(cfg)  # (those take the run's saved batch size, or none: checked later)
     return cfg
 
 
@@ -272,6 +299,8 @@ def parse_config(argv=None):
     check_flag_combinations(cfg, explicit)
     if cfg.demo:
         demo = {**DEMO_SETTINGS, "checkpoint_name": "demo_amp" if cfg.amp else "demo"}
+        if "pretrained_path" in explicit:
+            del demo["pretrained"]  # --demo --pretrained_path FILE: the file, as typed
         for name, value in demo.items():
             if name not in explicit:
                 setattr(cfg, name, value)
@@ -298,13 +327,12 @@ def merge_saved(saved, cfg, explicit, overrides):
         elif getattr(merged, name) != value:
             mode = next(f"--{m}" for m in MODE_FLAGS if getattr(cfg, m))
             raise UserError(
-                f"{mode}: run {cfg.checkpoint_name!r} was trained with --{name} {getattr(merged, name)}, not {value}; "
-                "drop the flag" + (" to continue it, or start a new run under another --checkpoint_name"
-                                   if cfg.resume else "")
+                f"{mode}: run {cfg.checkpoint_name!r} was trained {as_flag(name, getattr(merged, name))}, "
+                f"not {as_flag(name, value)}; drop the flag" +
+                (" to continue it, or start a new run under another --checkpoint_name" if cfg.resume else "")
             )
-    for mode in (*MODE_FLAGS, "overwrite"):
-        setattr(merged, mode, getattr(cfg, mode))
-    merged.device = cfg.device  # where this session runs, whatever the saved run used
+    for name in (*MODE_FLAGS, "overwrite", *SESSION_SETTINGS):
+        setattr(merged, name, getattr(cfg, name))  # (the device: where this session runs)
     # The run goes on where its checkpoint was read, even if its folder was moved or renamed.
     merged.checkpoint_dir, merged.checkpoint_name = cfg.checkpoint_dir, cfg.checkpoint_name
     if not merged.amp:
@@ -316,4 +344,24 @@ def merge_resumed(saved, cfg, explicit):
     """The config of a resumed run (see merge_saved), checked again as a whole."""
     merged = merge_saved(saved, cfg, explicit, RESUMABLE_OVERRIDES)
     validate(merged)
+    check_batch_split(merged)
     return merged
+
+
+def merge_evaluated(saved, cfg, explicit):
+    """The config of --evaluate or --predict on a saved run (see merge_saved)."""
+    merged = merge_saved(saved, cfg, explicit, EVALUATE_OVERRIDES)
+    if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16":
+        merged.amp_dtype = "bfloat16"  # a GPU run's float16 autocast has no fast CPU kernels
+    check_precision(merged)
+    if merged.evaluate:  # (--predict runs in one process)
+        check_batch_split(merged)
+    return merged
+
+
+def as_flag(name, value):
+    """A setting as the flag that gives it: 'with --amp', 'without --no_pretrained', 'with --image_size 32'."""
+    if isinstance(value, bool):
+        flag, on = (NEGATED_FLAGS[name], not value) if name in NEGATED_FLAGS else (f"--{name}", value)
+        return f"{'with' if on else 'without'} {flag}"
+    return f"with --{name} {value}"

@@ -96,7 +96,7 @@ def train(cfg, checkpoint=None):
         min_lr=cfg.min_lr,
     )
     loaders = (train_loader, val_loader, test_loader)
-    stop = GracefulStop().install()
+    stop = GracefulStop()
     trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger,
                       train_model=train_model, stop=stop)
     if checkpoint is not None:
@@ -107,6 +107,7 @@ def train(cfg, checkpoint=None):
         logger.info(f"resuming {cfg.checkpoint_name}: {trainer.position()} (step {scheduler.last_epoch})")
     elif is_main_process():
         atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
+    stop.install()
     try:
         trainer.fit()
     except UserError as exc:  # a stop (signal, divergence, failed write): printed on stderr, kept in the log
@@ -122,10 +123,7 @@ def load_best(cfg, explicit):
     folder, ...) for --evaluate and --predict: a flag may change only those that do not change
     the model's answers (device, batch size, workers, folders)."""
     best = from_main_process(load_checkpoint, os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "best.pt"))
-    cfg = config.merge_saved(best["config"], cfg, explicit, config.EVALUATE_OVERRIDES)
-    if cfg.amp and cfg.device == "cpu" and cfg.amp_dtype == "float16":
-        cfg.amp_dtype = "bfloat16"  # a GPU run's float16 autocast has no fast CPU kernels
-    return best, cfg
+    return best, config.merge_evaluated(best["config"], cfg, explicit)
 
 
 def best_model(best, cfg):
@@ -205,7 +203,11 @@ def run(argv=None):
         # the first process does them and the others have nothing to do.
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
-        return compare(cfg) if cfg.compare else predict(*load_best(cfg, explicit))
+        if cfg.compare:
+            return compare(cfg)
+        if cfg.demo:
+            make_demo_dataset(cfg.data_dir)  # (there already unless it was deleted)
+        return predict(*load_best(cfg, explicit))
     init_distributed(cfg.device, cfg.dist_timeout)
     if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")

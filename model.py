@@ -1,6 +1,7 @@
 """The model: torchvision's ResNet-18, ImageNet (or an earlier run's) weights when asked, a head for our classes."""
 import logging
 import os
+import re
 import urllib.error
 
 import torch
@@ -53,10 +54,25 @@ def imagenet_state_dict():
         ) from None
 
 
+# Keys a weights file may lack: BatchNorm's step counters (files saved before PyTorch had them,
+# such as the ImageNet ResNet-18) and the head, which is replaced anyway when missing.
+OPTIONAL_KEYS = re.compile(r"(^|\.)num_batches_tracked$|^fc\.")
+# Prefixes a wrapped model's state dict carries: DistributedDataParallel's and torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrapped(state):
+    """`state` without the DDP/torch.compile prefixes its keys may carry."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
 def misfit(model, state):
     """Why `state` does not load into `model`, in one line ('' if it does)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not OPTIONAL_KEYS.search(k)]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
@@ -75,13 +91,14 @@ def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=
     if not pretrained:
         return resnet18(num_classes=num_classes)
     state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(), None)
+    state = unwrapped(state)
     head = state.get("fc.weight")
     model = resnet18(num_classes=head.shape[0] if head is not None and head.dim() == 2 else 1000)
     problem = misfit(model, state)
     if problem:
         raise UserError(f"the weights in {pretrained_path or cached_weights_path()} do not fit ResNet-18: {problem}")
-    model.load_state_dict(state)
-    if file_classes is not None and list(file_classes) == list(class_names or []):
+    model.load_state_dict(state, strict=False)  # strict but for OPTIONAL_KEYS, checked by misfit
+    if file_classes is not None and list(file_classes) == list(class_names or []) and head is not None:
         logging.getLogger("amp").info(f"--pretrained_path: starting from {pretrained_path} with its head "
                                       f"(the same {len(file_classes)} classes)")
         return model

@@ -49,5 +49,10 @@ class WarmupCosineLR(LRScheduler):
         shape = {k: getattr(self, k) for k in ("total_steps", "warmup_steps", "min_lr")}
         super().load_state_dict(state_dict)
         self.__dict__.update(shape)
+        self.go_to(self.last_epoch)
+
+    def go_to(self, step):
+        """Continue at optimizer step `step`: the LR of that step, set on the optimizer now."""
+        self.last_epoch = step
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -224,7 +225,7 @@ class Trainer:
             bar.update()
             self.track_bad_steps(loss, step_skipped, update)
             if update:
-                self.scheduler.step()
+                self.step_schedule()
                 self.batch_in_epoch = i + 1
                 self.after_optimizer_step(meter, bar, i == num_batches - 1, seconds_before + watch.elapsed())
         bar.close()
@@ -240,6 +241,14 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ per-step bookkeeping
+    def step_schedule(self):
+        """The LR of the next optimizer step. (A float16 step that GradScaler skipped never
+        called optimizer.step(); the schedule counts steps, so PyTorch's warning about the
+        order of the two calls does not apply.)"""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+
     def epoch_meter(self):
         """The epoch's meter and the seconds it had trained, restored when a mid-epoch
         checkpoint cut it."""
@@ -425,6 +434,10 @@ class Trainer:
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = checkpoint["epoch"]
         self.batch_in_epoch = checkpoint["batch_in_epoch"]
+        if not self.batch_in_epoch:
+            # At an epoch's end the position is this session's steps per epoch times the epochs
+            # done: under another number of processes an epoch may take more or fewer steps.
+            self.scheduler.go_to(self.epoch * self.steps_per_epoch())
         self.epoch_state = checkpoint["epoch_state"]
         self.best_val_acc = checkpoint["best_val_acc"]
         self.history = list(checkpoint["history"])

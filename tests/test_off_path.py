@@ -272,7 +272,7 @@ def test_evaluate_and_predict_use_the_runs_saved_data_dir(finished_run, tmp_path
 
 def test_evaluate_refuses_a_setting_that_would_change_the_answers(run_cli, finished_run):
     result = run_cli("--checkpoint_name", "done", "--evaluate", "--image_size", "64", checkpoint_dir=finished_run.checkpoints)
-    assert_user_error(result, "--evaluate", "--image_size 32", "not 64")
+    assert_user_error(result, "--evaluate", "was trained with --image_size 32, not with --image_size 64")
 
 
 def test_evaluate_needs_only_the_test_split(run_cli, finished_run, tmp_path):
@@ -437,3 +437,100 @@ def test_a_resumed_schedule_keeps_this_sessions_length():
 def test_the_suite_keeps_only_failed_tests_folders(request):
     assert request.config.getini("tmp_path_retention_policy") == "failed"
     assert int(request.config.getini("tmp_path_retention_count")) <= 1
+
+
+# --------------------------------------------------------------------------- found by review
+def test_imagenet_weights_without_batchnorm_counters_load(tmp_path):
+    # The ImageNet ResNet-18 file predates BatchNorm's num_batches_tracked; wrapped models'
+    # files carry a module. or _orig_mod. prefix. Both are ResNet-18 weights.
+    from torchvision.models import resnet18
+
+    from model import build_model
+
+    torch.manual_seed(0)
+    state = {k: v for k, v in resnet18().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "imagenet.pth")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pth")
+    for file in ("imagenet.pth", "ddp.pth"):
+        model = build_model(4, pretrained_path=str(tmp_path / file))
+        torch.testing.assert_close(model.conv1.weight, state["conv1.weight"])
+        assert model.fc.out_features == 4
+
+
+def test_a_resume_at_an_epochs_end_goes_on_at_this_sessions_step(run_cli, demo_data, tmp_path, monkeypatch):
+    # Under another number of processes an epoch can take another number of steps; the LR
+    # schedule must go on from epochs done x this session's steps per epoch.
+    flags = ["--data_dir", demo_data, "--epochs", "3", "--warmup_epochs", "0", *FAST]
+    assert run_cli("--checkpoint_name", "full", *flags)[0] == 0
+    restore = crash_in_epoch(monkeypatch, 1)
+    with pytest.raises(SimulatedCrash):
+        run_cli("--checkpoint_name", "cut", *flags)
+    restore()
+    last_pt = tmp_path / "checkpoints" / "cut" / "last.pt"
+    ckpt = load(last_pt)
+    assert ckpt["scheduler"]["last_epoch"] == 3
+    ckpt["scheduler"]["last_epoch"] = 2  # as if saved where an epoch took 2 steps, not 3
+    torch.save(ckpt, last_pt)
+    code, out, err = run_cli("--checkpoint_name", "cut", "--resume", "--data_dir", demo_data, "--no_progress")
+    assert code == 0, err
+    full, cut = (read_results(tmp_path / "checkpoints" / n)["epochs"] for n in ("full", "cut"))
+    assert [e["lr"] for e in cut] == pytest.approx([e["lr"] for e in full])
+    assert load(last_pt)["scheduler"]["last_epoch"] == 9
+
+
+def test_saved_run_modes_check_the_saved_batch_under_torchrun(monkeypatch):
+    for name, value in (("WORLD_SIZE", "3"), ("LOCAL_RANK", "0"), ("RANK", "0")):
+        monkeypatch.setenv(name, value)
+    for mode in (["--resume", "--device", "cpu"], ["--evaluate", "--device", "cpu"], ["--predict", "--device", "cpu"],
+                 ["--compare", "a"]):
+        config.parse_config(mode)  # the default batch of 256 is not theirs
+    cfg, explicit = config.parse_config(["--resume", "--device", "cpu"])
+    saved = {**vars(cfg), "batch_size": 24, "resume": False}
+    assert config.merge_resumed(saved, cfg, explicit).batch_size == 24
+    with pytest.raises(utils.UserError, match="split evenly over the 3"):
+        config.merge_resumed({**saved, "batch_size": 16}, cfg, explicit)
+
+
+def test_session_settings_are_this_sessions_on_resume():
+    cfg, explicit = config.parse_config(["--resume", "--device", "cpu"])
+    saved = {**vars(cfg), "compile": True, "cache": True, "progress": False, "deterministic": True, "image_size": 32}
+    merged = config.merge_resumed(saved, cfg, explicit)
+    assert (merged.compile, merged.cache, merged.progress, merged.deterministic) == (False, False, True, False)
+    assert merged.image_size == 32  # what the run is stays the saved run's
+
+
+def test_mismatch_messages_name_real_flags():
+    cfg, explicit = config.parse_config(["--resume", "--device", "cpu", "--no_pretrained"])
+    with pytest.raises(utils.UserError, match="trained without --no_pretrained, not with --no_pretrained"):
+        config.merge_resumed({**vars(cfg), "pretrained": True}, cfg, explicit)
+    cfg, explicit = config.parse_config(["--evaluate", "--device", "cpu", "--no_pretrained"])
+    assert config.merge_evaluated({**vars(cfg), "pretrained": True}, cfg, explicit)  # answers do not change
+
+
+def test_demo_keeps_a_typed_pretrained_path():
+    cfg, _ = config.parse_config(["--demo", "--device", "cpu", "--pretrained_path", "x.pt"])
+    assert cfg.pretrained and cfg.pretrained_path == "x.pt"
+
+
+def test_one_image_per_batchnorm_at_32_px_is_refused(run_cli, demo_data):
+    assert_user_error(run_cli("--data_dir", demo_data, *FAST, "--batch_size", "1"), "--batch_size 1", "BatchNorm")
+
+
+def test_cpu_0_is_the_cpu():
+    assert config.resolve_device("cpu:0") == "cpu"
+
+
+def test_a_skipped_first_step_gives_no_scheduler_warning(demo_data, tmp_path, recwarn):
+    t = float16_trainer(demo_data, tmp_path)
+    real_transform = t.transform
+
+    def overflow_first(images, flip_seed=None):
+        x = real_transform(images, flip_seed)
+        if t.scheduler.last_epoch == 0:
+            x[0, 0, 0, 0] = float("inf")
+        return x
+
+    t.transform = overflow_first
+    t.train_one_epoch(0)
+    assert int(t.skipped_steps) == 1
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
