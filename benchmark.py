@@ -18,13 +18,14 @@ NUM_CLASSES = 6
 MODES = {"fp32": None, "amp_float16": "float16", "amp_bfloat16": "bfloat16"}  # mode -> autocast dtype
 
 
-def supported_modes(device):
-    """float16 autocast is a CUDA recipe; bfloat16 needs a CPU or a GPU that has it."""
+def supported_modes(device, amp_dtype=None):
+    """float16 autocast is a CUDA recipe (on the CPU only when asked for: slow there); bfloat16
+    needs a CPU or a GPU that has it."""
     device = torch.device(device)
     modes = ["fp32"]
-    if device.type == "cuda":
+    if device.type == "cuda" or amp_dtype == "float16":
         modes.append("amp_float16")
-    if device.type == "cpu" or torch.cuda.is_bf16_supported():
+    if device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False):
         modes.append("amp_bfloat16")
     return modes
 
@@ -164,7 +165,7 @@ def run(cfg):
     """Print and save the benchmark table (and the input pipeline's, with --data)."""
     # The dataset first: a missing or broken one fails now, not after minutes of timing.
     train_set = build_datasets(cfg)[0] if cfg.data else None
-    modes = supported_modes(cfg.device)
+    modes = supported_modes(cfg.device, cfg.amp_dtype)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
     print(f"benchmark: ResNet-18 training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
           f"on {device_name(cfg.device)}; the median of {cfg.benchmark_steps} steps a row, the rows "

@@ -33,7 +33,8 @@ SESSION_SETTINGS = {
     "dist_timeout",
 }
 # A resumed run keeps its saved settings; a flag may change these and SESSION_SETTINGS, no others.
-RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_every_steps", "channels_last"}
+RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_every_steps", "channels_last",
+                                          "tensorboard"}
 # --evaluate and --predict also take the run's saved settings; these may differ from them (none
 # changes the model's answers).
 EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
@@ -103,7 +104,10 @@ def build_parser():
     g = p.add_argument_group("precision and device")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--amp", action="store_true", help="automatic mixed precision: autocast (+ GradScaler for float16); float16 on CUDA, bfloat16 on the CPU")
-    g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None, help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU)")
+    g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None,
+                   help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU; float16 on the "
+                        "CPU runs CUDA's recipe, GradScaler included, slowly); with --benchmark: float16 adds its rows "
+                        "on the CPU")
 
     g = p.add_argument_group("speed")
     g.add_argument("--channels_last", dest="channels_last", action="store_true", default=True,
@@ -136,7 +140,11 @@ def build_parser():
     g.add_argument("--compare", nargs="+", default=None, metavar="NAME",
                    help="print and save (CHECKPOINT_DIR/compare.md, compare.png) a table of finished runs; "
                    "speedup and memory saving are relative to the first")
-    g.add_argument("--log_interval", type=int, default=20, help="optimizer steps between progress-bar updates")
+    g.add_argument("--log_interval", type=int, default=20,
+                   help="optimizer steps between progress-bar updates (and TensorBoard's per-step points)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log to CHECKPOINT_DIR/NAME/tensorboard/: per-step loss, LR, loss scale, gradient norm, "
+                        "images/s; per-epoch metrics; the test accuracy and settings (see tensorboard --logdir)")
     g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -230,8 +238,6 @@ def validate(cfg):
 def check_precision(cfg):
     """The AMP dtype must exist on the device this session runs on."""
     device = torch.device(cfg.device)
-    if cfg.amp and device.type == "cpu" and cfg.amp_dtype != "bfloat16":
-        raise UserError("--amp_dtype float16 is not supported on the CPU; use bfloat16 (the default there)")
     if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
 
@@ -264,10 +270,10 @@ def check_flag_combinations(cfg, explicit):
         if ignored:
             raise UserError(f"--compare only reads finished runs (under --checkpoint_dir); --{ignored[0]} does "
                             "nothing with it")
-    for flag, needs in (("amp_dtype", "amp"), ("data", "benchmark"), ("predict_dir", "predict"),
-                        ("predictions_file", "predict")):
-        if flag in explicit and not getattr(cfg, needs):
-            raise UserError(f"--{flag} is only used with --{needs}")
+    for flag, needs in (("amp_dtype", ("amp", "benchmark")), ("data", ("benchmark",)), ("predict_dir", ("predict",)),
+                        ("predictions_file", ("predict",))):
+        if flag in explicit and not any(getattr(cfg, mode) for mode in needs):
+            raise UserError(f"--{flag} is only used with {' or '.join(f'--{mode}' for mode in needs)}")
     if "pretrained_path" in explicit and not cfg.pretrained:
         raise UserError("--pretrained_path gives weights to start from, --no_pretrained says to start from random "
                         "weights; drop one of them")
@@ -278,7 +284,7 @@ def check_flag_combinations(cfg, explicit):
 def resolve(cfg):
     """Fill in the settings that depend on others (device, AMP dtype, warmup), then validate."""
     cfg.device = resolve_device(cfg.device)
-    if not cfg.amp:
+    if not cfg.amp and not cfg.benchmark:
         cfg.amp_dtype = None  # FP32: config.json says so
     elif cfg.amp_dtype is None:
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
@@ -351,8 +357,9 @@ def merge_resumed(saved, cfg, explicit):
 def merge_evaluated(saved, cfg, explicit):
     """The config of --evaluate or --predict on a saved run (see merge_saved)."""
     merged = merge_saved(saved, cfg, explicit, EVALUATE_OVERRIDES)
-    if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16":
-        merged.amp_dtype = "bfloat16"  # a GPU run's float16 autocast has no fast CPU kernels
+    trained_on_gpu = str(saved.get("device", "")).startswith("cuda")
+    if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16" and trained_on_gpu:
+        merged.amp_dtype = "bfloat16"  # float16 autocast is slow on most CPUs; bfloat16 has its range
     check_precision(merged)
     if merged.evaluate:  # (--predict runs in one process)
         check_batch_split(merged)

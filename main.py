@@ -1,5 +1,6 @@
 """Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer."""
 import os
+import shutil
 import sys
 
 import torch
@@ -63,6 +64,8 @@ def start_run_dir(run_dir, fresh):
         for name in RUN_FILES if fresh else ():
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
+        if fresh:  # a new run's TensorBoard series starts empty
+            shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     except OSError as exc:
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
 

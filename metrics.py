@@ -99,3 +99,34 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+class GradNormMeter:
+    """The mean and max of the optimizer steps' true global gradient norms, kept on the device.
+    Steps whose gradients overflowed (inf/NaN: GradScaler skips them) are left out. Under DDP
+    every rank holds the same averaged gradients, so nothing is summed over processes."""
+
+    def __init__(self, device):
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.max = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, grad_norm):
+        finite = torch.isfinite(grad_norm)
+        value = torch.where(finite, grad_norm.double(), 0.0)
+        self.total += value
+        self.count += finite
+        torch.maximum(self.max, value, out=self.max)
+
+    def state_dict(self):
+        return {"total": self.total.cpu(), "count": self.count.cpu(), "max": self.max.cpu()}
+
+    def load_state_dict(self, state):
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
+
+    def compute(self):
+        """(mean, max) of the finite norms, or (None, None) if there were none."""
+        count = int(self.count)
+        return (float(self.total) / count, float(self.max)) if count else (None, None)

@@ -8,13 +8,14 @@ import sys
 import time
 import warnings
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import DeviceTransform
-from report import comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
+from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
 from distributed import (
     agreed_failure,
     agreed_signal,
@@ -25,7 +26,7 @@ from distributed import (
     rank,
     world_size,
 )
-from metrics import ClassificationMeter, Stopwatch, device_name, peak_memory_mb, reset_peak_memory
+from metrics import ClassificationMeter, GradNormMeter, Stopwatch, device_name, peak_memory_mb, reset_peak_memory
 from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, derived_seed, torch_load_error
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
@@ -75,13 +76,21 @@ class GracefulStop:
                   "(press Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
 
+class StepOutcome(NamedTuple):
+    """What an optimizer step did, as device tensors (reading them would wait for the GPU)."""
+
+    skipped: torch.Tensor | None  # bool: GradScaler skipped the step (None without a scaler)
+    grad_norm: torch.Tensor  # the true (unscaled) global gradient norm; inf/NaN if it overflowed
+
+
 class AmpUpdate:
-    """backward -> [unscale -> clip] -> optimizer step -> scaler update, in one callable.
+    """backward -> unscale -> [clip] -> optimizer step -> scaler update, in one callable.
 
     One code path for every precision: with the scaler disabled (FP32, bfloat16) `scale` and
     `unscale_` return their input and `step` is a plain `optimizer.step()`. With float16 the
     scaler multiplies the loss so small gradients survive in half precision, unscales them
-    before clipping, and skips the step (lowering the scale) when it finds inf/NaN.
+    before they are measured and clipped, and skips the step (lowering the scale) when it
+    finds inf/NaN.
     """
 
     def __init__(self, optimizer, scaler, clip_grad_norm=None):
@@ -91,14 +100,16 @@ class AmpUpdate:
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def __call__(self, loss, update=True):
-        """Backpropagate `loss`; when `update`, step the optimizer. Returns a device bool
-        tensor telling whether GradScaler skipped the step (no host sync)."""
+        """Backpropagate `loss`; when `update`, step the optimizer and return a StepOutcome
+        (None for a micro-batch that only accumulates)."""
         self.scaler.scale(loss).backward()
         if not update:
             return None
+        self.scaler.unscale_(self.optimizer)  # measure and clip the true gradients, not the scaled ones
         if self.clip_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
         skipped = None
         if self.scaler.is_enabled():
             # The scale only ever drops when the step was skipped; compare on the device.
@@ -109,7 +120,7 @@ class AmpUpdate:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return skipped
+        return StepOutcome(skipped, grad_norm)
 
 
 class SkippedStepGuard:
@@ -133,7 +144,7 @@ class SkippedStepGuard:
 
 def training_step(model, images, targets, autocast, update, loss_divisor=1, step=True):
     """Forward under autocast, then `update` (an AmpUpdate): backward and, when `step`, the
-    optimizer step. Returns the loss, the logits and GradScaler's skipped flag."""
+    optimizer step. Returns the loss, the logits and the step's StepOutcome (None if no step)."""
     with autocast():
         logits = model(images)
         loss = F.cross_entropy(logits, targets)
@@ -180,6 +191,10 @@ class Trainer:
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)  # bad steps in a row
         self.group_bad = torch.zeros((), dtype=torch.bool, device=self.device)  # this step's micro-batches so far
+        self.epoch_skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # this epoch's skipped steps
+        self.grad_norms = GradNormMeter(self.device)  # this epoch's
+        self.tensorboard = None  # a TensorBoardLog while fit() runs with --tensorboard (rank 0)
+        self.last_logged = None  # (time, images) at the last --log_interval step, for images/s
 
     # ------------------------------------------------------------------ pieces
     def grad_sync(self, update):
@@ -203,7 +218,7 @@ class Trainer:
         start = self.batch_in_epoch
         self.train_loader.sampler.set_epoch(epoch, skip=start * self.train_loader.batch_size)
         num_batches = start + len(self.train_loader)
-        meter, seconds_before = self.epoch_meter()
+        meter, seconds_before = self.start_epoch_meters()
         reset_peak_memory(self.device)
         watch = Stopwatch(self.device)
         bar = tqdm(initial=start, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -219,25 +234,32 @@ class Trainer:
             if i == group_start:
                 self.skip_guard.save()
             with self.grad_sync(update):
-                loss, logits, step_skipped = training_step(
+                loss, logits, outcome = training_step(
                     self.train_model, images, targets, self.autocast, self.update, group_size, update)
             meter.update(loss, logits, targets)
             bar.update()
-            self.track_bad_steps(loss, step_skipped, update)
+            self.record_step(loss, outcome)
             if update:
                 self.step_schedule()
                 self.batch_in_epoch = i + 1
-                self.after_optimizer_step(meter, bar, i == num_batches - 1, seconds_before + watch.elapsed())
+                self.after_optimizer_step(meter, bar, i == num_batches - 1, seconds_before + watch.elapsed(),
+                                          loss, outcome)
         bar.close()
         self.batch_in_epoch, self.epoch_state = 0, None  # the next call starts a fresh epoch
         seconds = seconds_before + watch.stop()
         stats = meter.compute()
+        grad_norm_mean, grad_norm_max = self.grad_norms.compute()
         return {
             "train_loss": stats["loss"],
             "train_acc": stats["acc"],
             "seconds": seconds,
             "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
             "peak_mem_mb": peak_memory_mb(self.device),
+            # What AMP did: the loss scale at the epoch's end, the steps it skipped, the true gradient norm.
+            "loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
+            "skipped_steps": int(self.epoch_skipped),
+            "grad_norm_mean": grad_norm_mean,
+            "grad_norm_max": grad_norm_max,
         }
 
     # ------------------------------------------------------------------ per-step bookkeeping
@@ -249,42 +271,68 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
 
-    def epoch_meter(self):
-        """The epoch's meter and the seconds it had trained, restored when a mid-epoch
-        checkpoint cut it."""
+    def start_epoch_meters(self):
+        """The epoch's meter and the seconds it had trained; the AMP telemetry starts from zero,
+        or from where a mid-epoch checkpoint cut the epoch."""
         meter = ClassificationMeter(len(self.class_names), self.device)
-        if self.epoch_state is None:
+        self.grad_norms = GradNormMeter(self.device)
+        state = self.epoch_state or {}
+        self.epoch_skipped.fill_(state.get("skipped_steps", 0))
+        if "grad_norms" in state:
+            self.grad_norms.load_state_dict(state["grad_norms"])
+        if not state:
             return meter, 0.0
-        meter.load_state_dict(self.epoch_state["meter"])
-        return meter, self.epoch_state["seconds"]
+        meter.load_state_dict(state["meter"])
+        return meter, state["seconds"]
 
-    def track_bad_steps(self, loss, step_skipped, update):
-        """Count optimizer steps in a row that went bad, on the device (no host sync): a
+    def record_step(self, loss, outcome):
+        """Count, on the device (no host sync), optimizer steps in a row that went bad: a
         non-finite loss in any micro-batch of the step, or an update GradScaler skipped (whose
-        BatchNorm statistics are then put back)."""
+        BatchNorm statistics are then put back). Measure the step's gradient norm."""
         self.group_bad |= ~torch.isfinite(loss.detach())
-        if not update:
+        if outcome is None:  # a micro-batch that only accumulated
             return
-        if step_skipped is not None:
-            self.skip_guard.restore_if(step_skipped)
-            self.skipped_steps += step_skipped
-            self.group_bad |= step_skipped
+        if outcome.skipped is not None:
+            self.skip_guard.restore_if(outcome.skipped)
+            self.skipped_steps += outcome.skipped
+            self.epoch_skipped += outcome.skipped
+            self.group_bad |= outcome.skipped
+        self.grad_norms.update(outcome.grad_norm)
         self.bad_streak = (self.bad_streak + 1) * self.group_bad
         self.group_bad = torch.zeros_like(self.group_bad)
 
-    def after_optimizer_step(self, meter, bar, last_batch, seconds_so_far):
-        """Every --log_interval steps (and at the epoch's end): the divergence check and the
-        progress bar, the loop's only host syncs. On a signal, or every --save_every_steps:
-        last.pt with the epoch's progress so far, then stop if signalled."""
+    def after_optimizer_step(self, meter, bar, last_batch, seconds_so_far, loss, outcome):
+        """Every --log_interval steps (and at the epoch's end): the divergence check, the
+        progress bar and TensorBoard, the loop's only host syncs. On a signal, or every
+        --save_every_steps: last.pt with the epoch's progress so far, then stop if signalled."""
         cfg, step = self.cfg, self.scheduler.last_epoch
         if step % cfg.log_interval == 0 or last_batch:
             self.check_not_diverged()
             stats = meter.compute()
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.lr():.2e}")
+            self.log_step(step, stats["count"], loss, outcome)
         if self.stop.requested() or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-            self.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_so_far}
+            self.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_so_far,
+                                "skipped_steps": int(self.epoch_skipped), "grad_norms": self.grad_norms.state_dict()}
             self.save_checkpoint("last.pt")
             self.exit_if_signalled()
+
+    def log_step(self, step, images_so_far, loss, outcome):
+        """This optimizer step's numbers to TensorBoard (with --tensorboard, on rank 0)."""
+        if self.tensorboard is None:
+            return
+        now = time.perf_counter()
+        then, images_then = self.last_logged or (now, images_so_far)
+        self.last_logged = (now, images_so_far)
+        # (The meter's count covers every process; it restarts each epoch, and then gives no rate.)
+        rate = (images_so_far - images_then) / (now - then) if images_so_far > images_then else None
+        self.tensorboard.scalars(step, {
+            "step/loss": float(loss),
+            "step/lr": self.lr(),
+            "step/loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
+            "step/grad_norm": float(outcome.grad_norm),
+            "step/images_per_sec": rate,
+        })
 
     def check_not_diverged(self):
         """Stop when the loss has not been finite (or GradScaler skipped every update) for
@@ -334,6 +382,10 @@ class Trainer:
             f"{len(self.test_loader.dataset)} test images, {len(self.class_names)} classes, on {device_name(self.device)} "
             f"({precision_name(cfg)}), {plural(self.steps_per_epoch(), 'step')} x {plural(cfg.epochs, 'epoch')}"
         )
+        if self.scaler.is_enabled() and self.device.type == "cpu":
+            self.log.info("warning: float16 + GradScaler on the CPU runs CUDA's AMP recipe to check it, and is slow on "
+                          "most CPUs; --amp alone gives the fast bfloat16 there")
+        self.open_tensorboard()
         for epoch in range(self.epoch, cfg.epochs):
             started = time.perf_counter()
             # A resumed epoch's seconds before the stop count in the total too.
@@ -346,6 +398,7 @@ class Trainer:
             self.epoch = epoch + 1
             self.history.append(record)
             self.total_train_seconds += time.perf_counter() - started + seconds_before
+            self.log_epoch(record)
             if val["acc"] > self.best_val_acc:
                 self.best_val_acc = val["acc"]
                 self.save_checkpoint("best.pt")
@@ -380,7 +433,29 @@ class Trainer:
         if int(self.skipped_steps):
             self.log.info(f"GradScaler skipped {int(self.skipped_steps)} optimizer steps with inf/NaN gradients")
         self.log.info(comparison_table([{**results, "config": vars(self.cfg)}]))
+        if self.tensorboard is not None:
+            metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "best_val_acc": self.best_val_acc}
+            self.tensorboard.hparams(self.scheduler.last_epoch, vars(self.cfg), metrics)
+            self.tensorboard.close()
+            self.tensorboard = None
         return results
+
+    # ------------------------------------------------------------------ TensorBoard
+    def open_tensorboard(self):
+        """With --tensorboard, rank 0 writes RUN/tensorboard/. A resumed run goes on in the same
+        series: events a killed session wrote after the checkpoint's step are purged."""
+        if not getattr(self.cfg, "tensorboard", False) or not is_main_process():
+            return
+        step = self.scheduler.last_epoch
+        self.tensorboard = TensorBoardLog(os.path.join(self.run_dir, "tensorboard"), purge_step=step + 1 if step else None)
+
+    def log_epoch(self, record):
+        """The epoch's numbers, at the optimizer step it ended on (one x axis for every series)."""
+        if self.tensorboard is None:
+            return
+        self.tensorboard.scalars(self.scheduler.last_epoch, {
+            f"epoch/{key}": record[key]
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "seconds", "peak_mem_mb")})
 
     # ------------------------------------------------------------------ saving and restoring
     def checkpoint(self):
@@ -406,6 +481,8 @@ class Trainer:
         """Write `name` atomically, never with diverged weights; a failed write leaves the
         previous file as it was and stops the run with one line (on every rank under DDP)."""
         self.check_not_diverged()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()  # every event up to this checkpoint is on disk before it
         path = os.path.join(self.run_dir, name)
         self.write_output(path, lambda: atomic_torch_save(self.checkpoint(), path), f"; the previous {name} is intact")
 

@@ -22,7 +22,6 @@ def test_checkpoint_name_must_be_plain(run_cli, demo_data, name):
     (["--learning_rate", "0"], "--learning_rate"),
     (["--val_fraction", "1.5"], "--val_fraction"),
     (["--warmup_epochs", "9", "--epochs", "3"], "--warmup_epochs"),
-    (["--amp", "--amp_dtype", "float16"], "float16"),
     (["--amp_dtype", "int8"], "--amp_dtype"),
     (["--epochs", "many"], "--epochs"),
 ])
