@@ -214,10 +214,36 @@ def plot_curves(history, path, title):
 
 
 def curves_figure(history, title):
-    """Train/validation loss and accuracy and the LR per epoch, side by side."""
+    """Train/validation loss and accuracy, the LR and the gradient norm per epoch; for a float16
+    run (one with a GradScaler) also the loss scale and the skipped steps. Four panels sit in one
+    row; five in two rows of three (the scaler's panels below the curves)."""
     epochs = [e["epoch"] for e in history]
-    figure = Figure(figsize=(13, 3.8), layout="constrained")
-    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
+    float16 = any(e.get("loss_scale") is not None for e in history)
+    if float16:
+        figure = Figure(figsize=(14, 7.6), layout="constrained")
+        axes = figure.subplots(2, 3).ravel()
+        axes[-1].remove()  # five panels: the last slot stays empty
+    else:
+        figure = Figure(figsize=(17, 3.8), layout="constrained")
+        axes = figure.subplots(1, 4)
+    _loss_and_accuracy_panels(axes[0], axes[1], history, epochs)
+    _lr_panel(axes[2], history, epochs)
+    axes[3].sharex(axes[0])  # the same epochs even when the panel is empty (an old results.json)
+    _grad_norm_panel(axes[3], history, epochs)
+    if float16:
+        _loss_scale_panel(axes[4], history, epochs)
+    figure.suptitle(title)
+    return figure
+
+
+def _values(history, key):
+    """The per-epoch values of `key`, NaN where missing or None (results.json files written before
+    the key existed lack it): matplotlib leaves a gap there instead of failing."""
+    return [np.nan if e.get(key) is None else e[key] for e in history]
+
+
+def _loss_and_accuracy_panels(loss_ax, acc_ax, history, epochs):
+    """Train and validation loss, and train and validation accuracy."""
     for ax, key, name, ylabel in ((loss_ax, "loss", "loss", "cross-entropy loss"),
                                   (acc_ax, "acc", "accuracy", "accuracy (%)")):
         ax.plot(epochs, [e[f"train_{key}"] for e in history], marker="o", markersize=3, label="train")
@@ -225,12 +251,61 @@ def curves_figure(history, title):
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.legend()
         _integer_epochs(ax, epochs)
-    lr_ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
-    lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
-    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
-    _integer_epochs(lr_ax, epochs)
-    figure.suptitle(title)
-    return figure
+
+
+def _lr_panel(ax, history, epochs):
+    """The LR each epoch started with."""
+    ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
+    ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
+    _integer_epochs(ax, epochs)
+
+
+LOG_SCALE_SPAN = 100  # a panel whose positive values span more than this factor gets a log y axis
+
+
+def _grad_norm_panel(ax, history, epochs):
+    """The true (unscaled) global gradient norm: mean and max over each epoch's optimizer steps."""
+    mean, peak = _values(history, "grad_norm_mean"), _values(history, "grad_norm_max")
+    ax.set(xlabel="epoch", ylabel="global gradient norm (unscaled)", title="gradient norm")
+    _integer_epochs(ax, epochs)
+    if np.all(np.isnan(mean + peak)):  # an old results.json, or no finite norm at all
+        ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_yticks([])
+        return
+    ax.plot(epochs, peak, marker="o", markersize=3, color="tab:red", label="max over the epoch's steps")
+    ax.plot(epochs, mean, marker="o", markersize=3, color="tab:purple", label="mean over the epoch's steps")
+    positive = [v for v in mean + peak if v > 0]  # NaN compares False
+    if positive and max(positive) > LOG_SCALE_SPAN * min(positive):
+        ax.set_yscale("log")  # one spike must not flatten the rest of the run
+    ax.legend()
+
+
+def _loss_scale_panel(ax, history, epochs):
+    """GradScaler's scale at the end of each epoch (log axis: it halves and doubles) and the steps
+    it skipped for inf/NaN gradients in that epoch (bars, on their own axis)."""
+    skipped = [e.get("skipped_steps") or 0 for e in history]
+    bars_ax = ax.twinx()
+    bars = bars_ax.bar(epochs, skipped, width=0.5, color="tab:orange", alpha=0.45,
+                       label=f"skipped steps ({sum(skipped)} in all)")
+    bars_ax.set_ylabel("skipped optimizer steps")
+    bars_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    # Both axes leave the top third free for the legend (the bars' axis runs 0..1 when none were skipped).
+    bars_ax.set_ylim(0, max(1, max(skipped)) * 1.6)
+    ax.set_zorder(bars_ax.get_zorder() + 1)  # the scale's line in front of the bars ...
+    ax.patch.set_visible(False)  # ... without hiding them
+    scales = _values(history, "loss_scale")
+    (line,) = ax.plot(epochs, scales, marker="o", markersize=3, color="tab:blue",
+                      label="loss scale at the end of the epoch")
+    ax.set_yscale("log", base=2)
+    positive = [s for s in scales if s > 0]  # a scale halved to float32's 0 has no place on a log axis
+    if positive:
+        low, high = min(positive), max(positive)
+        octaves = max(1.0, np.log2(high / low))
+        ax.set_ylim(low / 2 ** (0.1 * octaves), high * 2 ** (0.6 * octaves))
+    ax.set(xlabel="epoch", ylabel="loss scale", title="loss scale")
+    _integer_epochs(ax, epochs)
+    ax.legend(handles=[line, bars], loc="upper left")
 
 
 def plot_comparison(runs, path):
