@@ -17,6 +17,7 @@ TABLE_COLUMNS = ("run", "device", "precision", "test acc (%)", "peak GPU memory"
 RELATIVE_COLUMNS = ("speedup", "memory saving")
 # After the others, so scripts that read the table by position still find them where they were.
 SETTING_COLUMNS = ("model", "image size", "batch size", "dataset")
+SCALER_COLUMNS = ("skipped steps",)  # GradScaler's skipped optimizer steps; last, for the same reason
 UNKNOWN = "?"  # a setting of a run without a readable config.json
 DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written then have no "model"
 # Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype), where
@@ -74,9 +75,9 @@ def throughput(run):
 def comparison_table(runs):
     """A markdown table with a row per run (results.json dicts, with their "config" where known).
     With more than one run, speedup (images/s) and memory saving (peak GPU memory) are relative
-    to the first run."""
+    to the first run. The last column counts the steps GradScaler skipped (0 without one)."""
     relative = len(runs) > 1
-    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ()) + SETTING_COLUMNS
+    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ()) + SETTING_COLUMNS + SCALER_COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     reference = runs[0]
     for r in runs:
@@ -98,6 +99,7 @@ def comparison_table(runs):
             cells.append(f"{speed / reference_speed:.2f}x" if speed and reference_speed else "n/a")
             cells.append(f"{100 * (1 - memory / reference_memory):.0f}%" if memory and reference_memory else "n/a")
         cells += setting_cells(r.get("config"))
+        cells.append("n/a" if r.get("skipped_steps") is None else str(r["skipped_steps"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from report import curves_figure, plot_curves
+from report import comparison_table, curves_figure, plot_curves
 
 CURVE_TITLES = ["loss", "accuracy", "learning rate at the start of the epoch"]
 TELEMETRY_KEYS = ("loss_scale", "skipped_steps", "grad_norm_mean", "grad_norm_max")
@@ -108,3 +108,29 @@ def test_a_single_epoch_draws_every_panel_with_one_whole_epoch_tick():
     assert list(panels(figure)) == CURVE_TITLES + ["gradient norm", "loss scale"]
     for ax in figure.axes:
         assert list(ax.get_xticks()) == [1], ax.get_title()
+
+
+# --------------------------------------------------------------------------- --compare
+# The columns before this issue, which scripts read by name and position.
+EARLIER_COLUMNS = ["run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
+                   "images/s", "speedup", "memory saving", "model", "image size", "batch size", "dataset"]
+
+
+def finished_run(name, precision, **results):
+    """A results.json as --compare loads it, with three epochs and no config.json."""
+    epochs = [{"epoch": i, "seconds": 10.0, "images_per_sec": 500.0, "peak_mem_mb": 2048.0, "val_acc": 80.0 + i}
+              for i in range(1, 4)]
+    return {"run": name, "device": "NVIDIA H100 80GB HBM3", "precision": precision, "test_acc": 91.0,
+            "total_train_seconds": 31.0, "epochs": epochs, "config": None, **results}
+
+
+def test_compare_counts_the_skipped_steps_in_a_last_column():
+    runs = [finished_run("fp32", "FP32", skipped_steps=0), finished_run("fp16", "AMP fp16", skipped_steps=37),
+            finished_run("old", "AMP fp16")]  # a results.json without the count
+    header, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                     for line in comparison_table(runs).splitlines() if not line.startswith("|---")]
+    assert header == EARLIER_COLUMNS + ["skipped steps"]  # appended: the others keep their positions
+    assert [row[-1] for row in rows] == ["0", "37", "n/a"]
+    header, row = [[cell.strip() for cell in line.strip("|").split("|")]
+                   for line in comparison_table(runs[1:2]).splitlines() if not line.startswith("|---")]
+    assert header[-1] == "skipped steps" and row[-1] == "37"  # the summary row at the end of training too
