@@ -1,5 +1,6 @@
-"""Reporting: turn runs' results into the comparison table, the learning-curve, comparison and
-confusion-matrix pictures, per-class accuracies and the predictions CSV."""
+"""Reporting: turn runs' results into the comparison table, the learning-curve (with the gradient
+norm and float16's loss scale), comparison and confusion-matrix pictures, per-class accuracies
+and the predictions CSV; write and read a run's TensorBoard event files."""
 import csv
 import io
 import os
@@ -356,6 +357,63 @@ def plot_confusion(confusion, class_names, path, title):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
                     color="white" if share[i, j] > 60 else "black")
     atomic_savefig(figure, path)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+class TensorBoardLog:
+    """Scalars and the run's settings as TensorBoard event files in `log_dir` (tensorboard
+    --logdir shows them). purge_step: a resumed run passes the first step it will write again, so
+    that events from that step on, left by a session that crashed after writing them, are
+    discarded by TensorBoard instead of drawn twice."""
+
+    def __init__(self, log_dir, purge_step=None):
+        # Imported here, not at the top: a run that does not ask for TensorBoard needs no tensorboard.
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, step, values):
+        """{tag: value} at `step`; None values (e.g. no loss scale without a GradScaler) are left out."""
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def hparams(self, step, hparams, metrics):
+        """The run's settings and its final {tag: metric} for TensorBoard's HParams tab. Unlike
+        SummaryWriter.add_hparams, which writes them to a new timestamped subfolder (a second run
+        in TensorBoard's list), they go into this run's own event file."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+        summaries = hparams_summaries({name: _hparam_value(value) for name, value in hparams.items()}, metrics)
+        file_writer = self.writer._get_file_writer()  # what add_hparams writes with, in its subfolder
+        for summary in summaries:  # the experiment, the session start and the session end
+            file_writer.add_summary(summary, step)
+        self.scalars(step, metrics)
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def _hparam_value(value):
+    """A setting as TensorBoard's HParams take it: a number or a string. None and lists (which
+    it would drop or refuse) become their text, and so do booleans, which it would show as 0/1."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return value
+    return str(value)
+
+
+def read_tensorboard_scalars(log_dir):
+    """{tag: [(step, value), ...]} of the scalars in `log_dir`'s event files, as TensorBoard shows
+    them: every event kept (no sampling), and those purged by a resumed run left out."""
+    from tensorboard.backend.event_processing.event_accumulator import DEFAULT_SIZE_GUIDANCE, EventAccumulator
+    accumulator = EventAccumulator(str(log_dir), size_guidance={kind: 0 for kind in DEFAULT_SIZE_GUIDANCE})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
 
 
 # --------------------------------------------------------------------------- predictions

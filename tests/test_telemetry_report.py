@@ -1,10 +1,18 @@
 """What a float16 run's GradScaler did, as the user sees it: the gradient-norm and loss-scale
 panels of curves.png, the skipped-steps column of --compare, and the TensorBoard event files."""
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
-from report import comparison_table, curves_figure, plot_curves
+from report import TensorBoardLog, comparison_table, curves_figure, plot_curves, read_tensorboard_scalars
+from utils import UserError
 
 CURVE_TITLES = ["loss", "accuracy", "learning rate at the start of the epoch"]
 TELEMETRY_KEYS = ("loss_scale", "skipped_steps", "grad_norm_mean", "grad_norm_max")
@@ -134,3 +142,108 @@ def test_compare_counts_the_skipped_steps_in_a_last_column():
     header, row = [[cell.strip() for cell in line.strip("|").split("|")]
                    for line in comparison_table(runs[1:2]).splitlines() if not line.startswith("|---")]
     assert header[-1] == "skipped steps" and row[-1] == "37"  # the summary row at the end of training too
+
+
+# --------------------------------------------------------------------------- TensorBoard
+# A session that wrote steps 1-6 of a run (flushing at 4 and 6) and then died without closing its
+# writer, as a killed or crashed process does.
+CRASHED_SESSION = """
+import os, sys
+sys.path.insert(0, {root!r})
+from report import TensorBoardLog
+log = TensorBoardLog({log_dir!r})
+for step in range(1, 7):
+    log.scalars(step, {{"step/loss": 1.0 * step, "step/loss_scale": 1024.0 * step, "step/grad_norm": None}})
+    if step in (4, 6):
+        log.flush()
+os._exit(1)
+"""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def crash_after_six_steps(log_dir):
+    code = CRASHED_SESSION.format(root=ROOT, log_dir=str(log_dir))
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 1
+    # TensorBoard reads a folder's event files in name order, and the names begin with the second
+    # they were created in: the resumed session's file must be a later one, as it always is in use.
+    time.sleep(1.1)
+
+
+def test_a_resumed_run_shows_each_step_once_with_the_values_written_last(tmp_path):
+    crash_after_six_steps(tmp_path)
+    assert read_tensorboard_scalars(tmp_path)["step/loss"] == [(step, float(step)) for step in range(1, 7)]
+    # The resumed session goes on from its checkpoint at step 4: steps 5 and 6 are written again.
+    log = TensorBoardLog(tmp_path, purge_step=5)
+    for step in range(5, 9):
+        log.scalars(step, {"step/loss": 10.0 * step, "step/loss_scale": 2048.0 * step, "step/grad_norm": 0.5})
+    log.close()
+    scalars = read_tensorboard_scalars(tmp_path)
+    assert sorted(scalars) == ["step/grad_norm", "step/loss", "step/loss_scale"]
+    assert scalars["step/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0), (8, 80.0)]
+    assert [step for step, _ in scalars["step/loss_scale"]] == list(range(1, 9))
+    assert scalars["step/loss_scale"][4:6] == [(5, 10240.0), (6, 12288.0)]  # the second session's
+    assert scalars["step/grad_norm"] == [(step, 0.5) for step in range(5, 9)]  # None was never written
+
+
+def test_purge_step_discards_the_crashed_sessions_later_steps_even_when_not_written_again(tmp_path):
+    # E.g. a step tag logged every few steps: the resumed session's first one comes after them.
+    crash_after_six_steps(tmp_path)
+    log = TensorBoardLog(tmp_path, purge_step=5)
+    log.scalars(7, {"step/loss": 70.0})
+    log.close()
+    assert read_tensorboard_scalars(tmp_path)["step/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (7, 70.0)]
+
+
+def test_scalars_keep_the_callers_tags_and_leave_out_none(tmp_path):
+    log = TensorBoardLog(tmp_path)
+    log.scalars(1, {"epoch/train_loss": 0.75, "epoch/peak_mem_mb": None, "epoch/seconds": 3.5})
+    log.scalars(2, {"epoch/train_loss": 0.5, "epoch/peak_mem_mb": None, "epoch/seconds": 3.25})
+    log.flush()  # readable before close: TensorBoard shows a run while it trains
+    # Values a float32 holds exactly: TensorBoard stores scalars as float32.
+    assert read_tensorboard_scalars(tmp_path) == {"epoch/train_loss": [(1, 0.75), (2, 0.5)],
+                                                  "epoch/seconds": [(1, 3.5), (2, 3.25)]}
+    log.close()
+
+
+def hparams_in(log_dir):
+    """The HParams plugin's summaries in log_dir's own event files: {tag: HParamsPluginData}."""
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+            for tag, content in accumulator.PluginTagToContent("hparams").items()}
+
+
+def test_hparams_go_into_the_runs_own_folder(tmp_path):
+    log = TensorBoardLog(tmp_path)
+    log.scalars(8, {"step/loss": 0.25})
+    settings = {"learning_rate": 1e-3, "batch_size": 32, "amp": True, "amp_dtype": "float16",
+                "clip_grad_norm": None, "compare": ["a", "b"]}
+    log.hparams(8, settings, {"test/acc": 91.5, "best_val_acc": 90.25})
+    log.close()
+    assert [path.is_file() for path in tmp_path.iterdir()] == [True]  # one event file, no subfolder (run)
+    assert read_tensorboard_scalars(tmp_path) == {"step/loss": [(8, 0.25)], "test/acc": [(8, 91.5)],
+                                                  "best_val_acc": [(8, 90.25)]}
+    summaries = hparams_in(tmp_path)
+    assert sorted(summaries) == ["_hparams_/experiment", "_hparams_/session_end_info", "_hparams_/session_start_info"]
+    metrics = [info.name.tag for info in summaries["_hparams_/experiment"].experiment.metric_infos]
+    assert metrics == ["test/acc", "best_val_acc"]
+    values = summaries["_hparams_/session_start_info"].session_start_info.hparams
+    shown = {name: getattr(value, value.WhichOneof("kind")) for name, value in values.items()}
+    assert shown == {"learning_rate": 1e-3, "batch_size": 32, "amp": "True", "amp_dtype": "float16",
+                     "clip_grad_norm": "None", "compare": "['a', 'b']"}
+
+
+def test_the_report_module_does_not_import_tensorboard():
+    # Only a run that asks for TensorBoard pays for importing it (and needs it installed).
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import report; "
+            "print(sorted(name for name in sys.modules if 'tensorboard' in name))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_tensorboard_missing_is_one_line_on_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        TensorBoardLog(tmp_path)
+    assert list(tmp_path.iterdir()) == []
