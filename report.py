@@ -1,5 +1,6 @@
-"""Reporting: turn runs' results into the comparison table, the learning-curve, comparison and
-confusion-matrix pictures, per-class accuracies and the predictions CSV."""
+"""Reporting: turn runs' results into the comparison table, the learning-curve (with the gradient
+norm and float16's loss scale), comparison and confusion-matrix pictures, per-class accuracies
+and the predictions CSV; write and read a run's TensorBoard event files."""
 import csv
 import io
 import os
@@ -17,6 +18,7 @@ TABLE_COLUMNS = ("run", "device", "precision", "test acc (%)", "peak GPU memory"
 RELATIVE_COLUMNS = ("speedup", "memory saving")
 # After the others, so scripts that read the table by position still find them where they were.
 SETTING_COLUMNS = ("model", "image size", "batch size", "dataset")
+SCALER_COLUMNS = ("skipped steps",)  # GradScaler's skipped optimizer steps; last, for the same reason
 UNKNOWN = "?"  # a setting of a run without a readable config.json
 DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written then have no "model"
 # Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype), where
@@ -74,9 +76,9 @@ def throughput(run):
 def comparison_table(runs):
     """A markdown table with a row per run (results.json dicts, with their "config" where known).
     With more than one run, speedup (images/s) and memory saving (peak GPU memory) are relative
-    to the first run."""
+    to the first run. The last column counts the steps GradScaler skipped (0 without one)."""
     relative = len(runs) > 1
-    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ()) + SETTING_COLUMNS
+    columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ()) + SETTING_COLUMNS + SCALER_COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     reference = runs[0]
     for r in runs:
@@ -98,6 +100,7 @@ def comparison_table(runs):
             cells.append(f"{speed / reference_speed:.2f}x" if speed and reference_speed else "n/a")
             cells.append(f"{100 * (1 - memory / reference_memory):.0f}%" if memory and reference_memory else "n/a")
         cells += setting_cells(r.get("config"))
+        cells.append("n/a" if r.get("skipped_steps") is None else str(r["skipped_steps"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -214,10 +217,36 @@ def plot_curves(history, path, title):
 
 
 def curves_figure(history, title):
-    """Train/validation loss and accuracy and the LR per epoch, side by side."""
+    """Train/validation loss and accuracy, the LR and the gradient norm per epoch; for a float16
+    run (one with a GradScaler) also the loss scale and the skipped steps. Four panels sit in one
+    row; five in two rows of three (the scaler's panels below the curves)."""
     epochs = [e["epoch"] for e in history]
-    figure = Figure(figsize=(13, 3.8), layout="constrained")
-    loss_ax, acc_ax, lr_ax = figure.subplots(1, 3)
+    float16 = any(e.get("loss_scale") is not None for e in history)
+    if float16:
+        figure = Figure(figsize=(14, 7.6), layout="constrained")
+        axes = figure.subplots(2, 3).ravel()
+        axes[-1].remove()  # five panels: the last slot stays empty
+    else:
+        figure = Figure(figsize=(17, 3.8), layout="constrained")
+        axes = figure.subplots(1, 4)
+    _loss_and_accuracy_panels(axes[0], axes[1], history, epochs)
+    _lr_panel(axes[2], history, epochs)
+    axes[3].sharex(axes[0])  # the same epochs even when the panel is empty (an old results.json)
+    _grad_norm_panel(axes[3], history, epochs)
+    if float16:
+        _loss_scale_panel(axes[4], history, epochs)
+    figure.suptitle(title)
+    return figure
+
+
+def _values(history, key):
+    """The per-epoch values of `key`, NaN where missing or None (results.json files written before
+    the key existed lack it): matplotlib leaves a gap there instead of failing."""
+    return [np.nan if e.get(key) is None else e[key] for e in history]
+
+
+def _loss_and_accuracy_panels(loss_ax, acc_ax, history, epochs):
+    """Train and validation loss, and train and validation accuracy."""
     for ax, key, name, ylabel in ((loss_ax, "loss", "loss", "cross-entropy loss"),
                                   (acc_ax, "acc", "accuracy", "accuracy (%)")):
         ax.plot(epochs, [e[f"train_{key}"] for e in history], marker="o", markersize=3, label="train")
@@ -225,12 +254,61 @@ def curves_figure(history, title):
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.legend()
         _integer_epochs(ax, epochs)
-    lr_ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
-    lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
-    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
-    _integer_epochs(lr_ax, epochs)
-    figure.suptitle(title)
-    return figure
+
+
+def _lr_panel(ax, history, epochs):
+    """The LR each epoch started with."""
+    ax.plot(epochs, [e["lr"] for e in history], marker="o", markersize=3, color="tab:green")
+    ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate at the start of the epoch")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.1e}"))
+    _integer_epochs(ax, epochs)
+
+
+LOG_SCALE_SPAN = 100  # a panel whose positive values span more than this factor gets a log y axis
+
+
+def _grad_norm_panel(ax, history, epochs):
+    """The true (unscaled) global gradient norm: mean and max over each epoch's optimizer steps."""
+    mean, peak = _values(history, "grad_norm_mean"), _values(history, "grad_norm_max")
+    ax.set(xlabel="epoch", ylabel="global gradient norm (unscaled)", title="gradient norm")
+    _integer_epochs(ax, epochs)
+    if np.all(np.isnan(mean + peak)):  # an old results.json, or no finite norm at all
+        ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_yticks([])
+        return
+    ax.plot(epochs, peak, marker="o", markersize=3, color="tab:red", label="max over the epoch's steps")
+    ax.plot(epochs, mean, marker="o", markersize=3, color="tab:purple", label="mean over the epoch's steps")
+    positive = [v for v in mean + peak if v > 0]  # NaN compares False
+    if positive and max(positive) > LOG_SCALE_SPAN * min(positive):
+        ax.set_yscale("log")  # one spike must not flatten the rest of the run
+    ax.legend()
+
+
+def _loss_scale_panel(ax, history, epochs):
+    """GradScaler's scale at the end of each epoch (log axis: it halves and doubles) and the steps
+    it skipped for inf/NaN gradients in that epoch (bars, on their own axis)."""
+    skipped = [e.get("skipped_steps") or 0 for e in history]
+    bars_ax = ax.twinx()
+    bars = bars_ax.bar(epochs, skipped, width=0.5, color="tab:orange", alpha=0.45,
+                       label=f"skipped steps ({sum(skipped)} in all)")
+    bars_ax.set_ylabel("skipped optimizer steps")
+    bars_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    # Both axes leave the top third free for the legend (the bars' axis runs 0..1 when none were skipped).
+    bars_ax.set_ylim(0, max(1, max(skipped)) * 1.6)
+    ax.set_zorder(bars_ax.get_zorder() + 1)  # the scale's line in front of the bars ...
+    ax.patch.set_visible(False)  # ... without hiding them
+    scales = _values(history, "loss_scale")
+    (line,) = ax.plot(epochs, scales, marker="o", markersize=3, color="tab:blue",
+                      label="loss scale at the end of the epoch")
+    ax.set_yscale("log", base=2)
+    positive = [s for s in scales if s > 0]  # a scale halved to float32's 0 has no place on a log axis
+    if positive:
+        low, high = min(positive), max(positive)
+        octaves = max(1.0, np.log2(high / low))
+        ax.set_ylim(low / 2 ** (0.1 * octaves), high * 2 ** (0.6 * octaves))
+    ax.set(xlabel="epoch", ylabel="loss scale", title="loss scale")
+    _integer_epochs(ax, epochs)
+    ax.legend(handles=[line, bars], loc="upper left")
 
 
 def plot_comparison(runs, path):
@@ -279,6 +357,63 @@ def plot_confusion(confusion, class_names, path, title):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
                     color="white" if share[i, j] > 60 else "black")
     atomic_savefig(figure, path)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+class TensorBoardLog:
+    """Scalars and the run's settings as TensorBoard event files in `log_dir` (tensorboard
+    --logdir shows them). purge_step: a resumed run passes the first step it will write again, so
+    that events from that step on, left by a session that crashed after writing them, are
+    discarded by TensorBoard instead of drawn twice."""
+
+    def __init__(self, log_dir, purge_step=None):
+        # Imported here, not at the top: a run that does not ask for TensorBoard needs no tensorboard.
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, step, values):
+        """{tag: value} at `step`; None values (e.g. no loss scale without a GradScaler) are left out."""
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def hparams(self, step, hparams, metrics):
+        """The run's settings and its final {tag: metric} for TensorBoard's HParams tab. Unlike
+        SummaryWriter.add_hparams, which writes them to a new timestamped subfolder (a second run
+        in TensorBoard's list), they go into this run's own event file."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+        summaries = hparams_summaries({name: _hparam_value(value) for name, value in hparams.items()}, metrics)
+        file_writer = self.writer._get_file_writer()  # what add_hparams writes with, in its subfolder
+        for summary in summaries:  # the experiment, the session start and the session end
+            file_writer.add_summary(summary, step)
+        self.scalars(step, metrics)
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def _hparam_value(value):
+    """A setting as TensorBoard's HParams take it: a number or a string. None and lists (which
+    it would drop or refuse) become their text, and so do booleans, which it would show as 0/1."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return value
+    return str(value)
+
+
+def read_tensorboard_scalars(log_dir):
+    """{tag: [(step, value), ...]} of the scalars in `log_dir`'s event files, as TensorBoard shows
+    them: every event kept (no sampling), and those purged by a resumed run left out."""
+    from tensorboard.backend.event_processing.event_accumulator import DEFAULT_SIZE_GUIDANCE, EventAccumulator
+    accumulator = EventAccumulator(str(log_dir), size_guidance={kind: 0 for kind in DEFAULT_SIZE_GUIDANCE})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
 
 
 # --------------------------------------------------------------------------- predictions

@@ -21,8 +21,8 @@ TEST_PER_CLASS = 8  # make_colour_dataset's test split
 TRAIN_IMAGES = 48  # 3 classes x 20, less the 20% validation split
 EPOCHS = 2
 COLUMNS = ["run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
-           "images/s", "speedup", "memory saving", "model", "image size", "batch size", "dataset"]
-SETTING_COLUMNS = COLUMNS[-4:]
+           "images/s", "speedup", "memory saving", "model", "image size", "batch size", "dataset", "skipped steps"]
+SETTING_COLUMNS = COLUMNS[-5:-1]
 CURVES_DRAWN = []  # (run, epochs shown) each time a curves.png was drawn while runs_dir trained
 
 
@@ -86,6 +86,7 @@ def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, demo_da
         assert float(cell["images/s"]) == pytest.approx(TRAIN_IMAGES * EPOCHS / seconds[cell["run"]], abs=0.5)
         assert cell["memory saving"] == "n/a"  # no GPU memory to compare on the CPU
         assert [cell[c] for c in SETTING_COLUMNS] == ["resnet18", "32", "16", os.path.basename(demo_data)]
+        assert cell["skipped steps"] == str(results["skipped_steps"]) == "0"  # bf16 and FP32: no GradScaler
     assert rows[0][COLUMNS.index("speedup")] == "1.00x"
     speedup = float(rows[1][COLUMNS.index("speedup")].rstrip("x"))
     assert speedup == pytest.approx(seconds["fp32"] / seconds["amp"], abs=0.006)
@@ -111,7 +112,7 @@ def test_speedup_and_memory_saving_are_relative_to_the_first_run():
     assert half["test acc (%)"] == "91.23"
     # One run alone (the summary at the end of training) has nothing to be relative to.
     header, rows = table(comparison_table(runs[:1]))
-    assert header == COLUMNS[:-6] + SETTING_COLUMNS and len(rows) == 1
+    assert header == COLUMNS[:-7] + SETTING_COLUMNS + ["skipped steps"] and len(rows) == 1
 
 
 # The settings of a run as config.json holds them (vars(cfg)), trimmed to a few.
@@ -151,7 +152,7 @@ def test_compare_warns_when_runs_differ_in_more_than_precision(tmp_path):
     assert setting_differences(runs) == ["model: resnet18 (a), vit (b)", "data_dir: /data/intel (a), /data/other/ (b)",
                                          "device: NVIDIA H100 80GB HBM3 (a), NVIDIA A100 (b)"]
     _, rows = table(comparison_table(runs))
-    assert [row[-4:] for row in rows] == [["resnet18", "64", "32", "intel"], ["vit", "64", "32", "other"]]
+    assert [row[-5:-1] for row in rows] == [["resnet18", "64", "32", "intel"], ["vit", "64", "32", "other"]]
 
 
 def test_compare_of_fp32_and_amp_alone_has_no_warning(tmp_path):
@@ -168,7 +169,7 @@ def test_compare_shows_the_settings_of_a_run_without_config_as_unknown(tmp_path)
             write_run(tmp_path, "broken", config="{not json"), write_run(tmp_path, "odd", config="[1, 2]")]
     assert [r["config"] for r in runs[1:]] == [None, None, None]
     _, rows = table(comparison_table(runs))
-    assert [row[-4:] for row in rows] == [["resnet18", "128", "32", "intel"]] + [["?"] * 4] * 3
+    assert [row[-5:-1] for row in rows] == [["resnet18", "128", "32", "intel"]] + [["?"] * 4] * 3
     assert setting_differences(runs) == []  # nothing known differs
     assert setting_differences(runs + [write_run(tmp_path, "small", image_size=64)]) == [
         "image_size: 128 (new), ? (old, broken, odd), 64 (small)"]
