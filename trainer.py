@@ -327,7 +327,7 @@ class Trainer:
         # (The meter's count covers every process; it restarts each epoch, and then gives no rate.)
         rate = (images_so_far - images_then) / (now - then) if images_so_far > images_then else None
         self.tensorboard.scalars(step, {
-            "step/loss": float(loss),
+            "step/loss": float(loss.detach()),
             "step/lr": self.lr(),
             "step/loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
             "step/grad_norm": float(outcome.grad_norm),

@@ -51,6 +51,7 @@ import dataset
 import main as main_module
 import trainer
 from conftest import FAST, ROOT, assert_user_error, make_colour_dataset
+from report import read_tensorboard_scalars
 
 # A 1-epoch training run on the colours, in the test's own folder (add --checkpoint_name and the flags).
 TRAIN = ["--data_dir", "{colours}", "--checkpoint_dir", "{tmp}/checkpoints", "--epochs", "1", *FAST]
@@ -378,6 +379,10 @@ def check_amp(run, shared):
     assert results["precision"] == "AMP bf16" and results["amp"] is True and results["amp_dtype"] == "bfloat16"
     assert "(AMP bf16)" in run.out
     assert run.config()["amp_dtype"] == "bfloat16"
+    # --tensorboard: the run's folder holds its series, and the epoch's numbers are results.json's.
+    scalars = read_tensorboard_scalars(run.dir / "tensorboard")
+    assert [v for _, v in scalars["epoch/val_acc"]] == pytest.approx([e["val_acc"] for e in results["epochs"]])
+    assert scalars["test/acc"][0][1] == pytest.approx(results["test_acc"])
 
 
 def check_skip_bad_images_and_pretrained_path(run, shared):
@@ -530,8 +535,8 @@ CASES = [
         "--val_fraction", "--cache", "--log_interval", "--channels_last"),
         argv=[*WITH_BARS, "--checkpoint_name", "split", "--val_fraction", "0.5", "--cache", "--log_interval", "1",
               "--channels_last"]),
-    Case("amp", flags=("--amp", "--amp_dtype"), check=check_amp,
-         argv=[*TRAIN, "--checkpoint_name", "amp", "--amp", "--amp_dtype", "bfloat16"]),
+    Case("amp_tensorboard", flags=("--amp", "--amp_dtype", "--tensorboard"), check=check_amp,
+         argv=[*TRAIN, "--checkpoint_name", "amp", "--amp", "--amp_dtype", "bfloat16", "--tensorboard"]),
     Case("skip_bad_images_pretrained_path", flags=("--skip_bad_images", "--pretrained_path"),
          check=check_skip_bad_images_and_pretrained_path,
          argv=["--data_dir", "{bad_data}", "--checkpoint_dir", "{tmp}/checkpoints", "--checkpoint_name", "weights",
