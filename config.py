@@ -38,7 +38,13 @@ RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_ev
 # --evaluate and --predict also take the run's saved settings; these may differ from them (none
 # changes the model's answers).
 EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
-                                            "pretrained_path"}
+                                            "pretrained_path", "skip_bad_images"}
+# Flags of training alone: --benchmark times steps on synthetic data and reads none of them.
+TRAINING_ONLY_FLAGS = {
+    "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
+    "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
+    "tensorboard",
+}
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
 # Flags that select what main.py does, rather than how a run trains.
@@ -206,8 +212,11 @@ def validate(cfg):
             raise UserError(f"--{name} must be a finite number, got {value}")
     if not cfg.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
-    if cfg.weight_decay < 0 or cfg.min_lr < 0:
-        raise UserError("--weight_decay and --min_lr must not be negative")
+    for name in ("weight_decay", "min_lr"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
     if not 0 < cfg.val_fraction < 1:
@@ -270,10 +279,18 @@ def check_flag_combinations(cfg, explicit):
         if ignored:
             raise UserError(f"--compare only reads finished runs (under --checkpoint_dir); --{ignored[0]} does "
                             "nothing with it")
+    if cfg.benchmark:
+        ignored = sorted(explicit & TRAINING_ONLY_FLAGS)
+        if ignored:
+            extra = " (it times FP32 and AMP anyway)" if ignored[0] == "amp" else ""
+            raise UserError(f"--benchmark times training steps on synthetic data; "
+                            f"{NEGATED_FLAGS.get(ignored[0], '--' + ignored[0])} does nothing with it{extra}")
     for flag, needs in (("amp_dtype", ("amp", "benchmark")), ("data", ("benchmark",)), ("predict_dir", ("predict",)),
-                        ("predictions_file", ("predict",))):
+                        ("predictions_file", ("predict",)), ("benchmark_steps", ("benchmark",))):
         if flag in explicit and not any(getattr(cfg, mode) for mode in needs):
             raise UserError(f"--{flag} is only used with {' or '.join(f'--{mode}' for mode in needs)}")
+    if cfg.tensorboard and (cfg.evaluate or cfg.predict):
+        raise UserError("--tensorboard logs training; --evaluate and --predict train nothing")
     if "pretrained_path" in explicit and not cfg.pretrained:
         raise UserError("--pretrained_path gives weights to start from, --no_pretrained says to start from random "
                         "weights; drop one of them")

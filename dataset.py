@@ -3,6 +3,7 @@ the loaders (or the test loader alone), and turn uint8 batches into normalized m
 the device. (The generated demo dataset is demo.py's.)"""
 import logging
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -79,9 +80,15 @@ def _pil_decode(path):
         return TF.pil_to_tensor(img.convert("RGB"))
 
 
+# torchvision decodes JPEGs (libjpeg-turbo: 1.8x PIL's speed, and a corrupt file raises). Its
+# PNG decoder can crash the whole process on corrupt pixel data (torchvision 0.29: libpng's
+# "bad adaptive filter value" is a segfault), so PIL decodes everything else.
+TORCHVISION_DECODES = (".jpg", ".jpeg")
+
+
 def _decode(path):
-    """torchvision's decoders where they take the file, else PIL (raising what PIL raises)."""
-    if decode_image is not None:
+    """torchvision's decoder for JPEGs, else PIL (raising what PIL raises)."""
+    if decode_image is not None and path.lower().endswith(TORCHVISION_DECODES):
         try:
             return _torchvision_decode(path)
         except RuntimeError:
@@ -264,6 +271,18 @@ class DeviceTransform:
 
 
 # --------------------------------------------------------------------------- loaders
+def stop_loader_workers():
+    """Kill the data-loading workers still alive. They ignore SIGTERM (see below), and SIGTERM
+    is how Python ends them at exit after an error: without this a failed run would print its
+    error and then wait for them forever."""
+    workers = multiprocessing.active_children()
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loaders' own handler would report the kill as a crash
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
 def _ignore_stop_signals(worker_id):
     """Workers leave Ctrl-C and SIGTERM to the main process, which finishes its step and saves;
     they exit with it."""
@@ -377,14 +396,17 @@ def error_summary(exc):
 
 
 def decode_problem(path):
-    """Why `path` does not decode ('' if it does), in one line. Strict for the formats
-    torchvision decodes: a truncated JPEG or PNG fails here, though training would load it."""
-    strict = decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png"))
+    """Why `path` does not decode ('' if it does), in one line. Strict: a truncated file fails
+    here, though training would load it with its missing part gray."""
+    strict_jpeg = decode_image is not None and path.lower().endswith(TORCHVISION_DECODES)
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        (_torchvision_decode if strict else _decode)(path)
+        (_torchvision_decode if strict_jpeg else _pil_decode)(path)
         return ""
     except Exception as exc:  # each decoder raises its own types
         return f"not a decodable image ({error_summary(exc)})"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 class _DecodeCheck(torch.utils.data.Dataset):
@@ -506,7 +528,8 @@ def build_test_loader(cfg, device, rank=0, world_size=1):
 def build_predict_loader(root, cfg, device):
     """Batches of (images, relative paths, errors) over the image files under `root`, in order."""
     if not os.path.isdir(root):
-        raise UserError(f"{root} is not a folder of images")
+        raise UserError(f"{root} {'is not a folder' if os.path.exists(root) else 'does not exist'}: --predict_dir "
+                        "takes a folder of images")
     images = UnlabeledImages(root, cfg.image_size)
     if not len(images):
         raise UserError(f"no image files in {root} (looked for {', '.join(IMG_EXTENSIONS)})")

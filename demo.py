@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from utils import UserError
+
 
 DEMO_CLASSES = ("checkerboard", "circles", "diagonal", "horizontal_stripes", "squares", "vertical_stripes")
 
@@ -46,11 +48,29 @@ def _demo_image(kind, generator, size):
     return Image.fromarray(pixels.numpy())
 
 
+def foreign_entries(root):
+    """What is in `root` that a (perhaps interrupted) demo generation would not have written."""
+    if not os.path.isdir(root):
+        return []
+    foreign = [name for name in os.listdir(root) if name not in ("seg_train", "seg_test", "seg_pred")]
+    for split in ("seg_train", "seg_test"):
+        outer, inner = os.path.join(root, split), os.path.join(root, split, split)
+        if os.path.isdir(outer):
+            foreign += [os.path.join(split, name) for name in os.listdir(outer) if name != split]
+        if os.path.isdir(inner):
+            foreign += [os.path.join(split, split, name) for name in os.listdir(inner) if name not in DEMO_CLASSES]
+    return foreign
+
+
 def make_demo_dataset(root, train_per_class=100, test_per_class=30, size=150, seed=0):
     """Write a six-class generated dataset in the Kaggle layout under `root` (if not there)."""
     done_marker = os.path.join(root, ".complete")
     if os.path.exists(done_marker):
         return False
+    foreign = foreign_entries(root)
+    if foreign:  # never write generated pictures into the user's own data
+        raise UserError(f"--demo writes its generated dataset to --data_dir {root}, which holds other things "
+                        f"({foreign[0]}); give an empty or new folder, or leave --data_dir out (data/demo)")
     generator = torch.Generator().manual_seed(seed)
     for split, per_class in (("seg_train", train_per_class), ("seg_test", test_per_class)):
         for kind in DEMO_CLASSES:

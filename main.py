@@ -1,13 +1,31 @@
-"""Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer."""
+"""Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer;
+or --evaluate, --predict, --compare or --benchmark an existing run or this machine."""
 import os
 import shutil
+import signal
 import sys
+
+
+def _interrupted_while_starting(signum, frame):
+    print("interrupted before anything was saved", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import torch
 
 import benchmark
 import config
-from dataset import DeviceTransform, build_loaders, build_predict_loader, build_test_loader, find_split_dir
+from dataset import (
+    DeviceTransform,
+    build_loaders,
+    build_predict_loader,
+    build_test_loader,
+    find_split_dir,
+    stop_loader_workers,
+)
 from demo import make_demo_dataset
 from model import build_model
 from report import comparison_report, load_finished_run, per_class_report, plot_comparison, write_predictions
@@ -173,7 +191,8 @@ def predict(best, cfg):
     path = cfg.predictions_file or os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
     if not rows:  # an empty CSV would replace earlier predictions with nothing
         raise UserError(f"none of the {len(unreadable)} image file(s) in {root} could be read "
-                        f"(first: {unreadable[0]}); {path} is unchanged")
+                        f"(first: {unreadable[0]}); " + (f"{path} is unchanged" if os.path.exists(path)
+                                                         else "no predictions were written"))
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
     try:
@@ -242,8 +261,10 @@ def main(argv=None):
         silence_stdout()
         return 1
     finally:
+        stop_loader_workers()
         leave_distributed()
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here main() handles Ctrl-C itself
     sys.exit(main())

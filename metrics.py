@@ -1,5 +1,6 @@
 """What a run measures: loss, accuracy and the confusion matrix (kept on the device, summed over
-processes), wall time that waits for the GPU, peak GPU memory, and the device's name."""
+processes), the optimizer steps' gradient norm, wall time that waits for the GPU, peak GPU
+memory, and the device's name."""
 import platform
 import time
 

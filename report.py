@@ -28,7 +28,7 @@ DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written the
 NOT_COMPARED = {
     "amp", "amp_dtype", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress", "log_interval",
     "save_every_steps", "resume", "evaluate", "predict", "predict_dir", "compare", "overwrite", "dist_timeout",
-    "cache", "benchmark", "benchmark_steps", "data", "demo",
+    "cache", "benchmark", "benchmark_steps", "data", "demo", "tensorboard", "predictions_file",
 }
 
 
@@ -38,13 +38,19 @@ def load_finished_run(checkpoint_dir, name):
     "config" (None when the run has no readable config.json); anything else is a user error."""
     path = os.path.join(checkpoint_dir, name, "results.json")
     if not os.path.exists(path):
+        if os.path.exists(os.path.join(checkpoint_dir, name, "last.pt")):
+            raise UserError(f"run {name!r} has not finished an epoch yet (no {path}); complete it with --resume")
         raise UserError(f"no run named {name!r}: {path} does not exist")
     try:
         results = load_json(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable results file: {exc}") from None
-    if not isinstance(results, dict) or not results.get("finished") or results.get("test_acc") is None:
+    if not isinstance(results, dict) or not isinstance(results.get("epochs"), list):
+        raise UserError(f"{path} is not a results file of this template (no list of epochs)")
+    if not results.get("finished") or results.get("test_acc") is None:
         raise UserError(f"run {name!r} has not finished (no test accuracy in {path}); complete it with --resume")
+    if not isinstance(results["test_acc"], (int, float)):
+        raise UserError(f"{path} is not a results file of this template (test_acc is {results['test_acc']!r})")
     results["run"] = name  # the name it was asked for, even if its folder was renamed
     results["config"] = load_run_config(os.path.join(checkpoint_dir, name, "config.json"))
     return results
@@ -372,7 +378,10 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        try:
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        except OSError as exc:  # e.g. a file where the folder should be
+            raise UserError(f"cannot write TensorBoard events to {log_dir}: {exc.strerror or exc}") from None
 
     def scalars(self, step, values):
         """{tag: value} at `step`; None values (e.g. no loss scale without a GradScaler) are left out."""

@@ -221,6 +221,8 @@ class Trainer:
         meter, seconds_before = self.start_epoch_meters()
         reset_peak_memory(self.device)
         watch = Stopwatch(self.device)
+        if self.tensorboard is not None:  # images/s of the first logged step counts from here
+            self.last_logged = (time.perf_counter(), int(meter.confusion.sum()))  # (rank 0 holds a resumed epoch's count)
         bar = tqdm(initial=start, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and is_main_process()) or None, dynamic_ncols=True)
         for i, (images, targets) in enumerate(self.train_loader, start=start):
@@ -328,7 +330,7 @@ class Trainer:
         rate = (images_so_far - images_then) / (now - then) if images_so_far > images_then else None
         self.tensorboard.scalars(step, {
             "step/loss": float(loss.detach()),
-            "step/lr": self.lr(),
+            "step/lr": self.scheduler.lr_at(step - 1),  # the LR this step trained with (the optimizer holds the next)
             "step/loss_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
             "step/grad_norm": float(outcome.grad_norm),
             "step/images_per_sec": rate,

@@ -236,7 +236,9 @@ def test_tensorboard_holds_the_runs_scalars(run_cli, demo_data, tmp_path):
     results = read_results(run_dir)
     # Per step, every --log_interval steps and at each epoch's end (3 steps an epoch): 2, 3, 4, 6.
     assert [s for s, _ in scalars["step/lr"]] == [2, 3, 4, 6]
-    assert [v for _, v in scalars["step/lr"]] == pytest.approx([warmup_cosine_lr(s, 2e-3, 6, 3) for s in (2, 3, 4, 6)])
+    # The LR each logged step trained with: step S is the schedule's step S - 1 (0-based).
+    assert [v for _, v in scalars["step/lr"]] == pytest.approx([warmup_cosine_lr(s - 1, 2e-3, 6, 3) for s in (2, 3, 4, 6)])
+    assert [s for s, _ in scalars["step/images_per_sec"]] == [2, 3, 4, 6]  # from each epoch's start on
     assert "step/loss_scale" not in scalars  # bfloat16: no scaler
     assert all(v > 0 for _, v in scalars["step/grad_norm"])
     # Per epoch, at the step the epoch ended on, the numbers of results.json.

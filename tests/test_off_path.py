@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from argparse import Namespace
 
 import pytest
@@ -322,6 +323,11 @@ def test_contradicting_flags_are_refused(run_cli, demo_data, flags, needles):
     assert_user_error(run_cli("--data_dir", demo_data, *argv, *flags), *needles)
 
 
+def test_tensorboard_is_refused_where_nothing_trains(run_cli):
+    assert_user_error(run_cli("--evaluate", "--tensorboard", "--device", "cpu"), "--tensorboard", "--evaluate")
+    assert_user_error(run_cli("--benchmark", "--tensorboard", "--device", "cpu"), "--tensorboard")
+
+
 def test_compare_refuses_training_flags(run_cli):
     assert_user_error(run_cli("--compare", "a", "b", "--epochs", "3"), "--compare", "--epochs")
 
@@ -534,3 +540,87 @@ def test_a_skipped_first_step_gives_no_scheduler_warning(demo_data, tmp_path, re
     t.train_one_epoch(0)
     assert int(t.skipped_steps) == 1
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- found by the second review
+def corrupt_png(path):
+    """A PNG whose header is fine and whose pixel data is garbage (torchvision's decoder used to
+    crash the whole process on it)."""
+    from PIL import Image
+
+    Image.fromarray(torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8).numpy()).save(path)
+    data = bytearray(open(path, "rb").read())
+    for i in range(100, len(data) - 20):
+        data[i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_corrupt_png_is_an_unreadable_image_not_a_crash(tmp_path):
+    corrupt_png(tmp_path / "bad.png")
+    code = ("from dataset import decode_problem, load_image_uint8; import sys; "
+            f"print(decode_problem({str(tmp_path / 'bad.png')!r})); load_image_uint8({str(tmp_path / 'bad.png')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]  # was -11 (a segfault in libpng)
+    assert proc.stdout.startswith("not a decodable image")
+
+
+def test_a_failed_run_with_worker_processes_exits(demo_data, tmp_path):
+    # The workers ignore SIGTERM, which is how Python ends them at exit: a run that failed used to
+    # print its traceback and then wait for them forever.
+    probe = [sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", demo_data,
+             "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "1", "--num_workers", "2"]
+    proc = subprocess.run(probe, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "probe: a bug in a data-loading worker" in proc.stderr and "killed by signal" not in proc.stderr
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    proc = subprocess.Popen([sys.executable, "main.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # Python is up; torch is still importing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted before anything was saved\n", err
+
+
+def test_demo_never_writes_into_a_folder_that_holds_other_files(run_cli, demo_data, tmp_path):
+    data = shutil.copytree(demo_data, tmp_path / "mine")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    assert_user_error(run_cli("--demo", "--data_dir", data, "--epochs", "1"), "--demo", str(data), "empty or new")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_seeds_beyond_64_bits_are_refused(run_cli, demo_data):
+    assert_user_error(run_cli("--data_dir", demo_data, *FAST, "--seed", "99999999999999999999"), "--seed")
+
+
+def test_evaluate_takes_skip_bad_images(run_cli, finished_run, tmp_path):
+    data = shutil.copytree(finished_run.data, tmp_path / "data")
+    (data / "seg_test" / "seg_test" / "red" / "junk.jpg").write_text("not a picture")
+    argv = ["--checkpoint_name", "done", "--evaluate", "--data_dir", data]
+    assert_user_error(run_cli(*argv, checkpoint_dir=finished_run.checkpoints), "junk.jpg", "--skip_bad_images")
+    code, out, err = run_cli(*argv, "--skip_bad_images", checkpoint_dir=finished_run.checkpoints)
+    assert code == 0, err
+    assert "on 24 images" in out
+
+
+@pytest.mark.parametrize("content", ['{"finished": true, "test_acc": 1.0}', '{"finished": true, "test_acc": "x", '
+                                     '"epochs": []}', "[1, 2]"])
+def test_compare_of_a_broken_results_file_is_one_line(run_cli, tmp_path, content):
+    (tmp_path / "checkpoints" / "odd").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "odd" / "results.json").write_text(content)
+    assert_user_error(run_cli("--compare", "odd"), "not a results file of this template")
+
+
+def test_compare_of_a_run_still_in_its_first_epoch_says_so(run_cli, tmp_path):
+    (tmp_path / "checkpoints" / "young").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "young" / "last.pt").write_bytes(b"")
+    assert_user_error(run_cli("--compare", "young"), "has not finished an epoch", "--resume")
+
+
+@pytest.mark.parametrize("flags,needle", [(["--benchmark", "--epochs", "3"], "--epochs"),
+                                          (["--benchmark", "--amp"], "FP32 and AMP anyway"),
+                                          (["--benchmark", "--no_pretrained"], "--no_pretrained"),
+                                          (["--benchmark_steps", "3"], "--benchmark_steps")])
+def test_flags_the_mode_does_not_read_are_refused(run_cli, flags, needle):
+    assert_user_error(run_cli(*flags, "--device", "cpu"), needle)
