@@ -375,7 +375,8 @@ def merge_evaluated(saved, cfg, explicit):
     """The config of --evaluate or --predict on a saved run (see merge_saved)."""
     merged = merge_saved(saved, cfg, explicit, EVALUATE_OVERRIDES)
     trained_on_gpu = str(saved.get("device", "")).startswith("cuda")
-    if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16" and trained_on_gpu:
+    if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16" and trained_on_gpu \
+            and "amp_dtype" not in explicit:
         merged.amp_dtype = "bfloat16"  # float16 autocast is slow on most CPUs; bfloat16 has its range
     check_precision(merged)
     if merged.evaluate:  # (--predict runs in one process)

@@ -7,8 +7,8 @@ import sys
 
 
 def _interrupted_while_starting(signum, frame):
-    print("interrupted before anything was saved", file=sys.stderr)
-    raise SystemExit(128 + signum)
+    print("interrupted before anything was saved", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # at once: an exception raised inside an import would leave it half done
 
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
@@ -28,7 +28,14 @@ from dataset import (
 )
 from demo import make_demo_dataset
 from model import build_model
-from report import comparison_report, load_finished_run, per_class_report, plot_comparison, write_predictions
+from report import (
+    comparison_report,
+    load_finished_run,
+    per_class_report,
+    plot_comparison,
+    summary_writer_class,
+    write_predictions,
+)
 from scheduler import WarmupCosineLR
 from trainer import GracefulStop, Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
@@ -91,6 +98,8 @@ def start_run_dir(run_dir, fresh):
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     logger = setup_logging(is_main_process())
+    if cfg.tensorboard:  # missing tensorboard: one line on every rank now, not a crash when rank 0 opens it
+        on_all_ranks(summary_writer_class)
     train_loader, val_loader, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
     seed_everything(cfg.seed, cfg.deterministic)  # here, so the init depends on the seed alone
     # Under DDP only rank 0 needs (or downloads) the ImageNet weights: DDP copies its

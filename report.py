@@ -366,6 +366,16 @@ def plot_confusion(confusion, class_names, path, title):
 
 
 # --------------------------------------------------------------------------- TensorBoard
+def summary_writer_class():
+    """torch's SummaryWriter, imported here, not at the top: a run that does not ask for
+    TensorBoard needs no tensorboard package. Its absence is a one-line user error."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
 class TensorBoardLog:
     """Scalars and the run's settings as TensorBoard event files in `log_dir` (tensorboard
     --logdir shows them). purge_step: a resumed run passes the first step it will write again, so
@@ -373,13 +383,8 @@ class TensorBoardLog:
     discarded by TensorBoard instead of drawn twice."""
 
     def __init__(self, log_dir, purge_step=None):
-        # Imported here, not at the top: a run that does not ask for TensorBoard needs no tensorboard.
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from None
-        try:
-            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+            self.writer = summary_writer_class()(str(log_dir), purge_step=purge_step)
         except OSError as exc:  # e.g. a file where the folder should be
             raise UserError(f"cannot write TensorBoard events to {log_dir}: {exc.strerror or exc}") from None
 
