@@ -400,11 +400,11 @@ class Trainer:
             self.epoch = epoch + 1
             self.history.append(record)
             self.total_train_seconds += time.perf_counter() - started + seconds_before
-            self.log_epoch(record)
             if val["acc"] > self.best_val_acc:
                 self.best_val_acc = val["acc"]
                 self.save_checkpoint("best.pt")
             self.save_checkpoint("last.pt")
+            self.log_epoch(record)  # after last.pt: a resume from an older checkpoint would write them again
             self.write_results()
             curves = os.path.join(self.run_dir, "curves.png")
             self.write_output(curves, lambda: plot_curves(
@@ -458,6 +458,7 @@ class Trainer:
         self.tensorboard.scalars(self.scheduler.last_epoch, {
             f"epoch/{key}": record[key]
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "seconds", "peak_mem_mb")})
+        self.tensorboard.flush()
 
     # ------------------------------------------------------------------ saving and restoring
     def checkpoint(self):

@@ -569,7 +569,8 @@ def test_a_failed_run_with_worker_processes_exits(demo_data, tmp_path):
     # print its traceback and then wait for them forever.
     probe = [sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", demo_data,
              "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "1", "--num_workers", "2"]
-    proc = subprocess.run(probe, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(probe, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_WORKER_BUG": "1"})
     assert proc.returncode == 1
     assert "probe: a bug in a data-loading worker" in proc.stderr and "killed by signal" not in proc.stderr
 
@@ -624,3 +625,21 @@ def test_compare_of_a_run_still_in_its_first_epoch_says_so(run_cli, tmp_path):
                                           (["--benchmark_steps", "3"], "--benchmark_steps")])
 def test_flags_the_mode_does_not_read_are_refused(run_cli, flags, needle):
     assert_user_error(run_cli(*flags, "--device", "cpu"), needle)
+
+
+def test_a_kill_between_an_epochs_last_step_and_its_last_pt_writes_no_tensorboard_point_twice(demo_data, tmp_path):
+    from report import read_tensorboard_scalars
+
+    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "2", "--tensorboard",
+             "--save_every_steps", "1", "--log_interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), *flags], env={
+        **env, "PROBE_KILL_AT_BEST": "1"}, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    time.sleep(1.1)  # TensorBoard orders a folder's event files by the second they were opened
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *flags, "--resume"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    scalars = read_tensorboard_scalars(tmp_path / "baseline" / "tensorboard")
+    assert [s for s, _ in scalars["epoch/val_acc"]] == [3, 6]  # each epoch once (was [3, 3, 6])
+    assert [s for s, _ in scalars["step/lr"]] == [1, 2, 3, 4, 5, 6]
