@@ -8,6 +8,7 @@ import sys
 import torch
 
 from distributed import launched_by_torchrun, launched_world_size, local_rank
+from scheduler import SCHEDULES
 from utils import UserError
 
 # What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
@@ -43,7 +44,7 @@ EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predic
 TRAINING_ONLY_FLAGS = {
     "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
     "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
-    "tensorboard",
+    "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
 }
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
@@ -53,6 +54,7 @@ MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark")
 COMPARE_FLAGS = {"compare", "checkpoint_dir"}
 
 AMP_DTYPES = ("float16", "bfloat16")
+OPTIMIZERS = ("adam", "adamw", "sgd", "radam")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -95,13 +97,33 @@ def build_parser():
                         "ResNet-18 file, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
                         "when its classes differ)")
 
+    g.add_argument("--zero_init_residual", action="store_true",
+                   help="zero the last BatchNorm weight (gamma) of each residual block, so each block starts as the "
+                        "identity (after loading pretrained weights too)")
+
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
     g.add_argument("--batch_size", type=int, default=256, help="images per optimizer step (per micro-batch with --accum_steps), over all processes under torchrun")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Adam's peak LR, reached at the end of warmup")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="Adam's L2 penalty")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="adam, adamw (decoupled weight decay) and sgd run PyTorch's fused kernels, radam its foreach one")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="the peak LR, reached at the end of warmup")
+    g.add_argument("--weight_decay", type=float, default=1e-4,
+                   help="weight decay: an L2 penalty in the gradient (adam, sgd, radam), decoupled with adamw")
+    g.add_argument("--no_bias_decay", action="store_true",
+                   help="no weight decay on biases and normalization weights (every parameter of one dimension or less)")
+    g.add_argument("--momentum", type=float, default=0.9, help="with --optimizer sgd: its momentum")
+    g.add_argument("--nesterov", action="store_true", help="with --optimizer sgd: Nesterov momentum")
     g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup length, below --epochs (default: epochs // 10)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="LR of the last step, where the cosine ends")
+    g.add_argument("--min_lr", type=float, default=0.0, help="with --lr_schedule cosine: the LR of the last step, where the cosine ends")
+    g.add_argument("--lr_schedule", choices=SCHEDULES, default="cosine",
+                   help="after the warmup: cosine down to --min_lr, step decay at --lr_milestones, or constant")
+    g.add_argument("--lr_milestones", type=int, nargs="+", default=None, metavar="EPOCH",
+                   help="with --lr_schedule step: the epochs (increasing, after the warmup, at most --epochs) from "
+                        "which the LR is multiplied by --lr_gamma, e.g. 30 60 90")
+    g.add_argument("--lr_gamma", type=float, default=0.1, help="with --lr_schedule step: the LR's factor at each milestone")
+    g.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
+                   help="label smoothing of the training loss (cross-entropy's own), 0 <= EPS < 1; validation and "
+                        "test losses stay plain cross-entropy, comparable across runs")
     g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order and the flips")
@@ -206,24 +228,27 @@ def validate(cfg):
     for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout"):
+    for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout", "momentum",
+                 "lr_gamma", "label_smoothing"):
         value = getattr(cfg, name, None)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
     if not cfg.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
     for name in ("weight_decay", "min_lr"):
-        if getattr(cfg, name) < 0:
+        if (getattr(cfg, name) or 0) < 0:  # (min_lr is None for the step and constant schedules)
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if not 0 <= cfg.seed < 2**63:
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {cfg.seed}")
-    if cfg.min_lr > cfg.learning_rate:
+    if (cfg.min_lr or 0) > cfg.learning_rate:
         raise UserError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
+    check_optimizer(cfg)
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
         raise UserError(f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
                         f"got {cfg.warmup_epochs}")
+    check_schedule(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
     if cfg.num_workers < 0:
@@ -242,6 +267,46 @@ def validate(cfg):
         raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
     if not getattr(cfg, "dist_timeout", 1) > 0:
         raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+
+
+def check_optimizer(cfg):
+    """The optimizer's and the loss's own numbers."""
+    if cfg.momentum is not None and not 0 <= cfg.momentum < 1:
+        raise UserError(f"--momentum must be at least 0 and below 1, got {cfg.momentum}")
+    if cfg.nesterov and not cfg.momentum:
+        raise UserError("--nesterov needs a --momentum above 0")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label_smoothing must be at least 0 and below 1, got {cfg.label_smoothing}")
+
+
+def check_schedule(cfg):
+    """Step decay's milestones (epochs) must increase and fall after the warmup, within the run."""
+    if cfg.lr_gamma is not None and not 0 < cfg.lr_gamma < 1:
+        raise UserError(f"--lr_gamma must be between 0 and 1 (exclusive), got {cfg.lr_gamma}")
+    if cfg.lr_schedule == "step" and not cfg.lr_milestones:
+        raise UserError("--lr_schedule step needs --lr_milestones: the epochs at which the LR drops")
+    milestones = cfg.lr_milestones or []
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise UserError(f"--lr_milestones must increase, got {' '.join(map(str, milestones))}")
+    first = max(cfg.warmup_epochs, 1)
+    for m in milestones:
+        if m > cfg.epochs:
+            raise UserError(f"--lr_milestones {m} is past the last epoch (--epochs {cfg.epochs})")
+        if m < first:
+            after = f"the warmup (--warmup_epochs {cfg.warmup_epochs})" if cfg.warmup_epochs else "epoch 0"
+            raise UserError(f"--lr_milestones {m} must come after {after}: use epochs from {first} to {cfg.epochs}")
+
+
+def drop_unused(cfg):
+    """Settings the run does not use are None, so config.json tells what it used: an Adam run
+    has no --momentum, only a cosine has a --min_lr, only step decay milestones and a gamma."""
+    if cfg.optimizer != "sgd":
+        cfg.momentum = None
+    if cfg.lr_schedule != "cosine":
+        cfg.min_lr = None
+    if cfg.lr_schedule != "step":
+        cfg.lr_milestones = cfg.lr_gamma = None
+    return cfg
 
 
 def check_precision(cfg):
@@ -294,6 +359,13 @@ def check_flag_combinations(cfg, explicit):
     if "pretrained_path" in explicit and not cfg.pretrained:
         raise UserError("--pretrained_path gives weights to start from, --no_pretrained says to start from random "
                         "weights; drop one of them")
+    for flag, setting, value in (("momentum", "optimizer", "sgd"), ("nesterov", "optimizer", "sgd"),
+                                 ("min_lr", "lr_schedule", "cosine"), ("lr_milestones", "lr_schedule", "step"),
+                                 ("lr_gamma", "lr_schedule", "step")):
+        if flag in explicit and getattr(cfg, setting) != value:
+            raise UserError(f"--{flag} is only used with --{setting} {value}, not --{setting} {getattr(cfg, setting)}")
+    if "no_bias_decay" in explicit and cfg.weight_decay == 0:
+        raise UserError("--no_bias_decay exempts biases from weight decay, but --weight_decay 0 has none; drop one of them")
     if cfg.sync_bn and launched_world_size() == 1:
         raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
 
@@ -307,6 +379,7 @@ def resolve(cfg):
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs // 10
+    drop_unused(cfg)
     validate(cfg)
     if not (cfg.resume or cfg.evaluate or cfg.predict or cfg.compare):
         check_batch_split(cfg)  # (those take the run's saved batch size, or none: checked later)
@@ -342,7 +415,9 @@ def merge_saved(saved, cfg, explicit, overrides):
     """The settings of an existing run (resumed, evaluated or predicted with): its saved
     settings, plus the flags in `overrides` that may change between sessions. Any other flag
     that disagrees with the saved run is an error."""
-    merged = argparse.Namespace(**{**vars(cfg), **saved})  # flags added since the run was saved keep their defaults
+    # A flag added since the run was saved: the run trained with its default (Adam before --optimizer).
+    defaults = {name: value for name, value in vars(build_parser().parse_args([])).items() if name not in saved}
+    merged = drop_unused(argparse.Namespace(**{**vars(cfg), **defaults, **saved}))
     for name in sorted(explicit - {*MODE_FLAGS, "overwrite", "demo", "checkpoint_name"}):
         value = getattr(cfg, name)
         if name in overrides:
@@ -389,4 +464,8 @@ def as_flag(name, value):
     if isinstance(value, bool):
         flag, on = (NEGATED_FLAGS[name], not value) if name in NEGATED_FLAGS else (f"--{name}", value)
         return f"{'with' if on else 'without'} {flag}"
+    if value is None:
+        return f"without --{name}"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value))
     return f"with --{name} {value}"

@@ -36,7 +36,7 @@ from report import (
     summary_writer_class,
     write_predictions,
 )
-from scheduler import WarmupCosineLR
+from scheduler import WarmupLR
 from trainer import GracefulStop, Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
 from trainer import evaluate as evaluate_model
 from distributed import (
@@ -105,7 +105,9 @@ def train(cfg, checkpoint=None):
     # Under DDP only rank 0 needs (or downloads) the ImageNet weights: DDP copies its
     # parameters and buffers to the other ranks when it wraps the model.
     pretrained = cfg.pretrained and checkpoint is None and is_main_process()
-    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names)
+    # (A resumed run's weights come from its checkpoint: nothing to zero.)
+    zero_residual = cfg.zero_init_residual and checkpoint is None
+    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names, zero_residual)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     train_model = model
     if torch.distributed.is_initialized():
@@ -118,13 +120,7 @@ def train(cfg, checkpoint=None):
     torch.backends.cudnn.benchmark = not cfg.deterministic
     # Under DDP the compiler wraps the DDP module, so it can split the graph at DDP's gradient buckets.
     train_model = torch.compile(train_model) if cfg.compile else train_model
-    steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)
-    scheduler = WarmupCosineLR(
-        optimizer,
-        total_steps=cfg.epochs * steps_per_epoch,
-        warmup_steps=cfg.warmup_epochs * steps_per_epoch,
-        min_lr=cfg.min_lr,
-    )
+    scheduler = build_scheduler(optimizer, cfg, -(-len(train_loader) // cfg.accum_steps))
     loaders = (train_loader, val_loader, test_loader)
     stop = GracefulStop()
     trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger,
@@ -146,6 +142,19 @@ def train(cfg, checkpoint=None):
     finally:
         stop.uninstall()
     return 0
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch):
+    """cfg's LR schedule in optimizer steps: its epochs (warmup, milestones) times `steps_per_epoch`."""
+    return WarmupLR(
+        optimizer,
+        schedule=cfg.lr_schedule,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=cfg.warmup_epochs * steps_per_epoch,
+        min_lr=cfg.min_lr or 0.0,
+        milestones=[epoch * steps_per_epoch for epoch in cfg.lr_milestones or ()],
+        gamma=cfg.lr_gamma or 0.1,
+    )
 
 
 def load_best(cfg, explicit):

@@ -7,6 +7,7 @@ import urllib.error
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from utils import UserError, torch_load_error
 
@@ -81,13 +82,47 @@ def misfit(model, state):
     return "; ".join(parts)
 
 
-def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None):
+def residual_gammas(model):
+    """The weight (gamma) of the last BatchNorm of each residual block, by the block's name:
+    bn2 of a BasicBlock, bn3 of a Bottleneck. Empty for a model without residual blocks."""
+    gammas = {}
+    for name, block in model.named_modules():
+        last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2 if isinstance(block, BasicBlock) else None
+        if last_bn is not None and last_bn.weight is not None:
+            gammas[name] = last_bn.weight
+    return gammas
+
+
+@torch.no_grad()
+def zero_init_residual(model):
+    """Zero each residual block's last BatchNorm weight, so every block starts as the identity
+    (torchvision's `zero_init_residual=True`, here also after loading weights). Says in one
+    line what it did."""
+    gammas = residual_gammas(model)
+    for gamma in gammas.values():
+        gamma.zero_()
+    log = logging.getLogger("amp")
+    if gammas:
+        log.info(f"--zero_init_residual: zeroed the last BatchNorm weight of {len(gammas)} residual blocks")
+    else:
+        log.info(f"--zero_init_residual: {type(model).__name__} has no residual blocks; nothing to zero")
+    return model
+
+
+def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None, zero_residual=False):
     """ResNet-18 with a `num_classes` head; its state dict loads into a plain
     `torchvision.models.resnet18(num_classes=num_classes)`.
 
     With `pretrained`, the weights come from `pretrained_path` or the ImageNet file. A run of
     this template keeps its head when it was trained on `class_names` (training a finished run
-    further); any other head is replaced by a new one for our classes (fine-tuning)."""
+    further); any other head is replaced by a new one for our classes (fine-tuning). With
+    `zero_residual`, the blocks' last BatchNorm weights are zeroed after that (zero_init_residual)."""
+    model = load_model(num_classes, pretrained, pretrained_path, class_names)
+    return zero_init_residual(model) if zero_residual else model
+
+
+def load_model(num_classes, pretrained, pretrained_path, class_names):
+    """build_model's model before zero_init_residual."""
     if not pretrained:
         return resnet18(num_classes=num_classes)
     state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(), None)

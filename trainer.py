@@ -142,19 +142,44 @@ class SkippedStepGuard:
             buffer.copy_(torch.where(skipped, saved, buffer))
 
 
-def training_step(model, images, targets, autocast, update, loss_divisor=1, step=True):
+def training_step(model, images, targets, autocast, update, loss_divisor=1, step=True, label_smoothing=0.0):
     """Forward under autocast, then `update` (an AmpUpdate): backward and, when `step`, the
-    optimizer step. Returns the loss, the logits and the step's StepOutcome (None if no step)."""
+    optimizer step. Returns the loss (cross-entropy, with `label_smoothing`), the logits and the
+    step's StepOutcome (None if no step)."""
     with autocast():
         logits = model(images)
-        loss = F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     return loss, logits, update(loss / loss_divisor, step)
 
 
+def parameter_groups(model, no_bias_decay=False):
+    """The model's parameters as optimizer groups: one, or with `no_bias_decay` two, the weights
+    of convolutions and linear layers (decayed) and the parameters of one dimension or less,
+    biases and normalization weights (never decayed)."""
+    if not no_bias_decay:
+        return model.parameters()
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 def build_optimizer(model, cfg):
-    # The fused kernel does the whole Adam update in one pass over the parameters: a few launches
-    # on CUDA, and on the CPU ~7x faster than the default (7 vs 50 ms a step for ResNet-18: docs/benchmarks.md).
-    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    """cfg's optimizer over the model's parameters (see parameter_groups). The fused kernels do
+    the whole update in one pass over the parameters: a few launches on CUDA, and on the CPU
+    ~7x faster than the default for Adam (7 vs 50 ms a step for ResNet-18: docs/benchmarks.md).
+    RAdam has no fused kernel: it gets the foreach one (a launch per group of tensors)."""
+    params = parameter_groups(model, getattr(cfg, "no_bias_decay", False))
+    common = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    name = getattr(cfg, "optimizer", "adam")
+    if name == "adam":
+        return torch.optim.Adam(params, **common, fused=True)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **common, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, **common, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if name == "radam":
+        return torch.optim.RAdam(params, **common, foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 class Trainer:
@@ -179,6 +204,7 @@ class Trainer:
         self.update = AmpUpdate(optimizer, self.scaler, cfg.clip_grad_norm)
         self.skip_guard = SkippedStepGuard(model, self.scaler.is_enabled())
         self.autocast = autocast_for(cfg)
+        self.label_smoothing = getattr(cfg, "label_smoothing", 0.0)  # the training loss's only: evaluation's is plain
         self.transform = DeviceTransform(self.device, getattr(cfg, "channels_last", False))
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
         self.epoch = 0  # epochs completed
@@ -236,8 +262,8 @@ class Trainer:
             if i == group_start:
                 self.skip_guard.save()
             with self.grad_sync(update):
-                loss, logits, outcome = training_step(
-                    self.train_model, images, targets, self.autocast, self.update, group_size, update)
+                loss, logits, outcome = training_step(self.train_model, images, targets, self.autocast, self.update,
+                                                      group_size, update, self.label_smoothing)
             meter.update(loss, logits, targets)
             bar.update()
             self.record_step(loss, outcome)

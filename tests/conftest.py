@@ -72,6 +72,26 @@ def assert_user_error(result, *needles):
         assert needle in err, err
 
 
+class SimulatedCrash(Exception):
+    """A crash main.py does not handle (as a power cut would not be)."""
+
+
+def crash_in_epoch(monkeypatch, epoch_to_crash):
+    """Make Trainer.train_one_epoch crash when it starts `epoch_to_crash` (0-based); returns a
+    function that undoes it."""
+    import trainer
+
+    original = trainer.Trainer.train_one_epoch
+
+    def train_one_epoch(self, epoch):
+        if epoch == epoch_to_crash:
+            raise SimulatedCrash
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", train_one_epoch)
+    return lambda: monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
+
+
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)

@@ -502,6 +502,46 @@ def check_demo(run, shared):
     assert cfg["image_size"] == 32 and cfg["epochs"] == 1  # ... where no flag says otherwise
 
 
+def check_sgd_no_bias_decay(run, shared):
+    run.assert_ok()
+    optimizer = run.checkpoint("last.pt")["optimizer"]
+    groups = optimizer["param_groups"]
+    # --optimizer sgd --momentum 0.8 --nesterov: fused SGD with Nesterov momentum, its buffers saved.
+    assert [(g["momentum"], g["nesterov"], g["fused"]) for g in groups] == [(0.8, True, True)] * 2
+    assert optimizer["state"] and all(set(s) == {"momentum_buffer"} for s in optimizer["state"].values())
+    # --no_bias_decay: ResNet-18's 21 convolution and linear weights decay; its 41 biases and
+    # BatchNorm weights and biases do not.
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(1e-4, 21), (0.0, 41)]
+    cfg = run.config()
+    assert (cfg["optimizer"], cfg["momentum"], cfg["nesterov"], cfg["no_bias_decay"]) == ("sgd", 0.8, True, True)
+
+
+def check_step_schedule_zero_init_residual(run, shared):
+    run.assert_ok()
+    # --lr_schedule step --lr_milestones 2 --lr_gamma 0.5, after --warmup_epochs 1 (3 steps an
+    # epoch): the first warmup step, the peak, then half the peak from epoch 2's end on.
+    assert [e["lr"] for e in run.results_at_exit["epochs"]] == pytest.approx([0.002 / 3, 0.002, 0.001])
+    cfg = run.config()
+    assert (cfg["lr_schedule"], cfg["lr_milestones"], cfg["lr_gamma"], cfg["min_lr"]) == ("step", [2], 0.5, None)
+    # --zero_init_residual: each block's last BatchNorm weight started at 0, so after 9 small
+    # steps it is still near 0, where the other BatchNorm weights are still near 1.
+    assert "--zero_init_residual: zeroed the last BatchNorm weight of 8 residual blocks" in run.out
+    model = run.checkpoint("last.pt")["model"]
+    assert cfg["zero_init_residual"] is True
+    last_bn = [key for key in model if re.fullmatch(r"layer\d\.\d\.bn2\.weight", key)]
+    assert len(last_bn) == 8 and all(model[key].abs().max() < 0.05 for key in last_bn)
+    assert all(model[key].abs().min() > 0.9 for key in model if key.endswith("bn1.weight"))
+
+
+def check_label_smoothing(run, shared):
+    run.assert_ok()
+    assert run.config()["label_smoothing"] == 0.1
+    # The base run's data, seed and steps: smoothed targets are never one-hot, so the training
+    # loss of a model that learns them stays higher.
+    ours, base = run.results_at_exit["epochs"][0], shared.base.results_at_exit["epochs"][0]
+    assert ours["train_loss"] > base["train_loss"] + 0.05
+
+
 def check_refused(*flags):
     def check(run, shared):
         assert_refused(run, *flags)
@@ -546,6 +586,16 @@ CASES = [
          setup=lambda p: write_stale_run(p, "again"),
          argv=[*TRAIN, "--checkpoint_name", "again", "--deterministic", "--save_every_steps", "2", "--overwrite",
                "--dist_timeout", "30"]),
+    Case("optimizer_sgd_no_bias_decay", check=check_sgd_no_bias_decay,
+         flags=("--optimizer", "--momentum", "--nesterov", "--no_bias_decay"),
+         argv=[*TRAIN, "--checkpoint_name", "sgd", "--optimizer", "sgd", "--momentum", "0.8", "--nesterov",
+               "--no_bias_decay"]),
+    Case("step_schedule_zero_init_residual", check=check_step_schedule_zero_init_residual,
+         flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
+         argv=[*TRAIN, "--checkpoint_name", "step", "--epochs", "3", "--warmup_epochs", "1", "--lr_schedule", "step",
+               "--lr_milestones", "2", "--lr_gamma", "0.5", "--zero_init_residual"]),
+    Case("label_smoothing", flags=("--label_smoothing",), check=check_label_smoothing,
+         argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1"]),
     Case("compile", flags=("--compile",), check=check_compile, argv=[*TRAIN, "--checkpoint_name", "compiled", "--compile"]),
     Case("benchmark", flags=("--benchmark", "--data", "--benchmark_steps"), check=check_benchmark,
          argv=["--benchmark", "--data", "--benchmark_steps", "1", "--device", "cpu", "--batch_size", "2",

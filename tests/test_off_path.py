@@ -23,7 +23,7 @@ import main as main_module
 import trainer
 import distributed
 import utils
-from conftest import FAST, ROOT, assert_user_error, make_colour_dataset, read_results
+from conftest import FAST, ROOT, SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
 from dataset import build_loaders
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
@@ -36,23 +36,6 @@ def one_epoch(run_cli, data, name, *flags):
 
 def load(path):
     return torch.load(path, weights_only=True)
-
-
-class SimulatedCrash(Exception):
-    """A crash main.py does not handle (as a power cut would not be)."""
-
-
-def crash_in_epoch(monkeypatch, epoch_to_crash):
-    """Make Trainer.train_one_epoch crash when it starts `epoch_to_crash` (0-based)."""
-    original = trainer.Trainer.train_one_epoch
-
-    def train_one_epoch(self, epoch):
-        if epoch == epoch_to_crash:
-            raise SimulatedCrash
-        return original(self, epoch)
-
-    monkeypatch.setattr(trainer.Trainer, "train_one_epoch", train_one_epoch)
-    return lambda: monkeypatch.setattr(trainer.Trainer, "train_one_epoch", original)
 
 
 # --------------------------------------------------------------------------- 1. --compile
