@@ -6,7 +6,6 @@ import contextlib
 import json
 import shutil
 
-
 import pytest
 import torch
 import torch.nn.functional as F
