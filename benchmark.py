@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from config import bf16_supported
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
 from model import build_model
 from trainer import AmpUpdate, autocast_for, build_optimizer, training_step
@@ -25,7 +26,7 @@ def supported_modes(device, amp_dtype=None):
     modes = ["fp32"]
     if device.type == "cuda" or amp_dtype == "float16":
         modes.append("amp_float16")
-    if device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cpu" or bf16_supported():
         modes.append("amp_bfloat16")
     return modes
 

@@ -97,9 +97,9 @@ def _decode(path):
 
 
 def load_image_uint8(path):
-    """Decode any image file to an RGB uint8 tensor [3, H, W]. torchvision's decoders
-    (libjpeg-turbo, libpng) are fast; PIL covers the formats they lack (BMP, TIFF, ...).
-    Grayscale, palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits."""
+    """Decode any image file to an RGB uint8 tensor [3, H, W]: JPEGs with torchvision's
+    libjpeg-turbo decoder, everything else with PIL (see TORCHVISION_DECODES). Grayscale,
+    palette and RGBA images are converted to RGB, 16-bit ones scaled to 8 bits."""
     try:
         return _decode(path)
     except Exception as exc:  # PIL raises many types for a bad file
@@ -146,13 +146,17 @@ def image_folder(root, image_size):
         raise UserError(f"{root}: {exc}") from None
 
 
+def not_a_folder(path):
+    """Why `path`, which is no folder, is not one: for error messages."""
+    return "is not a folder" if os.path.exists(path) else "does not exist"
+
+
 def split_folders(cfg, splits):
     """The ImageFolder of each of `splits` ("train", "test") in `cfg.data_dir`; a UserError
     saying what is expected if the folder or a split is missing (before reading any)."""
     data_dir = cfg.data_dir
     if not os.path.isdir(data_dir):
-        problem = "is not a folder" if os.path.exists(data_dir) else "does not exist"
-        raise UserError(f"--data_dir {data_dir} {problem}: {expected_layout(data_dir, splits)}")
+        raise UserError(f"--data_dir {data_dir} {not_a_folder(data_dir)}: {expected_layout(data_dir, splits)}")
     roots = [find_split_dir(data_dir, split) for split in splits]
     for split, root in zip(splits, roots):
         if root is None:
@@ -528,8 +532,7 @@ def build_test_loader(cfg, device, rank=0, world_size=1):
 def build_predict_loader(root, cfg, device):
     """Batches of (images, relative paths, errors) over the image files under `root`, in order."""
     if not os.path.isdir(root):
-        raise UserError(f"{root} {'is not a folder' if os.path.exists(root) else 'does not exist'}: --predict_dir "
-                        "takes a folder of images")
+        raise UserError(f"{root} {not_a_folder(root)}: --predict_dir takes a folder of images")
     images = UnlabeledImages(root, cfg.image_size)
     if not len(images):
         raise UserError(f"no image files in {root} (looked for {', '.join(IMG_EXTENSIONS)})")

@@ -62,8 +62,9 @@ WITH_BARS = [flag for flag in TRAIN if flag != "--no_progress"]
 # FAST, but with ImageNet-style weights (from --pretrained_path).
 FAST_PRETRAINED = [flag for flag in FAST if flag != "--no_pretrained"]
 # --demo, kept small: its data and runs under the shared demo run's folders.
-DEMO_SMALL = ["--data_dir", "{demo_dir}", "--checkpoint_dir", "{demo_runs}", "--epochs", "1", "--image_size", "32",
-              "--batch_size", "16", "--num_workers", "0", "--no_progress"]
+DEMO_FOLDERS = ["--data_dir", "{demo_dir}", "--checkpoint_dir", "{demo_runs}"]
+DEMO_SIZES = ["--image_size", "32", "--batch_size", "16", "--num_workers", "0", "--no_progress"]
+DEMO_SMALL = [*DEMO_FOLDERS, "--epochs", "1", *DEMO_SIZES]
 DEMO_CLASSES = ["checkerboard", "circles", "diagonal", "horizontal_stripes", "squares", "vertical_stripes"]
 
 
@@ -712,8 +713,8 @@ PAIRS = {
     ("--demo", "--evaluate"): Case("demo_evaluate", (), ["--demo", "--evaluate", *DEMO_SMALL], check_demo_evaluate),
     ("--demo", "--predict"): Case("demo_predict", (), ["--demo", "--predict", *DEMO_SMALL], check_demo_predict),
     ("--demo", "--benchmark"): Case("demo_benchmark", (), [
-        "--demo", "--benchmark", *DEMO_SMALL[:4], *DEMO_SMALL[6:], "--batch_size", "2", "--benchmark_steps", "1"],
-        check_demo_benchmark),  # (DEMO_SMALL without its --epochs: --benchmark trains no epochs)
+        "--demo", "--benchmark", *DEMO_FOLDERS, *DEMO_SIZES, "--batch_size", "2", "--benchmark_steps", "1"],
+        check_demo_benchmark),  # (no --epochs: --benchmark trains no epochs)
     ("--demo", "--overwrite"): Case("demo_overwrite", (), [
         "--demo", "--overwrite", *DEMO_SMALL, "--checkpoint_dir", "{tmp}/checkpoints"], check_demo_overwrite,
         setup=lambda p: write_stale_run(p, "demo")),
