@@ -265,8 +265,11 @@ def run(argv=None):
 
 
 def main(argv=None):
+    succeeded = False
     try:
-        return run(argv)
+        code = run(argv)
+        succeeded = code == 0
+        return code
     except PeerError as exc:  # printed already, by the rank that hit it
         return exc.exit_code
     except UserError as exc:
@@ -279,7 +282,8 @@ def main(argv=None):
         silence_stdout()
         return 1
     finally:
-        stop_loader_workers()
+        if not succeeded:  # a successful run's loaders shut their workers down themselves
+            stop_loader_workers()
         leave_distributed()
 
 
