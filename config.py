@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from dataset import AUTO_AUGMENT
 from distributed import launched_by_torchrun, launched_world_size, local_rank
 from scheduler import SCHEDULES
 from utils import UserError
@@ -45,6 +46,7 @@ TRAINING_ONLY_FLAGS = {
     "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
     "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
     "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
+    "random_crop", "vflip", "auto_augment", "random_erase",
 }
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
@@ -86,6 +88,16 @@ def build_parser():
                         "with --amp); flags you give win")
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
+    g.add_argument("--random_crop", type=int, default=None, metavar="C",
+                   help="train on a random C x C crop of each resized image (C <= --image_size); validation, test "
+                        "and --predict take its center C x C crop (default: off)")
+    g.add_argument("--vflip", action="store_true", help="also flip training images vertically at random (p=0.5)")
+    g.add_argument("--auto_augment", choices=tuple(AUTO_AUGMENT), default=None,
+                   help="an augmentation policy on the training images: RandAugment, TrivialAugmentWide or "
+                        "AutoAugment's ImageNet policy (default: off)")
+    g.add_argument("--random_erase", type=float, default=0.0, metavar="P",
+                   help="erase a random rectangle of each training image (to black) with probability P, after the "
+                        "other augmentations")
     g.add_argument("--skip_bad_images", action="store_true", help="decode every image once before training and leave out the unreadable ones (listed in train.log)")
     # Under torchrun the node's processes share its CPUs.
     cpus_per_process = max((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
@@ -249,6 +261,7 @@ def validate(cfg):
         raise UserError(f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
                         f"got {cfg.warmup_epochs}")
     check_schedule(cfg)
+    check_augmentation(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
     if cfg.num_workers < 0:
@@ -297,6 +310,19 @@ def check_schedule(cfg):
             raise UserError(f"--lr_milestones {m} must come after {after}: use epochs from {first} to {cfg.epochs}")
 
 
+def check_augmentation(cfg):
+    """The crop must fit in the resized image; erasing's probability is one."""
+    if cfg.random_crop is not None and not 1 <= cfg.random_crop <= cfg.image_size:
+        raise UserError(f"--random_crop must be between 1 and --image_size ({cfg.image_size}), got {cfg.random_crop}")
+    if not 0 <= cfg.random_erase <= 1:  # (nan and inf fail this too)
+        raise UserError(f"--random_erase is a probability: between 0 and 1, got {cfg.random_erase}")
+
+
+def input_size(cfg):
+    """The side of the images the model sees: the --random_crop size, else --image_size."""
+    return cfg.random_crop or cfg.image_size
+
+
 def drop_unused(cfg):
     """Settings the run does not use are None, so config.json tells what it used: an Adam run
     has no --momentum, only a cosine has a --min_lr, only step decay milestones and a gamma."""
@@ -324,10 +350,11 @@ def check_batch_split(cfg):
     if cfg.batch_size % processes:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                         f"{processes} processes torchrun started; change one of them")
-    if cfg.batch_size // processes == 1 and cfg.image_size <= 32:
+    if cfg.batch_size // processes == 1 and input_size(cfg) <= 32:
         where = "" if processes == 1 else f" over {processes} processes"
+        size = f"--random_crop {cfg.random_crop}" if cfg.random_crop else f"--image_size {cfg.image_size}"
         raise UserError(f"--batch_size {cfg.batch_size}{where} gives BatchNorm one image at a time, which it cannot "
-                        f"train on at --image_size {cfg.image_size}; use at least 2 images per process")
+                        f"train on at {size}; use at least 2 images per process")
 
 
 def check_flag_combinations(cfg, explicit):

@@ -1,6 +1,7 @@
 """The user's data: find the image folders, decode and check the images, split train/val, build
-the loaders (or the test loader alone), and turn uint8 batches into normalized model inputs on
-the device. (The generated demo dataset is demo.py's.)"""
+the loaders (or the test loader alone), augment the training images (uint8, seeded per sample),
+and turn uint8 batches into normalized model inputs on the device. (The generated demo dataset
+is demo.py's.)"""
 import logging
 import math
 import multiprocessing
@@ -22,6 +23,7 @@ try:
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # a torchvision without its own decoders: PIL decodes everything
     decode_image = None
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from utils import UserError, derived_seed
@@ -248,6 +250,93 @@ class EpochSampler(Sampler):
         return len(self._indices())
 
 
+class KeyedEpochSampler(EpochSampler):
+    """EpochSampler yielding (index, epoch) keys, for an augmented training set (Transformed
+    with a seed): the epoch travels with each index to whichever worker loads it."""
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
+
+
+# --------------------------------------------------------------------------- augmentation
+# --auto_augment's policies, by name (torchvision.transforms.v2, on uint8 tensors).
+AUTO_AUGMENT = {
+    "randaugment": v2.RandAugment,
+    "trivialaugment": v2.TrivialAugmentWide,
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+}
+# derived_seed's last part for a sample's augmentation (the device flips' is the rank, far below).
+AUGMENT_STREAM = 0xA06_0000_0000
+
+
+def train_augmentation(cfg):
+    """The random transforms of --random_crop, --vflip, --auto_augment and --random_erase on a
+    resized uint8 image, in that order (erasing last, on what the others made); None without
+    any, so the default pipeline stays untouched."""
+    steps = []
+    if getattr(cfg, "random_crop", None):
+        steps.append(v2.RandomCrop(cfg.random_crop))
+    if getattr(cfg, "vflip", False):
+        steps.append(v2.RandomVerticalFlip())
+    if getattr(cfg, "auto_augment", None):
+        steps.append(AUTO_AUGMENT[cfg.auto_augment]())
+    if getattr(cfg, "random_erase", 0):
+        steps.append(v2.RandomErasing(p=cfg.random_erase))
+    return v2.Compose(steps) if steps else None
+
+
+
+
+class Transformed(Dataset):
+    """`dataset`'s items with `transform` applied to their image (the item's first element).
+
+    Without a `seed` the transform is deterministic (evaluation's center crop) and items are
+    plain indices. With one, items are (index, epoch) keys (KeyedEpochSampler) and the
+    transform runs with torch's RNG seeded by derived_seed(seed, epoch, index): a sample's
+    augmentation is a pure function of them, the same in any worker, with any --num_workers,
+    --cache or not, after a resume, on any rank. (DDP's padding repeats a few samples in an
+    epoch; a repeat gets the same augmentation.) Over CachedImages a batch is read from RAM in
+    one indexing and transformed image by image, so it equals the uncached batch."""
+
+    def __init__(self, dataset, transform, seed=None):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.cached = isinstance(dataset, CachedImages)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _index(self, key):
+        return key if self.seed is None else key[0]
+
+    def _apply(self, image, key):
+        if self.seed is None:
+            return self.transform(image)
+        index, epoch = key
+        # v2 transforms draw from torch's global RNG: seed it for this sample, and leave the
+        # main process's own draws (--num_workers 0, --cache) where they were.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derived_seed(self.seed, epoch, index, AUGMENT_STREAM))
+            return self.transform(image)
+
+    def __getitem__(self, key):
+        image, *rest = self.dataset[self._index(key)]
+        return (self._apply(image, key), *rest)
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader calls this): from the cache as one tensor, else item by item."""
+        if not self.cached:
+            return [self[key] for key in keys]
+        images, targets = self.dataset.__getitems__([self._index(key) for key in keys])
+        return torch.stack([self._apply(image, key) for image, key in zip(images, keys)]), targets
+
+
+def evaluation_view(dataset, cfg):
+    """`dataset` as evaluation and prediction see it: with --random_crop C, the center C x C of
+    each resized image (the model's input size)."""
+    crop = getattr(cfg, "random_crop", None)
+    return Transformed(dataset, v2.CenterCrop(crop)) if crop else dataset
+
+
 # --------------------------------------------------------------------------- on the device
 class DeviceTransform:
     """uint8 batch [B, 3, S, S] -> normalized float batch on the device, with a random
@@ -295,7 +384,7 @@ def _ignore_stop_signals(worker_id):
 
 
 def make_loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
-    cached = isinstance(dataset, CachedImages)
+    cached = isinstance(dataset, CachedImages) or isinstance(dataset, Transformed) and dataset.cached
     workers = 0 if cached else cfg.num_workers  # slicing a tensor in RAM needs no helpers
     return DataLoader(
         dataset,
@@ -307,8 +396,8 @@ def make_loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
         persistent_workers=workers > 0,
         drop_last=drop_last,
         worker_init_fn=_ignore_stop_signals,
-        # The loader seeds its workers from this generator, not the global RNG; no
-        # randomness happens in the workers anyway (flips are drawn on the device).
+        # The loader seeds its workers from this generator, not the global RNG; no worker
+        # randomness depends on it anyway (Transformed seeds each sample's augmentation).
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
@@ -494,8 +583,10 @@ def per_rank_batch(cfg, world_size):
 
 
 def evaluation_loader(dataset, cfg, device, rank, world_size):
-    """`dataset` in order, each image on one rank only (no padding: none counts twice)."""
+    """`dataset` in order (center-cropped with --random_crop), each image on one rank only (no
+    padding: none counts twice)."""
     sampler = EpochSampler(len(dataset), False, 0, rank, world_size)
+    dataset = evaluation_view(dataset, cfg)
     return make_loader(dataset, sampler, per_rank_batch(cfg, world_size), cfg, device)
 
 
@@ -512,7 +603,11 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     # BatchNorm cannot train on a batch of one image (and under DDP, without --sync_bn, each
     # rank's batch is its own): give every rank at least two samples, and drop a last batch
     # of one (one image an epoch; at least one batch is left, as the share is over `batch`).
-    train_sampler = EpochSampler(len(train_set), True, cfg.seed, rank, world_size, pad=True, min_per_rank=2)
+    augmentation = train_augmentation(cfg)
+    sampler_class = EpochSampler if augmentation is None else KeyedEpochSampler
+    train_sampler = sampler_class(len(train_set), True, cfg.seed, rank, world_size, pad=True, min_per_rank=2)
+    if augmentation is not None:  # (after --cache: the cache holds the resized pixels, augmented per epoch)
+        train_set = Transformed(train_set, augmentation, cfg.seed)
     drop_last = train_sampler.samples_per_epoch() % batch == 1
     train = make_loader(train_set, train_sampler, batch, cfg, device, drop_last=drop_last)
     val = evaluation_loader(val_set, cfg, device, rank, world_size)
@@ -536,4 +631,5 @@ def build_predict_loader(root, cfg, device):
     images = UnlabeledImages(root, cfg.image_size)
     if not len(images):
         raise UserError(f"no image files in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
-    return make_loader(images, None, cfg.batch_size, cfg, device)
+    # (An unreadable file's black placeholder is cropped too: every batch has the model's input size.)
+    return make_loader(evaluation_view(images, cfg), None, cfg.batch_size, cfg, device)

@@ -560,6 +560,22 @@ def assert_refused(run, *flags):
     assert not written.exists() or not any(written.iterdir()), f"a refused run wrote {list(written.iterdir())}"
 
 
+# Augmentation (issue 12, item 5).
+def check_augmentation(run, shared):
+    run.assert_ok()
+    cfg = run.config()
+    assert (cfg["auto_augment"], cfg["random_crop"], cfg["vflip"], cfg["random_erase"]) == ("randaugment", 24, True, 0.25)
+    assert run.results_at_exit["precision"] == "AMP bf16"
+    # The base run's data, seed and steps, on other (augmented, cropped) images: other numbers.
+    assert run.results_at_exit["epochs"][0]["train_loss"] != shared.base.results_at_exit["epochs"][0]["train_loss"]
+    # --evaluate takes the saved crop (the center 24 x 24) and finds the run's own test accuracy.
+    evaluated = execute(["--evaluate", "--checkpoint_dir", run.flag("--checkpoint_dir"), "--checkpoint_name", "augment",
+                         "--data_dir", run.flag("--data_dir"), "--device", "cpu", "--num_workers", "0"],
+                        cwd=Path(run.flag("--checkpoint_dir")).parent)
+    evaluated.assert_ok()
+    assert f"test accuracy {run.results_at_exit['test_acc']:.2f}%" in evaluated.out
+
+
 # ----------------------------------------------------------------------------- the registry
 CASES = [
     Case("base_run", reuse="base_run", check=check_base_run, flags=(
@@ -619,6 +635,11 @@ CASES = [
     # No torchrun here: --sync_bn must be refused, not silently ignored.
     Case("sync_bn_refused_without_torchrun", flags=("--sync_bn",), check=check_refused("--sync_bn"),
          argv=[*NO_DATA, "--sync_bn"]),
+    # Augmentation (issue 12, item 5): all four in one AMP run, then --evaluate at the crop size.
+    Case("augmentation", flags=("--auto_augment", "--random_crop", "--vflip", "--random_erase"),
+         check=check_augmentation,
+         argv=[*TRAIN, "--checkpoint_name", "augment", "--auto_augment", "randaugment", "--random_crop", "24",
+               "--vflip", "--random_erase", "0.25", "--amp"]),
 ]
 
 
@@ -782,6 +803,9 @@ REFUSALS = [
     ("--val_fraction nan", [*NO_DATA, "--val_fraction", "nan"], ("--val_fraction",)),
     ("--warmup_epochs equal to --epochs", [*NO_DATA, "--epochs", "2", "--warmup_epochs", "2"],
      ("--warmup_epochs", "--epochs")),
+    ("--random_crop above --image_size", [*NO_DATA, "--random_crop", "40"], ("--random_crop", "--image_size")),
+    ("--random_erase above 1", [*NO_DATA, "--random_erase", "1.5"], ("--random_erase",)),
+    ("--auto_augment unknown", [*NO_DATA, "--auto_augment", "augmix"], ("--auto_augment",)),
     pytest.param("--device cuda without a GPU", [*NO_DATA, "--device", "cuda"], ("--device",),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU"),
                  id="--device cuda without a GPU"),
