@@ -285,8 +285,6 @@ def train_augmentation(cfg):
     return v2.Compose(steps) if steps else None
 
 
-
-
 class Transformed(Dataset):
     """`dataset`'s items with `transform` applied to their image (the item's first element).
 
