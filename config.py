@@ -8,6 +8,7 @@ import sys
 import torch
 
 from distributed import launched_by_torchrun, launched_world_size, local_rank
+from model import DEFAULT_MODEL, check_model_name, image_size_problem
 from scheduler import SCHEDULES
 from utils import UserError
 
@@ -76,7 +77,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(
         prog="main.py",
-        description="Train ResNet-18 on an image-folder dataset in FP32 or with automatic mixed precision.",
+        description="Train a torchvision model (ResNet-18 by default) on an image-folder dataset in FP32 or with "
+                    "automatic mixed precision.",
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -92,9 +94,13 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=min(8, cpus_per_process), help="data-loading processes per training process (0: load in the main process)")
 
     g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help="the torchvision classification model to train, by its name in torchvision.models.list_models() "
+                        "(resnet50, efficientnet_b2, regnet_y_1_6gf, mobilenet_v3_large, convnext_tiny, vit_b_16, ...); "
+                        "its classifier head is replaced for the dataset's classes")
     g.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights")
     g.add_argument("--pretrained_path", default=None, help="start from this weights file instead of the torch hub's ImageNet weights: an ImageNet "
-                        "ResNet-18 file, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
+                        "file of --model, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
                         "when its classes differ)")
 
     g.add_argument("--zero_init_residual", action="store_true",
@@ -243,6 +249,7 @@ def validate(cfg):
     if (cfg.min_lr or 0) > cfg.learning_rate:
         raise UserError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
     check_optimizer(cfg)
+    check_model(cfg)
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
@@ -267,6 +274,16 @@ def validate(cfg):
         raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
     if not getattr(cfg, "dist_timeout", 1) > 0:
         raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+
+
+def check_model(cfg):
+    """--model must name a classification model of torchvision that takes --image_size images
+    (a run that is resumed, evaluated or predicted with keeps the size it was trained at)."""
+    check_model_name(cfg.model)
+    if not any(getattr(cfg, mode, None) for mode in ("resume", "evaluate", "predict", "compare")):
+        problem = image_size_problem(cfg.model, cfg.image_size)
+        if problem:
+            raise UserError(problem)
 
 
 def check_optimizer(cfg):
