@@ -27,6 +27,10 @@ BUILD_KWARGS = {name: dict(aux_logits=False, transform_input=True, init_weights=
                 for name in ("googlenet", "inception_v3")}
 # Keys of those auxiliary classifiers in the ImageNet files: left out when loading.
 AUXILIARY_KEYS = re.compile(r"^(aux1|aux2|AuxLogits)\.")
+# DenseNet's ImageNet files name its layers' parts norm.1, conv.2, ...: now norm1, conv2 (as
+# torchvision's builder renames them).
+DENSENET_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                                 r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 # ImageNet's image size, which every classification model of torchvision takes.
 REFERENCE_SIZE = 224
 
@@ -189,14 +193,29 @@ def unwrapped(state):
     return state
 
 
-def misfit(model, state, optional=()):
-    """Why `state` does not load into `model`, in one line ('' if it does); the `optional` keys
-    may be missing."""
+def renamed_legacy_keys(state):
+    """`state` with the keys of older files renamed as the model has them now (in place)."""
+    for key in list(state):
+        legacy = DENSENET_LEGACY_KEY.match(key)
+        if legacy:
+            state[legacy[1] + legacy[2]] = state.pop(key)
+        elif AUXILIARY_KEYS.match(key):
+            del state[key]
+    return state
+
+
+def load_weights(model, state, optional=()):
+    """Load `state` into `model`, strict but for BatchNorm's counters and the `optional` keys
+    that may be missing; returns why it does not fit, in one line ('' if it loaded). The keys
+    are compared after the model's own load hooks, which rename those of older files (ViT's)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not OPTIONAL_KEYS.search(k) and k not in optional]
-    unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
+    if shapes:  # (load_state_dict would fail)
+        missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not OPTIONAL_KEYS.search(k) and k not in optional]
     parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
              for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys]
     return "; ".join(parts)
@@ -248,20 +267,17 @@ def load_model(name, num_classes, pretrained, pretrained_path, class_names):
         return new_model(name, num_classes)
     source = pretrained_path or cached_weights_path(name)
     state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(name), None)
-    state = unwrapped(state)
-    for key in [key for key in state if AUXILIARY_KEYS.match(key)]:
-        del state[key]
+    state = renamed_legacy_keys(unwrapped(state))
     heads = head_keys(name)
     head = state.get(heads[0])
     # Built with the file's head first (1000 ImageNet classes), so the draws of a random init match torchvision's.
     model = new_model(name, head.shape[0] if head is not None and head.dim() > 0 else 1000)
-    problem = misfit(model, state, optional=heads)
+    try:
+        problem = load_weights(model, state, optional=heads)
+    except (RuntimeError, ValueError) as exc:  # a load hook's complaint (MNASNet's about a file's version)
+        problem = str(exc).splitlines()[0]
     if problem:
         raise UserError(f"the weights in {source} do not fit --model {name}: {problem}")
-    try:
-        model.load_state_dict(state, strict=False)  # strict but for the optional keys, checked by misfit
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot load the weights in {source} into --model {name}: {str(exc).splitlines()[0]}") from None
     if file_classes is not None and list(file_classes) == list(class_names or []) and head is not None:
         logging.getLogger("amp").info(f"--pretrained_path: starting from {pretrained_path} with its head "
                                       f"(the same {len(file_classes)} classes)")

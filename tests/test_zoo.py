@@ -7,6 +7,7 @@ run's model."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ import torchvision
 
 import benchmark
 import config
-import model as zoo
 import utils
 from conftest import SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
-from model import build_model, cached_weights_path, head_keys
+from model import DEFAULT_MODEL, build_model, cached_weights_path, head_keys
+from test_model import offline_torch_home  # noqa: F401 (a fixture: an empty $TORCH_HOME, downloads fail at once)
 
 # One epoch of 3 optimizer steps (12 training images in batches of 4) at 32 px, random init.
 SMALL = ["--image_size", "32", "--batch_size", "4", "--no_pretrained", "--num_workers", "0", "--no_progress",
@@ -43,17 +44,6 @@ def tiny_data(tmp_path_factory):
     return make_colour_dataset(tmp_path_factory.mktemp("tiny"), train_per_class=5, test_per_class=1)
 
 
-@pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch):
-    """An empty $TORCH_HOME, and a proxy on a closed port: any download fails at once."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    return tmp_path / "torch_home"
-
-
 def load(path):
     return torch.load(path, weights_only=True)
 
@@ -76,7 +66,8 @@ def test_each_family_trains_and_its_best_pt_loads_into_torchvision(name, head, f
     assert json.loads((run / "config.json").read_text())["model"] == name
     torch.manual_seed(42)  # --seed: the init the run started from
     initial = torchvision_model(name, 3).state_dict()
-    assert f"model: {name}, {sum(v.numel() for v in torchvision_model(name, 3).parameters()) / 1e6:.2f}M parameters" in out
+    parameters = sum(value.numel() for value in torchvision_model(name, 3).parameters())
+    assert f"model: {name}, {parameters / 1e6:.2f}M parameters" in out
     assert head_keys(name) == (f"{head}.weight", f"{head}.bias")
     last = load(run / "last.pt")
     assert last["scheduler"]["last_epoch"] == (2 if "--accum_steps" in flags else 3)  # optimizer steps taken
@@ -111,6 +102,20 @@ def test_imagenet_weights_from_the_hub_cache_get_a_new_head(name, head, file_kwa
     assert not torch.equal(built[f"{head}.weight"], state[f"{head}.weight"][:4])
 
 
+def test_densenets_imagenet_file_with_its_older_layer_names_loads(offline_torch_home):
+    torch.manual_seed(0)
+    state = torchvision.models.densenet121().state_dict()
+    # The ImageNet file's names: denselayer1.norm.1.weight for denselayer1.norm1.weight.
+    older = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in older
+    os.makedirs(os.path.dirname(cached_weights_path("densenet121")))
+    torch.save(older, cached_weights_path("densenet121"))
+    built = build_model(2, name="densenet121").state_dict()
+    assert built.keys() == state.keys()
+    assert all(torch.equal(built[key], state[key]) for key in state if not key.startswith("classifier."))
+    assert built["classifier.weight"].shape == (2, 1024)
+
+
 def test_heads_of_the_other_families_are_found_without_building_them():
     assert head_keys("vit_b_16") == ("heads.head.weight", "heads.head.bias")
     assert head_keys("swin_t") == ("head.weight", "head.bias")
@@ -120,7 +125,8 @@ def test_heads_of_the_other_families_are_found_without_building_them():
 
 
 def test_offline_the_one_line_names_the_models_file(offline_torch_home, run_cli, tiny_data):
-    code, out, err = run_cli("--data_dir", tiny_data, "--model", "efficientnet_b0", *[f for f in SMALL if f != "--no_pretrained"])
+    pretrained = [flag for flag in SMALL if flag != "--no_pretrained"]
+    code, out, err = run_cli("--data_dir", tiny_data, "--model", "efficientnet_b0", *pretrained)
     url = torchvision.models.get_model_weights("efficientnet_b0").DEFAULT.url
     expected = os.path.join(str(offline_torch_home), "hub", "checkpoints", "efficientnet_b0_rwightman-7f5810bc.pth")
     assert_user_error((code, out, err), "efficientnet_b0", expected, url, "--pretrained_path", "--no_pretrained")
@@ -184,6 +190,7 @@ def test_resume_and_evaluate_rebuild_the_runs_model(run_cli, tiny_data, tmp_path
 
 
 def test_runs_saved_before_model_existed_are_resnet18():
+    assert DEFAULT_MODEL == config.build_parser().parse_args([]).model == "resnet18"
     cfg, explicit = config.parse_config(["--evaluate", "--device", "cpu"])
     saved = vars(config.parse_config(["--device", "cpu", "--model", "squeezenet1_0"])[0])
     del saved["model"]
@@ -212,4 +219,3 @@ def test_zero_init_residual_names_a_model_without_residual_blocks(capsys):
     build_model(3, pretrained=False, zero_residual=True, name="mobilenet_v3_small")
     assert capsys.readouterr().out == ("--zero_init_residual: mobilenet_v3_small has no residual blocks; "
                                        "nothing to zero\n")
-    assert zoo.DEFAULT_MODEL == config.build_parser().parse_args([]).model == "resnet18"
