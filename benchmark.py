@@ -43,7 +43,7 @@ class TrainingSteps:
         self.memory_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         torch.manual_seed(0)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = build_model(NUM_CLASSES, pretrained=False).to(device, memory_format=memory_format).train()
+        model = build_model(NUM_CLASSES, pretrained=False, name=cfg.model).to(device, memory_format=memory_format).train()
         self.model = torch.compile(model) if compiled else model
         optimizer = build_optimizer(model, cfg)
         self.update = AmpUpdate(optimizer, torch.amp.GradScaler(device.type, enabled=dtype == "float16"))
@@ -154,7 +154,7 @@ def benchmark_record(cfg, rows):
     return {
         "device": device_name(cfg.device),
         "torch": torch.__version__,
-        "model": "resnet18",  # what TrainingSteps builds
+        "model": cfg.model,  # what TrainingSteps builds
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
         "benchmark_steps": cfg.benchmark_steps,
@@ -168,7 +168,7 @@ def run(cfg):
     train_set = build_datasets(cfg)[0] if cfg.data else None
     modes = supported_modes(cfg.device, cfg.amp_dtype)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
-    print(f"benchmark: ResNet-18 training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
+    print(f"benchmark: {cfg.model} training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
           f"on {device_name(cfg.device)}; the median of {cfg.benchmark_steps} steps a row, the rows "
           f"stepping in turn, after {WARMUP_STEPS} warm-up steps",
           flush=True)

@@ -9,6 +9,7 @@ import torch
 
 from dataset import AUTO_AUGMENT
 from distributed import launched_by_torchrun, launched_world_size, local_rank
+from model import DEFAULT_MODEL, check_model_name, image_size_problem
 from scheduler import SCHEDULES
 from utils import UserError
 
@@ -78,7 +79,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(
         prog="main.py",
-        description="Train ResNet-18 on an image-folder dataset in FP32 or with automatic mixed precision.",
+        description="Train a torchvision model (ResNet-18 by default) on an image-folder dataset in FP32 or with "
+                    "automatic mixed precision.",
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -104,9 +106,13 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=min(8, cpus_per_process), help="data-loading processes per training process (0: load in the main process)")
 
     g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help="the torchvision classification model to train, by its name in torchvision.models.list_models() "
+                        "(resnet50, efficientnet_b2, regnet_y_1_6gf, mobilenet_v3_large, convnext_tiny, vit_b_16, ...); "
+                        "its classifier head is replaced for the dataset's classes")
     g.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights")
     g.add_argument("--pretrained_path", default=None, help="start from this weights file instead of the torch hub's ImageNet weights: an ImageNet "
-                        "ResNet-18 file, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
+                        "file of --model, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
                         "when its classes differ)")
 
     g.add_argument("--zero_init_residual", action="store_true",
@@ -262,6 +268,7 @@ def validate(cfg):
                         f"got {cfg.warmup_epochs}")
     check_schedule(cfg)
     check_augmentation(cfg)
+    check_model(cfg)  # (at the crop's size: after the crop is checked)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
     if cfg.num_workers < 0:
@@ -280,6 +287,18 @@ def validate(cfg):
         raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
     if not getattr(cfg, "dist_timeout", 1) > 0:
         raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+
+
+def check_model(cfg):
+    """--model must name a classification model of torchvision that takes the images it is given
+    (--random_crop's, else --image_size's; a run that is resumed, evaluated or predicted with
+    keeps the size it was trained at)."""
+    check_model_name(cfg.model)
+    if not any(getattr(cfg, mode, None) for mode in ("resume", "evaluate", "predict", "compare")):
+        flag = "--random_crop" if getattr(cfg, "random_crop", None) else "--image_size"
+        problem = image_size_problem(cfg.model, input_size(cfg), flag)
+        if problem:
+            raise UserError(problem)
 
 
 def check_optimizer(cfg):

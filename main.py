@@ -107,7 +107,8 @@ def train(cfg, checkpoint=None):
     pretrained = cfg.pretrained and checkpoint is None and is_main_process()
     # (A resumed run's weights come from its checkpoint: nothing to zero.)
     zero_residual = cfg.zero_init_residual and checkpoint is None
-    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names, zero_residual)
+    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names, zero_residual,
+                         cfg.model)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     train_model = model
     if torch.distributed.is_initialized():
@@ -133,6 +134,7 @@ def train(cfg, checkpoint=None):
         logger.info(f"resuming {cfg.checkpoint_name}: {trainer.position()} (step {scheduler.last_epoch})")
     elif is_main_process():
         atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
+    logger.info(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     stop.install()
     try:
         trainer.fit()
@@ -166,7 +168,8 @@ def load_best(cfg, explicit):
 
 
 def best_model(best, cfg):
-    model = build_model(len(best["class_names"]), pretrained=False)
+    """The architecture the run trained (cfg.model: its saved --model), with best.pt's weights."""
+    model = build_model(len(best["class_names"]), pretrained=False, name=cfg.model)
     model.load_state_dict(best["model"])
     return model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 

@@ -1,22 +1,143 @@
-"""The model: torchvision's ResNet-18, ImageNet (or an earlier run's) weights when asked, a head for our classes."""
+"""The model: any classification model of torchvision by its name (ResNet-18 by default), with
+ImageNet (or an earlier run's) weights when asked, and a head for our classes."""
+import bisect
+import contextlib
+import difflib
+import functools
 import logging
 import os
 import re
 import urllib.error
 
 import torch
+import torchvision
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from utils import UserError, torch_load_error
 
-WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
+DEFAULT_MODEL = "resnet18"
+# What a family needs besides num_classes. GoogLeNet and Inception v3 without their auxiliary
+# classifiers, so a training forward returns the logits alone (best.pt then loads into
+# get_model(name, num_classes=N, aux_logits=False)); transform_input rescales our
+# ImageNet-normalized input to the [-1, 1] their ImageNet weights learned on (what torchvision's
+# builders set with those weights); init_weights: the init it has now, without its warning.
+BUILD_KWARGS = {name: dict(aux_logits=False, transform_input=True, init_weights=True)
+                for name in ("googlenet", "inception_v3")}
+# Keys of those auxiliary classifiers in the ImageNet files: left out when loading.
+AUXILIARY_KEYS = re.compile(r"^(aux1|aux2|AuxLogits)\.")
+# DenseNet's ImageNet files name its layers' parts norm.1, conv.2, ...: now norm1, conv2 (as
+# torchvision's builder renames them).
+DENSENET_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                                 r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+# ImageNet's image size, which every classification model of torchvision takes.
+REFERENCE_SIZE = 224
 
 
-def cached_weights_path():
-    """Where torchvision looks for (and downloads) the ImageNet weights: $TORCH_HOME/hub/checkpoints/."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS.url))
+@functools.cache
+def model_names():
+    """The classification models of torchvision (not its detection, video, quantized, ... ones)."""
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_name(name):
+    """A name --model does not know is a one-line error naming the close ones."""
+    if name in model_names():
+        return
+    close = difflib.get_close_matches(name.lower(), model_names(), n=5, cutoff=0.5)
+    hint = f"close matches: {', '.join(close)}" if close else "see torchvision.models.list_models()"
+    raise UserError(f"--model {name!r} is not a classification model of torchvision; {hint}")
+
+
+def new_model(name, num_classes):
+    """`name` with a `num_classes` head, torchvision's random init."""
+    return torchvision.models.get_model(name, num_classes=num_classes, **BUILD_KWARGS.get(name, {}))
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built in here put their parameters on the meta device as they are created, so
+    their init draws nothing (even models whose builders compute with real tensors, RegNet's)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        with torch.random.fork_rng(devices=[]):  # what init draws before registering (ViT's) is undone
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_model(name, num_classes):
+    """new_model's shapes only, on the meta device: built in moments, no memory, no random numbers."""
+    with parameters_on_meta():
+        return new_model(name, num_classes).to("meta")
+
+
+@functools.cache
+def head_keys(name):
+    """The state-dict keys of `name`'s classifier head, whatever it is called (fc, classifier.1,
+    heads.head, SqueezeNet's last convolution): those whose shape depends on the class count."""
+    two, three = empty_model(name, 2).state_dict(), empty_model(name, 3).state_dict()
+    return tuple(key for key, value in two.items() if value.shape != three[key].shape)
+
+
+def replace_head(model, name, num_classes):
+    """A new head for `num_classes` in place of `model`'s: its layers' PyTorch init, drawn as
+    `nn.Linear(in_features, num_classes)` would draw it."""
+    fresh = empty_model(name, num_classes)
+    for path in dict.fromkeys(key.rpartition(".")[0] for key in head_keys(name)):
+        layer = fresh.get_submodule(path).to_empty(device="cpu")
+        layer.reset_parameters()
+        model.set_submodule(path, layer)
+    return model
+
+
+@functools.cache
+def takes_image_size(name, size):
+    """Whether `name` runs a training forward on a batch of size x size images (on the meta
+    device: shapes only, in moments)."""
+    model = empty_model(name, 2).train()
+    try:
+        model(torch.empty(2, 3, size, size, device="meta"))
+    except (RuntimeError, AssertionError, ValueError):  # a shape that does not fit
+        return False
+    return True
+
+
+def image_size_problem(name, size, flag="--image_size"):
+    """Why --model `name` cannot train on size x size images (given by `flag`), in one line ('' if
+    it can): a model built for one input size (ViT, MaxViT), or one whose feature maps vanish
+    below a size (AlexNet, Inception v3)."""
+    if takes_image_size(name, size):
+        return ""
+    larger = REFERENCE_SIZE + 32
+    if takes_image_size(name, REFERENCE_SIZE) and not takes_image_size(name, larger):
+        return f"--model {name} takes {REFERENCE_SIZE} x {REFERENCE_SIZE} images only; pass {flag} {REFERENCE_SIZE}"
+    if size < larger and takes_image_size(name, larger):  # the smallest size it takes, by bisection
+        smallest = size + bisect.bisect(range(size, larger + 1), False, key=functools.partial(takes_image_size, name))
+        return f"--model {name} needs images of at least {smallest} x {smallest}; pass {flag} {smallest} or more"
+    return f"--model {name} cannot take {size} x {size} images; try {flag} {REFERENCE_SIZE}"
+
+
+def default_weights(name):
+    """torchvision's DEFAULT (ImageNet) weights of `name`, from its weights API."""
+    weights = getattr(torchvision.models.get_model_weights(name), "DEFAULT", None)
+    if weights is None:
+        raise UserError(f"torchvision has no pretrained weights for --model {name}; pass --no_pretrained to train "
+                        "it from scratch, or --pretrained_path FILE")
+    return weights
+
+
+def cached_weights_path(name=DEFAULT_MODEL):
+    """Where torchvision looks for (and downloads) `name`'s ImageNet weights: $TORCH_HOME/hub/checkpoints/."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default_weights(name).url))
 
 
 def load_weights_file(path):
@@ -39,44 +160,62 @@ def load_weights_file(path):
     return state, class_names
 
 
-def imagenet_state_dict():
-    """ImageNet ResNet-18 weights through torchvision's weights API (the hub cache first, then a
+def imagenet_state_dict(name):
+    """`name`'s ImageNet weights through torchvision's weights API (the hub cache first, then a
     download), with a clear error when offline."""
-    if os.path.exists(cached_weights_path()):
-        return load_weights_file(cached_weights_path())[0]
+    if os.path.exists(cached_weights_path(name)):
+        return load_weights_file(cached_weights_path(name))[0]
+    weights = default_weights(name)
     try:  # downloads into the cache
-        return WEIGHTS.get_state_dict(progress=True, weights_only=True)
+        return weights.get_state_dict(progress=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(
-            f"ImageNet weights for ResNet-18 are not cached and could not be downloaded ({reason}); "
-            f"put {os.path.basename(WEIGHTS.url)} from {WEIGHTS.url} at {cached_weights_path()}, "
+            f"ImageNet weights for {name} are not cached and could not be downloaded ({reason}); "
+            f"put {os.path.basename(weights.url)} from {weights.url} at {cached_weights_path(name)}, "
             "or pass --pretrained_path FILE, or --no_pretrained to train from scratch"
         ) from None
 
 
 # Keys a weights file may lack: BatchNorm's step counters (files saved before PyTorch had them,
-# such as the ImageNet ResNet-18) and the head, which is replaced anyway when missing.
-OPTIONAL_KEYS = re.compile(r"(^|\.)num_batches_tracked$|^fc\.")
+# such as the ImageNet ResNet-18). The head (head_keys) may be missing too: it is replaced anyway.
+OPTIONAL_KEYS = re.compile(r"(^|\.)num_batches_tracked$")
 # Prefixes a wrapped model's state dict carries: DistributedDataParallel's and torch.compile's.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def unwrapped(state):
-    """`state` without the DDP/torch.compile prefixes its keys may carry."""
+    """`state` without the DDP/torch.compile prefixes its keys may carry (in place, its metadata
+    too: some models read their version from it, MNASNet's)."""
     for prefix in WRAPPER_PREFIXES:
         if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
+            consume_prefix_in_state_dict_if_present(state, prefix)
     return state
 
 
-def misfit(model, state):
-    """Why `state` does not load into `model`, in one line ('' if it does)."""
+def renamed_legacy_keys(state):
+    """`state` with the keys of older files renamed as the model has them now (in place)."""
+    for key in list(state):
+        legacy = DENSENET_LEGACY_KEY.match(key)
+        if legacy:
+            state[legacy[1] + legacy[2]] = state.pop(key)
+        elif AUXILIARY_KEYS.match(key):
+            del state[key]
+    return state
+
+
+def load_weights(model, state, optional=()):
+    """Load `state` into `model`, strict but for BatchNorm's counters and the `optional` keys
+    that may be missing; returns why it does not fit, in one line ('' if it loaded). The keys
+    are compared after the model's own load hooks, which rename those of older files (ViT's)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not OPTIONAL_KEYS.search(k)]
-    unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
+    if shapes:  # (load_state_dict would fail)
+        missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not OPTIONAL_KEYS.search(k) and k not in optional]
     parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
              for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys]
     return "; ".join(parts)
@@ -94,10 +233,10 @@ def residual_gammas(model):
 
 
 @torch.no_grad()
-def zero_init_residual(model):
+def zero_init_residual(model, name=None):
     """Zero each residual block's last BatchNorm weight, so every block starts as the identity
     (torchvision's `zero_init_residual=True`, here also after loading weights). Says in one
-    line what it did."""
+    line what it did, naming the model `name` (default: its class)."""
     gammas = residual_gammas(model)
     for gamma in gammas.values():
         gamma.zero_()
@@ -105,34 +244,40 @@ def zero_init_residual(model):
     if gammas:
         log.info(f"--zero_init_residual: zeroed the last BatchNorm weight of {len(gammas)} residual blocks")
     else:
-        log.info(f"--zero_init_residual: {type(model).__name__} has no residual blocks; nothing to zero")
+        log.info(f"--zero_init_residual: {name or type(model).__name__} has no residual blocks; nothing to zero")
     return model
 
 
-def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None, zero_residual=False):
-    """ResNet-18 with a `num_classes` head; its state dict loads into a plain
-    `torchvision.models.resnet18(num_classes=num_classes)`.
+def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None, zero_residual=False,
+                name=DEFAULT_MODEL):
+    """torchvision's model `name` with a `num_classes` head; its state dict loads into a plain
+    `torchvision.models.get_model(name, num_classes=num_classes)` (with BUILD_KWARGS).
 
     With `pretrained`, the weights come from `pretrained_path` or the ImageNet file. A run of
     this template keeps its head when it was trained on `class_names` (training a finished run
     further); any other head is replaced by a new one for our classes (fine-tuning). With
     `zero_residual`, the blocks' last BatchNorm weights are zeroed after that (zero_init_residual)."""
-    model = load_model(num_classes, pretrained, pretrained_path, class_names)
-    return zero_init_residual(model) if zero_residual else model
+    model = load_model(name, num_classes, pretrained, pretrained_path, class_names)
+    return zero_init_residual(model, name) if zero_residual else model
 
 
-def load_model(num_classes, pretrained, pretrained_path, class_names):
+def load_model(name, num_classes, pretrained, pretrained_path, class_names):
     """build_model's model before zero_init_residual."""
     if not pretrained:
-        return resnet18(num_classes=num_classes)
-    state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(), None)
-    state = unwrapped(state)
-    head = state.get("fc.weight")
-    model = resnet18(num_classes=head.shape[0] if head is not None and head.dim() == 2 else 1000)
-    problem = misfit(model, state)
+        return new_model(name, num_classes)
+    source = pretrained_path or cached_weights_path(name)
+    state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(name), None)
+    state = renamed_legacy_keys(unwrapped(state))
+    heads = head_keys(name)
+    head = state.get(heads[0])
+    # Built with the file's head first (1000 ImageNet classes), so the draws of a random init match torchvision's.
+    model = new_model(name, head.shape[0] if head is not None and head.dim() > 0 else 1000)
+    try:
+        problem = load_weights(model, state, optional=heads)
+    except (RuntimeError, ValueError) as exc:  # a load hook's complaint (MNASNet's about a file's version)
+        problem = str(exc).splitlines()[0]
     if problem:
-        raise UserError(f"the weights in {pretrained_path or cached_weights_path()} do not fit ResNet-18: {problem}")
-    model.load_state_dict(state, strict=False)  # strict but for OPTIONAL_KEYS, checked by misfit
+        raise UserError(f"the weights in {source} do not fit --model {name}: {problem}")
     if file_classes is not None and list(file_classes) == list(class_names or []) and head is not None:
         logging.getLogger("amp").info(f"--pretrained_path: starting from {pretrained_path} with its head "
                                       f"(the same {len(file_classes)} classes)")
@@ -141,5 +286,4 @@ def load_model(num_classes, pretrained, pretrained_path, class_names):
         logging.getLogger("amp").info(
             f"--pretrained_path: fine-tuning {pretrained_path}; its head for {len(file_classes)} classes "
             f"({', '.join(file_classes)}) is replaced by a new one for this data's {num_classes}")
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
+    return replace_head(model, name, num_classes)

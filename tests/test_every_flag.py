@@ -78,7 +78,7 @@ class Spy:
         self.checkpoint_writes = []  # (file, epochs done, batches of the current epoch, deterministic algorithms on)
         self.clips = []  # (max_norm, gradient norm before clipping, after clipping)
         self.compiled = []  # the modules given to torch.compile
-        self.initial_conv1 = []  # conv1 weights of each model build_model made
+        self.initial_conv1 = []  # conv1 weights of each ResNet build_model made
         self.loader_workers = []  # num_workers of every DataLoader
 
 
@@ -116,7 +116,8 @@ def spies(spy):
 
     def build_model(*args, **kwargs):
         model = real_build_model(*args, **kwargs)
-        spy.initial_conv1.append(model.conv1.weight.detach().clone())
+        if isinstance(getattr(model, "conv1", None), torch.nn.Conv2d):  # a ResNet (--model)
+            spy.initial_conv1.append(model.conv1.weight.detach().clone())
         return model
 
     def compile(model, *args, **kwargs):
@@ -543,6 +544,16 @@ def check_label_smoothing(run, shared):
     assert ours["train_loss"] > base["train_loss"] + 0.05
 
 
+def check_model(run, shared):
+    run.assert_ok()
+    # --model: config.json and the checkpoints name it; best.pt loads into torchvision's own model,
+    # whose head (classifier.3) was replaced for the 3 classes.
+    assert run.config()["model"] == "mobilenet_v3_small" and "model: mobilenet_v3_small, 1.52M parameters" in run.out
+    best = run.checkpoint("best.pt")
+    assert best["config"]["model"] == "mobilenet_v3_small" and best["model"]["classifier.3.weight"].shape == (3, 1024)
+    torchvision.models.get_model("mobilenet_v3_small", num_classes=3).load_state_dict(best["model"])
+
+
 def check_refused(*flags):
     def check(run, shared):
         assert_refused(run, *flags)
@@ -640,6 +651,9 @@ CASES = [
          check=check_augmentation,
          argv=[*TRAIN, "--checkpoint_name", "augment", "--auto_augment", "randaugment", "--random_crop", "24",
                "--vflip", "--random_erase", "0.25", "--amp"]),
+    # ---- issue 12: --model (the zoo; more in tests/test_zoo.py)
+    Case("model", flags=("--model",), check=check_model,
+         argv=[*TRAIN, "--checkpoint_name", "zoo", "--model", "mobilenet_v3_small"]),
 ]
 
 
@@ -806,6 +820,8 @@ REFUSALS = [
     ("--random_crop above --image_size", [*NO_DATA, "--random_crop", "40"], ("--random_crop", "--image_size")),
     ("--random_erase above 1", [*NO_DATA, "--random_erase", "1.5"], ("--random_erase",)),
     ("--auto_augment unknown", [*NO_DATA, "--auto_augment", "augmix"], ("--auto_augment",)),
+    ("--model unknown", [*NO_DATA, "--model", "resnet181"], ("--model",)),
+    ("--model vit_b_16 at 32 px", [*NO_DATA, "--model", "vit_b_16"], ("--model", "--image_size")),
     pytest.param("--device cuda without a GPU", [*NO_DATA, "--device", "cuda"], ("--device",),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU"),
                  id="--device cuda without a GPU"),

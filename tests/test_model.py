@@ -55,7 +55,7 @@ def test_pretrained_path_and_bad_files(tmp_path):
     with pytest.raises(UserError, match="junk.pth"):
         build_model(3, pretrained_path=str(tmp_path / "junk.pth"))
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(UserError, match="do not fit ResNet-18"):
+    with pytest.raises(UserError, match="do not fit --model resnet18"):
         build_model(3, pretrained_path=str(tmp_path / "wrong.pth"))
     with pytest.raises(UserError, match="not found"):
         build_model(3, pretrained_path=str(tmp_path / "absent.pth"))
