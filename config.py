@@ -48,6 +48,7 @@ TRAINING_ONLY_FLAGS = {
     "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
     "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
     "random_crop", "vflip", "auto_augment", "random_erase",
+    "mixup_alpha", "cutmix_alpha", "ema_decay",
 }
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
@@ -142,6 +143,17 @@ def build_parser():
     g.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
                    help="label smoothing of the training loss (cross-entropy's own), 0 <= EPS < 1; validation and "
                         "test losses stay plain cross-entropy, comparable across runs")
+    g.add_argument("--mixup_alpha", type=float, default=0.0, metavar="A",
+                   help="mixup on the training batches: each image blended with another, by a share drawn from "
+                        "Beta(A, A), its target the two classes' shares (default: 0, off)")
+    g.add_argument("--cutmix_alpha", type=float, default=0.0, metavar="B",
+                   help="cutmix on the training batches: a box of another image pasted in, its area drawn from "
+                        "Beta(B, B), its target the two classes' shares of the image (default: 0, off; with "
+                        "--mixup_alpha, each batch gets one of the two at random)")
+    g.add_argument("--ema_decay", type=float, default=None, metavar="D",
+                   help="also keep an exponential moving average of the weights and BatchNorm statistics, updated "
+                        "after every optimizer step (ema = D * ema + (1 - D) * weights, 0 < D < 1), validated every "
+                        "epoch; best.pt holds whichever validated better (default: off)")
     g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order and the flips")
@@ -269,6 +281,7 @@ def validate(cfg):
     check_schedule(cfg)
     check_augmentation(cfg)
     check_model(cfg)  # (at the crop's size: after the crop is checked)
+    check_regularization(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
     if cfg.num_workers < 0:
@@ -309,6 +322,19 @@ def check_optimizer(cfg):
         raise UserError("--nesterov needs a --momentum above 0")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"--label_smoothing must be at least 0 and below 1, got {cfg.label_smoothing}")
+
+
+def check_regularization(cfg):
+    """Mixup's and cutmix's Beta parameters (0: off) and the EMA's decay."""
+    for name in ("mixup_alpha", "cutmix_alpha", "ema_decay"):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be at least 0 (0: off), got {getattr(cfg, name)}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise UserError(f"--ema_decay must be between 0 and 1 (exclusive), e.g. 0.999, got {cfg.ema_decay}")
 
 
 def check_schedule(cfg):

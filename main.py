@@ -182,7 +182,8 @@ def evaluate(best, cfg):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
     test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), len(class_names))
     if is_main_process():
-        print(f"{cfg.checkpoint_name} (epoch {best['epoch']}, {precision_name(cfg)}): "
+        weights = ", EMA weights" if best.get("weights") == "ema" else ""  # (--ema_decay: what best.pt holds)
+        print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{weights}, {precision_name(cfg)}): "
               f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
         print(per_class_report(test["confusion"], class_names))
     return 0

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from dataset import DeviceTransform
@@ -32,6 +34,8 @@ from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, d
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
 # Steps in a row whose loss is not finite (or whose update GradScaler skipped) before we stop.
 MAX_BAD_STEPS = 20
+# Mixed into a batch's seed for mixup/cutmix, so its draws are not the flip's of the same batch.
+MIX_SEED_TAG = 0x6D6978  # "mix"
 
 
 class GracefulStop:
@@ -142,14 +146,56 @@ class SkippedStepGuard:
             buffer.copy_(torch.where(skipped, saved, buffer))
 
 
+def classification_loss(logits, targets, label_smoothing=0.0):
+    """Cross-entropy, in float32 whatever autocast computed the logits in (as autocast itself
+    would), against class indices or class probabilities (the soft targets of mixup and cutmix);
+    `label_smoothing` applies to either."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
 def training_step(model, images, targets, autocast, update, loss_divisor=1, step=True, label_smoothing=0.0):
     """Forward under autocast, then `update` (an AmpUpdate): backward and, when `step`, the
-    optimizer step. Returns the loss (cross-entropy, with `label_smoothing`), the logits and the
-    step's StepOutcome (None if no step)."""
+    optimizer step. `targets` are class indices, or probabilities after BatchMix. Returns the
+    loss (see classification_loss), the logits and the step's StepOutcome (None if no step)."""
     with autocast():
         logits = model(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        loss = classification_loss(logits, targets, label_smoothing)
     return loss, logits, update(loss / loss_divisor, step)
+
+
+class BatchMix:
+    """--mixup_alpha / --cutmix_alpha: torchvision's MixUp or CutMix on a device batch (one of
+    the two, chosen at random per batch, when both are on). Each image is mixed with the one
+    before it in the (shuffled) batch, and its class index becomes soft targets: the two
+    classes' shares, summing to 1. Each batch draws from its own seed (see derived_seed), so a
+    resumed run mixes every batch as the uninterrupted run did. torchvision draws the mixing
+    ratio, the box and the choice from torch's global CPU generator: it runs on a fork of it,
+    so the run's other random numbers are what they would be without mixing."""
+
+    def __init__(self, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
+        mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []
+        mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else []
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes):
+        """cfg's mixing, or None when both alphas are 0 (the targets stay class indices)."""
+        mixup, cutmix = getattr(cfg, "mixup_alpha", 0.0), getattr(cfg, "cutmix_alpha", 0.0)
+        return cls(num_classes, mixup, cutmix) if mixup or cutmix else None
+
+    def __call__(self, images, labels, seed):
+        """(mixed images, soft targets [B, classes]) of a batch and its class indices."""
+        with torch.random.fork_rng(devices=[]):  # (the draws are on the CPU, whatever the device)
+            torch.manual_seed(seed)
+            return self.mix(images, labels)
+
+
+def weight_ema(model, decay):
+    """--ema_decay: an exponential moving average of `model`'s weights and buffers (BatchNorm
+    statistics), updated in place by `.update_parameters(model)` after every optimizer step with
+    one foreach lerp: ema = decay * ema + (1 - decay) * weights. The first update copies the
+    weights. Its `.module` is a plain copy of the model, which evaluates and saves like it."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def parameter_groups(model, no_bias_decay=False):
@@ -184,7 +230,8 @@ def build_optimizer(model, cfg):
 
 class Trainer:
     """Runs the epochs. `model` is the plain module (saved and evaluated); `train_model` may
-    wrap it (DistributedDataParallel, torch.compile) and is what the training step calls."""
+    wrap it (DistributedDataParallel, torch.compile) and is what the training step calls. With
+    --ema_decay, `ema` averages the plain module (see weight_ema)."""
 
     def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None,
                  stop=None):
@@ -206,11 +253,14 @@ class Trainer:
         self.autocast = autocast_for(cfg)
         self.label_smoothing = getattr(cfg, "label_smoothing", 0.0)  # the training loss's only: evaluation's is plain
         self.transform = DeviceTransform(self.device, getattr(cfg, "channels_last", False))
+        self.mix = BatchMix.from_config(cfg, len(class_names))  # None: plain class-index targets
+        self.ema = weight_ema(model, cfg.ema_decay) if getattr(cfg, "ema_decay", None) else None
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of epoch `self.epoch` already trained (mid-epoch checkpoints)
         self.epoch_state = None  # that unfinished epoch's meter and seconds
-        self.best_val_acc = -1.0
+        self.best_val_acc = -1.0  # best.pt's validation accuracy
+        self.best_weights = "raw"  # what best.pt holds: "raw", or "ema" (with --ema_decay, when those validated better)
         self.history = []
         self.total_train_seconds = 0.0
         # Kept on the device so the loop never waits for the GPU to count them.
@@ -253,7 +303,10 @@ class Trainer:
                    disable=not (cfg.progress and is_main_process()) or None, dynamic_ncols=True)
         for i, (images, targets) in enumerate(self.train_loader, start=start):
             images = self.transform(images, flip_seed=derived_seed(cfg.seed, epoch, i, rank()))
-            targets = targets.to(self.device, non_blocking=True)
+            targets = labels = targets.to(self.device, non_blocking=True)
+            if self.mix is not None:  # soft targets; accuracy counts each image's dominant class
+                images, targets = self.mix(images, labels, derived_seed(cfg.seed, epoch, i, rank(), MIX_SEED_TAG))
+                labels = targets.argmax(dim=1)
             # An optimizer step every accum_steps micro-batches; the loss is averaged over the
             # micro-batches of its group (the last group of an epoch may be shorter).
             group_start = i - i % cfg.accum_steps
@@ -264,11 +317,13 @@ class Trainer:
             with self.grad_sync(update):
                 loss, logits, outcome = training_step(self.train_model, images, targets, self.autocast, self.update,
                                                       group_size, update, self.label_smoothing)
-            meter.update(loss, logits, targets)
+            meter.update(loss, logits, labels)
             bar.update()
             self.record_step(loss, outcome)
             if update:
                 self.step_schedule()
+                if self.ema is not None:  # after record_step put a skipped step's BatchNorm statistics back
+                    self.ema.update_parameters(self.model)
                 self.batch_in_epoch = i + 1
                 self.after_optimizer_step(meter, bar, i == num_batches - 1, seconds_before + watch.elapsed(),
                                           loss, outcome)
@@ -399,8 +454,22 @@ class Trainer:
             exit_code=128 + self.stop.signal,
         ))
 
-    def evaluate(self, loader):
-        return evaluate(self.model, loader, self.transform, self.autocast, len(self.class_names))
+    def evaluate(self, loader, model=None):
+        """`model` (default: the raw weights) over `loader`."""
+        model = self.model if model is None else model
+        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names))
+
+    def validate(self):
+        """The epoch's validation numbers: the raw weights', and with --ema_decay the EMA's. Each
+        is validated (and saved) with rank 0's BatchNorm statistics on every rank."""
+        broadcast_buffers(self.model)
+        val = self.evaluate(self.val_loader)
+        numbers = {"val_loss": val["loss"], "val_acc": val["acc"]}
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module)
+            val = self.evaluate(self.val_loader, self.ema.module)
+            numbers.update(val_loss_ema=val["loss"], val_acc_ema=val["acc"])
+        return numbers
 
     # ------------------------------------------------------------------ the run
     def fit(self):
@@ -420,14 +489,15 @@ class Trainer:
             seconds_before = self.epoch_state["seconds"] if self.epoch_state else 0.0
             record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
             record.update(self.train_one_epoch(epoch))
-            broadcast_buffers(self.model)  # validate (and save) rank 0's BatchNorm statistics on every rank
-            val = self.evaluate(self.val_loader)
-            record["val_loss"], record["val_acc"] = val["loss"], val["acc"]
+            record.update(self.validate())
             self.epoch = epoch + 1
             self.history.append(record)
             self.total_train_seconds += time.perf_counter() - started + seconds_before
-            if val["acc"] > self.best_val_acc:
-                self.best_val_acc = val["acc"]
+            # best.pt holds the epoch's better weights by validation accuracy (the raw ones on a tie).
+            weights = "ema" if record.get("val_acc_ema", -1.0) > record["val_acc"] else "raw"
+            val_acc = record["val_acc_ema" if weights == "ema" else "val_acc"]
+            if val_acc > self.best_val_acc:
+                self.best_val_acc, self.best_weights = val_acc, weights
                 self.save_checkpoint("best.pt")
             self.save_checkpoint("last.pt")
             self.log_epoch(record)  # after last.pt: a resume from an older checkpoint would write them again
@@ -442,17 +512,26 @@ class Trainer:
         return self.test()
 
     def test(self):
-        """Test the best-validation weights; record and print the result."""
+        """Test the best-validation weights (best.pt's "model": raw or EMA); with --ema_decay also
+        the EMA weights of the same epoch. Record and print the results."""
         # Rank 0 wrote best.pt: it reads it and hands it to the others (no race, no shared disk needed).
         best = from_main_process(load_checkpoint, os.path.join(self.run_dir, "best.pt"))
         self.model.load_state_dict(best["model"])
         test = self.evaluate(self.test_loader)
         confusion = test["confusion"]  # rows: true classes
+        ema = {}
+        if self.ema is not None:
+            self.ema.load_state_dict(best["ema"])
+            ema_test = test if best["weights"] == "ema" else self.evaluate(self.test_loader, self.ema.module)
+            ema = dict(best_weights=best["weights"], test_acc_ema=ema_test["acc"], test_loss_ema=ema_test["loss"])
         results = self.write_results(
-            test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"],
+            test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"], **ema,
             per_class_acc=per_class_accuracy(confusion, self.class_names), confusion_matrix=confusion.tolist(),
         )
-        self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}): {test['acc']:.2f}%")
+        which = ", EMA weights" if best.get("weights") == "ema" else ""
+        self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}{which}): {test['acc']:.2f}%")
+        if ema:
+            self.log.info(f"test accuracy of epoch {best['epoch']}'s EMA weights: {ema['test_acc_ema']:.2f}%")
         self.log.info(per_class_report(confusion, self.class_names))
         path = os.path.join(self.run_dir, "confusion.png")
         self.write_output(path, lambda: plot_confusion(
@@ -463,6 +542,8 @@ class Trainer:
         self.log.info(comparison_table([{**results, "config": vars(self.cfg)}]))
         if self.tensorboard is not None:
             metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "best_val_acc": self.best_val_acc}
+            if ema:
+                metrics["test/acc_ema"] = ema["test_acc_ema"]
             self.tensorboard.hparams(self.scheduler.last_epoch, vars(self.cfg), metrics)
             self.tensorboard.close()
             self.tensorboard = None
@@ -483,13 +564,19 @@ class Trainer:
             return
         self.tensorboard.scalars(self.scheduler.last_epoch, {
             f"epoch/{key}": record[key]
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "seconds", "peak_mem_mb")})
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema", "seconds",
+                        "peak_mem_mb") if key in record})
         self.tensorboard.flush()
 
     # ------------------------------------------------------------------ saving and restoring
-    def checkpoint(self):
-        return {
-            "model": self.model.state_dict(),
+    def checkpoint(self, name="last.pt"):
+        """What a resume needs. "model" holds the raw weights, except in best.pt, where it holds
+        the weights that validated best (`best_weights`: raw or EMA); "weights" says which. With
+        --ema_decay, "ema" is the EMA's state (weights, BatchNorm statistics, update count)."""
+        weights = self.best_weights if name == "best.pt" else "raw"
+        state = {
+            "model": (self.ema.module if weights == "ema" else self.model).state_dict(),
+            "weights": weights,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -505,6 +592,9 @@ class Trainer:
             "total_train_seconds": self.total_train_seconds,
             "world_size": world_size(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def save_checkpoint(self, name):
         """Write `name` atomically, never with diverged weights; a failed write leaves the
@@ -513,7 +603,7 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.flush()  # every event up to this checkpoint is on disk before it
         path = os.path.join(self.run_dir, name)
-        self.write_output(path, lambda: atomic_torch_save(self.checkpoint(), path), f"; the previous {name} is intact")
+        self.write_output(path, lambda: atomic_torch_save(self.checkpoint(name), path), f"; the previous {name} is intact")
 
     def restore(self, checkpoint):
         """Continue from a checkpoint made by `checkpoint()`, at the batch where it was saved."""
@@ -529,6 +619,8 @@ class Trainer:
                 f"{saved_world} process(es); continue it with {saved_world}, not {world_size()}"
             )
         self.model.load_state_dict(checkpoint["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
         # load_state_dict also restores each group's implementation flags: keep this session's
         # (a run saved with the slower unfused Adam continues with the fused one).
         implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
@@ -646,8 +738,9 @@ def precision_name(cfg):
 
 def format_epoch(r, epochs):
     memory = "" if r["peak_mem_mb"] is None else f", peak {r['peak_mem_mb'] / 1024:.1f} GiB"
+    ema = f", EMA acc {r['val_acc_ema']:.2f}" if "val_acc_ema" in r else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
-        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f} | lr {r['lr']:.2e} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f}{ema} | lr {r['lr']:.2e} | "
         f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{memory}"
     )

@@ -3,7 +3,8 @@
 Started like main.py (`torchrun ... tests/ddp_probe.py FLAGS`); the environment picks the hooks:
 
 PROBE_DUMP_DIR      every rank saves the weights it trained (its model's state dict) just before
-                    the final test, as rank<R>.pt (only rank 0 saves anything otherwise)
+                    the final test, as rank<R>.pt, and with --ema_decay its EMA's state as
+                    ema_rank<R>.pt (only rank 0 saves anything otherwise)
 PROBE_SIGTERM_STEP  after that optimizer step rank 0 sends SIGTERM to torchrun, as a cluster
                     preempting the job would; torchrun hands it on to every rank
 PROBE_CRASH_RANK    that rank crashes as training starts, while the others wait in a collective
@@ -37,6 +38,8 @@ def install_hooks():
 
         def dumping_test(self):
             torch.save(self.model.state_dict(), os.path.join(dump_dir, f"rank{rank()}.pt"))
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), os.path.join(dump_dir, f"ema_rank{rank()}.pt"))
             return test(self)
 
         Trainer.test = dumping_test

@@ -1,5 +1,6 @@
 """DistributedDataParallel under torchrun, on the CPU with gloo: two processes through the real CLI
-on a tiny dataset. One two-epoch run (with AMP, accumulation and clipping) serves several tests;
+on a tiny dataset. One two-epoch run (with AMP, accumulation, clipping, mixup and an EMA of the
+weights) serves several tests;
 tests/ddp_probe.py is main.py plus hooks that let every rank dump its weights, send torchrun a
 SIGTERM, or crash a rank. Each torchrun start costs seconds, so there are few of them."""
 import json
@@ -32,7 +33,8 @@ PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
 MAIN = os.path.join(ROOT, "main.py")
 # 45 train / 15 val / 21 test images: odd counts, so a rank's shard is padded (train) or one
 # image shorter (val, test); the global batch of 16 is 8 a rank.
-DDP_FLAGS = [*FAST, "--epochs", "2", "--val_fraction", "0.25", "--amp", "--accum_steps", "2", "--clip_grad_norm", "1"]
+DDP_FLAGS = [*FAST, "--epochs", "2", "--val_fraction", "0.25", "--amp", "--accum_steps", "2", "--clip_grad_norm", "1",
+             "--mixup_alpha", "0.2", "--ema_decay", "0.5"]
 RUN_FILES = set(main_module.RUN_FILES) - {"predictions.csv"}  # written by --predict only
 TIME_LIMIT = 60  # seconds a failed two-process start may take, well past its normal ~15 s
 
@@ -100,12 +102,15 @@ def test_ddp_run_completes_with_one_set_of_outputs(ddp_run):
 
 
 def test_ddp_ranks_end_with_identical_weights(ddp_run):
-    rank0, rank1 = load(ddp_run.dumps / "rank0.pt"), load(ddp_run.dumps / "rank1.pt")
     last = load(ddp_run.dir / "last.pt")
-    assert rank0.keys() == rank1.keys() == last["model"].keys()
-    for key, value in rank0.items():  # parameters and BatchNorm statistics, bit for bit
-        assert torch.equal(value, rank1[key]), key
-        assert torch.equal(value, last["model"][key]), key
+    # The trained weights, and the EMA of them (each rank mixed its own share of the batches).
+    for dump, saved in (("rank{}.pt", last["model"]), ("ema_rank{}.pt", last["ema"])):
+        rank0, rank1 = (load(ddp_run.dumps / dump.format(r)) for r in (0, 1))
+        assert rank0.keys() == rank1.keys() == saved.keys()
+        for key, value in rank0.items():  # parameters and BatchNorm statistics, bit for bit
+            assert torch.equal(value, rank1[key]), key
+            assert torch.equal(value, saved[key]), key
+    assert int(last["ema"]["n_averaged"]) == 4  # one update per optimizer step
 
 
 def test_ddp_test_accuracy_equals_single_process_evaluate(ddp_run, run_cli):
@@ -142,9 +147,10 @@ def test_ddp_sigterm_stops_every_rank_and_resume_ends_with_the_same_weights(ddp_
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
         assert a["train_acc"] == b["train_acc"]
     assert cut["test_acc"] == full["test_acc"]
-    full_weights, cut_weights = load(ddp_run.dir / "last.pt")["model"], load(cut_dir / "last.pt")["model"]
-    for key, value in full_weights.items():  # the same weights, bit for bit
-        assert torch.equal(cut_weights[key], value), key
+    full_pt, cut_pt = load(ddp_run.dir / "last.pt"), load(cut_dir / "last.pt")
+    for part in ("model", "ema"):  # the same weights and EMA, bit for bit
+        for key, value in full_pt[part].items():
+            assert torch.equal(cut_pt[part][key], value), (part, key)
 
 
 def test_ddp_failure_on_one_rank_at_start_up_stops_every_rank(demo_data, tmp_path):

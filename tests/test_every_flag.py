@@ -554,6 +554,31 @@ def check_model(run, shared):
     torchvision.models.get_model("mobilenet_v3_small", num_classes=3).load_state_dict(best["model"])
 
 
+def check_mixup_cutmix(run, shared):
+    run.assert_ok()
+    cfg = run.config()
+    assert (cfg["mixup_alpha"], cfg["cutmix_alpha"]) == (0.4, 1.0)
+    # The base run's data, seed, init and batches, mixed: other training and validation numbers.
+    ours, base = run.results_at_exit["epochs"][0], shared.base.results_at_exit["epochs"][0]
+    assert ours["train_loss"] != base["train_loss"] and ours["val_loss"] != base["val_loss"]
+    assert "val_acc_ema" not in ours and "test_acc_ema" not in run.results_at_exit  # no --ema_decay
+
+
+def check_ema_decay(run, shared):
+    run.assert_ok()
+    assert run.config()["ema_decay"] == 0.5
+    # The EMA trains nothing: the base run's numbers, plus the EMA's validation and test.
+    results, base = run.results_at_exit, shared.base.results_at_exit
+    ours = results["epochs"][0]
+    assert (ours["train_loss"], ours["val_loss"]) == pytest.approx(
+        (base["epochs"][0]["train_loss"], base["epochs"][0]["val_loss"]), rel=1e-5)
+    assert 0 <= ours["val_acc_ema"] <= 100 and ours["val_loss_ema"] != ours["val_loss"]
+    assert f"EMA acc {ours['val_acc_ema']:.2f}" in run.out and 0 <= results["test_acc_ema"] <= 100
+    last, best = run.checkpoint("last.pt"), run.checkpoint("best.pt")
+    assert int(last["ema"]["n_averaged"]) == 3 and last["weights"] == "raw"  # an update per step; last.pt: raw
+    assert best["weights"] == results["best_weights"] in ("raw", "ema")
+
+
 def check_refused(*flags):
     def check(run, shared):
         assert_refused(run, *flags)
@@ -654,6 +679,11 @@ CASES = [
     # ---- issue 12: --model (the zoo; more in tests/test_zoo.py)
     Case("model", flags=("--model",), check=check_model,
          argv=[*TRAIN, "--checkpoint_name", "zoo", "--model", "mobilenet_v3_small"]),
+    # Mixup, cutmix and the EMA of the weights (issue 12; tests/test_mix_ema.py has the rest).
+    Case("mixup_cutmix", flags=("--mixup_alpha", "--cutmix_alpha"), check=check_mixup_cutmix,
+         argv=[*TRAIN, "--checkpoint_name", "mix", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"]),
+    Case("ema_decay", flags=("--ema_decay",), check=check_ema_decay,
+         argv=[*TRAIN, "--checkpoint_name", "ema", "--ema_decay", "0.5"]),
 ]
 
 
@@ -825,6 +855,10 @@ REFUSALS = [
     pytest.param("--device cuda without a GPU", [*NO_DATA, "--device", "cuda"], ("--device",),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU"),
                  id="--device cuda without a GPU"),
+    ("--mixup_alpha negative", [*NO_DATA, "--mixup_alpha", "-1"], ("--mixup_alpha",)),
+    ("--cutmix_alpha nan", [*NO_DATA, "--cutmix_alpha", "nan"], ("--cutmix_alpha",)),
+    ("--ema_decay 1", [*NO_DATA, "--ema_decay", "1"], ("--ema_decay",)),
+    ("--ema_decay with --benchmark", [*NO_DATA, "--benchmark", "--ema_decay", "0.9"], ("--ema_decay", "--benchmark")),
 ]
 
 
