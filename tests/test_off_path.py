@@ -361,7 +361,7 @@ def test_output_into_a_closed_pipe_is_quiet(demo_data, tmp_path):
     command = [sys.executable, "main.py", "--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "2"]
     proc = subprocess.run(" ".join(command) + " | head -1", shell=True, cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.stdout.startswith("training baseline:")
+    assert proc.stdout == "model: resnet18, 11.18M parameters\n"  # the first line alone
     assert proc.stderr == "", proc.stderr
     assert read_results(tmp_path / "baseline")["finished"]  # the run itself went on to the end
 
