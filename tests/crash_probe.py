@@ -2,7 +2,9 @@
 - PROBE_WORKER_BUG=1: resizing an image raises in the data-loading workers (a failed run with
   worker processes must exit, not wait for them forever);
 - PROBE_KILL_AT_BEST=1: the process SIGKILLs itself when it first writes best.pt (after the
-  epoch's last step was checkpointed, before the epoch's last.pt)."""
+  epoch's last step was checkpointed, before the epoch's last.pt);
+- PROBE_KILL_AFTER_STEP=N: the process SIGKILLs itself right after optimizer step N (and its
+  checkpoint, if one was due): a kill at a known place, for bit-exact resume tests."""
 import os
 import signal
 import sys
@@ -25,10 +27,19 @@ def kill_at_best(obj, path):
     real_save(obj, path)
 
 
+def kill_after_step(self, *args):
+    real_after_step(self, *args)
+    if self.scheduler.last_epoch == int(os.environ["PROBE_KILL_AFTER_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 if __name__ == "__main__":
     if os.environ.get("PROBE_WORKER_BUG"):
         dataset.ResizeUint8.__call__ = broken_resize
     if os.environ.get("PROBE_KILL_AT_BEST"):
         real_save = trainer.atomic_torch_save
         trainer.atomic_torch_save = kill_at_best
+    if os.environ.get("PROBE_KILL_AFTER_STEP"):
+        real_after_step = trainer.Trainer.after_optimizer_step
+        trainer.Trainer.after_optimizer_step = kill_after_step
     sys.exit(main.main())

@@ -1,9 +1,13 @@
 """Mixup, cutmix and the EMA of the weights (issue 12, items 7 and 8): the soft targets and their
 replay from the seed, the EMA's formula and its place after the float16 skip guard, with
 accumulation, then tiny real runs of the CLI (48 training images in batches of 16: 3 optimizer
-steps an epoch): a run cut mid-epoch resumes to the uninterrupted run's weights and EMA bit for
+steps an epoch): a run SIGKILLed mid-epoch (with --auto_augment too) resumes to the uninterrupted run's weights and EMA bit for
 bit, best.pt says which weights it holds and --evaluate reproduces its test accuracy."""
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from argparse import Namespace
 
 import pytest
@@ -12,13 +16,13 @@ import torchvision
 
 import trainer
 import utils
-from conftest import FAST, SimulatedCrash, assert_user_error, read_results
+from conftest import FAST, ROOT, assert_user_error, read_results
 from report import read_tensorboard_scalars
 from test_float16 import float16_trainer
 from trainer import MIX_SEED_TAG, BatchMix, weight_ema
 
 # The tricks the resumed run is checked with (a flag added here joins every run of that test).
-RESUMED_TRICKS = ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--ema_decay", "0.6"]
+RESUMED_TRICKS = ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--ema_decay", "0.6", "--auto_augment", "randaugment"]
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # each image's class differs from the one before it (rolled in)
 
 
@@ -157,33 +161,28 @@ def test_a_skipped_float16_step_does_not_poison_the_ema(demo_data, tmp_path):
 
 
 # --------------------------------------------------------------------------- real runs
-def crash_after_step(monkeypatch, step):
-    """Make the run crash (as a power cut would) right after optimizer step `step`; returns a
-    function that undoes it."""
-    original = trainer.Trainer.after_optimizer_step
-
-    def after_optimizer_step(self, *args):
-        original(self, *args)
-        if self.scheduler.last_epoch == step:
-            raise SimulatedCrash
-
-    monkeypatch.setattr(trainer.Trainer, "after_optimizer_step", after_optimizer_step)
-    return lambda: monkeypatch.setattr(trainer.Trainer, "after_optimizer_step", original)
+def probe(data, tmp_path, name, *flags, kill_after_step=None):
+    """A run of main.py (through tests/crash_probe.py) in its own process; with `kill_after_step`
+    it SIGKILLs itself right after that optimizer step."""
+    command = [sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", data, "--checkpoint_dir",
+               str(tmp_path / "checkpoints"), "--checkpoint_name", name, *FAST, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PROBE_KILL_AFTER_STEP": str(kill_after_step)} if kill_after_step else {})}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_run_cut_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, demo_data, tmp_path, monkeypatch):
-    # last.pt is written after step 4 (epoch 2's first); the crash after step 5 loses a step that
-    # the resumed run must mix and average again exactly as the uninterrupted one did.
-    flags = ["--epochs", "2", "--deterministic", "--save_every_steps", "2", *RESUMED_TRICKS]
-    train(run_cli, demo_data, "full", *flags)
-    restore = crash_after_step(monkeypatch, 5)
-    with pytest.raises(SimulatedCrash):
-        train(run_cli, demo_data, "cut", *flags)
-    restore()
+def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, demo_data, tmp_path):
+    # last.pt is written after step 4 (epoch 2's first); the SIGKILL after step 5 loses a step
+    # that the resumed run must augment (in two workers), mix and average again exactly as the
+    # uninterrupted one did. (Every run in its own process: the same threads, the same bits.)
+    flags = ["--epochs", "2", "--deterministic", "--save_every_steps", "2", "--num_workers", "2", *RESUMED_TRICKS]
+    assert probe(demo_data, tmp_path, "full", *flags).returncode == 0
+    killed = probe(demo_data, tmp_path, "cut", *flags, kill_after_step=5)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     cut = load(run_dir(tmp_path, "cut") / "last.pt")
     assert (cut["epoch"], cut["batch_in_epoch"], int(cut["ema"]["n_averaged"])) == (1, 1, 4)
-    out = train(run_cli, demo_data, "cut", "--resume")
-    assert "resuming cut: epoch 2, after batch 1 of 3" in out
+    resumed = probe(demo_data, tmp_path, "cut", "--resume", "--num_workers", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming cut: epoch 2, after batch 1 of 3" in resumed.stdout
     full, cut = (load(run_dir(tmp_path, name) / "last.pt") for name in ("full", "cut"))
     for part in ("model", "ema"):  # bit for bit
         assert full[part].keys() == cut[part].keys()
