@@ -195,7 +195,15 @@ def weight_ema(model, decay):
     statistics), updated in place by `.update_parameters(model)` after every optimizer step with
     one foreach lerp: ema = decay * ema + (1 - decay) * weights. The first update copies the
     weights. Its `.module` is a plain copy of the model, which evaluates and saves like it."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(ema_tensors, tensors, updates):
+        if ema_tensors[0].is_floating_point():
+            lerp(ema_tensors, tensors, updates)
+        else:  # BatchNorm's step counters are counted, not averaged: one copy, not a loop of small ops
+            torch._foreach_copy_(ema_tensors, tensors)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def parameter_groups(model, no_bias_decay=False):
