@@ -1,6 +1,7 @@
 """Training: the FP32/AMP step, the epoch loop, evaluation, checkpoints and results, and a clean
 stop on Ctrl-C or SIGTERM."""
 import contextlib
+import copy
 import math
 import os
 import signal
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -36,6 +37,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_
 MAX_BAD_STEPS = 20
 # Mixed into a batch's seed for mixup/cutmix, so its draws are not the flip's of the same batch.
 MIX_SEED_TAG = 0x6D6978  # "mix"
+# ... and for the random numbers the forward draws itself (dropout, stochastic depth).
+FORWARD_SEED_TAG = 0x667764  # "fwd"
 
 
 class GracefulStop:
@@ -186,24 +189,40 @@ class BatchMix:
     def __call__(self, images, labels, seed):
         """(mixed images, soft targets [B, classes]) of a batch and its class indices."""
         with torch.random.fork_rng(devices=[]):  # (the draws are on the CPU, whatever the device)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed the GPUs' too)
             return self.mix(images, labels)
 
 
-def weight_ema(model, decay):
-    """--ema_decay: an exponential moving average of `model`'s weights and buffers (BatchNorm
-    statistics), updated in place by `.update_parameters(model)` after every optimizer step with
-    one foreach lerp: ema = decay * ema + (1 - decay) * weights. The first update copies the
-    weights. Its `.module` is a plain copy of the model, which evaluates and saves like it."""
-    lerp = get_ema_multi_avg_fn(decay)
+class WeightEMA(torch.nn.Module):
+    """--ema_decay: an exponential moving average of a model's weights and buffers (BatchNorm
+    statistics), updated in place after every optimizer step with one foreach lerp (swa_utils'
+    EMA function): ema = decay * ema + (1 - decay) * weights. The first update copies the
+    weights; integer buffers (BatchNorm's step counters, Swin's position indices) are copied,
+    never averaged. `.module` is a plain copy of the model, which evaluates and saves like it;
+    the state dict has swa_utils.AveragedModel's keys ("module.*", "n_averaged").
 
-    def update(ema_tensors, tensors, updates):
-        if ema_tensors[0].is_floating_point():
-            lerp(ema_tensors, tensors, updates)
-        else:  # BatchNorm's step counters are counted, not averaged: one copy, not a loop of small ops
-            torch._foreach_copy_(ema_tensors, tensors)
+    Not AveragedModel itself: its update moves its update counter, which lives on the CPU, to
+    the GPU every step, a blocking copy that would make the GPU wait for the host each step."""
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    def __init__(self, model, decay):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.lerp = get_ema_multi_avg_fn(decay)
+        self.register_buffer("n_averaged", torch.zeros((), dtype=torch.long))  # on the CPU: read without a sync
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        first = bool(self.n_averaged == 0)
+        lerped, copied = ([], []), ([], [])  # (EMA tensors, the model's)
+        for ema, now in zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]):
+            ema_list, model_list = lerped if ema.is_floating_point() and not first else copied
+            ema_list.append(ema)
+            model_list.append(now.detach())
+        if lerped[0]:
+            self.lerp(*lerped, self.n_averaged)
+        if copied[0]:
+            torch._foreach_copy_(*copied)
+        self.n_averaged += 1
 
 
 def parameter_groups(model, no_bias_decay=False):
@@ -239,7 +258,7 @@ def build_optimizer(model, cfg):
 class Trainer:
     """Runs the epochs. `model` is the plain module (saved and evaluated); `train_model` may
     wrap it (DistributedDataParallel, torch.compile) and is what the training step calls. With
-    --ema_decay, `ema` averages the plain module (see weight_ema)."""
+    --ema_decay, `ema` averages the plain module (see WeightEMA)."""
 
     def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None,
                  stop=None):
@@ -262,7 +281,7 @@ class Trainer:
         self.label_smoothing = getattr(cfg, "label_smoothing", 0.0)  # the training loss's only: evaluation's is plain
         self.transform = DeviceTransform(self.device, getattr(cfg, "channels_last", False))
         self.mix = BatchMix.from_config(cfg, len(class_names))  # None: plain class-index targets
-        self.ema = weight_ema(model, cfg.ema_decay) if getattr(cfg, "ema_decay", None) else None
+        self.ema = WeightEMA(model, cfg.ema_decay) if getattr(cfg, "ema_decay", None) else None
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of epoch `self.epoch` already trained (mid-epoch checkpoints)
@@ -322,6 +341,9 @@ class Trainer:
             update = i == group_start + group_size - 1
             if i == group_start:
                 self.skip_guard.save()
+            # The forward's own random numbers (dropout, stochastic depth) come from this batch's
+            # seed, so a resumed run draws them as the uninterrupted one did (ResNets draw none).
+            torch.manual_seed(derived_seed(cfg.seed, epoch, i, rank(), FORWARD_SEED_TAG))
             with self.grad_sync(update):
                 loss, logits, outcome = training_step(self.train_model, images, targets, self.autocast, self.update,
                                                       group_size, update, self.label_smoothing)
@@ -528,7 +550,7 @@ class Trainer:
         test = self.evaluate(self.test_loader)
         confusion = test["confusion"]  # rows: true classes
         ema = {}
-        if self.ema is not None:
+        if self.ema is not None and "ema" in best:  # (a best.pt from before the EMA existed has none)
             self.ema.load_state_dict(best["ema"])
             ema_test = test if best["weights"] == "ema" else self.evaluate(self.test_loader, self.ema.module)
             ema = dict(best_weights=best["weights"], test_acc_ema=ema_test["acc"], test_loss_ema=ema_test["loss"])
@@ -626,6 +648,9 @@ class Trainer:
                 f"--resume: {checkpoint['config']['checkpoint_name']} was saved in the middle of an epoch by "
                 f"{saved_world} process(es); continue it with {saved_world}, not {world_size()}"
             )
+        if self.ema is not None and "ema" not in checkpoint:
+            raise UserError(f"--resume: the checkpoint of {checkpoint['config']['checkpoint_name']} has no EMA weights "
+                            "for its --ema_decay; it was not written by a run of this template with that flag")
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["ema"])
@@ -719,7 +744,7 @@ def evaluate(model, loader, transform, autocast, num_classes):
         targets = targets.to(transform.device, non_blocking=True)
         with autocast():
             logits = model(images)
-            loss = F.cross_entropy(logits, targets)
+            loss = classification_loss(logits, targets)
         meter.update(loss, logits, targets)
     return meter.compute()
 

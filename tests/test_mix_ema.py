@@ -19,7 +19,7 @@ import utils
 from conftest import FAST, ROOT, assert_user_error, read_results
 from report import read_tensorboard_scalars
 from test_float16 import float16_trainer
-from trainer import MIX_SEED_TAG, BatchMix, weight_ema
+from trainer import MIX_SEED_TAG, BatchMix, WeightEMA
 
 # The tricks the resumed run is checked with (a flag added here joins every run of that test).
 RESUMED_TRICKS = ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--ema_decay", "0.6", "--auto_augment", "randaugment"]
@@ -133,8 +133,10 @@ def test_the_ema_copies_the_first_step_and_then_follows_the_formula(demo_data, t
         if value.is_floating_point():  # weights and BatchNorm statistics: decay * w1 + (1 - decay) * w2
             assert not torch.equal(w1[key], w2[key]), key  # (the step changed it)
             torch.testing.assert_close(value, decay * w1[key] + (1 - decay) * w2[key], rtol=1e-6, atol=1e-7)
+        else:  # BatchNorm's step counters: the model's own count, not averaged
+            assert torch.equal(value, w2[key]), key
     # After one step the EMA is the weights themselves.
-    one = weight_ema(t.model, decay)
+    one = WeightEMA(t.model, decay)
     one.update_parameters(t.model)
     for key, value in one.module.state_dict().items():
         assert torch.equal(value, t.model.state_dict()[key]), key
@@ -246,3 +248,11 @@ def test_best_pt_holds_the_ema_when_it_validates_better(run_cli, demo_data, tmp_
 def test_bad_values_are_refused_in_one_line(run_cli, tmp_path, flags, needles):
     assert_user_error(run_cli("--data_dir", tmp_path / "no_data", *FAST, *flags), *needles)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_without_the_ema_of_its_ema_decay_is_refused_in_one_line(demo_data, tmp_path):
+    t = float16_trainer(demo_data, tmp_path, flags=["--ema_decay", "0.5"])
+    checkpoint = t.checkpoint()
+    del checkpoint["ema"]  # (no run of ours writes this: a foreign or hand-edited file)
+    with pytest.raises(utils.UserError, match="has no EMA weights for its --ema_decay"):
+        t.restore(checkpoint)
