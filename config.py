@@ -117,8 +117,8 @@ def build_parser():
                         "when its classes differ)")
 
     g.add_argument("--zero_init_residual", action="store_true",
-                   help="zero the last BatchNorm weight (gamma) of each residual block, so each block starts as the "
-                        "identity (after loading pretrained weights too)")
+                   help="zero the last BatchNorm weight (gamma) of each ResNet residual block (resnet, resnext and "
+                        "wide_resnet models), so each block starts as the identity (after loading pretrained weights too)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
@@ -137,7 +137,7 @@ def build_parser():
     g.add_argument("--lr_schedule", choices=SCHEDULES, default="cosine",
                    help="after the warmup: cosine down to --min_lr, step decay at --lr_milestones, or constant")
     g.add_argument("--lr_milestones", type=int, nargs="+", default=None, metavar="EPOCH",
-                   help="with --lr_schedule step: the epochs (increasing, after the warmup, at most --epochs) from "
+                   help="with --lr_schedule step: the epochs (increasing, after the warmup, below --epochs) after "
                         "which the LR is multiplied by --lr_gamma, e.g. 30 60 90")
     g.add_argument("--lr_gamma", type=float, default=0.1, help="with --lr_schedule step: the LR's factor at each milestone")
     g.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
@@ -346,13 +346,15 @@ def check_schedule(cfg):
     milestones = cfg.lr_milestones or []
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise UserError(f"--lr_milestones must increase, got {' '.join(map(str, milestones))}")
-    first = max(cfg.warmup_epochs, 1)
+    first, last = max(cfg.warmup_epochs, 1), cfg.epochs - 1  # (a drop after the last epoch would never apply)
+    fitting = f"use epochs from {first} to {last}" if first <= last else "none fits this run: train more --epochs"
     for m in milestones:
-        if m > cfg.epochs:
-            raise UserError(f"--lr_milestones {m} is past the last epoch (--epochs {cfg.epochs})")
+        if m > last:
+            raise UserError(f"--lr_milestones {m} would never apply: the LR drops after epoch {m}, and the run ends "
+                            f"after epoch {cfg.epochs} (--epochs {cfg.epochs}); {fitting}")
         if m < first:
             after = f"the warmup (--warmup_epochs {cfg.warmup_epochs})" if cfg.warmup_epochs else "epoch 0"
-            raise UserError(f"--lr_milestones {m} must come after {after}: use epochs from {first} to {cfg.epochs}")
+            raise UserError(f"--lr_milestones {m} must come after {after}: {fitting}")
 
 
 def check_augmentation(cfg):

@@ -182,11 +182,15 @@ def evaluate(best, cfg):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
     test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), len(class_names))
     if is_main_process():
-        weights = ", EMA weights" if best.get("weights") == "ema" else ""  # (--ema_decay: what best.pt holds)
-        print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{weights}, {precision_name(cfg)}): "
+        print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, {precision_name(cfg)}): "
               f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
         print(per_class_report(test["confusion"], class_names))
     return 0
+
+
+def which_weights(best):
+    """', EMA weights' when best.pt holds the EMA of --ema_decay (it validated better), else ''."""
+    return ", EMA weights" if best.get("weights") == "ema" else ""
 
 
 @torch.inference_mode()
@@ -222,7 +226,8 @@ def predict(best, cfg):
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     skipped = f" ({len(unreadable)} unreadable file(s) skipped)" if unreadable else ""
-    print(f"wrote {len(rows)} predictions of {cfg.checkpoint_name} ({precision_name(cfg)}) for {root} to {path}{skipped}")
+    print(f"wrote {len(rows)} predictions of {cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, "
+          f"{precision_name(cfg)}) for {root} to {path}{skipped}")
     return 0
 
 

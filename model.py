@@ -45,6 +45,8 @@ def check_model_name(name):
     """A name --model does not know is a one-line error naming the close ones."""
     if name in model_names():
         return
+    if name.lower() in model_names():
+        raise UserError(f"--model {name!r}: torchvision's model names are lowercase: --model {name.lower()}")
     close = difflib.get_close_matches(name.lower(), model_names(), n=5, cutoff=0.5)
     hint = f"close matches: {', '.join(close)}" if close else "see torchvision.models.list_models()"
     raise UserError(f"--model {name!r} is not a classification model of torchvision; {hint}")
@@ -244,7 +246,8 @@ def zero_init_residual(model, name=None):
     if gammas:
         log.info(f"--zero_init_residual: zeroed the last BatchNorm weight of {len(gammas)} residual blocks")
     else:
-        log.info(f"--zero_init_residual: {name or type(model).__name__} has no residual blocks; nothing to zero")
+        log.info(f"--zero_init_residual: {name or type(model).__name__} has no ResNet residual blocks (BasicBlock, "
+                 "Bottleneck: the resnet, resnext and wide_resnet models), the only ones it zeroes; nothing to zero")
     return model
 
 
