@@ -143,8 +143,9 @@ def cached_weights_path(name=DEFAULT_MODEL):
 
 
 def load_weights_file(path):
-    """(state dict, class names or None) from a weights file: a plain state dict (the ImageNet
-    file) or a checkpoint of this template, whose classes it names. weights_only: plain tensors only."""
+    """(state dict, class names or None, model name or None) from a weights file: a plain state
+    dict (the ImageNet file) or a checkpoint of this template, which names its classes and its
+    --model. weights_only: plain tensors only."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -153,13 +154,15 @@ def load_weights_file(path):
         raise UserError(f"--pretrained_path {path} is a folder, not a weights file") from None
     except Exception as exc:  # truncated, foreign, or a pickle that would run code
         raise UserError(f"cannot load weights from {path}: {torch_load_error(exc)}") from None
-    class_names = None
+    class_names = model_name = None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # one of our own checkpoints
         class_names = state.get("class_names")
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        model_name = config.get("model", DEFAULT_MODEL)  # (runs from before --model were ResNet-18s)
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
-    return state, class_names
+    return state, class_names, model_name
 
 
 def imagenet_state_dict(name):
@@ -269,7 +272,8 @@ def load_model(name, num_classes, pretrained, pretrained_path, class_names):
     if not pretrained:
         return new_model(name, num_classes)
     source = pretrained_path or cached_weights_path(name)
-    state, file_classes = load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(name), None)
+    state, file_classes, file_model = (load_weights_file(pretrained_path) if pretrained_path
+                                       else (imagenet_state_dict(name), None, None))
     state = renamed_legacy_keys(unwrapped(state))
     heads = head_keys(name)
     head = state.get(heads[0])
@@ -279,6 +283,9 @@ def load_model(name, num_classes, pretrained, pretrained_path, class_names):
         problem = load_weights(model, state, optional=heads)
     except (RuntimeError, ValueError) as exc:  # a load hook's complaint (MNASNet's about a file's version)
         problem = str(exc).splitlines()[0]
+    if problem and file_model not in (None, name):
+        raise UserError(f"{source} holds a --model {file_model} run's weights, which do not fit --model {name}; "
+                        f"pass --model {file_model} to fine-tune it")
     if problem:
         raise UserError(f"the weights in {source} do not fit --model {name}: {problem}")
     if file_classes is not None and list(file_classes) == list(class_names or []) and head is not None:

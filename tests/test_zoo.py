@@ -187,7 +187,8 @@ def test_resume_and_evaluate_rebuild_the_runs_model(run_cli, tiny_data, tmp_path
     tuned = build_model(2, pretrained_path=best, class_names=["a", "b"], name="mobilenet_v3_small").state_dict()
     assert tuned["classifier.3.weight"].shape == (2, 1024)
     assert torch.equal(tuned["features.0.0.weight"], trained["features.0.0.weight"])
-    with pytest.raises(utils.UserError, match=r"do not fit --model shufflenet_v2_x0_5: missing: .*unexpected: "):
+    with pytest.raises(utils.UserError, match=r"holds a --model mobilenet_v3_small run.s weights, which do not fit "
+                                              r"--model shufflenet_v2_x0_5; pass --model mobilenet_v3_small"):
         build_model(3, pretrained_path=best, class_names=classes, name="shufflenet_v2_x0_5")
 
 
