@@ -115,7 +115,8 @@ def setting_cells(config):
     """The SETTING_COLUMNS cells of a run with these settings (None: unknown)."""
     if config is None:
         return [UNKNOWN] * len(SETTING_COLUMNS)
-    return [str(config.get("model", DEFAULT_MODEL)), str(config.get("image_size", UNKNOWN)),
+    crop = f" (crop {config['random_crop']})" if config.get("random_crop") else ""  # (the size the model saw)
+    return [str(config.get("model", DEFAULT_MODEL)), f"{config.get('image_size', UNKNOWN)}{crop}",
             str(config.get("batch_size", UNKNOWN)), dataset_name(config.get("data_dir"))]
 
 
@@ -171,8 +172,8 @@ def comparison_report(runs):
         text += f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {runs[0]['run']}.\n"
     differences = setting_differences(runs)
     if differences:
-        text += (f"\nwarning: these runs differ in more than precision ({'; '.join(differences)}); "
-                 "speedup and accuracy differences are not AMP's alone\n")
+        text += ("\nwarning: these runs differ in more than precision; speedup and accuracy differences are not "
+                 "AMP's alone:\n" + "".join(f"- {difference}\n" for difference in differences))
     unknown = [r["run"] for r in runs if r.get("config") is None]
     if unknown and len(runs) > 1:
         text += (f"\nnote: no readable config.json for {', '.join(unknown)}; settings shown as {UNKNOWN} are "

@@ -140,11 +140,14 @@ def test_compare_warns_when_runs_differ_in_more_than_precision(tmp_path):
             write_run(tmp_path, "c", "AMP fp16", epochs=4, amp=True)]
     assert setting_differences(runs) == ["image_size: 64 (a, c), 32 (b)", "epochs: 3 (a), 4 (b, c)"]
     report = comparison_report(runs)
-    assert ("warning: these runs differ in more than precision (image_size: 64 (a, c), 32 (b); epochs: 3 (a), "
-            "4 (b, c)); speedup and accuracy differences are not AMP's alone") in report
+    assert ("warning: these runs differ in more than precision; speedup and accuracy differences are not AMP's "
+            "alone:\n- image_size: 64 (a, c), 32 (b)\n- epochs: 3 (a), 4 (b, c)\n") in report
     header, rows = table(report)
     assert header == COLUMNS
     assert [dict(zip(header, row))["image size"] for row in rows] == ["64", "32", "64"]
+    cropped = write_run(tmp_path / "crop", "d", image_size=256, random_crop=224)
+    header, (row,) = table(comparison_report([cropped]))
+    assert dict(zip(header, row))["image size"] == "256 (crop 224)"  # (the crop is what the model saw)
     assert report.startswith(comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving")
     # Another dataset, model or GPU is named too (full paths in the warning, folder names in the table).
     runs = [write_run(tmp_path / "more", "a"), write_run(tmp_path / "more", "b", data_dir="/data/other/", model="vit")]
