@@ -156,7 +156,8 @@ def build_parser():
                         "epoch; best.pt holds whichever validated better (default: off)")
     g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order and the flips")
+    g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order, the flips and augmentations, "
+                        "mixup/cutmix and dropout")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only, so a resumed run ends with the same weights as an uninterrupted one")
 
     g = p.add_argument_group("precision and device")
