@@ -347,8 +347,11 @@ def check_schedule(cfg):
     milestones = cfg.lr_milestones or []
     if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise UserError(f"--lr_milestones must increase, got {' '.join(map(str, milestones))}")
-    first, last = max(cfg.warmup_epochs, 1), cfg.epochs - 1  # (a drop after the last epoch would never apply)
-    fitting = f"use epochs from {first} to {last}" if first <= last else "none fits this run: train more --epochs"
+    # A drop after the last epoch would never apply. (A resumed run may have one, from before
+    # this check: it changes nothing, so the run goes on.)
+    first, last = max(cfg.warmup_epochs, 1), cfg.epochs - (0 if getattr(cfg, "resume", False) else 1)
+    fitting = ("none fits this run: train more --epochs" if first > last else
+               f"use epoch {first}" if first == last else f"use epochs from {first} to {last}")
     for m in milestones:
         if m > last:
             raise UserError(f"--lr_milestones {m} would never apply: the LR drops after epoch {m}, and the run ends "

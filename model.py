@@ -155,10 +155,11 @@ def load_weights_file(path):
     except Exception as exc:  # truncated, foreign, or a pickle that would run code
         raise UserError(f"cannot load weights from {path}: {torch_load_error(exc)}") from None
     class_names = model_name = None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # one of our own checkpoints
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a checkpoint: ours, or {"model": ...}
         class_names = state.get("class_names")
-        config = state.get("config") if isinstance(state.get("config"), dict) else {}
-        model_name = config.get("model", DEFAULT_MODEL)  # (runs from before --model were ResNet-18s)
+        config = state.get("config")
+        if isinstance(config, dict):  # ours (a {"model": ...} file of someone else's names no model)
+            model_name = config.get("model", DEFAULT_MODEL)  # (runs from before --model were ResNet-18s)
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")

@@ -5,33 +5,49 @@
 #   bash benchmarks/study.sh --demo --amp     # a CPU-sized version on the generated demo data
 #   RUNS="baseline cosine mixup" bash benchmarks/study.sh --epochs 20
 #
-# Flags given to the script go to every run, after the run's own (so the last one given wins).
-# The first three runs build the schedule up: a constant LR, + linear warmup, + cosine decay
-# (= the default recipe); each later run adds one trick to the default recipe. EMA_DECAY and
-# MODEL choose the EMA's decay (it averages about the last 1 / (1 - D) steps: 0.998 suits the
-# Intel data's ~900 steps in 20 epochs, a demo run wants ~0.9) and the other architecture.
+# Flags given to the script go to every run, after the run's own (so the last one given wins);
+# a --checkpoint_dir among them is where the table looks too. The first three runs build the
+# schedule up: a constant LR, + linear warmup, + cosine decay (= the default recipe); each later
+# run adds one trick to the default recipe. EMA_DECAY and MODEL choose the EMA's decay (it
+# averages about the last 1 / (1 - D) steps: 0.998 suits the Intel data's ~900 steps in 20
+# epochs, a demo run wants ~0.9) and the other architecture.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EMA_DECAY=${EMA_DECAY:-0.998}
 MODEL=${MODEL:-resnet50}
-RUNS=${RUNS:-baseline warmup cosine smoothing mixup cutmix randaugment ema model}
+ALL="baseline warmup cosine smoothing mixup cutmix randaugment ema model"
+RUNS=${RUNS:-$ALL}
 
-declare -A TRICK=(
-    [baseline]="--warmup_epochs 0 --lr_schedule constant"
-    [warmup]="--lr_schedule constant"
-    [cosine]=""
-    [smoothing]="--label_smoothing 0.1"
-    [mixup]="--mixup_alpha 0.2"
-    [cutmix]="--cutmix_alpha 1.0"
-    [randaugment]="--auto_augment randaugment"
-    [ema]="--ema_decay $EMA_DECAY"
-    [model]="--model $MODEL"
-)
+trick() {  # the flags of one run
+    case $1 in
+        baseline)    echo "--warmup_epochs 0 --lr_schedule constant" ;;
+        warmup)      echo "--lr_schedule constant" ;;
+        cosine)      echo "" ;;
+        smoothing)   echo "--label_smoothing 0.1" ;;
+        mixup)       echo "--mixup_alpha 0.2" ;;
+        cutmix)      echo "--cutmix_alpha 1.0" ;;
+        randaugment) echo "--auto_augment randaugment" ;;
+        ema)         echo "--ema_decay $EMA_DECAY" ;;
+        model)       echo "--model $MODEL" ;;
+        *)           return 1 ;;
+    esac
+}
+for run in $RUNS; do  # every name is checked before anything trains
+    trick "$run" > /dev/null || { echo "unknown run $run; the runs: $ALL" >&2; exit 2; }
+done
+compare_dir=()
+args=("$@")
+for i in "${!args[@]}"; do
+    case ${args[$i]} in
+        --checkpoint_dir) compare_dir=(--checkpoint_dir "${args[$((i + 1))]}") ;;
+        --checkpoint_dir=*) compare_dir=("${args[$i]}") ;;
+    esac
+done
+
 names=()
 for run in $RUNS; do
-    [[ -v TRICK[$run] ]] || { echo "unknown run $run; the runs: ${!TRICK[*]}" >&2; exit 2; }
-    # shellcheck disable=SC2086  # (a trick is several words)
-    python main.py --checkpoint_name "study_$run" --overwrite --no_progress ${TRICK[$run]} "$@"
+    # shellcheck disable=SC2046  # (a trick is several words)
+    python main.py --checkpoint_name "study_$run" --overwrite --no_progress $(trick "$run") "$@"
     names+=("study_$run")
 done
-python main.py --compare "${names[@]}"
+python main.py --compare "${names[@]}" "${compare_dir[@]}"

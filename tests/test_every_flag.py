@@ -856,7 +856,7 @@ REFUSALS = [
      ("takes 224 x 224 images only", "pass --random_crop 224")),
     ("--model ResNet50", [*NO_DATA, "--model", "ResNet50"], ("lowercase", "--model resnet50")),
     ("--lr_milestones at --epochs", [*NO_DATA, "--epochs", "2", "--warmup_epochs", "0", "--lr_schedule", "step",
-                                     "--lr_milestones", "2"], ("--lr_milestones 2 would never apply", "from 1 to 1")),
+                                     "--lr_milestones", "2"], ("--lr_milestones 2 would never apply", "use epoch 1")),
     pytest.param("--device cuda without a GPU", [*NO_DATA, "--device", "cuda"], ("--device",),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU"),
                  id="--device cuda without a GPU"),

@@ -57,6 +57,10 @@ def test_pretrained_path_and_bad_files(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="do not fit --model resnet18"):
         build_model(3, pretrained_path=str(tmp_path / "wrong.pth"))
+    # A {"model": state dict} file that is not one of our runs names no model it would come from.
+    torch.save({"model": {"stem.weight": torch.zeros(1)}}, tmp_path / "foreign.pth")
+    with pytest.raises(UserError, match=r"the weights in .*foreign.pth do not fit --model resnet18: missing: "):
+        build_model(3, pretrained_path=str(tmp_path / "foreign.pth"))
     with pytest.raises(UserError, match="not found"):
         build_model(3, pretrained_path=str(tmp_path / "absent.pth"))
 

@@ -1,10 +1,12 @@
 """The bag of tricks (issue 12) under AMP: optimizers, no weight decay on biases and norms, step
 and constant LR schedules, zero-init residual blocks, label smoothing. The pure functions
 first, then tiny real runs of the CLI (48 training images in batches of 16: 3 optimizer steps
-an epoch), then the refusals."""
+an epoch), then the refusals and benchmarks/study.sh."""
 import contextlib
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ import config
 import main as main_module
 import trainer
 import utils
-from conftest import FAST, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
+from conftest import FAST, ROOT, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
 from model import build_model, residual_gammas, zero_init_residual
 from scheduler import WarmupLR, constant_lr, lr_at_step, step_decay_lr, warmup_cosine_lr
 from trainer import AmpUpdate, build_optimizer, training_step
@@ -316,6 +318,16 @@ def test_a_run_from_before_these_flags_resumes_with_adam_and_the_cosine():
         config.merge_resumed(saved, cfg, explicit)
 
 
+def test_a_run_saved_with_a_milestone_at_its_last_epoch_still_resumes():
+    # Such a milestone never applied (refused for new runs now); a run saved before that goes on.
+    cfg, explicit = config.parse_config(["--resume", "--device", "cpu"])
+    saved = {**vars(cfg), "epochs": 2, "warmup_epochs": 0, "lr_schedule": "step", "lr_milestones": [2], "lr_gamma": 0.1}
+    assert config.merge_resumed(saved, cfg, explicit).lr_milestones == [2]
+    with pytest.raises(utils.UserError, match="--lr_milestones 2 would never apply"):
+        config.parse_config(["--device", "cpu", "--epochs", "2", "--warmup_epochs", "0", "--lr_schedule", "step",
+                             "--lr_milestones", "2"])
+
+
 @pytest.mark.parametrize("flags,needles", [
     (["--optimizer", "lion"], ("--optimizer", "lion")),
     (["--momentum", "0.5"], ("--momentum", "--optimizer sgd", "not --optimizer adam")),
@@ -347,3 +359,23 @@ def drop_runs(tmp_path):
     """Each test's run folders (~130 MB a run) go as soon as it ends."""
     yield
     shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the study script
+def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "study.sh")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": "baseline smoothing"}
+    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "1"]
+    done = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("study_baseline", "study_smoothing")}
+    assert (configs["study_baseline"]["lr_schedule"], configs["study_baseline"]["warmup_epochs"]) == ("constant", 0)
+    assert (configs["study_smoothing"]["lr_schedule"], configs["study_smoothing"]["label_smoothing"]) == ("cosine", 0.1)
+    table = (tmp_path / "compare.md").read_text()  # in the given --checkpoint_dir
+    assert "| study_baseline |" in table and "| study_smoothing |" in table and "- label_smoothing: 0.0" in table
+    shutil.rmtree(tmp_path / "study_baseline"), shutil.rmtree(tmp_path / "study_smoothing")
+    # A run it does not know stops it before anything trains.
+    refused = subprocess.run(["bash", script, *flags], env={**env, "RUNS": "cosine typo"}, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "unknown run typo" in refused.stderr
+    assert not (tmp_path / "study_cosine").exists()
