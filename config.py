@@ -9,7 +9,7 @@ import torch
 
 from dataset import AUTO_AUGMENT
 from distributed import launched_by_torchrun, launched_world_size, local_rank
-from model import DEFAULT_MODEL, check_model_name, image_size_problem
+from model import DEFAULT_MODEL, check_default_weights_fit, check_model_name, image_size_problem
 from scheduler import SCHEDULES
 from utils import UserError
 
@@ -313,6 +313,8 @@ def check_model(cfg):
         problem = image_size_problem(cfg.model, input_size(cfg), flag)
         if problem:
             raise UserError(problem)
+        if cfg.pretrained and not cfg.pretrained_path:
+            check_default_weights_fit(cfg.model)
 
 
 def check_optimizer(cfg):

@@ -137,6 +137,18 @@ def default_weights(name):
     return weights
 
 
+def check_default_weights_fit(name):
+    """One line if torchvision's DEFAULT weights of `name` are for another input size than the
+    model get_model builds (vit_h_14's are for 518 px, its build for 224: the position embedding
+    would not load), before gigabytes are downloaded for nothing."""
+    weights = default_weights(name)
+    built = getattr(empty_model(name, 2), "image_size", None)  # (a ViT's fixed size; None for the rest)
+    trained = weights.meta.get("min_size", (0, 0))[0]
+    if built is not None and trained != built:
+        raise UserError(f"torchvision's DEFAULT ImageNet weights of --model {name} are for {trained} x {trained} "
+                        f"images, but it is built for {built} x {built} here; pass --no_pretrained or --pretrained_path FILE")
+
+
 def cached_weights_path(name=DEFAULT_MODEL):
     """Where torchvision looks for (and downloads) `name`'s ImageNet weights: $TORCH_HOME/hub/checkpoints/."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(default_weights(name).url))

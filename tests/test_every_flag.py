@@ -855,6 +855,9 @@ REFUSALS = [
     ("--model vit_b_16 on a 64 px crop", [*NO_DATA, "--model", "vit_b_16", "--image_size", "256", "--random_crop", "64"],
      ("takes 224 x 224 images only", "pass --random_crop 224")),
     ("--model ResNet50", [*NO_DATA, "--model", "ResNet50"], ("lowercase", "--model resnet50")),
+    ("--model vit_h_14 with its 518 px ImageNet weights",  # (refused before any download)
+     ["--data_dir", "{tmp}/no_data", "--checkpoint_dir", "{tmp}/checkpoints", "--device", "cpu", "--model", "vit_h_14",
+      "--image_size", "224"], ("DEFAULT ImageNet weights of --model vit_h_14 are for 518 x 518", "--no_pretrained")),
     ("--lr_milestones at --epochs", [*NO_DATA, "--epochs", "2", "--warmup_epochs", "0", "--lr_schedule", "step",
                                      "--lr_milestones", "2"], ("--lr_milestones 2 would never apply", "use epoch 1")),
     pytest.param("--device cuda without a GPU", [*NO_DATA, "--device", "cuda"], ("--device",),
