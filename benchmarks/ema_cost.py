@@ -14,33 +14,19 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset import CachedImages, EpochSampler, make_loader  # noqa: E402
-from metrics import Stopwatch, synchronize  # noqa: E402
-from overhead import build, make_cfg  # noqa: E402
+from metrics import synchronize  # noqa: E402
+from overhead import build, in_memory_loader, make_cfg, setting_line, time_alternating, timing_parser  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=6, help="batches per timed epoch")
-    p.add_argument("--rounds", type=int, default=6, help="timed epochs of each, alternating")
+    p = timing_parser(__doc__.split("\n\n")[0], image_size=64, rounds=6)
     p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--amp_dtype", default="bfloat16")
-    p.add_argument("--fp32", action="store_true")
-    p.add_argument("--nchw", action="store_true")
     args = p.parse_args(argv)
     cfg = make_cfg(args)
-    n = args.steps * args.batch_size
-    images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    loader = make_loader(CachedImages(images, torch.randint(0, 6, (n,))), EpochSampler(n, True, 0), args.batch_size,
-                         cfg, cfg.device)
+    loader = in_memory_loader(args, cfg)
     settings = {"plain": cfg, "ema": argparse.Namespace(**vars(cfg), ema_decay=args.ema_decay)}
     with tempfile.TemporaryDirectory() as run_dir:
         trainers = {}
@@ -49,13 +35,9 @@ def main(argv=None):
             trainers[name] = Trainer(model, optimizer, scheduler, (loader,) * 3, c, run_dir, list("abcdef"),
                                      logging.getLogger("ema_cost"))
             trainers[name].train_one_epoch(0)  # warm up (allocator, oneDNN/cuDNN plans)
-        seconds = {name: [] for name in trainers}
-        for r in range(args.rounds):
-            # ABBA order: neither always runs second (after the other warmed caches or the machine slowed).
-            for name in (("plain", "ema") if r % 2 == 0 else ("ema", "plain")):
-                watch = Stopwatch(cfg.device)
-                trainers[name].train_one_epoch(r + 1)
-                seconds[name].append(watch.stop() / args.steps)
+        loops = {name: lambda r, t=t: t.train_one_epoch(r + 1) for name, t in trainers.items()}
+        seconds = {name: [s / args.steps for s in epochs]
+                   for name, epochs in time_alternating(loops, args.rounds, cfg.device).items()}
     # The EMA update alone, as the step runs it (its foreach lerp over the weights and buffers).
     trainer = trainers["ema"]
     updates = []
@@ -66,9 +48,7 @@ def main(argv=None):
         synchronize(cfg.device)
         updates.append(time.perf_counter() - started)
     update = 1000 * statistics.median(updates)
-    precision = "FP32" if args.fp32 else f"AMP {args.amp_dtype}"
-    print(f"ResNet-18, batch {args.batch_size}, {args.image_size} px, {precision}, "
-          f"{'NCHW' if args.nchw else 'channels_last'}, {cfg.device}: {args.steps} steps x {args.rounds} rounds")
+    print(setting_line(args, cfg))
     # The median epoch, and the fastest (the one least disturbed by other work on a shared machine).
     for statistic in (statistics.median, min):
         step = {name: 1000 * statistic(v) for name, v in seconds.items()}

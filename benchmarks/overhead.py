@@ -66,22 +66,51 @@ def bare_epoch(model, optimizer, loader, cfg, epoch):
         optimizer.zero_grad(set_to_none=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timing_parser(description, image_size, rounds):
+    """The flags of a side-by-side timing script (this one and ema_cost.py)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--image_size", type=int, default=image_size)
     p.add_argument("--steps", type=int, default=6, help="batches per timed epoch")
-    p.add_argument("--rounds", type=int, default=10, help="timed epochs of each loop, alternating")
+    p.add_argument("--rounds", type=int, default=rounds, help="timed epochs of each loop, alternating")
     p.add_argument("--amp_dtype", default="bfloat16")
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--nchw", action="store_true")
-    args = p.parse_args(argv)
-    cfg = make_cfg(args)
+    return p
+
+
+def in_memory_loader(args, cfg):
+    """--steps batches of random uint8 images in RAM (no decoding: the step alone is timed)."""
     n = args.steps * args.batch_size
     images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    dataset = CachedImages(images, torch.randint(0, 6, (n,)))
-    loader = make_loader(dataset, EpochSampler(n, True, 0), args.batch_size, cfg, cfg.device)
+    return make_loader(CachedImages(images, torch.randint(0, 6, (n,))), EpochSampler(n, True, 0), args.batch_size,
+                       cfg, cfg.device)
+
+
+def time_alternating(loops, rounds, device):
+    """{name: [seconds of each epoch]} of two loops, epoch(r) each, `rounds` times in ABBA order:
+    neither always runs second (after the other warmed caches or the machine slowed)."""
+    first, second = loops
+    seconds = {name: [] for name in loops}
+    for r in range(rounds):
+        for name in ((first, second) if r % 2 == 0 else (second, first)):
+            watch = Stopwatch(device)
+            loops[name](r)
+            seconds[name].append(watch.stop())
+    return seconds
+
+
+def setting_line(args, cfg):
+    precision = "FP32" if args.fp32 else f"AMP {args.amp_dtype}"
+    return (f"ResNet-18, batch {args.batch_size}, {args.image_size} px, {precision}, "
+            f"{'NCHW' if args.nchw else 'channels_last'}, {cfg.device}: {args.steps} steps x {args.rounds} rounds")
+
+
+def main(argv=None):
+    args = timing_parser(__doc__.split("\n\n")[0], image_size=128, rounds=10).parse_args(argv)
+    cfg = make_cfg(args)
+    loader = in_memory_loader(args, cfg)
 
     model_t, optimizer_t, scheduler_t = build(cfg, loader)
     logger = logging.getLogger("overhead")
@@ -90,19 +119,12 @@ def main(argv=None):
         model_b, optimizer_b, _ = build(cfg, loader)
         bare_epoch(model_b, optimizer_b, loader, cfg, 0)  # warm up both (allocator, oneDNN/cuDNN plans)
         trainer.train_one_epoch(0)
-        timings = {"trainer": [], "bare": []}
         loops = {"bare": lambda r: bare_epoch(model_b, optimizer_b, loader, cfg, r), "trainer": trainer.train_one_epoch}
-        for r in range(args.rounds):
-            # ABBA order: neither loop always runs second (after the other warmed caches or the machine slowed).
-            for name in (("bare", "trainer") if r % 2 == 0 else ("trainer", "bare")):
-                watch = Stopwatch(cfg.device)
-                loops[name](r)
-                timings[name].append(watch.stop())
+        timings = time_alternating(loops, args.rounds, cfg.device)
+    n = args.steps * args.batch_size
     rate = {k: n / statistics.median(v) for k, v in timings.items()}
     ratio = rate["trainer"] / rate["bare"]
-    precision = "FP32" if args.fp32 else f"AMP {args.amp_dtype}"
-    print(f"ResNet-18, batch {args.batch_size}, {args.image_size} px, {precision}, "
-          f"{'NCHW' if args.nchw else 'channels_last'}, {cfg.device}: {args.steps} steps x {args.rounds} rounds")
+    print(setting_line(args, cfg))
     print(f"bare loop: {rate['bare']:.1f} images/s, Trainer: {rate['trainer']:.1f} images/s, "
           f"Trainer / bare = {ratio:.3f}")
     return ratio

@@ -118,6 +118,14 @@ def test_overhead_script_runs_small():
     assert ratio > 0
 
 
+def test_ema_cost_script_times_both_trainers_in_turn_and_the_update():
+    import ema_cost
+
+    seconds, update = ema_cost.main(["--steps", "2", "--rounds", "2", "--batch_size", "2", "--image_size", "32"])
+    assert set(seconds) == {"plain", "ema"} and all(len(v) == 2 and min(v) > 0 for v in seconds.values())
+    assert update > 0
+
+
 def test_gpu_report_script_runs_on_the_cpu(tmp_path):
     import gpu_report
 
