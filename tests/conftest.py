@@ -56,6 +56,11 @@ def run_cli(tmp_path, capsys):
 
     def run(*flags, checkpoint_dir=None):
         argv = ["--checkpoint_dir", str(checkpoint_dir or tmp_path / "checkpoints"), *map(str, flags)]
+        if {"--resume", "--evaluate", "--predict"} & set(argv) and "--num_workers" not in argv:
+            # In this process, as FAST's runs: (--num_workers is this session's, not the run's.) A
+            # worker loader left to a later garbage collection can race its queues' feeder threads
+            # and print a traceback into another test's captured stderr.
+            argv += ["--num_workers", "0"]
         code = main_module.main(argv)
         out, err = capsys.readouterr()
         return code, out, err
