@@ -10,7 +10,7 @@ import torch
 from config import bf16_supported
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
 from model import build_model
-from trainer import AmpUpdate, autocast_for, build_optimizer, training_step
+from step import AmpUpdate, autocast_for, build_optimizer, training_step
 from metrics import Stopwatch, device_name, peak_memory_mb, reset_peak_memory
 from utils import atomic_write_json
 

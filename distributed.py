@@ -2,6 +2,7 @@
 joining and leaving the process group, wrapping the model, the collectives a run needs, and
 rank-0 work and failures that all ranks agree on. In a single process every helper here is a
 no-op or returns what one process would, so the rest of the code reads the same either way."""
+import contextlib
 import os
 import sys
 import traceback
@@ -38,6 +39,14 @@ def all_reduce_max(tensor):
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def gradient_sync(model, update):
+    """Under DDP, skip the gradient all-reduce on micro-batches that only accumulate (`update`
+    False): `model.no_sync()`. Elsewhere a no-op context."""
+    if update or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def broadcast_buffers(module):

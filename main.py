@@ -37,7 +37,9 @@ from report import (
     write_predictions,
 )
 from scheduler import WarmupLR
-from trainer import GracefulStop, Trainer, autocast_for, build_optimizer, load_checkpoint, precision_name
+from checkpoint import GracefulStop, load_checkpoint
+from step import autocast_for, build_optimizer, precision_name
+from trainer import Trainer
 from trainer import evaluate as evaluate_model
 from distributed import (
     PeerError,

@@ -1,12 +1,18 @@
 """What a run measures: loss, accuracy and the confusion matrix (kept on the device, summed over
-processes), the optimizer steps' gradient norm, wall time that waits for the GPU, peak GPU
-memory, and the device's name."""
+processes), the health of the optimizer steps (skipped steps, bad streaks, gradient norms, the
+divergence check), wall time that waits for the GPU, peak GPU memory, and the device's name."""
+import os
 import platform
 import time
 
 import torch
 
-from distributed import all_reduce_sum, is_main_process
+from distributed import agreed_failure, all_reduce_max, all_reduce_sum, is_main_process
+from step import SkippedStepGuard
+from utils import RunStopped
+
+# Steps in a row whose loss is not finite (or whose update GradScaler skipped) before we stop.
+MAX_BAD_STEPS = 20
 
 
 class ClassificationMeter:
@@ -24,6 +30,10 @@ class ClassificationMeter:
         self.loss_sum += loss.detach().double() * targets.numel()
         pairs = targets * self.num_classes + logits.argmax(dim=1)
         self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2)
+
+    def count(self):
+        """The images counted so far by this process (a host read: it waits for the GPU)."""
+        return int(self.confusion.sum())
 
     def state_dict(self):
         """The sums over all processes (a collective under DDP)."""
@@ -131,3 +141,87 @@ class GradNormMeter:
         """(mean, max) of the finite norms, or (None, None) if there were none."""
         count = int(self.count)
         return (float(self.total) / count, float(self.max)) if count else (None, None)
+
+
+class StepHealth:
+    """Whether the optimizer steps stay healthy, counted on the device so that the loop never
+    waits for the GPU: the steps GradScaler skipped (in the run and in this epoch), bad steps in
+    a row (a non-finite loss in any micro-batch of a step, or an update GradScaler skipped), and
+    the true gradient norms. A skipped step's BatchNorm statistics are put back (see
+    SkippedStepGuard). `record()` after every micro-batch; `check()` stops a run that diverged."""
+
+    def __init__(self, model, scaler, device):
+        self.model = model
+        self.scaler = scaler
+        self.guard = SkippedStepGuard(model, scaler.is_enabled())
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_streak = torch.zeros((), dtype=torch.int64, device=device)  # bad steps in a row
+        self.group_bad = torch.zeros((), dtype=torch.bool, device=device)  # this step's micro-batches so far
+        self.epoch_skipped = torch.zeros((), dtype=torch.int64, device=device)  # this epoch's skipped steps
+        self.grad_norms = GradNormMeter(device)  # this epoch's
+
+    def before_step(self):
+        """At a step's first micro-batch: keep the buffers a skipped step must put back."""
+        self.guard.save()
+
+    def record(self, loss, outcome):
+        """Count a micro-batch's non-finite loss, and at an optimizer step (`outcome`, None for a
+        micro-batch that only accumulated) a skipped update and the gradient norm."""
+        self.group_bad |= ~torch.isfinite(loss.detach())
+        if outcome is None:
+            return
+        if outcome.skipped is not None:
+            self.guard.restore_if(outcome.skipped)
+            self.skipped_steps += outcome.skipped
+            self.epoch_skipped += outcome.skipped
+            self.group_bad |= outcome.skipped
+        self.grad_norms.update(outcome.grad_norm)
+        self.bad_streak = (self.bad_streak + 1) * self.group_bad
+        self.group_bad = torch.zeros_like(self.group_bad)
+
+    def check(self, where, last_checkpoint, suggest_bfloat16=True):
+        """Stop (on every rank alike) when the loss has not been finite, or GradScaler skipped
+        every update, for MAX_BAD_STEPS steps in a row, or when the weights or BatchNorm
+        statistics went non-finite. `where` says when, in the message; `last_checkpoint` is the
+        run's last.pt, which the stop leaves as it is."""
+        bad_steps = int(all_reduce_max(self.bad_streak.clone()))  # the worst rank's, so all stop together
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        weights_ok = bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
+        if bad_steps < MAX_BAD_STEPS and weights_ok:
+            return
+        what = "the weights are no longer finite" if not weights_ok else (
+            f"the loss was not finite (or GradScaler skipped the update) for {bad_steps} steps in a row")
+        hint = " or --amp --amp_dtype bfloat16" if suggest_bfloat16 else ""
+        kept = (f"The last good checkpoint, {last_checkpoint}, is untouched" if os.path.exists(last_checkpoint)
+                else "No checkpoint was written: the weights were never finite at a save")
+        raise agreed_failure(RunStopped(f"training diverged: {what} ({where}); try a lower --learning_rate{hint}. {kept}"))
+
+    def start_epoch(self, epoch_state=None):
+        """This epoch's counts from zero, or from where a mid-epoch checkpoint cut the epoch."""
+        state = epoch_state or {}
+        self.grad_norms = GradNormMeter(self.epoch_skipped.device)
+        self.epoch_skipped.fill_(state.get("skipped_steps", 0))
+        if "grad_norms" in state:
+            self.grad_norms.load_state_dict(state["grad_norms"])
+
+    def epoch_state(self):
+        """This epoch's counts so far, for a mid-epoch checkpoint (see start_epoch)."""
+        return {"skipped_steps": int(self.epoch_skipped), "grad_norms": self.grad_norms.state_dict()}
+
+    def loss_scale(self):
+        """GradScaler's scale now (a host read), or None without a scaler."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def epoch_numbers(self):
+        """The epoch's history fields: the loss scale at its end, steps skipped, mean and max
+        gradient norm."""
+        grad_norm_mean, grad_norm_max = self.grad_norms.compute()
+        return {"loss_scale": self.loss_scale(), "skipped_steps": int(self.epoch_skipped),
+                "grad_norm_mean": grad_norm_mean, "grad_norm_max": grad_norm_max}
+
+    def state_dict(self):
+        return {"skipped_steps": int(self.skipped_steps), "bad_streak": int(self.bad_streak)}
+
+    def load_state_dict(self, state):
+        self.skipped_steps.fill_(state["skipped_steps"])
+        self.bad_streak.fill_(state["bad_streak"])

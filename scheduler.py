@@ -1,6 +1,7 @@
 """The learning-rate schedule, per optimizer step: a linear warmup, then a cosine down to min_lr
 (the default), step decay at milestones, or a constant LR."""
 import math
+import warnings
 
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -79,6 +80,14 @@ class WarmupLR(LRScheduler):
 
     def get_lr(self):
         return [self._lr(self.last_epoch, base_lr) for base_lr in self.base_lrs]
+
+    def step(self):
+        """On to the next optimizer step's LR. (A float16 step that GradScaler skipped never
+        called optimizer.step(); the schedule counts steps, so PyTorch's warning about the order
+        of the two calls does not apply.)"""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            super().step()
 
     def lr_at(self, step):
         """The (first parameter group's) LR of optimizer step `step`."""

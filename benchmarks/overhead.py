@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import IMAGENET_MEAN, IMAGENET_STD, CachedImages, EpochSampler, make_loader  # noqa: E402
 from model import build_model  # noqa: E402
 from scheduler import WarmupCosineLR  # noqa: E402
-from trainer import Trainer, build_optimizer  # noqa: E402
+from step import build_optimizer  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from metrics import Stopwatch  # noqa: E402
 from utils import derived_seed  # noqa: E402
 

@@ -28,7 +28,7 @@ def kill_at_best(obj, path):
 
 
 def kill_after_step(self, *args):
-    real_after_step(self, *args)
+    real_save_if_due(self, *args)
     if self.scheduler.last_epoch == int(os.environ["PROBE_KILL_AFTER_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -40,6 +40,6 @@ if __name__ == "__main__":
         real_save = trainer.atomic_torch_save
         trainer.atomic_torch_save = kill_at_best
     if os.environ.get("PROBE_KILL_AFTER_STEP"):
-        real_after_step = trainer.Trainer.after_optimizer_step
-        trainer.Trainer.after_optimizer_step = kill_after_step
+        real_save_if_due = trainer.Trainer.save_if_due
+        trainer.Trainer.save_if_due = kill_after_step
     sys.exit(main.main())

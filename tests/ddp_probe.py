@@ -71,7 +71,7 @@ def helpers_worker(rank, store, out_dir):
     import torch.distributed as dist
 
     import distributed
-    from trainer import GracefulStop
+    from checkpoint import GracefulStop
     from utils import UserError
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

@@ -111,7 +111,7 @@ def spies(spy):
         return before
 
     def save_checkpoint(self, name):
-        spy.checkpoint_writes.append((name, self.epoch, self.batch_in_epoch, torch.are_deterministic_algorithms_enabled()))
+        spy.checkpoint_writes.append((name, self.state.epoch, self.state.batch_in_epoch, torch.are_deterministic_algorithms_enabled()))
         return real_save(self, name)
 
     def build_model(*args, **kwargs):

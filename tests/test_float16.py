@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import config
+import step
 import trainer
 import utils
 from conftest import FAST, ROOT, read_results
@@ -22,7 +23,7 @@ from report import read_tensorboard_scalars
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
 FLOAT16 = ["--amp", "--amp_dtype", "float16"]
-REAL_LOSS = trainer.F.cross_entropy
+REAL_LOSS = step.F.cross_entropy
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def inf_loss_on(monkeypatch, calls_to_poison):
         calls.append(1)
         return loss * float("inf") if len(calls) - 1 in calls_to_poison else loss
 
-    monkeypatch.setattr(trainer.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(step.F, "cross_entropy", cross_entropy)
 
 
 class TinyNet(nn.Sequential):
@@ -106,7 +107,7 @@ def test_injected_overflows_skip_exactly_those_updates(demo_data, tmp_path, monk
             assert unchanged and same_steps and scale_after == scale_before / 2, i
         else:
             assert not unchanged and scale_after == scale_before, i
-    assert record["skipped_steps"] == 2 and int(t.skipped_steps) == 2
+    assert record["skipped_steps"] == 2 and int(t.health.skipped_steps) == 2
     assert record["loss_scale"] == 2.0**8 / 4
 
 
@@ -162,10 +163,10 @@ def test_accumulating_two_float16_micro_batches_equals_one_batch_of_twice_the_si
         torch.manual_seed(1)
         model = TinyNet(3, batchnorm=False)
         before = [p.detach().clone() for p in model.parameters()]
-        update = trainer.AmpUpdate(torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu"))
+        update = step.AmpUpdate(torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu"))
         autocast = functools.partial(torch.autocast, "cpu", dtype=torch.float16)
         for i, (xb, yb) in enumerate(batches):
-            trainer.training_step(model, xb, yb, autocast, update, len(batches), step=i == len(batches) - 1)
+            step.training_step(model, xb, yb, autocast, update, len(batches), step=i == len(batches) - 1)
         deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]))
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[1], deltas[0], rtol=2e-3, atol=1e-5)

@@ -19,7 +19,7 @@ import utils
 from conftest import FAST, ROOT, assert_user_error, read_results
 from report import read_tensorboard_scalars
 from test_float16 import float16_trainer
-from trainer import MIX_SEED_TAG, BatchMix, WeightEMA
+from step import MIX_SEED_TAG, BatchMix, WeightEMA
 
 # The tricks the resumed run is checked with (a flag added here joins every run of that test).
 RESUMED_TRICKS = ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--ema_decay", "0.6", "--auto_augment", "randaugment"]
@@ -119,16 +119,16 @@ def test_the_ema_copies_the_first_step_and_then_follows_the_formula(demo_data, t
     decay = 0.75
     t = float16_trainer(demo_data, tmp_path, flags=["--ema_decay", str(decay), "--batch_size", "24"])  # 2 steps
     after_step = []  # the model's weights and buffers after each optimizer step, as the EMA sees them
-    real_schedule = t.step_schedule
+    real_schedule = t.scheduler.step
 
     def snapshot():
         real_schedule()
         after_step.append({k: v.detach().clone() for k, v in t.model.state_dict().items()})
 
-    monkeypatch.setattr(t, "step_schedule", snapshot)
+    monkeypatch.setattr(t.scheduler, "step", snapshot)
     t.train_one_epoch(0)
     w1, w2 = after_step
-    assert int(t.ema.n_averaged) == 2 and int(t.skipped_steps) == 0
+    assert int(t.ema.n_averaged) == 2 and int(t.health.skipped_steps) == 0
     for key, value in t.ema.module.state_dict().items():
         if value.is_floating_point():  # weights and BatchNorm statistics: decay * w1 + (1 - decay) * w2
             assert not torch.equal(w1[key], w2[key]), key  # (the step changed it)
@@ -155,7 +155,7 @@ def test_a_skipped_float16_step_does_not_poison_the_ema(demo_data, tmp_path):
 
     t.transform = overflow_on_second_batch
     t.train_one_epoch(0)
-    assert int(t.skipped_steps) == 1 and int(t.ema.n_averaged) == 3  # (a skipped step counts: weights unchanged)
+    assert int(t.health.skipped_steps) == 1 and int(t.ema.n_averaged) == 3  # (a skipped step counts: weights unchanged)
     for name, value in t.ema.module.state_dict().items():
         assert torch.isfinite(value.float()).all(), name
     t.transform = real_transform

@@ -20,6 +20,7 @@ from torch import nn
 
 import config
 import main as main_module
+import step
 import trainer
 import distributed
 import utils
@@ -137,7 +138,7 @@ def test_a_skipped_float16_step_leaves_batchnorm_statistics_as_they_were(demo_da
 
     t.transform = overflow_on_second_batch
     t.train_one_epoch(0)
-    assert int(t.skipped_steps) == 1 and t.scaler.get_scale() < 2.0**16  # skipped, and the scale backed off
+    assert int(t.health.skipped_steps) == 1 and t.scaler.get_scale() < 2.0**16  # skipped, and the scale backed off
     for buffer in t.model.buffers():
         assert torch.isfinite(buffer.float()).all()
     t.transform = real_transform
@@ -228,8 +229,8 @@ def test_non_finite_values_are_refused(run_cli, demo_data, flag, value):
 
 
 def test_divergence_before_any_save_names_no_missing_checkpoint(run_cli, demo_data, tmp_path, monkeypatch):
-    real_loss = trainer.F.cross_entropy
-    monkeypatch.setattr(trainer.F, "cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    real_loss = step.F.cross_entropy
+    monkeypatch.setattr(step.F, "cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST)
     assert code == 1 and err.count("\n") == 1 and "diverged" in err, err
     run_dir = tmp_path / "checkpoints" / "baseline"
@@ -521,7 +522,7 @@ def test_a_skipped_first_step_gives_no_scheduler_warning(demo_data, tmp_path, re
 
     t.transform = overflow_first
     t.train_one_epoch(0)
-    assert int(t.skipped_steps) == 1
+    assert int(t.health.skipped_steps) == 1
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import main as main_module
-import trainer
+import outputs
 from conftest import FAST, assert_user_error, read_results
 from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
 from report import setting_differences
@@ -30,14 +30,14 @@ CURVES_DRAWN = []  # (run, epochs shown) each time a curves.png was drawn while 
 def runs_dir(demo_data, tmp_path_factory):
     """A checkpoint folder holding the finished runs `fp32` and `amp`."""
     root = tmp_path_factory.mktemp("runs")
-    real_plot_curves = trainer.plot_curves
+    real_plot_curves = outputs.plot_curves
 
     def spy(history, path, title):
         CURVES_DRAWN.append((os.path.basename(os.path.dirname(path)), len(history)))
         real_plot_curves(history, path, title)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "plot_curves", spy)
+        patch.setattr(outputs, "plot_curves", spy)
         for name, extra in (("fp32", []), ("amp", ["--amp"])):
             argv = ["--checkpoint_dir", str(root), "--data_dir", demo_data, "--checkpoint_name", name,
                     "--epochs", str(EPOCHS), *FAST, *extra]

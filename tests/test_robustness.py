@@ -186,12 +186,12 @@ def test_a_failed_write_keeps_the_previous_checkpoint(run_cli, demo_data, tmp_pa
 
 
 def test_a_failed_results_or_plot_write_stops_with_one_line(run_cli, demo_data, tmp_path, monkeypatch):
-    import trainer
+    import outputs
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(trainer, "plot_curves", disk_full)
+    monkeypatch.setattr(outputs, "plot_curves", disk_full)
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "cannot write" in err and "curves.png" in err and "No space left on device" in err
@@ -201,9 +201,9 @@ def test_a_failed_results_or_plot_write_stops_with_one_line(run_cli, demo_data, 
 
 # --------------------------------------------------------------------------- numerical faults
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(run_cli, demo_data, tmp_path, monkeypatch):
-    import trainer
+    import step
 
-    real_loss = trainer.F.cross_entropy
+    real_loss = step.F.cross_entropy
     calls = []
 
     def nan_after_first_epoch(logits, targets, *a, **k):
@@ -211,7 +211,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(run_cli, demo_
         loss = real_loss(logits, targets, *a, **k)
         return loss * float("nan") if len(calls) > 3 else loss  # 3 training batches an epoch
 
-    monkeypatch.setattr(trainer.F, "cross_entropy", nan_after_first_epoch)
+    monkeypatch.setattr(step.F, "cross_entropy", nan_after_first_epoch)
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "3", *FAST)
     assert code == 1, err
     assert err.count("\n") == 1 and "diverged" in err and "--learning_rate" in err and "bfloat16" in err

@@ -8,7 +8,7 @@ from torchvision.models import resnet18
 
 from conftest import FAST, read_results
 from scheduler import warmup_cosine_lr
-from trainer import AmpUpdate
+from step import AmpUpdate
 
 class SimulatedCrash(Exception):
     """A crash that main.py does not handle (as a power cut would not be)."""
@@ -104,7 +104,7 @@ def test_a_stop_after_the_last_partial_batch_of_an_epoch_resumes(demo_data, run_
 
     def stop_after_the_epochs_last_batch(self, name):
         original(self, name)
-        if self.epoch == 0 and self.batch_in_epoch == 3:
+        if self.state.epoch == 0 and self.state.batch_in_epoch == 3:
             raise SimulatedCrash
 
     monkeypatch.setattr(trainer.Trainer, "save_checkpoint", stop_after_the_epochs_last_batch)

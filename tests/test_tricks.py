@@ -17,12 +17,12 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 import config
 import main as main_module
-import trainer
+import step
 import utils
 from conftest import FAST, ROOT, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
 from model import build_model, residual_gammas, zero_init_residual
 from scheduler import WarmupLR, constant_lr, lr_at_step, step_decay_lr, warmup_cosine_lr
-from trainer import AmpUpdate, build_optimizer, training_step
+from step import AmpUpdate, build_optimizer, training_step
 
 # The last BatchNorm of each of ResNet-18's 8 BasicBlocks.
 RESNET18_LAST_BN = {f"layer{i}.{j}.bn2.weight" for i in range(1, 5) for j in range(2)}
@@ -289,13 +289,13 @@ def test_label_smoothing_raises_the_loss_of_a_perfect_prediction():
 
 def test_label_smoothing_is_on_the_training_loss_only(run_cli, demo_data, tmp_path, monkeypatch):
     calls = []
-    real_loss = trainer.F.cross_entropy
+    real_loss = step.F.cross_entropy
 
     def cross_entropy(logits, targets, *args, **kwargs):
         calls.append((torch.is_grad_enabled(), kwargs.get("label_smoothing", 0.0)))
         return real_loss(logits, targets, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(step.F, "cross_entropy", cross_entropy)
     train(run_cli, demo_data, "smooth", "--epochs", "1", "--label_smoothing", "0.1")
     # 3 training batches with smoothing; validation (1 batch) and the test (2) plain.
     assert calls == [(True, 0.1)] * 3 + [(False, 0.0)] * 3

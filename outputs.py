@@ -1,0 +1,167 @@
+"""What a run writes as it trains, besides its checkpoints: results.json, curves.png and
+confusion.png, TensorBoard's scalars, and the lines it prints for each epoch and the test. Rank 0
+writes; a disk that refuses stops every rank with one line."""
+import os
+import time
+
+from distributed import from_main_process, is_main_process, world_size
+from metrics import device_name
+from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
+from step import precision_name
+from utils import RunStopped, atomic_write_json
+
+
+class RunOutputs:
+    """The run folder's results.json and plots, and (with --tensorboard, on rank 0) its
+    TensorBoard series, whose x axis is the optimizer step."""
+
+    def __init__(self, cfg, run_dir, device, class_names, log):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = device
+        self.class_names = class_names
+        self.log = log
+        self.tensorboard = None  # a TensorBoardLog while the run trains with --tensorboard (rank 0)
+        self.last_logged = None  # (time, images) at the last --log_interval step, for images/s
+
+    def announce(self, sizes, steps_per_epoch, float16_scaler):
+        """The run's first line: images per split, classes, device, precision, steps and epochs."""
+        cfg = self.cfg
+        self.log.info(
+            f"training {cfg.checkpoint_name}: {sizes[0]} train / {sizes[1]} val / {sizes[2]} test images, "
+            f"{len(self.class_names)} classes, on {device_name(self.device)} ({precision_name(cfg)}), "
+            f"{plural(steps_per_epoch, 'step')} x {plural(cfg.epochs, 'epoch')}")
+        if float16_scaler and self.device.type == "cpu":
+            self.log.info("warning: float16 + GradScaler on the CPU runs CUDA's AMP recipe to check it, and is slow on "
+                          "most CPUs; --amp alone gives the fast bfloat16 there")
+
+    def write(self, path, write, note=""):
+        """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
+        with one line (ending in `note`; files already written stay as they are)."""
+        def guarded():
+            try:
+                write()
+            except OSError as exc:
+                raise RunStopped(f"cannot write {path}: {exc.strerror or exc}{note}") from None
+
+        from_main_process(guarded)
+
+    def results(self, state, skipped_steps, **final):
+        """Write results.json: the run so far (RunState `state`), and `final`'s test numbers."""
+        results = {
+            "run": self.cfg.checkpoint_name,
+            "finished": bool(final),
+            "test_acc": None,
+            "best_val_acc": state.best_val_acc if state.history else None,
+            "total_train_seconds": state.total_train_seconds,
+            "device": device_name(self.device),
+            "world_size": world_size(),
+            "amp": self.cfg.amp,
+            "amp_dtype": self.cfg.amp_dtype if self.cfg.amp else None,
+            "precision": precision_name(self.cfg),
+            "skipped_steps": skipped_steps,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "epochs": state.history,
+        }
+        results.update(final)
+        path = os.path.join(self.run_dir, "results.json")
+        self.write(path, lambda: atomic_write_json(path, results))
+        return results
+
+    def epoch_done(self, state, skipped_steps, step):
+        """After an epoch's checkpoints: its numbers to TensorBoard, results.json, curves.png,
+        and its line."""
+        record = state.history[-1]
+        self.log_epoch(step, record)  # after last.pt: a resume from an older checkpoint would write them again
+        self.results(state, skipped_steps)
+        curves = os.path.join(self.run_dir, "curves.png")
+        title = f"{self.cfg.checkpoint_name}: {precision_name(self.cfg)} on {device_name(self.device)}"
+        self.write(curves, lambda: plot_curves(state.history, curves, title))
+        self.log.info(format_epoch(record, self.cfg.epochs))
+
+    def test_done(self, state, skipped_steps, best, test, ema, step):
+        """The final results.json with the test's numbers (`test`, and the EMA's in `ema`, of
+        best.pt `best`), the test's lines, confusion.png, and TensorBoard's last points."""
+        confusion = test["confusion"]  # rows are true classes
+        results = self.results(
+            state, skipped_steps, test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"], **ema,
+            per_class_acc=per_class_accuracy(confusion, self.class_names), confusion_matrix=confusion.tolist(),
+        )
+        which = ", EMA weights" if best.get("weights") == "ema" else ""
+        self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}{which}): {test['acc']:.2f}%")
+        if ema:
+            self.log.info(f"test accuracy of epoch {best['epoch']}'s EMA weights: {ema['test_acc_ema']:.2f}%")
+        self.log.info(per_class_report(confusion, self.class_names))
+        path = os.path.join(self.run_dir, "confusion.png")
+        title = f"{self.cfg.checkpoint_name}: test accuracy {test['acc']:.2f}% ({precision_name(self.cfg)})"
+        self.write(path, lambda: plot_confusion(confusion, self.class_names, path, title))
+        if skipped_steps:
+            self.log.info(f"GradScaler skipped {skipped_steps} optimizer steps with inf/NaN gradients")
+        self.log.info(comparison_table([{**results, "config": vars(self.cfg)}]))
+        metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "best_val_acc": state.best_val_acc}
+        self.log_test(step, {**metrics, **({"test/acc_ema": ema["test_acc_ema"]} if ema else {})})
+        return results
+
+    # ------------------------------------------------------------------ TensorBoard
+    def open_tensorboard(self, step):
+        """With --tensorboard, rank 0 writes RUN/tensorboard/. A resumed run goes on in the same
+        series: events a killed session wrote after the checkpoint's step are purged."""
+        if not getattr(self.cfg, "tensorboard", False) or not is_main_process():
+            return
+        self.tensorboard = TensorBoardLog(os.path.join(self.run_dir, "tensorboard"), purge_step=step + 1 if step else None)
+
+    def start_rate(self, images_so_far):
+        """images/s of the first logged step of an epoch counts from here; `images_so_far()` is
+        the epoch's count (read only with TensorBoard on: reading it waits for the GPU)."""
+        if self.tensorboard is not None:
+            self.last_logged = (time.perf_counter(), images_so_far())
+
+    def log_step(self, step, images_so_far, values):
+        """An optimizer step's `values()` (loss, LR, ...; only called with TensorBoard on: reading
+        them waits for the GPU) and images/s since the last logged step."""
+        if self.tensorboard is None:
+            return
+        now = time.perf_counter()
+        then, images_then = self.last_logged or (now, images_so_far)
+        self.last_logged = (now, images_so_far)
+        # (The meter's count covers every process; it restarts each epoch, and then gives no rate.)
+        rate = (images_so_far - images_then) / (now - then) if images_so_far > images_then else None
+        self.tensorboard.scalars(step, {**values(), "step/images_per_sec": rate})
+
+    def log_epoch(self, step, record):
+        """The epoch's numbers, at the optimizer step it ended on (one x axis for every series)."""
+        if self.tensorboard is None:
+            return
+        self.tensorboard.scalars(step, {
+            f"epoch/{key}": record[key]
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema", "seconds",
+                        "peak_mem_mb") if key in record})
+        self.tensorboard.flush()
+
+    def log_test(self, step, metrics):
+        """The test's numbers and the run's settings (the HPARAMS tab); the series ends here."""
+        if self.tensorboard is None:
+            return
+        self.tensorboard.hparams(step, vars(self.cfg), metrics)
+        self.tensorboard.close()
+        self.tensorboard = None
+
+    def flush(self):
+        """Every event so far on disk (before a checkpoint, so a resume never loses one)."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+
+def format_epoch(r, epochs):
+    memory = "" if r["peak_mem_mb"] is None else f", peak {r['peak_mem_mb'] / 1024:.1f} GiB"
+    ema = f", EMA acc {r['val_acc_ema']:.2f}" if "val_acc_ema" in r else ""
+    return (
+        f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f}{ema} | lr {r['lr']:.2e} | "
+        f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{memory}"
+    )
+
+
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
