@@ -41,7 +41,7 @@ RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_ev
 # --evaluate and --predict also take the run's saved settings; these may differ from them (none
 # changes the model's answers).
 EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
-                                            "pretrained_path", "skip_bad_images"}
+                                            "pretrained_path", "skip_bad_images", "fp32_math"}
 # Flags of training alone: --benchmark times steps on synthetic data and reads none of them.
 TRAINING_ONLY_FLAGS = {
     "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
@@ -58,6 +58,7 @@ MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark")
 COMPARE_FLAGS = {"compare", "checkpoint_dir"}
 
 AMP_DTYPES = ("float16", "bfloat16")
+FP32_MATHS = ("ieee", "tf32")
 OPTIMIZERS = ("adam", "adamw", "sgd", "radam")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -167,6 +168,10 @@ def build_parser():
                    help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU; float16 on the "
                         "CPU runs CUDA's recipe, GradScaler included, slowly); with --benchmark: float16 adds its rows "
                         "on the CPU")
+    g.add_argument("--fp32_math", choices=FP32_MATHS, default="ieee",
+                   help="how CUDA GPUs compute in FP32 (the FP32 run, and what autocast leaves in FP32): ieee, true "
+                        "float32; or tf32, TensorFloat-32 matrix products and convolutions (compute capability 8.0 "
+                        "and up: faster, 10-bit mantissa), shown as 'FP32 (tf32)'. The CPU computes IEEE FP32 either way")
 
     g = p.add_argument_group("speed")
     g.add_argument("--channels_last", dest="channels_last", action="store_true", default=True,

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from distributed import all_reduce_sum, is_main_process
+from distributed import all_gather_lists, all_reduce_sum, is_main_process
 
 
 class ClassificationMeter:
@@ -48,6 +48,31 @@ class ClassificationMeter:
             "count": count,
             "confusion": confusion,
         }
+
+
+class ImagePredictions:
+    """Each evaluated image's true class, predicted class and confidence (the softmax probability
+    of the prediction), kept on the device in loader order; `rows()` names them by file and
+    gathers every process's share."""
+
+    def __init__(self, files):
+        self.files = files  # this process's images, in the order its loader yields them (loader_files)
+        self.batches = []
+
+    @torch.no_grad()
+    def update(self, logits, targets):
+        confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+        self.batches.append(torch.stack([targets.double(), predicted.double(), confidence.double()], dim=1))
+
+    def rows(self):
+        """[(file, true class index, predicted class index, confidence)] of all processes,
+        sorted by file, each file once (a collective under DDP)."""
+        values = torch.cat(self.batches).cpu().tolist() if self.batches else []
+        if len(values) != len(self.files):
+            raise RuntimeError(f"{len(values)} predictions for {len(self.files)} files")
+        mine = [(file, int(true), int(predicted), confidence) for file, (true, predicted, confidence)
+                in zip(self.files, values)]
+        return sorted(dict((row[0], row) for row in all_gather_lists(mine)).values())
 
 
 def synchronize(device):

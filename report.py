@@ -443,3 +443,30 @@ def write_predictions(path, rows):
     for file, label, confidence in sorted(rows):
         writer.writerow((file, label, f"{confidence:.4f}"))
     atomic_write_text(path, text.getvalue())
+
+
+TEST_PREDICTION_COLUMNS = ("file", "true_label", "predicted_label", "confidence")
+
+
+def write_test_predictions(path, rows, class_names):
+    """test_predictions.csv: `rows` of (file, true class index, predicted class index,
+    confidence) with the classes by name, sorted by file (the pairing key of --compare)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(TEST_PREDICTION_COLUMNS)
+    for file, true, predicted, confidence in sorted(rows):
+        writer.writerow((file, class_names[true], class_names[predicted], f"{confidence:.4f}"))
+    atomic_write_text(path, text.getvalue())
+
+
+def read_test_predictions(path):
+    """{file: (true label, predicted label)} of a test_predictions.csv, or None when the run has
+    none (older runs) or it cannot be read as one."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != TEST_PREDICTION_COLUMNS:
+                return None
+            return {row["file"]: (row["true_label"], row["predicted_label"]) for row in reader}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None

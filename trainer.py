@@ -17,8 +17,10 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from dataset import DeviceTransform
+from dataset import DeviceTransform, loader_files
+from hardware import record as hardware_record, tf32_on
 from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
+from report import write_test_predictions
 from distributed import (
     agreed_failure,
     agreed_signal,
@@ -29,7 +31,8 @@ from distributed import (
     rank,
     world_size,
 )
-from metrics import ClassificationMeter, GradNormMeter, Stopwatch, device_name, peak_memory_mb, reset_peak_memory
+from metrics import ClassificationMeter, GradNormMeter, ImagePredictions, Stopwatch, device_name, peak_memory_mb
+from metrics import reset_peak_memory
 from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, derived_seed, torch_load_error
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
@@ -484,10 +487,10 @@ class Trainer:
             exit_code=128 + self.stop.signal,
         ))
 
-    def evaluate(self, loader, model=None):
-        """`model` (default: the raw weights) over `loader`."""
+    def evaluate(self, loader, model=None, predictions=None):
+        """`model` (default: the raw weights) over `loader` (each image's prediction into `predictions`)."""
         model = self.model if model is None else model
-        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names))
+        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), predictions)
 
     def validate(self):
         """The epoch's validation numbers: the raw weights', and with --ema_decay the EMA's. Each
@@ -547,7 +550,9 @@ class Trainer:
         # Rank 0 wrote best.pt: it reads it and hands it to the others (no race, no shared disk needed).
         best = from_main_process(load_checkpoint, os.path.join(self.run_dir, "best.pt"))
         self.model.load_state_dict(best["model"])
-        test = self.evaluate(self.test_loader)
+        predictions = ImagePredictions(loader_files(self.test_loader))
+        test = self.evaluate(self.test_loader, predictions=predictions)
+        self.write_test_predictions(predictions.rows())  # (rows(): a collective, on every rank)
         confusion = test["confusion"]  # rows: true classes
         ema = {}
         if self.ema is not None and "ema" in best:  # (a best.pt from before the EMA existed has none)
@@ -688,6 +693,7 @@ class Trainer:
             "amp": self.cfg.amp,
             "amp_dtype": self.cfg.amp_dtype if self.cfg.amp else None,
             "precision": precision_name(self.cfg),
+            **hardware_record(self.device, self.cfg.amp_dtype if self.cfg.amp else None),
             "skipped_steps": int(self.skipped_steps),
             "num_classes": len(self.class_names),
             "class_names": self.class_names,
@@ -697,6 +703,11 @@ class Trainer:
         path = os.path.join(self.run_dir, "results.json")
         self.write_output(path, lambda: atomic_write_json(path, results))
         return results
+
+    def write_test_predictions(self, rows):
+        """test_predictions.csv: each test image's prediction by the weights test_acc measured."""
+        path = os.path.join(self.run_dir, "test_predictions.csv")
+        self.write_output(path, lambda: write_test_predictions(path, rows, self.class_names))
 
     def write_output(self, path, write, note=""):
         """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
@@ -734,9 +745,10 @@ def autocast_for(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, loader, transform, autocast, num_classes):
+def evaluate(model, loader, transform, autocast, num_classes, predictions=None):
     """Loss, accuracy (percent), count and confusion matrix of `model` over `loader`, under
-    `autocast()` (the same precision as training)."""
+    `autocast()` (the same precision as training); each image's prediction into `predictions`
+    (an ImagePredictions), if given."""
     model.eval()
     meter = ClassificationMeter(num_classes, transform.device)
     for images, targets in loader:
@@ -746,6 +758,8 @@ def evaluate(model, loader, transform, autocast, num_classes):
             logits = model(images)
             loss = classification_loss(logits, targets)
         meter.update(loss, logits, targets)
+        if predictions is not None:
+            predictions.update(logits, targets)
     return meter.compute()
 
 
@@ -765,7 +779,7 @@ def load_checkpoint(path):
 
 def precision_name(cfg):
     if not cfg.amp:
-        return "FP32"
+        return "FP32 (tf32)" if tf32_on(cfg) else "FP32"
     return "AMP fp16" if cfg.amp_dtype == "float16" else "AMP bf16"
 
 
