@@ -1,5 +1,6 @@
 """Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer;
 or --evaluate, --predict, --compare or --benchmark an existing run or this machine."""
+import hashlib
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ from hardware import apply_fp32_math, emulation_warning
 from hardware import record as hardware_record
 from model import build_model
 from report import (
+    compare_runs,
     comparison_report,
     load_finished_run,
     per_class_report,
@@ -275,15 +277,33 @@ def predict(best, cfg):
 
 
 def compare(cfg):
-    """The comparison table of finished runs, printed and saved with a validation-accuracy chart."""
+    """The comparison of finished runs, printed and saved as CHECKPOINT_DIR/NAME.md (the tables),
+    NAME.json (the numbers) and NAME.png (the charts), NAME from --compare_name or the runs."""
     runs = [load_finished_run(cfg.checkpoint_dir, name) for name in cfg.compare]  # all checked before writing
-    text = comparison_report(runs)
-    table_path = os.path.join(cfg.checkpoint_dir, "compare.md")
-    chart_path = os.path.join(cfg.checkpoint_dir, "compare.png")
-    atomic_write_text(table_path, text)
-    plot_comparison(runs, chart_path)
-    print(text + f"\nwrote {table_path} and {chart_path}")
+    comparison = compare_runs(runs)
+    text = comparison_report(runs, comparison)
+    name = cfg.compare_name or comparison_name(cfg.compare)
+    paths = [os.path.join(cfg.checkpoint_dir, f"{name}.{ext}") for ext in ("md", "json", "png")]
+    replaced = any(os.path.exists(path) for path in paths)
+    atomic_write_text(paths[0], text)
+    atomic_write_json(paths[1], comparison)
+    plot_comparison(runs, paths[2], comparison)
+    print(text + f"\nwrote {paths[0]}, {paths[1]} and {paths[2]}" +
+          (" (replacing the earlier comparison of that name)" if replaced else ""))
     return 0
+
+
+MAX_COMPARISON_NAME = 100  # characters; a longer list of runs is named by the first and a digest
+
+
+def comparison_name(names):
+    """The default name of a comparison: compare_a_vs_b_vs_c, or for many runs
+    compare_a_and_8_more_<digest of the names> (the same runs, the same name)."""
+    name = "compare_" + "_vs_".join(names)
+    if len(name) <= MAX_COMPARISON_NAME:
+        return name
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+    return f"compare_{names[0][:40]}_and_{len(names) - 1}_more_{digest}"
 
 
 def run(argv=None):
