@@ -57,14 +57,13 @@ def cpu_capability(dtype):
     arm = platform.machine().lower() in ("aarch64", "arm64")
     flags = cpu_flags()
     wanted = ARM_NATIVE if arm else X86_NATIVE
-    present = [f for d in ("bfloat16", "float16") for f in wanted[d] if f in flags]
+    present = [f for d in ("bfloat16", "float16") for f in wanted[d] if f in (flags or ())]
     limits = [] if arm else kernel_limits(aten)
     unused = f" unused: {', '.join(limits)}" if present and limits else ""
-    capability = f"{aten} ({', '.join(present) or 'no bf16/fp16 instructions'}{unused})"
-    if dtype is None:
+    found = ", ".join(present) or ("no bf16/fp16 instructions" if flags is not None else "CPU flags unknown")
+    capability = f"{aten} ({found}{unused})"
+    if dtype is None or flags is None:  # (no flags to read: not Linux, say; we cannot tell)
         native = None
-    elif flags is None:
-        native = None  # no flags to read (not Linux, an unknown CPU): we cannot tell
     else:
         has_instructions = any(f in flags for f in wanted[dtype])
         native = has_instructions and (arm or (aten not in ATEN_WITHOUT_AVX512 and not onednn_limited(dtype)))
