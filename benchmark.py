@@ -8,10 +8,12 @@ import time
 import torch
 
 from config import bf16_supported
+from hardware import describe, summary, tf32_on
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
 from model import build_model
 from step import AmpUpdate, autocast_for, build_optimizer, training_step
-from metrics import Stopwatch, device_name, peak_memory_mb, reset_peak_memory
+from hardware import device_name
+from metrics import Stopwatch, peak_memory_mb, reset_peak_memory
 from utils import atomic_write_json
 
 WARMUP_STEPS = 3  # untimed steps first: oneDNN/cuDNN plans, the allocator, torch.compile
@@ -103,14 +105,15 @@ def benchmark_rows(cfg, modes):
     return results
 
 
-def format_table(rows):
+def format_table(rows, tf32=False):
+    """The rows as a markdown table; `tf32`: the FP32 rows ran in TF32 (--fp32_math tf32 on CUDA)."""
     base = next((r for r in rows if r["mode"] == "fp32" and not r["channels_last"] and not r["compiled"]), rows[0])
     lines = ["| mode | memory format | images/s | ms/step | peak memory | speedup vs FP32 NCHW |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         memory = "n/a (CPU)" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MB"
         fmt = "channels_last" if r["channels_last"] else "NCHW"
-        mode = r["mode"] + (" + compile" if r["compiled"] else "")
+        mode = r["mode"] + (" (tf32)" if tf32 and r["mode"] == "fp32" else "") + (" + compile" if r["compiled"] else "")
         lines.append(f"| {mode} | {fmt} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {memory} | "
                      f"{r['images_per_sec'] / base['images_per_sec']:.2f}x |")
     return "\n".join(lines)
@@ -153,7 +156,9 @@ def benchmark_record(cfg, rows):
     """What benchmark.json holds: the rows and what they were measured with."""
     return {
         "device": device_name(cfg.device),
+        "device_capability": describe(cfg.device).capability,
         "torch": torch.__version__,
+        "fp32_math": "tf32" if tf32_on(cfg) else "ieee",  # (the CPU computes IEEE FP32 whatever --fp32_math says)
         "model": cfg.model,  # what TrainingSteps builds
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
@@ -169,11 +174,11 @@ def run(cfg):
     modes = supported_modes(cfg.device, cfg.amp_dtype)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
     print(f"benchmark: {cfg.model} training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
-          f"on {device_name(cfg.device)}; the median of {cfg.benchmark_steps} steps a row, the rows "
+          f"on {device_name(cfg.device)} ({summary(cfg.device)}); the median of {cfg.benchmark_steps} steps a row, the rows "
           f"stepping in turn, after {WARMUP_STEPS} warm-up steps",
           flush=True)
     rows = benchmark_rows(cfg, modes)
-    print(format_table(rows))
+    print(format_table(rows, tf32_on(cfg)))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_json(os.path.join(run_dir, "benchmark.json"), benchmark_record(cfg, rows))

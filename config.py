@@ -41,7 +41,7 @@ RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_ev
 # --evaluate and --predict also take the run's saved settings; these may differ from them (none
 # changes the model's answers).
 EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
-                                            "pretrained_path", "skip_bad_images"}
+                                            "pretrained_path", "skip_bad_images", "fp32_math"}
 # Flags of training alone: --benchmark times steps on synthetic data and reads none of them.
 TRAINING_ONLY_FLAGS = {
     "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
@@ -55,9 +55,10 @@ NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
 # Flags that select what main.py does, rather than how a run trains.
 MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark")
 # The only flags --compare reads (it works on finished runs' results.json).
-COMPARE_FLAGS = {"compare", "checkpoint_dir"}
+COMPARE_FLAGS = {"compare", "compare_name", "checkpoint_dir"}
 
 AMP_DTYPES = ("float16", "bfloat16")
+FP32_MATHS = ("ieee", "tf32")
 OPTIMIZERS = ("adam", "adamw", "sgd", "radam")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -167,6 +168,10 @@ def build_parser():
                    help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU; float16 on the "
                         "CPU runs CUDA's recipe, GradScaler included, slowly); with --benchmark: float16 adds its rows "
                         "on the CPU")
+    g.add_argument("--fp32_math", choices=FP32_MATHS, default="ieee",
+                   help="how CUDA GPUs compute in FP32 (the FP32 run, and what autocast leaves in FP32): ieee, true "
+                        "float32; or tf32, TensorFloat-32 matrix products and convolutions (compute capability 8.0 "
+                        "and up: faster, 10-bit mantissa), shown as 'FP32 (tf32)'. The CPU computes IEEE FP32 either way")
 
     g = p.add_argument_group("speed")
     g.add_argument("--channels_last", dest="channels_last", action="store_true", default=True,
@@ -197,8 +202,12 @@ def build_parser():
     g.add_argument("--predictions_file", default=None, metavar="PATH",
                    help="with --predict: write the CSV here (default: CHECKPOINT_DIR/NAME/predictions.csv)")
     g.add_argument("--compare", nargs="+", default=None, metavar="NAME",
-                   help="print and save (CHECKPOINT_DIR/compare.md, compare.png) a table of finished runs; "
-                   "speedup and memory saving are relative to the first")
+                   help="print and save a comparison of finished runs: tables (.md), numbers (.json) and charts "
+                        "(.png) in CHECKPOINT_DIR, named compare_A_vs_B (see --compare_name); everything is relative "
+                        "to the first run, with 95%% intervals and a verdict")
+    g.add_argument("--compare_name", default=None, metavar="NAME",
+                   help="with --compare: write CHECKPOINT_DIR/NAME.md, NAME.json and NAME.png (default: compare_ and "
+                        "the run names joined by _vs_)")
     g.add_argument("--log_interval", type=int, default=20,
                    help="optimizer steps between progress-bar updates (and TensorBoard's per-step points)")
     g.add_argument("--tensorboard", action="store_true",
@@ -290,7 +299,9 @@ def validate(cfg):
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         raise UserError(f"--clip_grad_norm must be positive, got {cfg.clip_grad_norm}")
     compared = getattr(cfg, "compare", None) or []
-    for flag, name in [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]:
+    named = [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]
+    named += [("--compare_name", cfg.compare_name)] if getattr(cfg, "compare_name", None) else []
+    for flag, name in named:
         if not NAME_PATTERN.match(name) or name in (".", ".."):
             raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")
     check_precision(cfg)
@@ -431,7 +442,8 @@ def check_flag_combinations(cfg, explicit):
             raise UserError(f"--benchmark times training steps on synthetic data; "
                             f"{NEGATED_FLAGS.get(ignored[0], '--' + ignored[0])} does nothing with it{extra}")
     for flag, needs in (("amp_dtype", ("amp", "benchmark")), ("data", ("benchmark",)), ("predict_dir", ("predict",)),
-                        ("predictions_file", ("predict",)), ("benchmark_steps", ("benchmark",))):
+                        ("predictions_file", ("predict",)), ("benchmark_steps", ("benchmark",)),
+                        ("compare_name", ("compare",))):
         if flag in explicit and not any(getattr(cfg, mode) for mode in needs):
             raise UserError(f"--{flag} is only used with {' or '.join(f'--{mode}' for mode in needs)}")
     if cfg.tensorboard and (cfg.evaluate or cfg.predict):

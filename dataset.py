@@ -335,6 +335,25 @@ def evaluation_view(dataset, cfg):
     return Transformed(dataset, v2.CenterCrop(crop)) if crop else dataset
 
 
+def sample_files(dataset):
+    """Each sample's image file, by the dataset's index: its path below the split's folder
+    (`<class>/<name>.jpg`, with '/'), through evaluation_view, Subset and --cache."""
+    if isinstance(dataset, Transformed):
+        return sample_files(dataset.dataset)
+    if isinstance(dataset, Subset):
+        files = sample_files(dataset.dataset)
+        return [files[i] for i in dataset.indices]
+    if isinstance(dataset, CachedImages):
+        return dataset.files
+    return [os.path.relpath(path, dataset.root).replace(os.sep, "/") for path, _ in dataset.samples]
+
+
+def loader_files(loader):
+    """The files of this process's share of an evaluation loader, in the order it yields them."""
+    files = sample_files(loader.dataset)
+    return [files[i] for i in loader.sampler]
+
+
 # --------------------------------------------------------------------------- on the device
 class DeviceTransform:
     """uint8 batch [B, 3, S, S] -> normalized float batch on the device, with a random
@@ -404,8 +423,9 @@ def make_loader(dataset, sampler, batch_size, cfg, device, drop_last=False):
 class CachedImages(torch.utils.data.Dataset):
     """Images kept as one uint8 tensor [N, 3, S, S] in RAM, with their labels."""
 
-    def __init__(self, images, targets):
+    def __init__(self, images, targets, files=None):
         self.images, self.targets = images, targets
+        self.files = files  # each image's file (sample_files), for per-image reports
 
     def __len__(self):
         return len(self.targets)
@@ -448,7 +468,7 @@ def cache_dataset(dataset, workers=0):
         images[start : start + len(batch)] = batch
         targets[start : start + len(batch)] = labels
         start += len(batch)
-    return CachedImages(images, targets)
+    return CachedImages(images, targets, sample_files(dataset))
 
 
 # --------------------------------------------------------------------------- bad images

@@ -49,6 +49,16 @@ def gradient_sync(model, update):
     return model.no_sync()
 
 
+def all_gather_lists(items):
+    """Every process's list of picklable `items`, concatenated in rank order (over gloo on the
+    host: small host-side data needs no GPU copy)."""
+    if world_size() == 1:
+        return list(items)
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, list(items), group=_host_group)
+    return [item for share in gathered for item in share]
+
+
 def broadcast_buffers(module):
     """Give every rank rank 0's buffers (BatchNorm statistics). DDP does so at the start of each
     forward only, so after an epoch each rank holds the statistics of its own last batch."""

@@ -1,9 +1,11 @@
 """Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer;
 or --evaluate, --predict, --compare or --benchmark an existing run or this machine."""
+import hashlib
 import os
 import shutil
 import signal
 import sys
+import time
 
 
 def _interrupted_while_starting(signum, frame):
@@ -24,17 +26,22 @@ from dataset import (
     build_predict_loader,
     build_test_loader,
     find_split_dir,
+    loader_files,
     stop_loader_workers,
 )
 from demo import make_demo_dataset
+from hardware import apply_fp32_math, emulation_warning
+from hardware import record as hardware_record
 from model import build_model
 from report import (
+    compare_runs,
     comparison_report,
     load_finished_run,
     per_class_report,
     plot_comparison,
     summary_writer_class,
     write_predictions,
+    write_test_predictions,
 )
 from scheduler import WarmupLR
 from checkpoint import GracefulStop, load_checkpoint
@@ -53,10 +60,13 @@ from distributed import (
     world_size,
     wrap_ddp,
 )
+from hardware import device_name
+from metrics import ImagePredictions
 from utils import (
     UserError,
     atomic_write_json,
     atomic_write_text,
+    load_json,
     log_to_file,
     log_to_file_only,
     remove_stale_temp_files,
@@ -67,7 +77,7 @@ from utils import (
 
 # Files a run writes; --overwrite removes these and nothing else.
 RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log", "curves.png", "confusion.png",
-             "predictions.csv")
+             "predictions.csv", "test_predictions.csv")
 # A folder with any of these holds a run that trained (config.json alone: one that never started).
 TRAINED_FILES = ("best.pt", "last.pt", "results.json")
 
@@ -100,6 +110,10 @@ def start_run_dir(run_dir, fresh):
 def train(cfg, checkpoint=None):
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     logger = setup_logging(is_main_process())
+    warning = emulation_warning(cfg.device, cfg.amp_dtype if cfg.amp else None)
+    if warning:  # first, before the data loads: the user may rather stop and drop --amp
+        logger.info(warning)
+    apply_fp32_math(cfg)
     if cfg.tensorboard:  # missing tensorboard: one line on every rank now, not a crash when rank 0 opens it
         on_all_ranks(summary_writer_class)
     train_loader, val_loader, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
@@ -134,8 +148,8 @@ def train(cfg, checkpoint=None):
     log_to_file(logger, os.path.join(run_dir, "train.log"))
     if checkpoint is not None:
         logger.info(f"resuming {cfg.checkpoint_name}: {trainer.position()} (step {scheduler.last_epoch})")
-    elif is_main_process():
-        atomic_write_json(os.path.join(run_dir, "config.json"), vars(cfg))
+    if is_main_process():
+        write_run_config(run_dir, cfg, trainer.position() if checkpoint is not None else "start")
     logger.info(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     stop.install()
     try:
@@ -146,6 +160,26 @@ def train(cfg, checkpoint=None):
     finally:
         stop.uninstall()
     return 0
+
+
+def write_run_config(run_dir, cfg, position):
+    """config.json: this session's settings (what the rest of the run trains with) and its
+    device, and under "sessions" each session's own: when it started, from where ("start" or
+    the resume position), on what, and the settings a resume may change. A resumed run keeps
+    the sessions before it (a config.json from before "sessions" existed gives the first)."""
+    path = os.path.join(run_dir, "config.json")
+    device = {"device_name": device_name(cfg.device), **hardware_record(cfg.device, cfg.amp_dtype if cfg.amp else None)}
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": position, "world_size": world_size(),
+               **device, **{name: getattr(cfg, name) for name in sorted(config.RESUMABLE_OVERRIDES)}}
+    sessions = []
+    if position != "start" and os.path.exists(path):
+        try:
+            saved = load_json(path)
+        except (OSError, ValueError):
+            saved = None  # unreadable: the earlier sessions are lost, this one is still recorded
+        if isinstance(saved, dict):
+            sessions = saved.get("sessions") or [{"from": "start", **{n: saved[n] for n in session if n in saved}}]
+    atomic_write_json(path, {**vars(cfg), **device, "sessions": [*sessions, session]})
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch):
@@ -177,16 +211,27 @@ def best_model(best, cfg):
 
 
 def evaluate(best, cfg):
-    """Re-test a run's best.pt with the image size and precision it was trained with."""
+    """Re-test a run's best.pt with the image size and precision it was trained with; its
+    per-image predictions replace the run's test_predictions.csv."""
+    apply_fp32_math(cfg)
     model = best_model(best, cfg)
     test_loader, class_names = on_all_ranks(build_test_loader, cfg, cfg.device, rank(), world_size())
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
-    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), len(class_names))
+    predictions = ImagePredictions(loader_files(test_loader))
+    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg),
+                          len(class_names), predictions)
+    rows = predictions.rows()  # (a collective: every rank)
     if is_main_process():
         print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, {precision_name(cfg)}): "
               f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
         print(per_class_report(test["confusion"], class_names))
+        path = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "test_predictions.csv")
+        try:
+            write_test_predictions(path, rows, class_names)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        print(f"wrote {path}")
     return 0
 
 
@@ -202,6 +247,7 @@ def predict(best, cfg):
     if root is None:
         raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
                         f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
+    apply_fp32_math(cfg)
     loader = build_predict_loader(root, cfg, cfg.device)
     model = best_model(best, cfg)
     transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
@@ -234,15 +280,33 @@ def predict(best, cfg):
 
 
 def compare(cfg):
-    """The comparison table of finished runs, printed and saved with a validation-accuracy chart."""
+    """The comparison of finished runs, printed and saved as CHECKPOINT_DIR/NAME.md (the tables),
+    NAME.json (the numbers) and NAME.png (the charts), NAME from --compare_name or the runs."""
     runs = [load_finished_run(cfg.checkpoint_dir, name) for name in cfg.compare]  # all checked before writing
-    text = comparison_report(runs)
-    table_path = os.path.join(cfg.checkpoint_dir, "compare.md")
-    chart_path = os.path.join(cfg.checkpoint_dir, "compare.png")
-    atomic_write_text(table_path, text)
-    plot_comparison(runs, chart_path)
-    print(text + f"\nwrote {table_path} and {chart_path}")
+    comparison = compare_runs(runs)
+    text = comparison_report(runs, comparison)
+    name = cfg.compare_name or comparison_name(cfg.compare)
+    paths = [os.path.join(cfg.checkpoint_dir, f"{name}.{ext}") for ext in ("md", "json", "png")]
+    replaced = any(os.path.exists(path) for path in paths)
+    atomic_write_text(paths[0], text)
+    atomic_write_json(paths[1], comparison)
+    plot_comparison(runs, paths[2], comparison)
+    print(text + f"\nwrote {paths[0]}, {paths[1]} and {paths[2]}" +
+          (" (replacing the earlier comparison of that name)" if replaced else ""))
     return 0
+
+
+MAX_COMPARISON_NAME = 100  # characters; a longer list of runs is named by the first and a digest
+
+
+def comparison_name(names):
+    """The default name of a comparison: compare_a_vs_b_vs_c, or for many runs
+    compare_a_and_8_more_<digest of the names> (the same runs, the same name)."""
+    name = "compare_" + "_vs_".join(names)
+    if len(name) <= MAX_COMPARISON_NAME:
+        return name
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+    return f"compare_{names[0][:40]}_and_{len(names) - 1}_more_{digest}"
 
 
 def run(argv=None):
@@ -263,6 +327,7 @@ def run(argv=None):
     if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")
     if cfg.benchmark:
+        apply_fp32_math(cfg)
         return benchmark.run(cfg)
     if cfg.evaluate:
         return evaluate(*load_best(cfg, explicit))

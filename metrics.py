@@ -2,12 +2,11 @@
 processes), the health of the optimizer steps (skipped steps, bad streaks, gradient norms, the
 divergence check), wall time that waits for the GPU, peak GPU memory, and the device's name."""
 import os
-import platform
 import time
 
 import torch
 
-from distributed import agreed_failure, all_reduce_max, all_reduce_sum, is_main_process
+from distributed import agreed_failure, all_gather_lists, all_reduce_max, all_reduce_sum, is_main_process
 from step import SkippedStepGuard
 from utils import RunStopped
 
@@ -60,6 +59,31 @@ class ClassificationMeter:
         }
 
 
+class ImagePredictions:
+    """Each evaluated image's true class, predicted class and confidence (the softmax probability
+    of the prediction), kept on the device in loader order; `rows()` names them by file and
+    gathers every process's share."""
+
+    def __init__(self, files):
+        self.files = files  # this process's images, in the order its loader yields them (loader_files)
+        self.batches = []
+
+    @torch.no_grad()
+    def update(self, logits, targets):
+        confidence, predicted = logits.float().softmax(dim=1).max(dim=1)
+        self.batches.append(torch.stack([targets.double(), predicted.double(), confidence.double()], dim=1))
+
+    def rows(self):
+        """[(file, true class index, predicted class index, confidence)] of all processes,
+        sorted by file, each file once (a collective under DDP)."""
+        values = torch.cat(self.batches).cpu().tolist() if self.batches else []
+        if len(values) != len(self.files):
+            raise RuntimeError(f"{len(values)} predictions for {len(self.files)} files")
+        mine = [(file, int(true), int(predicted), confidence) for file, (true, predicted, confidence)
+                in zip(self.files, values)]
+        return sorted(dict((row[0], row) for row in all_gather_lists(mine)).values())
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,24 +116,6 @@ def peak_memory_mb(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
-
-
-def device_name(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 class GradNormMeter:

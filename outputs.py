@@ -5,8 +5,10 @@ import os
 import time
 
 from distributed import from_main_process, is_main_process, world_size
-from metrics import device_name
+from hardware import device_name
+from hardware import record as hardware_record
 from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
+from report import write_test_predictions
 from step import precision_name
 from utils import RunStopped, atomic_write_json
 
@@ -59,6 +61,7 @@ class RunOutputs:
             "amp": self.cfg.amp,
             "amp_dtype": self.cfg.amp_dtype if self.cfg.amp else None,
             "precision": precision_name(self.cfg),
+            **hardware_record(self.device, self.cfg.amp_dtype if self.cfg.amp else None),
             "skipped_steps": skipped_steps,
             "num_classes": len(self.class_names),
             "class_names": self.class_names,
@@ -68,6 +71,11 @@ class RunOutputs:
         path = os.path.join(self.run_dir, "results.json")
         self.write(path, lambda: atomic_write_json(path, results))
         return results
+
+    def test_predictions(self, rows):
+        """test_predictions.csv: each test image's prediction by the weights test_acc measured."""
+        path = os.path.join(self.run_dir, "test_predictions.csv")
+        self.write(path, lambda: write_test_predictions(path, rows, self.class_names))
 
     def epoch_done(self, state, skipped_steps, step):
         """After an epoch's checkpoints: its numbers to TensorBoard, results.json, curves.png,

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+import verdicts
 from utils import UserError, atomic_savefig, atomic_write_text, load_json
 
 TABLE_COLUMNS = ("run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
@@ -21,14 +22,16 @@ SETTING_COLUMNS = ("model", "image size", "batch size", "dataset")
 SCALER_COLUMNS = ("skipped steps",)  # GradScaler's skipped optimizer steps; last, for the same reason
 UNKNOWN = "?"  # a setting of a run without a readable config.json
 DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written then have no "model"
-# Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype), where
-# and how a run is saved, logged or resumed, and other modes' flags. num_workers and cache change
-# images/s only where loading is the bottleneck. The config's device ("cuda") gives way to the
-# device's name in results.json.
+# Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype,
+# fp32_math), where a run is saved or resumed, and other modes' flags. num_workers and cache change
+# images/s only where loading is the bottleneck. (--save_every_steps, --log_interval and
+# --tensorboard are compared: their writes and syncs fall inside the timed epochs.) The config's
+# device ("cuda") and its copies of results.json's device fields give way to results.json's.
 NOT_COMPARED = {
-    "amp", "amp_dtype", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress", "log_interval",
-    "save_every_steps", "resume", "evaluate", "predict", "predict_dir", "compare", "overwrite", "dist_timeout",
-    "cache", "benchmark", "benchmark_steps", "data", "demo", "tensorboard", "predictions_file",
+    "amp", "amp_dtype", "fp32_math", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress",
+    "resume", "evaluate", "predict", "predict_dir", "compare", "compare_name", "overwrite", "dist_timeout",
+    "cache", "benchmark", "benchmark_steps", "data", "demo", "predictions_file",
+    "device_name", "amp_dtype_native", "sessions",
 }
 
 
@@ -53,6 +56,7 @@ def load_finished_run(checkpoint_dir, name):
         raise UserError(f"{path} is not a results file of this template (test_acc is {results['test_acc']!r})")
     results["run"] = name  # the name it was asked for, even if its folder was renamed
     results["config"] = load_run_config(os.path.join(checkpoint_dir, name, "config.json"))
+    results["test_predictions"] = read_test_predictions(os.path.join(checkpoint_dir, name, "test_predictions.csv"))
     return results
 
 
@@ -72,11 +76,25 @@ def peak_memory(run):
     return max(peaks) if peaks else None
 
 
+def steady_epochs(run):
+    """The epochs that time the training itself: all but the first when there are two or more
+    (the first also holds the workers' start-up, cuDNN's autotuning and --compile's compiling)."""
+    epochs = run["epochs"]
+    return epochs[1:] if len(epochs) >= 2 else epochs
+
+
 def throughput(run):
-    """Training images per second over all epochs (each epoch weighted by its duration)."""
-    seconds = sum(e["seconds"] for e in run["epochs"])
-    images = sum(e["images_per_sec"] * e["seconds"] for e in run["epochs"] if e["images_per_sec"] is not None)
+    """Training images per second over the steady epochs (each weighted by its duration)."""
+    epochs = steady_epochs(run)
+    seconds = sum(e["seconds"] for e in epochs)
+    images = sum(e["images_per_sec"] * e["seconds"] for e in epochs if e["images_per_sec"] is not None)
     return images / seconds if seconds > 0 else None
+
+
+def seconds_per_epoch(run):
+    """The mean seconds of the steady epochs."""
+    epochs = steady_epochs(run)
+    return sum(e["seconds"] for e in epochs) / max(len(epochs), 1)
 
 
 def comparison_table(runs):
@@ -96,7 +114,7 @@ def comparison_table(runs):
             r["precision"],
             "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.2f}",
             "n/a (CPU)" if memory is None else f"{memory / 1024:.2f} GiB",
-            f"{sum(e['seconds'] for e in epochs) / max(len(epochs), 1):.1f}",
+            f"{seconds_per_epoch(r):.1f}",
             str(len(epochs)),
             f"{r['total_train_seconds']:.0f} s",
             "n/a" if speed is None else f"{speed:.0f}",
@@ -133,6 +151,8 @@ def compared_settings(run):
     config = run.get("config")
     settings = {} if config is None else {"model": DEFAULT_MODEL, **config}
     settings["device"] = run["device"]  # its name, not config.json's "cuda"
+    if run.get("device_capability"):  # (the same CPU differs with ATEN_CPU_CAPABILITY, say)
+        settings["device_capability"] = run["device_capability"]
     if "world_size" in run:
         settings["world_size"] = run["world_size"]
     return {name: value for name, value in settings.items() if name not in NOT_COMPARED}
@@ -164,20 +184,213 @@ def _grouped(values):
     return ", ".join(f"{value} ({', '.join(runs)})" for value, runs in groups)
 
 
-def comparison_report(runs):
-    """What --compare prints and saves to compare.md: the table, what speedup and memory saving
-    are relative to, and a warning when the runs differ in more than their precision."""
+def comparison_report(runs, comparison=None):
+    """What --compare prints and saves as markdown: the table, what speedup and memory saving
+    are relative to, each run against the first image by image and the seed groups (from
+    `comparison`, compare_runs' dict), the devices, and warnings when the runs differ in more
+    than their precision or an AMP dtype was emulated."""
+    comparison = comparison or compare_runs(runs)
+    first = runs[0]["run"]
     text = comparison_table(runs) + "\n"
     if len(runs) > 1:
-        text += f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {runs[0]['run']}.\n"
+        text += (f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {first}. s/epoch and "
+                 "images/s are of the steady epochs: the first epoch is left out when a run has two or more.\n")
+        text += "\n" + against_first_table(comparison["runs"], first)
+    if _has_seed_groups(comparison):
+        text += "\n" + seed_groups_table(comparison["groups"])
+    text += "\n" + devices_lines(runs)
     differences = setting_differences(runs)
+    seeds = [d for d in differences if d.startswith("seed: ")] if _has_seed_groups(comparison) else []  # (the groups handle the seeds)
+    differences = [d for d in differences if d not in seeds]
     if differences:
         text += ("\nwarning: these runs differ in more than precision; speedup and accuracy differences are not "
                  "AMP's alone:\n" + "".join(f"- {difference}\n" for difference in differences))
+    if seeds:
+        text += f"\nnote: the runs differ in --seed ({seeds[0][len('seed: '):]}); the seed groups compare like with like\n"
     unknown = [r["run"] for r in runs if r.get("config") is None]
     if unknown and len(runs) > 1:
         text += (f"\nnote: no readable config.json for {', '.join(unknown)}; settings shown as {UNKNOWN} are "
                  "unknown and were not compared\n")
+    return text
+
+
+# --------------------------------------------------------------------------- error bars
+def compare_runs(runs):
+    """--compare's numbers, as compare.json holds them: each run against the first, image by
+    image, and the seed groups (runs whose settings differ only in --seed), the first group
+    being what the others are compared with."""
+    return {"runs": [run_entry(r, runs[0] if i else None) for i, r in enumerate(runs)], "groups": group_entries(runs)}
+
+
+def run_entry(run, first):
+    """A run's numbers; `vs_first` (None for the first run): see paired_against and speedup_against."""
+    entry = {
+        "name": run["run"], "precision": run["precision"], "device": run["device"],
+        "device_capability": run.get("device_capability"), "amp_dtype_native": run.get("amp_dtype_native"),
+        "seed": (run.get("config") or {}).get("seed"), "test_acc": run["test_acc"],
+        "images_per_sec": throughput(run), "steady_epochs": len(steady_epochs(run)), "vs_first": None,
+    }
+    if first is not None:
+        entry["vs_first"] = {**paired_against(first, run), **speedup_against(first, run)}
+    return entry
+
+
+def paired_against(first, run):
+    """The test-accuracy difference from the first run in points, its 95% interval, McNemar's p
+    and the verdict, over the images both were tested on; without both runs' per-image
+    predictions only the difference, and why the rest is unavailable."""
+    correct, unavailable = paired_correctness(first, run)
+    if correct is None:
+        return {"acc_diff": run["test_acc"] - first["test_acc"], "acc_diff_ci95": None, "mcnemar_p": None,
+                "verdict": None, "unavailable": unavailable}
+    paired = verdicts.paired_accuracy(*correct)
+    return {"acc_diff": paired.acc_diff, "acc_diff_ci95": list(paired.ci95), "mcnemar_p": paired.mcnemar_p,
+            "verdict": paired.verdict, "images": paired.images, "only_first_right": paired.only_first,
+            "only_this_right": paired.only_this}
+
+
+def paired_correctness(first, run):
+    """([first run right], [this run right]) image by image, or (None, why not)."""
+    for r in (first, run):
+        predictions = r.get("test_predictions")
+        if predictions is None:
+            return None, f"{r['run']} has no test_predictions.csv (older runs: --evaluate writes it)"
+        acc = 100.0 * sum(true == predicted for true, predicted in predictions.values()) / max(len(predictions), 1)
+        if abs(acc - r["test_acc"]) > 1e-6:
+            return None, (f"{r['run']}'s test_predictions.csv gives {acc:.2f}%, not its test_acc {r['test_acc']:.2f}% "
+                          "(rewritten by --evaluate with other settings?)")
+    a, b = first["test_predictions"], run["test_predictions"]
+    if set(a) != set(b) or any(a[file][0] != b[file][0] for file in a):
+        return None, f"{first['run']} and {run['run']} were tested on different images"
+    files = sorted(a)
+    return ([a[f][0] == a[f][1] for f in files], [b[f][0] == b[f][1] for f in files]), None
+
+
+def epoch_rates(run):
+    return [e["images_per_sec"] for e in steady_epochs(run) if e.get("images_per_sec")]
+
+
+def speedup_against(first, run):
+    """Images/s over the first run's (steady epochs), with a 95% interval from the epochs' spread."""
+    reference, speed = throughput(first), throughput(run)
+    interval = verdicts.speedup_interval(epoch_rates(first), epoch_rates(run))
+    return {"speedup": speed / reference if speed and reference else None,
+            "speedup_ci95": list(interval) if interval else None}
+
+
+def group_entries(runs):
+    """Runs whose compared settings and precision agree, all but --seed, form a group (a run
+    without a config.json is a group of its own), in the order of their first run."""
+    groups = {}
+    for r in runs:
+        key = (r["run"],) if r.get("config") is None else (r["precision"], repr(sorted(
+            (name, repr(value)) for name, value in compared_settings(r).items() if name != "seed")))
+        groups.setdefault(key, []).append(r)
+    # Each group's [(seed, test acc)] and [(seed, images/s)]: what the group differences pair.
+    values = [([(_seed(r), r["test_acc"]) for r in members], [(_seed(r), throughput(r)) for r in members if throughput(r)])
+              for members in groups.values()]
+    entries = []
+    for members, (accuracy, speed) in zip(groups.values(), values):
+        acc_mean, acc_sd = verdicts.mean_and_sd(v for _, v in accuracy)
+        speed_mean, speed_sd = verdicts.mean_and_sd(v for _, v in speed) if speed else (None, None)
+        entries.append({"runs": [r["run"] for r in members], "precision": members[0]["precision"],
+                        "seeds": [seed for seed, _ in accuracy], "n": len(members),
+                        "test_acc_mean": acc_mean, "test_acc_sd": acc_sd,
+                        "images_per_sec_mean": speed_mean, "images_per_sec_sd": speed_sd,
+                        "vs_first": None if not entries else group_against(values[0], values[len(entries)])})
+    return entries
+
+
+def _seed(run):
+    return (run.get("config") or {}).get("seed")
+
+
+def group_against(first, group):
+    """The group's mean test accuracy (points) and images/s minus the first group's, each with a
+    95% t-interval (see verdicts.group_difference), and how its runs were paired. `first` and
+    `group`: ([(seed, test acc)], [(seed, images/s)])."""
+    acc_diff, acc_interval, pairing = verdicts.group_difference(first[0], group[0])
+    entry = {"acc_diff": acc_diff, "acc_diff_ci95": list(acc_interval) if acc_interval else None, "pairing": pairing}
+    if first[1] and group[1]:
+        speed_diff, speed_interval, _ = verdicts.group_difference(first[1], group[1])
+        entry.update(images_per_sec_diff=speed_diff,
+                     images_per_sec_diff_ci95=list(speed_interval) if speed_interval else None)
+    return entry
+
+
+def _number(x):
+    """A figure with as many decimals as its size needs (images/s: 1234, 56.7, 2.47)."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def _interval(interval, fmt="{:+.2f}", unit=""):
+    return "n/a" if interval is None else f"{fmt.format(interval[0])}{unit} to {fmt.format(interval[1])}{unit}"
+
+
+def against_first_table(entries, first):
+    """Each run against the first: the markdown table and what its columns mean."""
+    lines = [f"Against {first}, image by image (95% intervals):", "",
+             f"| run | test acc diff (points) | 95% CI | only {first} right | only this right | McNemar p | verdict | "
+             "speedup | 95% CI |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for e in entries[1:]:
+        v = e["vs_first"]
+        speed = ("n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
+                 _interval(v["speedup_ci95"], "{:.2f}", "x"))
+        if v["verdict"] is None:
+            paired = ["n/a"] * 4 + ["unavailable"]
+            notes.append(f"- {e['name']}: paired statistics unavailable: {v['unavailable']}")
+        else:
+            paired = [_interval(v["acc_diff_ci95"]), str(v["only_first_right"]), str(v["only_this_right"]),
+                      f"{v['mcnemar_p']:.3g}", v["verdict"]]
+        lines.append(f"| {e['name']} | {v['acc_diff']:+.2f} | " + " | ".join([*paired, *speed]) + " |")
+    lines += ["", f"test acc diff: the run's test accuracy minus {first}'s, with Newcombe's interval for paired "
+              "proportions; only ... right: test images one of the two got right and the other wrong; McNemar p: "
+              "the exact two-sided test on those images; verdict: same within noise when p >= 0.05, else better "
+              f"or worse. speedup: images/s over {first}'s, its interval from the spread of the steady epochs' "
+              "images/s (Welch, on their logarithms): how steady this machine was, not what another would do.", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def seed_groups_table(groups):
+    """The seed groups, the first one the reference: mean +- sd, n, and the differences."""
+    first = ", ".join(groups[0]["runs"])
+    lines = ["Seed groups (runs whose settings differ only in --seed), against the first:", "",
+             "| runs | precision | n | seeds | test acc (%) mean ± sd | images/s mean ± sd | test acc diff (points) | "
+             "95% CI | images/s diff | 95% CI | paired by |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        acc = f"{g['test_acc_mean']:.2f} ± " + ("n/a" if g["test_acc_sd"] is None else f"{g['test_acc_sd']:.2f}")
+        speed = "n/a" if g["images_per_sec_mean"] is None else (
+            f"{_number(g['images_per_sec_mean'])} ± " + ("n/a" if g["images_per_sec_sd"] is None else _number(g["images_per_sec_sd"])))
+        v = g["vs_first"]
+        if v is None:
+            diffs = ["(reference)", "", "", "", ""]
+        else:
+            speed_diff = v.get("images_per_sec_diff")
+            diffs = [f"{v['acc_diff']:+.2f}", _interval(v["acc_diff_ci95"]),
+                     "n/a" if speed_diff is None else "+" * (speed_diff >= 0) + _number(speed_diff),
+                     _interval(v.get("images_per_sec_diff_ci95"), "{:+.1f}"),
+                     {"seed": "seed", "none": "unpaired (Welch)", None: "n/a (n < 2)"}[v["pairing"]]]
+        seeds = " ".join(str(seed) for seed in g["seeds"])
+        lines.append(f"| {', '.join(g['runs'])} | {g['precision']} | {g['n']} | {seeds} | {acc} | {speed} | "
+                     + " | ".join(diffs) + " |")
+    lines += ["", f"sd: the sample standard deviation over the group's runs; the intervals: a t-interval of the "
+              f"difference from {first}, paired by seed over the seeds both groups ran (two or more), else Welch's."]
+    return "\n".join(lines) + "\n"
+
+
+def devices_lines(runs):
+    """Each device the runs ran on, with its capability; a warning for an AMP run whose dtype
+    its device emulates (its speed then says little about AMP)."""
+    devices = {}
+    for r in runs:
+        devices.setdefault((r["device"], r.get("device_capability") or "capability not recorded"), []).append(r["run"])
+    lines = [f"- {name}: {capability} ({', '.join(names)})" for (name, capability), names in devices.items()]
+    text = ("Device: " + lines[0][2:] if len(lines) == 1 else "Devices:\n" + "\n".join(lines)) + "\n"
+    emulated = [r["run"] for r in runs if r.get("amp") and r.get("amp_dtype_native") is False]
+    if emulated:
+        text += (f"\nwarning: {', '.join(emulated)} ran AMP in a dtype its device emulates: slower than FP32 there, "
+                 "so its speed says nothing about AMP on hardware that has it\n")
     return text
 
 
@@ -318,15 +531,24 @@ def _loss_scale_panel(ax, history, epochs):
     ax.legend(handles=[line, bars], loc="upper left")
 
 
-def plot_comparison(runs, path):
-    """Save comparison_figure(runs) to `path`."""
-    atomic_savefig(comparison_figure(runs), path)
+def plot_comparison(runs, path, comparison=None):
+    """Save comparison_figure(runs, comparison) to `path`."""
+    atomic_savefig(comparison_figure(runs, comparison), path)
 
 
-def comparison_figure(runs):
-    """The runs' validation accuracy by epoch and by training time, one line per run."""
-    figure = Figure(figsize=(11, 4), layout="constrained")
-    by_epoch, by_time = figure.subplots(1, 2, sharey=True)
+def comparison_figure(runs, comparison=None):
+    """The runs' validation accuracy by epoch and by training time, one line per run; with more
+    than one run, below them each run's (and seed group's) test-accuracy difference and speedup
+    against the first, with their 95% intervals as error bars."""
+    against = len(runs) > 1
+    comparison = comparison or compare_runs(runs) if against else None
+    bars = len(runs) - 1 + (len(comparison["groups"]) - 1 if against and _has_seed_groups(comparison) else 0)
+    bars_height = 1.2 + 0.4 * bars  # inches: the error-bar row grows with its rows
+    figure = Figure(figsize=(11, 4 + bars_height if against else 4), layout="constrained")
+    axes = figure.subplots(2 if against else 1, 2, squeeze=False,
+                           height_ratios=[4, bars_height] if against else None)
+    by_epoch, by_time = axes[0]
+    by_time.sharey(by_epoch)
     for r in runs:
         label = f"{r['run']} ({r['precision']})"
         epochs = r["epochs"]
@@ -339,9 +561,45 @@ def comparison_figure(runs):
     by_time.set(xlabel="training time (s)", title="validation accuracy by training time")
     by_time.grid(alpha=0.3)
     by_epoch.legend(loc="lower right")
+    if against:
+        _error_bar_panels(*axes[1], comparison)
     devices = ", ".join(sorted({r["device"] for r in runs}))
     figure.suptitle(f"{len(runs)} runs on {devices}" if len(runs) > 1 else f"{runs[0]['run']} on {devices}")
     return figure
+
+
+def _has_seed_groups(comparison):
+    return any(group["n"] > 1 for group in comparison["groups"])
+
+
+def _error_bar_panels(acc_ax, speed_ax, comparison):
+    """Test accuracy difference (points) and speedup against the first run, a row per run (and
+    per seed group of two or more runs), each with its 95% interval; a hollow point has none."""
+    first = comparison["runs"][0]["name"]
+    rows = [(e["name"], e["vs_first"]["acc_diff"], e["vs_first"]["acc_diff_ci95"], e["vs_first"]["speedup"],
+             e["vs_first"]["speedup_ci95"]) for e in comparison["runs"][1:]]
+    if _has_seed_groups(comparison):
+        rows += [(f"group {', '.join(g['runs'])} (n={g['n']})", g["vs_first"]["acc_diff"], g["vs_first"]["acc_diff_ci95"],
+                  None, None) for g in comparison["groups"][1:]]
+    labels = [row[0] for row in rows]
+    positions = np.arange(len(rows))[::-1]  # the first row on top
+    for ax, value_at, interval_at, reference, xlabel in (
+            (acc_ax, 1, 2, 0.0, f"test accuracy minus {first}'s (points)"),
+            (speed_ax, 3, 4, 1.0, f"speedup over {first} (images/s ratio)")):
+        for y, row in zip(positions, rows):
+            value, interval = row[value_at], row[interval_at]
+            if value is None:
+                continue
+            if interval is None:
+                ax.plot([value], [y], marker="o", markerfacecolor="white", color="tab:blue")
+            else:
+                ax.errorbar([value], [y], xerr=[[value - interval[0]], [interval[1] - value]], fmt="o", capsize=4,
+                            color="tab:blue")
+        ax.axvline(reference, color="gray", linestyle="--", linewidth=1)
+        ax.set_yticks(positions, labels)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set(xlabel=xlabel, title=f"{xlabel.split(' (')[0]}, 95% interval")
+        ax.grid(alpha=0.3, axis="x")
 
 
 def plot_confusion(confusion, class_names, path, title):
@@ -443,3 +701,30 @@ def write_predictions(path, rows):
     for file, label, confidence in sorted(rows):
         writer.writerow((file, label, f"{confidence:.4f}"))
     atomic_write_text(path, text.getvalue())
+
+
+TEST_PREDICTION_COLUMNS = ("file", "true_label", "predicted_label", "confidence")
+
+
+def write_test_predictions(path, rows, class_names):
+    """test_predictions.csv: `rows` of (file, true class index, predicted class index,
+    confidence) with the classes by name, sorted by file (the pairing key of --compare)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(TEST_PREDICTION_COLUMNS)
+    for file, true, predicted, confidence in sorted(rows):
+        writer.writerow((file, class_names[true], class_names[predicted], f"{confidence:.4f}"))
+    atomic_write_text(path, text.getvalue())
+
+
+def read_test_predictions(path):
+    """{file: (true label, predicted label)} of a test_predictions.csv, or None when the run has
+    none (older runs) or it cannot be read as one."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != TEST_PREDICTION_COLUMNS:
+                return None
+            return {row["file"]: (row["true_label"], row["predicted_label"]) for row in reader}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None

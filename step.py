@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.transforms import v2
 
+from hardware import tf32_on
 from utils import derived_seed
 
 # Mixed into a batch's seed for mixup/cutmix, so its draws are not the flip's of the same batch.
@@ -34,7 +35,7 @@ def scaler_for(cfg):
 
 def precision_name(cfg):
     if not cfg.amp:
-        return "FP32"
+        return "FP32 (tf32)" if tf32_on(cfg) else "FP32"
     return "AMP fp16" if cfg.amp_dtype == "float16" else "AMP bf16"
 
 

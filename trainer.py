@@ -9,9 +9,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint  # noqa: F401 (main's imports)
-from dataset import DeviceTransform
+from dataset import DeviceTransform, loader_files
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
-from metrics import ClassificationMeter, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
+from metrics import ClassificationMeter, ImagePredictions, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
 from outputs import RunOutputs
 from step import (
     AmpUpdate,
@@ -153,7 +153,9 @@ class Trainer:
         # Rank 0 wrote best.pt: it reads it and hands it to the others (no race, no shared disk needed).
         best = from_main_process(load_checkpoint, os.path.join(self.run_dir, "best.pt"))
         self.model.load_state_dict(best["model"])
-        test = self.evaluate(self.test_loader)
+        predictions = ImagePredictions(loader_files(self.test_loader))
+        test = self.evaluate(self.test_loader, predictions=predictions)
+        self.outputs.test_predictions(predictions.rows())  # (rows(): a collective, on every rank)
         ema = {}
         if self.ema is not None and "ema" in best:  # (a best.pt from before the EMA existed has none)
             self.ema.load_state_dict(best["ema"])
@@ -162,10 +164,10 @@ class Trainer:
         return self.outputs.test_done(self.state, int(self.health.skipped_steps), best, test, ema,
                                       self.scheduler.last_epoch)
 
-    def evaluate(self, loader, model=None):
-        """`model` (default: the raw weights) over `loader`."""
+    def evaluate(self, loader, model=None, predictions=None):
+        """`model` (default: the raw weights) over `loader` (each image's prediction into `predictions`)."""
         model = self.model if model is None else model
-        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names))
+        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), predictions)
 
     def log_progress(self, meter, bar, loss, outcome, last_batch):
         """Every --log_interval steps (and at the epoch's end): the divergence check, the progress
@@ -239,9 +241,10 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model, loader, transform, autocast, num_classes):
+def evaluate(model, loader, transform, autocast, num_classes, predictions=None):
     """Loss, accuracy (percent), count and confusion matrix of `model` over `loader`, under
-    `autocast()` (the same precision as training)."""
+    `autocast()` (the same precision as training); each image's prediction into `predictions`
+    (an ImagePredictions), if given."""
     model.eval()
     meter = ClassificationMeter(num_classes, transform.device)
     for images, targets in loader:
@@ -251,5 +254,7 @@ def evaluate(model, loader, transform, autocast, num_classes):
             logits = model(images)
             loss = classification_loss(logits, targets)
         meter.update(loss, logits, targets)
+        if predictions is not None:
+            predictions.update(logits, targets)
     return meter.compute()
 

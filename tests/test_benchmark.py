@@ -14,7 +14,8 @@ from conftest import FAST, ROOT, assert_user_error, read_results
 import benchmark
 import main as main_module
 from dataset import build_loaders
-from metrics import device_name
+from hardware import describe
+from hardware import device_name
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -28,7 +29,8 @@ def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
     assert code == 0, err
     record = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
     rows = record.pop("rows")
-    assert record == {"device": device_name("cpu"), "torch": torch.__version__, "model": "resnet18",
+    assert record == {"device": device_name("cpu"), "device_capability": describe("cpu").capability,
+                      "torch": torch.__version__, "fp32_math": "ieee", "model": "resnet18",
                       "batch_size": 2, "image_size": 32, "benchmark_steps": 1}
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
         ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]  # no float16 on a CPU

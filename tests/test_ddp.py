@@ -3,6 +3,7 @@ on a tiny dataset. One two-epoch run (with AMP, accumulation, clipping, mixup an
 weights) serves several tests;
 tests/ddp_probe.py is main.py plus hooks that let every rank dump its weights, send torchrun a
 SIGTERM, or crash a rank. Each torchrun start costs seconds, so there are few of them."""
+import csv
 import json
 import os
 import signal
@@ -113,14 +114,24 @@ def test_ddp_ranks_end_with_identical_weights(ddp_run):
     assert int(last["ema"]["n_averaged"]) == 4  # one update per optimizer step
 
 
+def read_test_predictions(run_dir):
+    with open(run_dir / "test_predictions.csv", newline="") as f:
+        return [(r["file"], r["true_label"], r["predicted_label"]) for r in csv.DictReader(f)]
+
+
 def test_ddp_test_accuracy_equals_single_process_evaluate(ddp_run, run_cli):
     results = read_results(ddp_run.dir)
     assert 50 < results["test_acc"] < 100  # learned, and the mislabelled images count
+    # The ranks' shares of the test predictions gathered: each of the 21 images once, as test_acc counted them.
+    gathered = read_test_predictions(ddp_run.dir)
+    assert len(gathered) == len({file for file, _, _ in gathered}) == 21
+    assert 100 * sum(true == predicted for _, true, predicted in gathered) / 21 == pytest.approx(results["test_acc"])
     code, out, err = run_cli("--data_dir", ddp_run.data, "--checkpoint_name", ddp_run.name, "--evaluate", *FAST,
                              checkpoint_dir=ddp_run.checkpoints)
     assert code == 0, err
     assert (f"test accuracy {results['test_acc']:.2f}% on 21 images, test loss {results['test_loss']:.4f}"
             in out), (out, results["test_acc"], results["test_loss"])
+    assert read_test_predictions(ddp_run.dir) == gathered  # one process, the same answers image by image
 
 
 def test_ddp_sigterm_stops_every_rank_and_resume_ends_with_the_same_weights(ddp_run, tmp_path):

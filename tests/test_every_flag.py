@@ -51,6 +51,7 @@ import dataset
 import main as main_module
 import trainer
 from conftest import FAST, ROOT, assert_user_error, make_colour_dataset
+from hardware import describe
 from report import read_tensorboard_scalars
 
 # A 1-epoch training run on the colours, in the test's own folder (add --checkpoint_name and the flags).
@@ -440,6 +441,8 @@ def check_benchmark(run, shared):
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
         ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]
     assert "batch 2, 32x32 px" in run.out and "the median of 1 steps" in run.out  # --benchmark_steps 1
+    assert describe("cpu").capability in run.out  # the header names what the CPU computes natively
+    assert ("bfloat16 native" if describe("cpu", "bfloat16").native else "bfloat16 emulated") in run.out
     assert (run.dir / "benchmark_data.json").exists() and "feed the fastest training mode" in run.out  # --data
 
 
@@ -447,6 +450,11 @@ def check_evaluate(run, shared):
     run.assert_ok()
     test_acc = shared.base.results_at_exit["test_acc"]
     assert f"test accuracy {test_acc:.2f}%" in run.out and "base" in run.out
+    # It rewrites the run's per-image test predictions: every test image once, right as often as test_acc says.
+    rows = read_predictions(run.dir / "test_predictions.csv")
+    assert f"wrote {run.dir / 'test_predictions.csv'}" in run.out
+    assert len(rows) == 24 and len({r["file"] for r in rows}) == 24 and rows[0]["file"] == "blue/0.jpg"
+    assert 100 * sum(r["true_label"] == r["predicted_label"] for r in rows) / 24 == pytest.approx(test_acc)
 
 
 def read_predictions(path):
@@ -479,9 +487,19 @@ def check_predictions_file(run, shared):
 
 def check_compare(run, shared):
     run.assert_ok()
-    table = Path(run.flag("--checkpoint_dir")) / "compare.md"
+    table = Path(run.flag("--checkpoint_dir")) / "compare_base.md"  # named from the runs
     assert "| base |" in table.read_text() and "| base |" in run.out
-    assert (Path(run.flag("--checkpoint_dir")) / "compare.png").exists()
+    assert (Path(run.flag("--checkpoint_dir")) / "compare_base.png").exists()
+    assert json.loads(table.with_suffix(".json").read_text())["runs"][0]["vs_first"] is None
+
+
+def check_compare_name(run, shared):
+    run.assert_ok()
+    folder = Path(run.flag("--checkpoint_dir"))
+    assert {p.name for p in folder.glob("mine.*")} == {"mine.md", "mine.json", "mine.png"}
+    # base against itself: the same predictions on every image, so no discordant image and p = 1.
+    vs_first = json.loads((folder / "mine.json").read_text())["runs"][1]["vs_first"]
+    assert (vs_first["acc_diff"], vs_first["mcnemar_p"], vs_first["verdict"]) == (0, 1, "same within noise")
 
 
 def check_resume(run, shared):
@@ -490,6 +508,9 @@ def check_resume(run, shared):
     results = run.results_at_exit
     assert results["finished"] and len(results["epochs"]) == 1  # a finished run: only the test again
     assert results["test_acc"] == shared.base.results_at_exit["test_acc"]
+    # config.json: this session's settings on top, and each session's under "sessions".
+    sessions = run.config()["sessions"]
+    assert [s["from"] for s in sessions[-2:]] == ["start", "after epoch 1"] and sessions[-1]["device"] == "cpu"
 
 
 def check_demo(run, shared):
@@ -538,6 +559,8 @@ def check_step_schedule_zero_init_residual(run, shared):
 def check_label_smoothing(run, shared):
     run.assert_ok()
     assert run.config()["label_smoothing"] == 0.1
+    # --fp32_math tf32 is recorded; the CPU computes IEEE FP32 either way, so the row says FP32.
+    assert run.config()["fp32_math"] == "tf32" and run.results_at_exit["precision"] == "FP32"
     # The base run's data, seed and steps: smoothed targets are never one-hot, so the training
     # loss of a model that learns them stays higher.
     ours, base = run.results_at_exit["epochs"][0], shared.base.results_at_exit["epochs"][0]
@@ -647,8 +670,8 @@ CASES = [
          flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
          argv=[*TRAIN, "--checkpoint_name", "step", "--epochs", "3", "--warmup_epochs", "1", "--lr_schedule", "step",
                "--lr_milestones", "2", "--lr_gamma", "0.5", "--zero_init_residual"]),
-    Case("label_smoothing", flags=("--label_smoothing",), check=check_label_smoothing,
-         argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1"]),
+    Case("label_smoothing_fp32_math", flags=("--label_smoothing", "--fp32_math"), check=check_label_smoothing,
+         argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1", "--fp32_math", "tf32"]),
     Case("compile", flags=("--compile",), check=check_compile, argv=[*TRAIN, "--checkpoint_name", "compiled", "--compile"]),
     Case("benchmark", flags=("--benchmark", "--data", "--benchmark_steps"), check=check_benchmark,
          argv=["--benchmark", "--data", "--benchmark_steps", "1", "--device", "cpu", "--batch_size", "2",
@@ -664,6 +687,8 @@ CASES = [
          argv=["--predict", "--predict_dir", "{pictures}", "--predictions_file", "{tmp}/labels.csv",
                "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--device", "cpu", "--num_workers", "0"]),
     Case("compare", flags=("--compare",), check=check_compare, argv=["--compare", "base", "--checkpoint_dir", "{base}"]),
+    Case("compare_name", flags=("--compare_name",), check=check_compare_name,
+         argv=["--compare", "base", "base", "--compare_name", "mine", "--checkpoint_dir", "{base}"]),
     Case("resume", flags=("--resume",), check=check_resume,
          argv=["--resume", "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--data_dir", "{colours}",
                "--device", "cpu", "--num_workers", "0", "--no_progress"]),
@@ -867,6 +892,10 @@ REFUSALS = [
     ("--cutmix_alpha nan", [*NO_DATA, "--cutmix_alpha", "nan"], ("--cutmix_alpha",)),
     ("--ema_decay 1", [*NO_DATA, "--ema_decay", "1"], ("--ema_decay",)),
     ("--ema_decay with --benchmark", [*NO_DATA, "--benchmark", "--ema_decay", "0.9"], ("--ema_decay", "--benchmark")),
+    ("--compare_name without --compare", [*NO_DATA, "--compare_name", "x"], ("--compare_name", "--compare")),
+    ("--compare_name not a plain name", ["--compare", "a", "--compare_name", "../x", "--checkpoint_dir", "{tmp}/c"],
+     ("--compare_name",)),
+    ("--fp32_math unknown", [*NO_DATA, "--fp32_math", "bf16"], ("--fp32_math",)),
 ]
 
 

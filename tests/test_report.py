@@ -47,7 +47,7 @@ def runs_dir(demo_data, tmp_path_factory):
 
 def table(markdown):
     """(header, rows) of the first markdown table in `markdown`, as lists of cell strings."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    lines = markdown.split("\n\n")[0].splitlines()  # (the other tables follow, after a blank line)
     header, _rule, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return header, rows
 
@@ -66,7 +66,7 @@ def assert_png(path, min_width, min_height):
 def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, demo_data, run_cli):
     code, out, err = run_cli("--compare", *RUNS, checkpoint_dir=runs_dir)
     assert code == 0, err
-    markdown = (runs_dir / "compare.md").read_text()
+    markdown = (runs_dir / "compare_fp32_vs_amp.md").read_text()  # named from the runs
     assert markdown.split("\n\n")[0] in out  # the saved table is the printed one
     header, rows = table(markdown)
     assert header == COLUMNS
@@ -75,22 +75,42 @@ def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, demo_da
     for row in rows:
         cell = dict(zip(header, row))
         results = read_results(runs_dir / cell["run"])
-        seconds[cell["run"]] = sum(e["seconds"] for e in results["epochs"])
+        seconds[cell["run"]] = results["epochs"][1]["seconds"]  # the steady epochs: the first is left out
         assert cell["device"] == results["device"]
         assert cell["precision"] == results["precision"] == {"fp32": "FP32", "amp": "AMP bf16"}[cell["run"]]
         assert float(cell["test acc (%)"]) == pytest.approx(results["test_acc"], abs=0.005)
         assert cell["peak GPU memory"] == "n/a (CPU)"
-        assert float(cell["s/epoch"]) == pytest.approx(seconds[cell["run"]] / EPOCHS, abs=0.05)
+        assert float(cell["s/epoch"]) == pytest.approx(seconds[cell["run"]], abs=0.05)
         assert int(cell["epochs"]) == EPOCHS
         assert cell["total time"] == f"{results['total_train_seconds']:.0f} s"
-        assert float(cell["images/s"]) == pytest.approx(TRAIN_IMAGES * EPOCHS / seconds[cell["run"]], abs=0.5)
+        assert float(cell["images/s"]) == pytest.approx(TRAIN_IMAGES / seconds[cell["run"]], abs=0.5)
         assert cell["memory saving"] == "n/a"  # no GPU memory to compare on the CPU
         assert [cell[c] for c in SETTING_COLUMNS] == ["resnet18", "32", "16", os.path.basename(demo_data)]
         assert cell["skipped steps"] == str(results["skipped_steps"]) == "0"  # bf16 and FP32: no GradScaler
     assert rows[0][COLUMNS.index("speedup")] == "1.00x"
     speedup = float(rows[1][COLUMNS.index("speedup")].rstrip("x"))
     assert speedup == pytest.approx(seconds["fp32"] / seconds["amp"], abs=0.006)
-    assert_png(runs_dir / "compare.png", 600, 250)
+    assert_png(runs_dir / "compare_fp32_vs_amp.png", 600, 250)
+    # Against fp32, image by image: both runs' test_predictions.csv pair up over the 24 test images.
+    vs_first = json.loads((runs_dir / "compare_fp32_vs_amp.json").read_text())["runs"][1]["vs_first"]
+    assert vs_first["images"] == 24 and vs_first["verdict"] in ("same within noise", "better", "worse")
+    assert vs_first["acc_diff"] == pytest.approx(read_results(runs_dir / "amp")["test_acc"] -
+                                                 read_results(runs_dir / "fp32")["test_acc"])
+    assert f"| amp | {vs_first['acc_diff']:+.2f} | {vs_first['acc_diff_ci95'][0]:+.2f} to" in out
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_each_run_keeps_its_test_predictions(runs_dir, demo_data, name):
+    with open(runs_dir / name / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    test_dir = os.path.join(demo_data, "seg_test", "seg_test")
+    assert [r["file"] for r in rows] == sorted(f"{c}/{f}" for c in CLASSES for f in os.listdir(os.path.join(test_dir, c)))
+    assert all(r["true_label"] == r["file"].split("/")[0] and r["predicted_label"] in CLASSES for r in rows)
+    assert all(1 / len(CLASSES) <= float(r["confidence"]) <= 1 for r in rows)
+    matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)  # the results' confusion matrix, image by image
+    for r in rows:
+        matrix[CLASSES.index(r["true_label"]), CLASSES.index(r["predicted_label"])] += 1
+    assert matrix.tolist() == read_results(runs_dir / name)["confusion_matrix"]
 
 
 def gpu_run(name, precision, peak_mb, seconds, images_per_sec):
@@ -109,6 +129,10 @@ def test_speedup_and_memory_saving_are_relative_to_the_first_run():
     assert (base["speedup"], base["memory saving"]) == ("1.00x", "0%")
     assert (half["speedup"], half["memory saving"]) == ("2.50x", "50%")
     assert (half["s/epoch"], half["epochs"], half["total time"], half["images/s"]) == ("12.0", "3", "38 s", "1000")
+    # Steady epochs: a slow first epoch (start-up, autotuning) counts in the total time only.
+    runs[1]["epochs"][0].update(seconds=60.0, images_per_sec=200.0)
+    _, rows = table(comparison_table(runs))
+    assert dict(zip(header, rows[1]))["images/s"] == "1000" and dict(zip(header, rows[1]))["speedup"] == "2.50x"
     assert half["test acc (%)"] == "91.23"
     # One run alone (the summary at the end of training) has nothing to be relative to.
     header, rows = table(comparison_table(runs[:1]))
@@ -118,7 +142,8 @@ def test_speedup_and_memory_saving_are_relative_to_the_first_run():
 # The settings of a run as config.json holds them (vars(cfg)), trimmed to a few.
 SETTINGS = dict(data_dir="/data/intel", image_size=64, batch_size=32, epochs=3, learning_rate=1e-4, seed=42,
                 amp=False, amp_dtype="float16", accum_steps=1, channels_last=True, compile=False,
-                checkpoint_dir="checkpoints", num_workers=8, progress=True, compare=None)
+                checkpoint_dir="checkpoints", num_workers=8, progress=True, compare=None, save_every_steps=0,
+                log_interval=20, tensorboard=False)
 
 
 def write_run(root, name, precision="FP32", config=SETTINGS, **changes):
@@ -164,7 +189,15 @@ def test_compare_of_fp32_and_amp_alone_has_no_warning(tmp_path):
     assert setting_differences(runs) == []
     report = comparison_report(runs)
     assert "warning" not in report and "note" not in report
-    assert report == comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to fp32.\n"
+    assert report.startswith(comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving (peak GPU memory) are "
+                             "relative to fp32.")
+    # Without per-image predictions (these hand-made runs have none) the paired statistics are unavailable.
+    assert "- amp: paired statistics unavailable: fp32 has no test_predictions.csv" in report
+    # --save_every_steps, --log_interval and --tensorboard count: their writes fall inside the timed epochs.
+    runs = [write_run(tmp_path / "io", "a"), write_run(tmp_path / "io", "b", save_every_steps=10, log_interval=1,
+                                                       tensorboard=True)]
+    assert setting_differences(runs) == ["save_every_steps: 0 (a), 10 (b)", "log_interval: 20 (a), 1 (b)",
+                                         "tensorboard: False (a), True (b)"]
 
 
 def test_compare_shows_the_settings_of_a_run_without_config_as_unknown(tmp_path):
@@ -194,7 +227,7 @@ def test_compare_refuses_missing_or_unfinished_runs_and_writes_nothing(runs_dir,
     assert_user_error(run_cli("--compare", "fp32", "cut"), "'cut'", "not finished")
     assert_user_error(run_cli("--compare", "fp32", "../fp32"), "--compare")
     assert_user_error(run_cli("--compare", "fp32", "--predict"), "--compare and --predict")
-    assert not (checkpoints / "compare.md").exists() and not (checkpoints / "compare.png").exists()
+    assert not list(checkpoints.glob("compare*"))
 
 
 # --------------------------------------------------------------------------- each run's pictures and results

@@ -371,9 +371,19 @@ def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tm
     configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("study_baseline", "study_smoothing")}
     assert (configs["study_baseline"]["lr_schedule"], configs["study_baseline"]["warmup_epochs"]) == ("constant", 0)
     assert (configs["study_smoothing"]["lr_schedule"], configs["study_smoothing"]["label_smoothing"]) == ("cosine", 0.1)
-    table = (tmp_path / "compare.md").read_text()  # in the given --checkpoint_dir
+    table = (tmp_path / "compare_study_baseline_vs_study_smoothing.md").read_text()  # in the given --checkpoint_dir
     assert "| study_baseline |" in table and "| study_smoothing |" in table and "- label_smoothing: 0.0" in table
     shutil.rmtree(tmp_path / "study_baseline"), shutil.rmtree(tmp_path / "study_smoothing")
+    # SEEDS: each run once per seed, named <run>_s<seed>, and --compare groups the seeds.
+    done = subprocess.run(["bash", script, *flags], env={**env, "RUNS": "cosine", "SEEDS": "1 2"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads((tmp_path / f"study_cosine_s{s}" / "config.json").read_text())["seed"] for s in (1, 2)] == [1, 2]
+    assert "| study_cosine_s1, study_cosine_s2 | FP32 | 2 | 1 2 |" in done.stdout  # the seed group
+    shutil.rmtree(tmp_path / "study_cosine_s1"), shutil.rmtree(tmp_path / "study_cosine_s2")
+    refused = subprocess.run(["bash", script, *flags, "--seed", "3"], env={**env, "SEEDS": "1 2"}, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "drop --seed" in refused.stderr
     # A run it does not know stops it before anything trains.
     refused = subprocess.run(["bash", script, *flags], env={**env, "RUNS": "cosine typo"}, capture_output=True,
                              text=True, timeout=60)
