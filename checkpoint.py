@@ -11,14 +11,14 @@ import torch
 from distributed import agreed_signal, is_main_process, world_size
 from utils import UserError, torch_load_error
 
-# The keys every checkpoint of this template has had (later ones are read with defaults).
+# The keys every checkpoint of this template has had; a file without them is not one.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
 
 
 @dataclass
 class RunState:
-    """Where a run stands, besides its weights and the optimizer's, schedule's and scaler's state:
-    all of it is saved in every checkpoint (see Checkpoints), and set in one place each."""
+    """Where a run stands, besides its weights and the optimizer's, schedule's and scaler's state.
+    Every checkpoint saves all of it except `best_weights` (best.pt's "weights" records that)."""
 
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # batches of epoch `epoch` already trained (a mid-epoch checkpoint)
@@ -86,7 +86,9 @@ class Checkpoints:
 
     def restore(self, checkpoint, health, steps_per_epoch):
         """Load `checkpoint` (made by `contents`) into the objects and `health`; return its
-        RunState. The run goes on at the batch where it was saved."""
+        RunState. The run goes on at the batch where it was saved: main.py loads last.pt and
+        merges its settings (config.merge_resumed), Trainer.restore calls this, and the epoch's
+        sampler skips the batches already trained (Trainer.train_one_epoch, start_epoch)."""
         self.check_resumable(checkpoint)
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None:
@@ -112,7 +114,7 @@ class Checkpoints:
 
     def check_resumable(self, checkpoint):
         """One line for a checkpoint this session cannot go on from."""
-        name = checkpoint["config"]["checkpoint_name"]
+        name = checkpoint["config"].get("checkpoint_name", "the run")
         if checkpoint["class_names"] != self.class_names:
             raise UserError(f"--resume: the run was trained on classes {checkpoint['class_names']}, "
                             f"but the data now has {self.class_names}")

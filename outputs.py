@@ -48,7 +48,7 @@ class RunOutputs:
 
         from_main_process(guarded)
 
-    def results(self, state, skipped_steps, **final):
+    def write_results(self, state, skipped_steps, **final):
         """Write results.json: the run so far (RunState `state`), and `final`'s test numbers."""
         results = {
             "run": self.cfg.checkpoint_name,
@@ -82,7 +82,7 @@ class RunOutputs:
         and its line."""
         record = state.history[-1]
         self.log_epoch(step, record)  # after last.pt: a resume from an older checkpoint would write them again
-        self.results(state, skipped_steps)
+        self.write_results(state, skipped_steps)
         curves = os.path.join(self.run_dir, "curves.png")
         title = f"{self.cfg.checkpoint_name}: {precision_name(self.cfg)} on {device_name(self.device)}"
         self.write(curves, lambda: plot_curves(state.history, curves, title))
@@ -92,7 +92,7 @@ class RunOutputs:
         """The final results.json with the test's numbers (`test`, and the EMA's in `ema`, of
         best.pt `best`), the test's lines, confusion.png, and TensorBoard's last points."""
         confusion = test["confusion"]  # rows are true classes
-        results = self.results(
+        results = self.write_results(
             state, skipped_steps, test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"], **ema,
             per_class_acc=per_class_accuracy(confusion, self.class_names), confusion_matrix=confusion.tolist(),
         )

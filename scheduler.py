@@ -81,13 +81,13 @@ class WarmupLR(LRScheduler):
     def get_lr(self):
         return [self._lr(self.last_epoch, base_lr) for base_lr in self.base_lrs]
 
-    def step(self):
+    def step(self, *args, **kwargs):
         """On to the next optimizer step's LR. (A float16 step that GradScaler skipped never
         called optimizer.step(); the schedule counts steps, so PyTorch's warning about the order
-        of the two calls does not apply.)"""
+        of the two calls does not apply, for any user of this class.)"""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            super().step()
+            super().step(*args, **kwargs)
 
     def lr_at(self, step):
         """The (first parameter group's) LR of optimizer step `step`."""

@@ -129,7 +129,7 @@ class AccumulationGroup(NamedTuple):
 
     first: bool  # the step's first micro-batch
     size: int  # micro-batches in the step (the last step of an epoch may have fewer); the loss divisor
-    steps: bool  # the step's last micro-batch: backward, then the optimizer step
+    last: bool  # the step's last micro-batch: backward, then the optimizer step
 
 
 def accumulation_group(i, accum_steps, num_batches):
@@ -137,7 +137,7 @@ def accumulation_group(i, accum_steps, num_batches):
     `accum_steps` micro-batches, the loss averaged over the micro-batches of its group."""
     group_start = i - i % accum_steps
     size = min(accum_steps, num_batches - group_start)
-    return AccumulationGroup(first=i == group_start, size=size, steps=i == group_start + size - 1)
+    return AccumulationGroup(first=i == group_start, size=size, last=i == group_start + size - 1)
 
 
 class BatchSeeds(NamedTuple):

@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint  # noqa: F401 (main's imports)
+from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint
 from dataset import DeviceTransform, loader_files
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
 from metrics import ClassificationMeter, ImagePredictions, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
@@ -109,13 +109,13 @@ class Trainer:
             if group.first:
                 self.health.before_step()
             torch.manual_seed(seeds.forward)  # dropout, stochastic depth: drawn again alike on resume
-            with gradient_sync(self.train_model, group.steps):
+            with gradient_sync(self.train_model, group.last):
                 loss, logits, outcome = training_step(self.train_model, images, targets, self.autocast, self.update,
-                                                      group.size, group.steps, self.label_smoothing)
+                                                      group.size, group.last, self.label_smoothing)
             meter.update(loss, logits, labels)
             bar.update()
             self.health.record(loss, outcome)  # (puts a skipped step's BatchNorm statistics back)
-            if group.steps:
+            if group.last:
                 self.scheduler.step()
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
@@ -237,7 +237,6 @@ class Trainer:
 
     def steps_per_epoch(self):
         return math.ceil(self.batches_per_epoch / self.cfg.accum_steps)
-
 
 
 @torch.no_grad()
