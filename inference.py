@@ -2,6 +2,7 @@
 PyTorch (FP32, and bf16/fp16 autocast where the device computes them natively) and onnxruntime
 (the FP32 and INT8 files); per row the size, test accuracy, agreement with PyTorch FP32's top-1,
 the latency of one image and the images/s of batches of 32."""
+import os
 import time
 
 import numpy as np
@@ -200,4 +201,6 @@ def measure(model, cfg, onnx_files, loader, reference):
             "timing": {"latency_runs": LATENCY_RUNS, "latency_warmup": LATENCY_WARMUP,
                        "throughput_batch": THROUGHPUT_BATCH, "throughput_runs": THROUGHPUT_RUNS,
                        "throughput_warmup": THROUGHPUT_WARMUP},
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+            # How busy the machine was as the timing ended (this process's threads included).
+            "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}

@@ -483,7 +483,10 @@ def inference_markdown(report):
         f"{timing['latency_runs']} runs after {timing['latency_warmup']} warm-up runs; images/s: "
         f"{timing['throughput_batch']} over the median time of {timing['throughput_runs']} batches after "
         f"{timing['throughput_warmup']} warm-up batches. One measurement: on a shared or busy machine the times "
-        "vary from run to run.",
+        f"vary from run to run (1-minute load average {report['load_average']} on {report['cpus']} CPUs as the "
+        "timing ended, this process's threads included" +
+        ("; busier than its cores, so read the times as upper bounds)." if report["load_average"] > 1.5 * report["cpus"]
+         else ")."),
     ]
     lines += ["", "Not measured:"] + [f"- {s['precision']} on {s['runtime']}: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
