@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import tempfile
+import time
 
 import onnx
 import torch
@@ -55,26 +56,42 @@ def export_run(model, best, cfg):
         raise UserError(f"the classes in {cfg.data_dir} ({', '.join(class_names)}) differ from the run's "
                         f"({', '.join(best['class_names'])})")
     test_loader = evaluation_loader(test_set, cfg, cfg.device, 0, 1)
-    print(f"exporting {cfg.checkpoint_name} ({cfg.model}, epoch {best['epoch']}, {best.get('weights', 'raw')} "
-          f"weights) to ONNX ...", flush=True)
+    clock = Clock(f"exporting {cfg.checkpoint_name} ({cfg.model}, epoch {best['epoch']}, "
+                  f"{best.get('weights', 'raw')} weights) to ONNX")
     fp32 = export_onnx(model, cfg, metadata(cfg, best))
-    reference = inference.evaluate_runner(inference.PyTorchRunner(model, cfg), test_loader)
-    onnx_fp32 = inference.evaluate_runner(inference.OnnxRunner(fp32), test_loader)
-    parity = inference.agreement(onnx_fp32, reference)
+    clock.lap("checking it against PyTorch on the test split")
+    onnx_fp32 = inference.OnnxRunner(fp32, "fp32")
+    results = {("pytorch", "fp32"): inference.evaluate_runner(inference.PyTorchRunner(model, cfg), test_loader),
+               ("onnxruntime", "fp32"): inference.evaluate_runner(onnx_fp32, test_loader)}
+    parity = inference.agreement(results["onnxruntime", "fp32"], results["pytorch", "fp32"])
     check_parity(parity, cfg)
-    print(f"parity on {len(reference['targets'])} test images: onnxruntime FP32 gives PyTorch FP32's top-1 on "
-          f"{parity['agreement']:.2f}%, largest logit difference {parity['max_abs_logit_diff']:.2e}", flush=True)
     calibration = calibration_batches(train_set, cfg)
-    print(f"quantizing to INT8 (static, QDQ, per-channel weights) on {sum(len(b) for b in calibration)} "
-          "training images ...", flush=True)
+    clock.lap(f"parity: onnxruntime FP32 gives PyTorch FP32's top-1 on {parity['agreement']:.2f}% of "
+              f"{len(results['pytorch', 'fp32']['targets'])} test images, largest logit difference "
+              f"{parity['max_abs_logit_diff']:.2e}; quantizing to INT8 (static, QDQ, per-channel weights) on "
+              f"{sum(len(b) for b in calibration)} training images")
     int8 = quantize_int8(fp32, calibration, metadata(cfg, best, precision="int8", calibration=calibration))
-    print("timing each precision ...", flush=True)
-    report = inference.measure(model, cfg, {"fp32": fp32, "int8": int8}, test_loader, reference)
+    clock.lap("measuring each precision")
+    report = inference.measure(model, cfg, [onnx_fp32, inference.OnnxRunner(int8, "int8")], test_loader, results)
     report.update(run=cfg.checkpoint_name, model=cfg.model, epoch=best["epoch"],
                   weights=best.get("weights", "raw"), calibration_images=sum(len(b) for b in calibration))
     write_files(run_dir, fp32, int8, report)
+    clock.lap("done")
     print(inference_markdown(report) + f"\nwrote {', '.join(os.path.join(run_dir, f) for f in EXPORT_FILES)}")
     return 0
+
+
+class Clock:
+    """Progress lines with the seconds each step took: an export takes a while."""
+
+    def __init__(self, first):
+        print(f"{first} ...", flush=True)
+        self.start = time.perf_counter()
+
+    def lap(self, next_step):
+        now = time.perf_counter()
+        print(f"  ({now - self.start:.0f} s)\n{next_step}{'' if next_step == 'done' else ' ...'}", flush=True)
+        self.start = now
 
 
 def check_writable(run_dir):
@@ -92,7 +109,7 @@ def check_file_limit(model, name):
     size = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
     if size >= ONNX_FILE_LIMIT:
         raise UserError(f"--model {name} cannot be exported to one ONNX file: its float32 weights take "
-                        f"{size / 1e9:.1f} GB, and an ONNX file holds at most {ONNX_FILE_LIMIT / 1e9:.1f} GB")
+                        f"{size / 1e6:,.0f} MB, and one ONNX file holds at most {ONNX_FILE_LIMIT / 1e6:,.0f} MB")
 
 
 def metadata(cfg, best, precision="fp32", calibration=()):

@@ -17,6 +17,7 @@ from trainer import precision_name
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
 THROUGHPUT_BATCH, THROUGHPUT_RUNS, THROUGHPUT_WARMUP = 32, 5, 2
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # (--amp_dtype's)
 # The CPU features that compute each dtype natively (/proc/cpuinfo's names).
 NATIVE_CPU_FEATURES = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
 ONNX_FP16_SKIPPED = ("onnxruntime's CPU provider has no FP16 convolution kernels on x86: it runs an FP16 file's "
@@ -172,29 +173,32 @@ def onnxruntime_capability():
 
 
 # --------------------------------------------------------------------------- the rows
-def measure(model, cfg, onnx_files, loader, reference):
-    """inference.json's content: a row per precision and runtime (PyTorch FP32 and its native
-    autocast dtypes; onnxruntime FP32 and INT8), what was skipped and why, and the setting."""
-    native = native_dtypes(cfg.device)
-    runners = [PyTorchRunner(model, cfg, precision) for precision in ("fp32", *native)]
-    runners += [OnnxRunner(data, precision) for precision, data in onnx_files.items()]
+def amp_dtype(cfg):
+    """The reduced dtype the run's --amp computes in ("bf16"/"fp16"); for an FP32 run, the one
+    --amp would use on this device (float16 on CUDA, bfloat16 on a CPU)."""
+    name = cfg.amp_dtype if cfg.amp else ("float16" if torch.device(cfg.device).type == "cuda" else "bfloat16")
+    return next(short for short, long in AMP_DTYPE_NAMES.items() if long == name)
+
+
+def measure(model, cfg, onnx_runners, loader, results):
+    """inference.json's content: a row per precision and runtime (PyTorch FP32 and, where the
+    device computes it natively, the run's AMP dtype; the onnxruntime runners), what was left out
+    and why, and the setting. `results` holds the test-split results already computed, by
+    (runtime, precision)."""
+    reduced, native = amp_dtype(cfg), native_dtypes(cfg.device)
+    runners = [PyTorchRunner(model, cfg, p) for p in ("fp32", reduced) if p == "fp32" or p in native] + onnx_runners
     single, batch = timing_batches(loader)
     devices = {"pytorch": (device_name(cfg.device), pytorch_capability(cfg.device)),
                "onnxruntime": (cpu_name(), onnxruntime_capability())}
-    rows = []
+    reference, rows = results["pytorch", "fp32"], []
     for runner in runners:
-        result = reference if runner.runtime == "pytorch" and runner.precision == "fp32" else \
-            evaluate_runner(runner, loader)
+        result = results.get((runner.runtime, runner.precision)) or evaluate_runner(runner, loader)
         device, capability = devices[runner.runtime]
         rows.append({"precision": runner.precision, "runtime": runner.runtime, "size_mb": runner.size / 1e6,
                      "test_acc": accuracy(result), **agreement(result, reference),
                      **time_runner(runner, single, batch), "device": device, "capability": capability})
-    skipped = [{"precision": dtype, "runtime": "pytorch",
-                "reason": f"{devices['pytorch'][0]} does not compute {dtype} natively "
-                          f"({devices['pytorch'][1]}): it would be emulated through float32"}
-               for dtype in AUTOCAST_DTYPES if dtype not in native]
-    skipped.append({"precision": "fp16", "runtime": "onnxruntime", "reason": ONNX_FP16_SKIPPED})
-    return {"rows": rows, "skipped": skipped, "device": devices["pytorch"][0], "capability": devices["pytorch"][1],
+    return {"rows": rows, "skipped": skipped_rows(cfg, reduced, native, devices["pytorch"]),
+            "device": devices["pytorch"][0], "capability": devices["pytorch"][1],
             "onnxruntime_device": devices["onnxruntime"][0], "onnxruntime_capability": devices["onnxruntime"][1],
             "run_precision": precision_name(cfg), "input_size": cfg.random_crop or cfg.image_size,
             "test_images": int(len(reference["targets"])), "threads": torch.get_num_threads(),
@@ -204,3 +208,22 @@ def measure(model, cfg, onnx_files, loader, reference):
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
             # How busy the machine was as the timing ended (this process's threads included).
             "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+
+
+def skipped_rows(cfg, reduced, native, pytorch_device):
+    """The precisions not measured, each with why."""
+    device, capability = pytorch_device
+    skipped = []
+    for dtype in AUTOCAST_DTYPES:
+        if dtype != reduced:
+            where = "CUDA" if torch.device(cfg.device).type == "cuda" else "a CPU"
+            why = (f"the run trained with --amp_dtype {cfg.amp_dtype}" if cfg.amp else
+                   f"--amp on {where} means {AMP_DTYPE_NAMES[reduced]}")
+            why = f"not this run's AMP dtype: {why}"
+        elif dtype not in native:
+            why = f"{device} does not compute {dtype} natively ({capability}): autocast would emulate it"
+        else:
+            continue
+        skipped.append({"precision": dtype, "runtime": "pytorch", "reason": why})
+    skipped.append({"precision": "fp16", "runtime": "onnxruntime", "reason": ONNX_FP16_SKIPPED})
+    return skipped
