@@ -422,13 +422,14 @@ def write_stale_run(placeholders, name):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"stale": True}))
     (folder / "predictions.csv").write_text("file,label,confidence\nold.jpg,old,1.0\n")
+    (folder / "model.onnx").write_bytes(b"an old run's export")  # (not the new run's model)
 
 
 def check_deterministic_save_every_steps_overwrite(run, shared):
     run.assert_ok()
     # --overwrite: the old run's files are gone, the new run's are there.
     assert "stale" not in run.results_at_exit and run.results_at_exit["finished"]
-    assert not (run.dir / "predictions.csv").exists()
+    assert not (run.dir / "predictions.csv").exists() and not (run.dir / "model.onnx").exists()
     # --deterministic: training ran with deterministic algorithms only; the same seed gave the
     # base run's numbers.
     cfg = run.config()
@@ -782,7 +783,7 @@ def check_demo_overwrite(run, shared):
     assert "wrote a generated demo dataset" not in run.out  # the data was there already
     results = run.results_at_exit
     assert "stale" not in results and results["finished"] and results["class_names"] == DEMO_CLASSES
-    assert not (run.dir / "predictions.csv").exists()
+    assert not (run.dir / "predictions.csv").exists() and not (run.dir / "model.onnx").exists()
 
 
 # Every pair of MODES, in one table: REFUSED, or the Case that runs it.

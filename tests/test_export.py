@@ -188,6 +188,10 @@ def test_predict_onnx_writes_the_csv_of_predict_without_pytorch(demo, tmp_path):
     assert max(abs(float(r["confidence"]) - float(e["confidence"])) for r, e in zip(got, expected)) < 2e-3
 
 
+def test_a_new_run_in_the_folder_removes_the_old_export():
+    assert main_module.EXPORT_FILES == export.EXPORT_FILES  # (--overwrite removes main's list: see test_every_flag)
+
+
 def test_compare_shows_the_inference_rows(demo):
     code, out, err = cli("--compare", "r18", "--checkpoint_dir", demo["runs"])
     assert code == 0, err
