@@ -96,23 +96,31 @@ def timing_batches(loader):
     return images[:1].contiguous(), repeated.contiguous()
 
 
-def time_runner(runner, single, batch):
-    """Latency (ms, p50 and p95 of LATENCY_RUNS single images) and images/s (THROUGHPUT_BATCH
-    over the median of THROUGHPUT_RUNS batches), each after its warm-up runs. Wall time from a
-    uint8 batch in host memory to logits in host memory."""
-    seconds = []
-    for run in range(LATENCY_WARMUP + LATENCY_RUNS):
-        start = time.perf_counter()
-        runner(single)
-        seconds.append(time.perf_counter() - start)
-    p50, p95 = np.percentile(seconds[LATENCY_WARMUP:], [50, 95]) * 1000
-    batch_seconds = []
-    for run in range(THROUGHPUT_WARMUP + THROUGHPUT_RUNS):
-        start = time.perf_counter()
-        runner(batch)
-        batch_seconds.append(time.perf_counter() - start)
-    median = float(np.median(batch_seconds[THROUGHPUT_WARMUP:]))
-    return {"latency_ms_p50": float(p50), "latency_ms_p95": float(p95), "images_per_sec": len(batch) / median}
+def interleaved_seconds(runners, images, warmup, runs):
+    """[[seconds of each timed call] per runner]: every runner's warm-up calls first, then rounds in
+    which each runner is timed once, in an order rotated every round. Load that comes and goes on
+    a shared machine then falls on all runners alike, not on whichever ran at that moment."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner(images)
+    seconds = [[] for _ in runners]
+    for round_ in range(runs):
+        for i in [(round_ + k) % len(runners) for k in range(len(runners))]:
+            start = time.perf_counter()
+            runners[i](images)
+            seconds[i].append(time.perf_counter() - start)
+    return seconds
+
+
+def time_runners(runners, single, batch):
+    """Per runner: latency (ms, p50 and p95 of LATENCY_RUNS single images) and images/s
+    (THROUGHPUT_BATCH over the median time of THROUGHPUT_RUNS batches). Wall time from a uint8
+    batch in host memory to logits in host memory."""
+    latency = interleaved_seconds(runners, single, LATENCY_WARMUP, LATENCY_RUNS)
+    throughput = interleaved_seconds(runners, batch, THROUGHPUT_WARMUP, THROUGHPUT_RUNS)
+    return [{"latency_ms_p50": float(np.percentile(one, 50) * 1000),
+             "latency_ms_p95": float(np.percentile(one, 95) * 1000),
+             "images_per_sec": len(batch) / float(np.median(batches))} for one, batches in zip(latency, throughput)]
 
 
 # --------------------------------------------------------------------------- the device
@@ -191,12 +199,12 @@ def measure(model, cfg, onnx_runners, loader, results):
     devices = {"pytorch": (device_name(cfg.device), pytorch_capability(cfg.device)),
                "onnxruntime": (cpu_name(), onnxruntime_capability())}
     reference, rows = results["pytorch", "fp32"], []
-    for runner in runners:
+    for runner, timing in zip(runners, time_runners(runners, single, batch)):
         result = results.get((runner.runtime, runner.precision)) or evaluate_runner(runner, loader)
         device, capability = devices[runner.runtime]
         rows.append({"precision": runner.precision, "runtime": runner.runtime, "size_mb": runner.size / 1e6,
-                     "test_acc": accuracy(result), **agreement(result, reference),
-                     **time_runner(runner, single, batch), "device": device, "capability": capability})
+                     "test_acc": accuracy(result), **agreement(result, reference), **timing,
+                     "device": device, "capability": capability})
     return {"rows": rows, "skipped": skipped_rows(cfg, reduced, native, devices["pytorch"]),
             "device": devices["pytorch"][0], "capability": devices["pytorch"][1],
             "onnxruntime_device": devices["onnxruntime"][0], "onnxruntime_capability": devices["onnxruntime"][1],

@@ -482,7 +482,8 @@ def inference_markdown(report):
         "from a uint8 array in memory to its logits, p50 and p95 of "
         f"{timing['latency_runs']} runs after {timing['latency_warmup']} warm-up runs; images/s: "
         f"{timing['throughput_batch']} over the median time of {timing['throughput_runs']} batches after "
-        f"{timing['throughput_warmup']} warm-up batches. One measurement: on a shared or busy machine the times "
+        f"{timing['throughput_warmup']} warm-up batches; the rows take turns, run by run, so a passing load "
+        "falls on all of them. One measurement: on a shared or busy machine the times "
         f"vary from run to run (1-minute load average {report['load_average']} on {report['cpus']} CPUs as the "
         "timing ended, this process's threads included" +
         ("; busier than its cores, so read the times as upper bounds)." if report["load_average"] > 1.5 * report["cpus"]
