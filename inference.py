@@ -165,8 +165,9 @@ def pytorch_capability(device):
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"sm_{major}{minor}; native {', '.join(native)}"
-    features = sorted(f for dtype in native for f in NATIVE_CPU_FEATURES[dtype] if f in cpu_flags())
-    what = f"native {', '.join(native)} ({', '.join(features)})" if native else "no native bf16 or fp16"
+    flags = cpu_flags()
+    parts = [f"{dtype} ({', '.join(f for f in NATIVE_CPU_FEATURES[dtype] if f in flags)})" for dtype in native]
+    what = f"native {' and '.join(parts)}" if native else "no native bf16 or fp16"
     return f"{torch.backends.cpu.get_cpu_capability()} kernels; {what}"
 
 

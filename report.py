@@ -471,7 +471,7 @@ def inference_markdown(report):
         "",
         f"- PyTorch rows: {report['device']} ({report['capability']})",
         f"- onnxruntime rows: {report['onnxruntime_device']} ({report['onnxruntime_capability']})",
-        f"- {report['threads']} threads for both; torch {report['versions']['torch']}, onnxruntime "
+        f"- threads: {report['threads']} for both runtimes; torch {report['versions']['torch']}, onnxruntime "
         f"{report['versions']['onnxruntime']}; INT8 calibrated on {report['calibration_images']} training images",
         "",
         _markdown_table(INFERENCE_COLUMNS, [inference_cells(row) for row in report["rows"]]),
