@@ -1,10 +1,11 @@
 """Does every model --model trains export? Each classification model of torchvision, random init, at
 the smallest size it takes (32 px where it can), goes through --export's own functions: the
 ONNX export (export.export_onnx, behind the uint8-in Deployable), onnxruntime against PyTorch on
-random uint8 batches of 1 and 3 images, and the INT8 quantization (2 calibration batches). One
-model per subprocess (a crash or a hang is that model's result), one JSON line each.
+random uint8 batches of 1 and 3 images, and with --int8 the INT8 quantization (2 calibration
+batches). One model per subprocess (a crash or a hang is that model's result), one JSON line each.
 
     python benchmarks/export_sweep.py                          # all of them (an hour or more on 2 cores)
+    python benchmarks/export_sweep.py --int8 resnet50          # also quantize (minutes for large models)
     python benchmarks/export_sweep.py resnet18 vit_b_16        # some
     python benchmarks/export_sweep.py --table sweep.jsonl      # the markdown table of a finished sweep
 """
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def sweep_one(name):
+def sweep_one(name, int8):
     """One model's result, as a dict (run in its own process)."""
     import numpy as np
     import torch
@@ -50,6 +51,8 @@ def sweep_one(name):
         got, expected = runner(batch), reference(batch)
         diffs.append(float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30)))
     result["max_relative_logit_diff"] = max(diffs)
+    if not int8:
+        return result
     start = time.perf_counter()
     try:
         int8 = export.quantize_int8(data, [images[:2].numpy(), images[1:].numpy()], {"precision": "int8"})
@@ -75,10 +78,11 @@ def main(argv=None):
     p.add_argument("--out", default="export_sweep.jsonl", help="where to append the JSON lines")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     p.add_argument("--table", metavar="JSONL", help="print the markdown table of a finished sweep and stop")
+    p.add_argument("--int8", action="store_true", help="also quantize each model to INT8")
     p.add_argument("--one", help=argparse.SUPPRESS)  # (the subprocess's own job)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(sweep_one(args.one)))
+        print(json.dumps(sweep_one(args.one, args.int8)))
         return 0
     if args.table:
         with open(args.table) as f:
@@ -88,8 +92,8 @@ def main(argv=None):
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     for name in names:
         try:
-            done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                                  timeout=args.timeout)
+            done = subprocess.run([sys.executable, __file__, "--one", name, *(["--int8"] if args.int8 else [])],
+                                  capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             result = json.loads(lines[-1]) if lines else {
                 "model": name, "export": f"crashed (exit {done.returncode}): {done.stderr.strip()[-300:]}"}
