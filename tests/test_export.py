@@ -4,6 +4,7 @@ and model.int8.onnx (static INT8, QDQ, per-channel weights); inference.json/.md 
 precision and runtime; deploy/predict_onnx.py labels images without PyTorch as --predict does.
 Three families export; a run without best.pt, a model the exporter refuses, a disagreeing export
 and a read-only run folder each stop in one line and leave the folder as it was."""
+import argparse
 import contextlib
 import csv
 import io
@@ -23,7 +24,7 @@ import export
 import inference
 import main as main_module
 from conftest import FEW_TIMING_RUNS, ROOT, make_colour_dataset
-from dataset import DeviceTransform, UnlabeledImages
+from dataset import DeviceTransform, UnlabeledImages, evaluation_view
 from demo import DEMO_CLASSES, make_demo_dataset
 
 TINY = ["--image_size", "32", "--batch_size", "8", "--no_pretrained", "--num_workers", "0", "--no_progress",
@@ -68,12 +69,14 @@ def few_timing_runs():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, few_timing_runs):
-    """A 1-epoch ResNet-18 run on generated demo data (6 classes, 32 px), exported once."""
+    """A 1-epoch ResNet-18 run on generated demo data (6 classes, resized to 32 px, the center 28 x 28
+    at test time: --random_crop), exported once."""
     root = tmp_path_factory.mktemp("export")
     data = root / "demo"
     make_demo_dataset(str(data), train_per_class=12, test_per_class=5, size=48)
     runs = root / "checkpoints"
-    code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", "r18", *TINY)
+    code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", "r18", *TINY,
+                         "--random_crop", "28")
     assert code == 0, err
     code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", "r18", *EXPORT)
     assert code == 0, err
@@ -100,8 +103,9 @@ def test_model_onnx_takes_uint8_batches_of_any_size_and_computes_what_pytorch_do
     session = onnxruntime.InferenceSession(str(demo["run"] / "model.onnx"), providers=["CPUExecutionProvider"])
     (images_input,) = session.get_inputs()
     assert images_input.name == "images" and images_input.type == "tensor(uint8)"
-    assert images_input.shape == ["batch", 3, 32, 32]
-    pictures = UnlabeledImages(str(demo["data"] / "seg_pred" / "seg_pred"), 32)
+    assert images_input.shape == ["batch", 3, 28, 28]  # --random_crop 28: the center crop of the 32 px image
+    pictures = evaluation_view(UnlabeledImages(str(demo["data"] / "seg_pred" / "seg_pred"), 32),
+                               argparse.Namespace(random_crop=28))
     model = best_model(demo["run"])
     for size in (1, 5):  # the batch dimension is dynamic
         images = torch.stack([pictures[i][0] for i in range(size)])
@@ -117,7 +121,7 @@ def test_metadata_says_how_to_feed_the_model(demo):
     meta = onnxruntime.InferenceSession(str(demo["run"] / "model.onnx")).get_modelmeta().custom_metadata_map
     assert json.loads(meta["class_names"]) == list(DEMO_CLASSES)
     assert (meta["input_layout"], meta["input_dtype"], meta["input_channels"]) == ("NCHW", "uint8", "RGB")
-    assert (meta["input_size"], meta["resize"], meta["crop"]) == ("32", "32", "32")
+    assert (meta["input_size"], meta["resize"], meta["crop"]) == ("28", "32", "28")
     assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["std"]) == [0.229, 0.224, 0.225]
     assert (meta["model"], meta["weights"], meta["precision"]) == ("resnet18", "raw", "fp32")
     assert "normalizes" in meta["preprocessing"]
@@ -139,7 +143,7 @@ def test_int8_file_is_static_qdq_with_per_channel_weights_and_under_40_percent(d
     assert {opset.domain for opset in model.opset_import} == {""}  # standard ONNX only
     session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     for size in (1, 5):
-        assert session.run(None, {"images": np.zeros((size, 3, 32, 32), np.uint8)})[0].shape == (size, 6)
+        assert session.run(None, {"images": np.zeros((size, 3, 28, 28), np.uint8)})[0].shape == (size, 6)
 
 
 def test_inference_json_has_a_row_per_precision_and_runtime(demo):
