@@ -28,7 +28,8 @@ DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written the
 NOT_COMPARED = {
     "amp", "amp_dtype", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress", "log_interval",
     "save_every_steps", "resume", "evaluate", "predict", "predict_dir", "compare", "overwrite", "dist_timeout",
-    "cache", "benchmark", "benchmark_steps", "data", "demo", "tensorboard", "predictions_file",
+    "cache", "benchmark", "benchmark_steps", "data", "demo", "tensorboard", "predictions_file", "export",
+    "calibration_images",
 }
 
 
