@@ -41,7 +41,7 @@ RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_ev
 # --evaluate and --predict also take the run's saved settings; these may differ from them (none
 # changes the model's answers).
 EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
-                                            "pretrained_path", "skip_bad_images", "fp32_math"}
+                                            "pretrained_path", "skip_bad_images", "fp32_math", "calibration_images"}
 # Flags of training alone: --benchmark times steps on synthetic data and reads none of them.
 TRAINING_ONLY_FLAGS = {
     "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
@@ -53,7 +53,9 @@ TRAINING_ONLY_FLAGS = {
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
 # Flags that select what main.py does, rather than how a run trains.
-MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark")
+MODE_FLAGS = ("compare", "predict", "evaluate", "resume", "benchmark", "export")
+# Modes that work on a finished run with its saved settings (they train nothing).
+SAVED_RUN_MODES = ("evaluate", "predict", "export")
 # The only flags --compare reads (it works on finished runs' results.json).
 COMPARE_FLAGS = {"compare", "compare_name", "checkpoint_dir"}
 
@@ -201,6 +203,13 @@ def build_parser():
     g.add_argument("--predict_dir", default=None, help="with --predict: the folder of images to label (default: DATA_DIR/seg_pred)")
     g.add_argument("--predictions_file", default=None, metavar="PATH",
                    help="with --predict: write the CSV here (default: CHECKPOINT_DIR/NAME/predictions.csv)")
+    g.add_argument("--export", action="store_true",
+                   help="ship the run's best.pt: NAME/model.onnx (uint8 RGB images in, normalization inside, dynamic "
+                        "batch, class names and preprocessing in its metadata) checked against PyTorch on the test "
+                        "split, NAME/model.int8.onnx (static INT8), and what each precision costs and buys "
+                        "(NAME/inference.json, inference.md)")
+    g.add_argument("--calibration_images", type=int, default=256, metavar="N",
+                   help="with --export: the training images that calibrate the INT8 model's activation ranges")
     g.add_argument("--compare", nargs="+", default=None, metavar="NAME",
                    help="print and save a comparison of finished runs: tables (.md), numbers (.json) and charts "
                         "(.png) in CHECKPOINT_DIR, named compare_A_vs_B (see --compare_name); everything is relative "
@@ -265,7 +274,8 @@ def bf16_supported():
 
 def validate(cfg):
     """Reject settings that cannot work, before anything is written."""
-    for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps"):
+    for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps",
+                 "calibration_images"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout", "momentum",
@@ -319,7 +329,7 @@ def check_model(cfg):
     (--random_crop's, else --image_size's; a run that is resumed, evaluated or predicted with
     keeps the size it was trained at)."""
     check_model_name(cfg.model)
-    if not any(getattr(cfg, mode, None) for mode in ("resume", "evaluate", "predict", "compare")):
+    if not any(getattr(cfg, mode, None) for mode in ("resume", "compare", *SAVED_RUN_MODES)):
         flag = "--random_crop" if getattr(cfg, "random_crop", None) else "--image_size"
         problem = image_size_problem(cfg.model, input_size(cfg), flag)
         if problem:
@@ -443,11 +453,11 @@ def check_flag_combinations(cfg, explicit):
                             f"{NEGATED_FLAGS.get(ignored[0], '--' + ignored[0])} does nothing with it{extra}")
     for flag, needs in (("amp_dtype", ("amp", "benchmark")), ("data", ("benchmark",)), ("predict_dir", ("predict",)),
                         ("predictions_file", ("predict",)), ("benchmark_steps", ("benchmark",)),
-                        ("compare_name", ("compare",))):
+                        ("compare_name", ("compare",)), ("calibration_images", ("export",))):
         if flag in explicit and not any(getattr(cfg, mode) for mode in needs):
             raise UserError(f"--{flag} is only used with {' or '.join(f'--{mode}' for mode in needs)}")
-    if cfg.tensorboard and (cfg.evaluate or cfg.predict):
-        raise UserError("--tensorboard logs training; --evaluate and --predict train nothing")
+    if cfg.tensorboard and any(getattr(cfg, mode) for mode in SAVED_RUN_MODES):
+        raise UserError("--tensorboard logs training; --evaluate, --predict and --export train nothing")
     if "pretrained_path" in explicit and not cfg.pretrained:
         raise UserError("--pretrained_path gives weights to start from, --no_pretrained says to start from random "
                         "weights; drop one of them")
@@ -473,7 +483,7 @@ def resolve(cfg):
         cfg.warmup_epochs = cfg.epochs // 10
     drop_unused(cfg)
     validate(cfg)
-    if not (cfg.resume or cfg.evaluate or cfg.predict or cfg.compare):
+    if not (cfg.resume or cfg.compare or any(getattr(cfg, mode) for mode in SAVED_RUN_MODES)):
         check_batch_split(cfg)  # (those take the run's saved batch size, or none: checked later)
     return cfg
 
@@ -539,7 +549,7 @@ def merge_resumed(saved, cfg, explicit):
 
 
 def merge_evaluated(saved, cfg, explicit):
-    """The config of --evaluate or --predict on a saved run (see merge_saved)."""
+    """The config of --evaluate, --predict or --export on a saved run (see merge_saved)."""
     merged = merge_saved(saved, cfg, explicit, EVALUATE_OVERRIDES)
     trained_on_gpu = str(saved.get("device", "")).startswith("cuda")
     if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16" and trained_on_gpu \

@@ -1,5 +1,5 @@
 """Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer;
-or --evaluate, --predict, --compare or --benchmark an existing run or this machine."""
+or --evaluate, --predict, --export, --compare or --benchmark an existing run or this machine."""
 import hashlib
 import os
 import shutil
@@ -36,6 +36,7 @@ from model import build_model
 from report import (
     compare_runs,
     comparison_report,
+    inference_section,
     load_finished_run,
     per_class_report,
     plot_comparison,
@@ -78,6 +79,8 @@ from utils import (
 # Files a run writes; --overwrite removes these and nothing else.
 RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log", "curves.png", "confusion.png",
              "predictions.csv", "test_predictions.csv")
+# Written by --export (export.EXPORT_FILES); a fresh run removes them too, as they were not its model.
+EXPORT_FILES = ("model.onnx", "model.int8.onnx", "inference.json", "inference.md")
 # A folder with any of these holds a run that trained (config.json alone: one that never started).
 TRAINED_FILES = ("best.pt", "last.pt", "results.json")
 
@@ -98,7 +101,7 @@ def start_run_dir(run_dir, fresh):
     try:
         os.makedirs(run_dir, exist_ok=True)
         remove_stale_temp_files(run_dir)  # left by a write that was killed
-        for name in RUN_FILES if fresh else ():
+        for name in (*RUN_FILES, *EXPORT_FILES) if fresh else ():
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
         if fresh:  # a new run's TensorBoard series starts empty
@@ -279,12 +282,22 @@ def predict(best, cfg):
     return 0
 
 
+def export(best, cfg):
+    """Ship a run's best.pt: ONNX (FP32 and INT8), checked against PyTorch, each precision timed (export.py)."""
+    try:
+        from export import export_run  # onnx, onnxruntime and onnxscript: needed by --export alone
+    except ImportError as exc:
+        raise UserError(f"--export needs the onnx, onnxruntime and onnxscript packages ({exc.name or exc} is "
+                        "missing): pip install -r requirements.txt") from None
+    return export_run(best_model(best, cfg), best, cfg)
+
+
 def compare(cfg):
     """The comparison of finished runs, printed and saved as CHECKPOINT_DIR/NAME.md (the tables),
     NAME.json (the numbers) and NAME.png (the charts), NAME from --compare_name or the runs."""
     runs = [load_finished_run(cfg.checkpoint_dir, name) for name in cfg.compare]  # all checked before writing
     comparison = compare_runs(runs)
-    text = comparison_report(runs, comparison)
+    text = comparison_report(runs, comparison) + inference_section(cfg.checkpoint_dir, cfg.compare)
     name = cfg.compare_name or comparison_name(cfg.compare)
     paths = [os.path.join(cfg.checkpoint_dir, f"{name}.{ext}") for ext in ("md", "json", "png")]
     replaced = any(os.path.exists(path) for path in paths)
@@ -313,7 +326,7 @@ def run(argv=None):
     cfg, explicit = config.parse_config(argv)
     # Under torchrun: join the group. Rank 0 alone then touches the shared files (demo data,
     # run folder, checkpoints) and hands the result, or its error, to the other ranks.
-    if cfg.compare or cfg.predict:
+    if cfg.compare or cfg.predict or cfg.export:
         # One-process jobs (compare reads results.json files only, no dataset): under torchrun
         # the first process does them and the others have nothing to do.
         if int(os.environ.get("RANK", "0")) != 0:
@@ -322,7 +335,7 @@ def run(argv=None):
             return compare(cfg)
         if cfg.demo:
             make_demo_dataset(cfg.data_dir)  # (there already unless it was deleted)
-        return predict(*load_best(cfg, explicit))
+        return (export if cfg.export else predict)(*load_best(cfg, explicit))
     init_distributed(cfg.device, cfg.dist_timeout)
     if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")

@@ -32,6 +32,7 @@ NOT_COMPARED = {
     "resume", "evaluate", "predict", "predict_dir", "compare", "compare_name", "overwrite", "dist_timeout",
     "cache", "benchmark", "benchmark_steps", "data", "demo", "predictions_file",
     "device_name", "amp_dtype_native", "sessions",
+    "export", "calibration_images",
 }
 
 
@@ -728,3 +729,76 @@ def read_test_predictions(path):
             return {row["file"]: (row["true_label"], row["predicted_label"]) for row in reader}
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
+
+
+# --------------------------------------------------------------------------- inference (--export)
+INFERENCE_COLUMNS = ("precision", "runtime", "size (MB)", "test acc (%)", "agreement (%)", "max logit diff",
+                     "latency p50 (ms)", "latency p95 (ms)", "images/s (batch 32)")
+
+
+def inference_cells(row):
+    """A row of inference.json as the cells of INFERENCE_COLUMNS."""
+    return [row["precision"], row["runtime"], f"{row['size_mb']:.1f}", f"{row['test_acc']:.2f}",
+            f"{row['agreement']:.2f}", f"{row['max_abs_logit_diff']:.2g}", f"{row['latency_ms_p50']:.2f}",
+            f"{row['latency_ms_p95']:.2f}", f"{row['images_per_sec']:.0f}"]
+
+
+def _markdown_table(columns, rows):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def inference_markdown(report):
+    """inference.md: what --export measured for one run (inference.json's content), readably."""
+    timing = report["timing"]
+    lines = [
+        f"# Inference: {report['run']} ({report['model']}, {report['input_size']} x {report['input_size']} px, "
+        f"epoch {report['epoch']}, {report['weights']} weights, trained {report['run_precision']})",
+        "",
+        f"- PyTorch rows: {report['device']} ({report['capability']})",
+        f"- onnxruntime rows: {report['onnxruntime_device']} ({report['onnxruntime_capability']})",
+        f"- threads: {report['threads']} for both runtimes; torch {report['versions']['torch']}, onnxruntime "
+        f"{report['versions']['onnxruntime']}; INT8 calibrated on {report['calibration_images']} training images",
+        "",
+        _markdown_table(INFERENCE_COLUMNS, [inference_cells(row) for row in report["rows"]]),
+        "",
+        f"Accuracy and agreement are over the {report['test_images']} test images; agreement is the share whose "
+        "top-1 is PyTorch FP32's, and max logit diff the largest absolute difference from its logits. Size is the "
+        "ONNX file, or the float32 weights PyTorch holds (autocast casts them per operation). Latency: one image, "
+        "from a uint8 array in memory to its logits, p50 and p95 of "
+        f"{timing['latency_runs']} runs after {timing['latency_warmup']} warm-up runs; images/s: "
+        f"{timing['throughput_batch']} over the median time of {timing['throughput_runs']} batches after "
+        f"{timing['throughput_warmup']} warm-up batches; the rows take turns, run by run, so a passing load "
+        "falls on all of them. One measurement: on a shared or busy machine the times "
+        f"vary from run to run (1-minute load average {report['load_average']} on {report['cpus']} CPUs as the "
+        "timing ended, this process's threads included" +
+        ("; busier than its cores, so read the times as upper bounds)." if report["load_average"] > 1.5 * report["cpus"]
+         else ")."),
+    ]
+    lines += ["", "Not measured:"] + [f"- {s['precision']} on {s['runtime']}: {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def load_inference(checkpoint_dir, name):
+    """A run's inference.json (written by --export), or None when it has none or it is unreadable."""
+    try:
+        report = load_json(os.path.join(checkpoint_dir, name, "inference.json"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
+
+
+def inference_section(checkpoint_dir, names):
+    """--compare's inference table: the rows of each compared run's inference.json; '' when none
+    of them was exported."""
+    reports = {name: load_inference(checkpoint_dir, name) for name in names}
+    if not any(reports.values()):
+        return ""
+    rows = [[name, *inference_cells(row), row.get("device", UNKNOWN)]
+            for name, report in reports.items() if report for row in report["rows"]]
+    text = "\nInference (each run's inference.json, written by --export; times from each run's own machine):\n\n"
+    text += _markdown_table(("run", *INFERENCE_COLUMNS, "device"), rows) + "\n"
+    missing = [name for name, report in reports.items() if not report]
+    if missing:
+        text += f"\nnot exported: {', '.join(missing)} (python main.py --export --checkpoint_name NAME)\n"
+    return text

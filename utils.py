@@ -75,6 +75,31 @@ def _atomic_write(path, write):
         raise
 
 
+def atomic_write_files(directory, files):
+    """{name: bytes} into `directory` as one change: every file is written to a temporary file and
+    fsynced first, and only then are they all renamed into place. A failed write (full disk,
+    read-only folder) removes the temporary files and leaves the old files as they were."""
+    staged = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+            staged.append(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, name in zip(staged, files):
+            os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        for tmp in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise
+
+
 def remove_stale_temp_files(directory):
     """Delete the temporary files a killed write left behind (see _atomic_write)."""
     if os.path.isdir(directory):

@@ -20,6 +20,10 @@ FAST = ["--image_size", "32", "--batch_size", "16", "--no_pretrained", "--num_wo
         "--device", "cpu", "--learning_rate", "2e-3"]
 
 
+# --export's timing loops, shortened for tests (tests check what is measured, not how fast).
+FEW_TIMING_RUNS = dict(LATENCY_RUNS=3, LATENCY_WARMUP=1, THROUGHPUT_RUNS=1, THROUGHPUT_WARMUP=1)
+
+
 def make_colour_dataset(root, train_per_class=20, test_per_class=8, size=32, seed=0):
     """Three easy classes (noisy pictures tinted red, green or blue) in the Kaggle layout: a
     random-init ResNet-18 learns them in a few CPU seconds."""

@@ -26,7 +26,8 @@ argv strings may hold placeholders, filled in when the case runs:
   {weights}   a ResNet-18 state dict file (torchvision's random init, written by the test)
   {pictures}  5 unlabeled images, one in a subfolder
   {base}      the checkpoint dir of the shared finished run `base` (1 epoch on {colours})
-  {demo_dir}, {demo_runs}  data and checkpoint dir of the shared 1-epoch `--demo` run
+  {demo_dir}, {demo_runs}  data and checkpoint dir of the shared 1-epoch `--demo` run (and its
+              `--export`, the shared `demo_export`)
   {tmp}       the test's own temporary folder (checkpoints go to {tmp}/checkpoints)
 Checks get `(run, shared)`: the finished `Run` and `shared.base` / `shared.demo`, the shared runs.
 """
@@ -48,9 +49,10 @@ import torchvision
 
 import config
 import dataset
+import inference
 import main as main_module
 import trainer
-from conftest import FAST, ROOT, assert_user_error, make_colour_dataset
+from conftest import FAST, FEW_TIMING_RUNS, ROOT, assert_user_error, make_colour_dataset
 from hardware import describe
 from report import read_tensorboard_scalars
 
@@ -253,7 +255,7 @@ class Case:
     flags: tuple  # the flags whose effect `check` asserts
     argv: list = None  # None: the case checks a shared run (`reuse`)
     check: Callable = None  # check(run, shared)
-    reuse: str = None  # "base_run" or "demo_run"
+    reuse: str = None  # "base_run", "demo_run" or "demo_export"
     setup: Callable = None  # setup(placeholders), before the run
 
 
@@ -298,6 +300,19 @@ def base_run(request, tmp_path_factory):
 
 
 DEMO_ARGV = ["--demo", *DEMO_SMALL]
+
+
+DEMO_EXPORT_ARGV = ["--demo", "--export", "--calibration_images", "8", *DEMO_FOLDERS, *DEMO_SIZES]
+
+
+@pytest.fixture(scope="module")
+def demo_export(request, demo_run):
+    """The shared demo run, exported to ONNX once (it takes seconds), for --export and --demo --export;
+    with the timing loops shortened (a test is no benchmark)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FEW_TIMING_RUNS.items():
+            patch.setattr(inference, name, value)
+        return Placeholders(request, Path(demo_run.flag("--checkpoint_dir")).parent).execute(DEMO_EXPORT_ARGV)
 
 
 @pytest.fixture(scope="module")
@@ -408,13 +423,14 @@ def write_stale_run(placeholders, name):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"stale": True}))
     (folder / "predictions.csv").write_text("file,label,confidence\nold.jpg,old,1.0\n")
+    (folder / "model.onnx").write_bytes(b"an old run's export")  # (not the new run's model)
 
 
 def check_deterministic_save_every_steps_overwrite(run, shared):
     run.assert_ok()
     # --overwrite: the old run's files are gone, the new run's are there.
     assert "stale" not in run.results_at_exit and run.results_at_exit["finished"]
-    assert not (run.dir / "predictions.csv").exists()
+    assert not (run.dir / "predictions.csv").exists() and not (run.dir / "model.onnx").exists()
     # --deterministic: training ran with deterministic algorithms only; the same seed gave the
     # base run's numbers.
     cfg = run.config()
@@ -483,6 +499,18 @@ def check_predictions_file(run, shared):
     assert [r["file"] for r in read_predictions(path)] == PICTURES
     assert str(path) in run.out
     assert not (run.dir / "predictions.csv").exists()  # written to PATH instead
+
+
+def check_export(run, shared):
+    run.assert_ok()
+    for name in ("model.onnx", "model.int8.onnx", "inference.json", "inference.md"):
+        assert (run.dir / name).exists(), name  # --export: in the run folder, beside best.pt
+    report = json.loads((run.dir / "inference.json").read_text())
+    assert report["calibration_images"] == 8 and "on 8 training images" in run.out  # --calibration_images
+    assert {(row["precision"], row["runtime"]) for row in report["rows"]} >= {
+        ("fp32", "pytorch"), ("fp32", "onnxruntime"), ("int8", "onnxruntime")}
+    assert report["test_images"] == 180 and report["run"] == "demo"  # --demo: the demo run and its test split
+    assert next(r for r in report["rows"] if r["runtime"] == "onnxruntime")["agreement"] >= 99.9
 
 
 def check_compare(run, shared):
@@ -707,13 +735,15 @@ CASES = [
     # Mixup, cutmix and the EMA of the weights (issue 12; tests/test_mix_ema.py has the rest).
     Case("mixup_cutmix", flags=("--mixup_alpha", "--cutmix_alpha"), check=check_mixup_cutmix,
          argv=[*TRAIN, "--checkpoint_name", "mix", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"]),
+    Case("export", flags=("--export", "--calibration_images"), check=check_export, reuse="demo_export"),
     Case("ema_decay", flags=("--ema_decay",), check=check_ema_decay,
          argv=[*TRAIN, "--checkpoint_name", "ema", "--ema_decay", "0.5"]),
 ]
 
 
 def argv_of(case):
-    return {"base_run": BASE_ARGV, "demo_run": DEMO_ARGV}[case.reuse] if case.reuse else case.argv
+    return {"base_run": BASE_ARGV, "demo_run": DEMO_ARGV, "demo_export": DEMO_EXPORT_ARGV}[case.reuse] if case.reuse \
+        else case.argv
 
 
 def parser_flags():
@@ -745,7 +775,7 @@ def test_flag_case(case, request, tmp_path):
 
 
 # ----------------------------------------------------------------------------- pairs of mode flags
-MODES = ("--resume", "--evaluate", "--predict", "--compare", "--benchmark", "--demo", "--overwrite")
+MODES = ("--resume", "--evaluate", "--predict", "--compare", "--benchmark", "--demo", "--overwrite", "--export")
 REFUSED = "refused with one line"
 
 
@@ -778,7 +808,7 @@ def check_demo_overwrite(run, shared):
     assert "wrote a generated demo dataset" not in run.out  # the data was there already
     results = run.results_at_exit
     assert "stale" not in results and results["finished"] and results["class_names"] == DEMO_CLASSES
-    assert not (run.dir / "predictions.csv").exists()
+    assert not (run.dir / "predictions.csv").exists() and not (run.dir / "model.onnx").exists()
 
 
 # Every pair of MODES, in one table: REFUSED, or the Case that runs it.
@@ -799,6 +829,13 @@ PAIRS = {
     ("--compare", "--overwrite"): REFUSED,
     ("--benchmark", "--overwrite"): REFUSED,
     ("--demo", "--compare"): REFUSED,  # --compare takes only run names and --checkpoint_dir
+    ("--export", "--resume"): REFUSED,
+    ("--export", "--evaluate"): REFUSED,
+    ("--export", "--predict"): REFUSED,
+    ("--export", "--compare"): REFUSED,
+    ("--export", "--benchmark"): REFUSED,
+    ("--export", "--overwrite"): REFUSED,
+    ("--demo", "--export"): Case("demo_export", (), DEMO_EXPORT_ARGV, check_export, reuse="demo_export"),
     ("--demo", "--resume"): Case("demo_resume", (), ["--demo", "--resume", *DEMO_SMALL], check_demo_resume),
     ("--demo", "--evaluate"): Case("demo_evaluate", (), ["--demo", "--evaluate", *DEMO_SMALL], check_demo_evaluate),
     ("--demo", "--predict"): Case("demo_predict", (), ["--demo", "--predict", *DEMO_SMALL], check_demo_predict),
@@ -828,7 +865,7 @@ def refused_pair_argv(a, b):
 
 def test_the_pair_table_covers_every_pair_of_mode_flags():
     assert {frozenset(pair) for pair in PAIRS} == {frozenset(pair) for pair in itertools.combinations(MODES, 2)}
-    assert len(PAIRS) == 21
+    assert len(PAIRS) == 28
 
 
 @pytest.mark.parametrize("pair", list(PAIRS), ids=[" ".join(pair) for pair in PAIRS])
@@ -838,6 +875,9 @@ def test_mode_pair(pair, request, tmp_path):
     try:
         if expected == REFUSED:
             assert_refused(placeholders.execute(refused_pair_argv(*pair)), *pair)
+            return
+        if expected.reuse:  # a shared run that is this pair's run
+            expected.check(request.getfixturevalue(expected.reuse), Shared(request))
             return
         if expected.setup:
             expected.setup(placeholders)
@@ -896,6 +936,10 @@ REFUSALS = [
     ("--compare_name not a plain name", ["--compare", "a", "--compare_name", "../x", "--checkpoint_dir", "{tmp}/c"],
      ("--compare_name",)),
     ("--fp32_math unknown", [*NO_DATA, "--fp32_math", "bf16"], ("--fp32_math",)),
+    ("--calibration_images without --export", [*NO_DATA, "--calibration_images", "8"],
+     ("--calibration_images", "--export")),
+    ("--calibration_images 0", [*NO_DATA, "--export", "--calibration_images", "0"], ("--calibration_images",)),
+    ("--tensorboard with --export", [*NO_DATA, "--export", "--tensorboard"], ("--tensorboard", "--export")),
 ]
 
 

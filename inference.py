@@ -1,0 +1,238 @@
+"""What each precision costs and buys at inference (for --export): the run's test split through
+PyTorch (FP32, and bf16/fp16 autocast where the device computes them natively) and onnxruntime
+(the FP32 and INT8 files); per row the size, test accuracy, agreement with PyTorch FP32's top-1,
+the latency of one image and the images/s of batches of 32."""
+import os
+import time
+
+import numpy as np
+import onnxruntime
+import torch
+
+from dataset import DeviceTransform
+from metrics import cpu_name, device_name
+from trainer import precision_name
+
+# Timing: single images (latency), then batches of 32 (throughput), each after warm-up runs.
+LATENCY_RUNS, LATENCY_WARMUP = 50, 5
+THROUGHPUT_BATCH, THROUGHPUT_RUNS, THROUGHPUT_WARMUP = 32, 5, 2
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # (--amp_dtype's)
+# The CPU features that compute each dtype natively (/proc/cpuinfo's names).
+NATIVE_CPU_FEATURES = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
+ONNX_FP16_SKIPPED = ("onnxruntime's CPU provider has no FP16 convolution kernels on x86: it runs an FP16 file's "
+                     "convolutions in FP32 between inserted casts, so FP16 would measure FP32 plus casts")
+
+
+class PyTorchRunner:
+    """uint8 batch -> logits (numpy) through the run's model on its device, as --evaluate runs
+    it (DeviceTransform's normalization), in FP32 or under bf16/fp16 autocast."""
+
+    runtime = "pytorch"
+
+    def __init__(self, model, cfg, precision="fp32"):
+        self.model, self.precision = model.eval(), precision
+        self.transform = DeviceTransform(cfg.device, cfg.channels_last)
+        self.device_type = torch.device(cfg.device).type
+        # Autocast casts the float32 weights per operation: the model in memory stays float32.
+        self.size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+    @torch.inference_mode()
+    def __call__(self, images):
+        with torch.autocast(self.device_type, dtype=AUTOCAST_DTYPES.get(self.precision),
+                            enabled=self.precision != "fp32"):
+            logits = self.model(self.transform(images))
+        return logits.float().cpu().numpy()  # (on CUDA this waits for the GPU)
+
+
+class OnnxRunner:
+    """uint8 batch -> logits through an ONNX file's bytes on onnxruntime's CPU provider, with as
+    many threads as PyTorch uses (so the two runtimes compare on the same cores)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, data, precision="fp32"):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.precision, self.size = precision, len(data)
+
+    def __call__(self, images):
+        return self.session.run(None, {"images": images.contiguous().numpy()})[0]
+
+
+def evaluate_runner(runner, loader):
+    """{"logits": [N, classes], "targets": [N]} of `runner` over the test loader, in order."""
+    logits, targets = [], []
+    for images, labels in loader:
+        logits.append(runner(images))
+        targets.append(labels.numpy())
+    return {"logits": np.concatenate(logits), "targets": np.concatenate(targets)}
+
+
+def agreement(result, reference):
+    """% of images whose top-1 is the reference's, and the largest absolute logit difference."""
+    same = result["logits"].argmax(1) == reference["logits"].argmax(1)
+    return {"agreement": 100.0 * float(same.mean()),
+            "max_abs_logit_diff": float(np.abs(result["logits"] - reference["logits"]).max())}
+
+
+def accuracy(result):
+    return 100.0 * float((result["logits"].argmax(1) == result["targets"]).mean())
+
+
+def timing_batches(loader):
+    """(one test image, THROUGHPUT_BATCH test images) as uint8 batches; a test split smaller than
+    the batch is repeated."""
+    images = []
+    for batch, _ in loader:
+        images.append(batch)
+        if sum(len(b) for b in images) >= THROUGHPUT_BATCH:
+            break
+    images = torch.cat(images)
+    repeated = images.repeat(-(-THROUGHPUT_BATCH // len(images)), 1, 1, 1)[:THROUGHPUT_BATCH]
+    return images[:1].contiguous(), repeated.contiguous()
+
+
+def interleaved_seconds(runners, images, warmup, runs):
+    """[[seconds of each timed call] per runner]: every runner's warm-up calls first, then rounds in
+    which each runner is timed once, in an order rotated every round. Load that comes and goes on
+    a shared machine then falls on all runners alike, not on whichever ran at that moment."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner(images)
+    seconds = [[] for _ in runners]
+    for round_ in range(runs):
+        for i in [(round_ + k) % len(runners) for k in range(len(runners))]:
+            start = time.perf_counter()
+            runners[i](images)
+            seconds[i].append(time.perf_counter() - start)
+    return seconds
+
+
+def time_runners(runners, single, batch):
+    """Per runner: latency (ms, p50 and p95 of LATENCY_RUNS single images) and images/s
+    (THROUGHPUT_BATCH over the median time of THROUGHPUT_RUNS batches). Wall time from a uint8
+    batch in host memory to logits in host memory."""
+    latency = interleaved_seconds(runners, single, LATENCY_WARMUP, LATENCY_RUNS)
+    throughput = interleaved_seconds(runners, batch, THROUGHPUT_WARMUP, THROUGHPUT_RUNS)
+    return [{"latency_ms_p50": float(np.percentile(one, 50) * 1000),
+             "latency_ms_p95": float(np.percentile(one, 95) * 1000),
+             "images_per_sec": len(batch) / float(np.median(batches))} for one, batches in zip(latency, throughput)]
+
+
+# --------------------------------------------------------------------------- the device
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _onednn_supports(dtype):
+    """Whether PyTorch's oneDNN will compute `dtype` here: it honours ONEDNN_MAX_CPU_ISA, so an
+    AVX2-limited session says no even on a CPU that has the instructions."""
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def native_dtypes(device):
+    """The reduced float dtypes ("bf16", "fp16") `device` computes natively, not emulated through
+    float32. (A small local helper; issue 17 brings a general one.)"""
+    device = torch.device(device)
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return [dtype for dtype, native in (("bf16", bf16), ("fp16", True)) if native]
+    flags = cpu_flags()
+    return [dtype for dtype, features in NATIVE_CPU_FEATURES.items()
+            if flags & set(features) and _onednn_supports(dtype)]
+
+
+def pytorch_capability(device):
+    """What PyTorch computes with on `device`, in words."""
+    device = torch.device(device)
+    native = native_dtypes(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}; native {', '.join(native)}"
+    flags = cpu_flags()
+    parts = [f"{dtype} ({', '.join(f for f in NATIVE_CPU_FEATURES[dtype] if f in flags)})" for dtype in native]
+    what = f"native {' and '.join(parts)}" if native else "no native bf16 or fp16"
+    return f"{torch.backends.cpu.get_cpu_capability()} kernels; {what}"
+
+
+def onnxruntime_capability():
+    """What onnxruntime's CPU kernels (MLAS) find: it reads the CPU's features itself and does not
+    honour ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA."""
+    flags = cpu_flags()
+    isa = "AVX512" if "avx512bw" in flags else "AVX2" if "avx2" in flags else "SSE/other"
+    int8 = [name for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
+            if flag in flags]
+    return f"{isa}; int8 dot products: {', '.join(int8) if int8 else 'no VNNI (three instructions per VNNI one)'}"
+
+
+# --------------------------------------------------------------------------- the rows
+def amp_dtype(cfg):
+    """The reduced dtype the run's --amp computes in ("bf16"/"fp16"); for an FP32 run, the one
+    --amp would use on this device (float16 on CUDA, bfloat16 on a CPU)."""
+    name = cfg.amp_dtype if cfg.amp else ("float16" if torch.device(cfg.device).type == "cuda" else "bfloat16")
+    return next(short for short, long in AMP_DTYPE_NAMES.items() if long == name)
+
+
+def measure(model, cfg, onnx_runners, loader, results):
+    """inference.json's content: a row per precision and runtime (PyTorch FP32 and, where the
+    device computes it natively, the run's AMP dtype; the onnxruntime runners), what was left out
+    and why, and the setting. `results` holds the test-split results already computed, by
+    (runtime, precision)."""
+    reduced, native = amp_dtype(cfg), native_dtypes(cfg.device)
+    runners = [PyTorchRunner(model, cfg, p) for p in ("fp32", reduced) if p == "fp32" or p in native] + onnx_runners
+    single, batch = timing_batches(loader)
+    devices = {"pytorch": (device_name(cfg.device), pytorch_capability(cfg.device)),
+               "onnxruntime": (cpu_name(), onnxruntime_capability())}
+    reference, rows = results["pytorch", "fp32"], []
+    for runner, timing in zip(runners, time_runners(runners, single, batch)):
+        result = results.get((runner.runtime, runner.precision)) or evaluate_runner(runner, loader)
+        device, capability = devices[runner.runtime]
+        rows.append({"precision": runner.precision, "runtime": runner.runtime, "size_mb": runner.size / 1e6,
+                     "test_acc": accuracy(result), **agreement(result, reference), **timing,
+                     "device": device, "capability": capability})
+    return {"rows": rows, "skipped": skipped_rows(cfg, reduced, native, devices["pytorch"]),
+            "device": devices["pytorch"][0], "capability": devices["pytorch"][1],
+            "onnxruntime_device": devices["onnxruntime"][0], "onnxruntime_capability": devices["onnxruntime"][1],
+            "run_precision": precision_name(cfg), "input_size": cfg.random_crop or cfg.image_size,
+            "test_images": int(len(reference["targets"])), "threads": torch.get_num_threads(),
+            "timing": {"latency_runs": LATENCY_RUNS, "latency_warmup": LATENCY_WARMUP,
+                       "throughput_batch": THROUGHPUT_BATCH, "throughput_runs": THROUGHPUT_RUNS,
+                       "throughput_warmup": THROUGHPUT_WARMUP},
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+            # How busy the machine was as the timing ended (this process's threads included).
+            "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+
+
+def skipped_rows(cfg, reduced, native, pytorch_device):
+    """The precisions not measured, each with why."""
+    device, capability = pytorch_device
+    skipped = []
+    for dtype in AUTOCAST_DTYPES:
+        if dtype != reduced:
+            where = "CUDA" if torch.device(cfg.device).type == "cuda" else "a CPU"
+            why = (f"the run trained with --amp_dtype {cfg.amp_dtype}" if cfg.amp else
+                   f"--amp on {where} means {AMP_DTYPE_NAMES[reduced]}")
+            why = f"not this run's AMP dtype: {why}"
+        elif dtype not in native:
+            why = f"{device} does not compute {dtype} natively ({capability}): autocast would emulate it"
+        else:
+            continue
+        skipped.append({"precision": dtype, "runtime": "pytorch", "reason": why})
+    skipped.append({"precision": "fp16", "runtime": "onnxruntime", "reason": ONNX_FP16_SKIPPED})
+    return skipped
