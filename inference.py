@@ -10,8 +10,8 @@ import onnxruntime
 import torch
 
 from dataset import DeviceTransform
-from metrics import cpu_name, device_name
-from trainer import precision_name
+from hardware import cpu_name, device_name
+from step import precision_name
 
 # Timing: single images (latency), then batches of 32 (throughput), each after warm-up runs.
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5
