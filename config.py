@@ -1,17 +1,21 @@
-"""Settings: the command-line flags with their defaults, checked and resolved into one config."""
+"""Settings: the command-line flags with their defaults, checked and resolved into one config.
+
+Parsing the flags and the checks of their values need no torch (parse_flags): main.py runs them
+before torch loads, which takes seconds, so a typo or --help answers at once. The checks that
+need torch (the device, the model) import it where they run."""
 import argparse
 import math
 import os
 import re
 import sys
 
-import torch
-
-from dataset import AUTO_AUGMENT
-from distributed import launched_by_torchrun, launched_world_size, local_rank
-from model import DEFAULT_MODEL, check_default_weights_fit, check_model_name, image_size_problem
-from scheduler import SCHEDULES
 from utils import UserError
+
+# The choices of some flags, named here so the parser needs no torch. The code behind them:
+# dataset.AUTO_AUGMENT, scheduler.SCHEDULES, model.DEFAULT_MODEL (tests/test_cli.py checks that they agree).
+AUTO_AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
+SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_MODEL = "resnet18"
 
 # What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
 # (With --amp the run is named demo_amp, so the FP32 and AMP demos can be compared.)
@@ -95,7 +99,7 @@ def build_parser():
                    help="train on a random C x C crop of each resized image (C <= --image_size); validation, test "
                         "and --predict take its center C x C crop (default: off)")
     g.add_argument("--vflip", action="store_true", help="also flip training images vertically at random (p=0.5)")
-    g.add_argument("--auto_augment", choices=tuple(AUTO_AUGMENT), default=None,
+    g.add_argument("--auto_augment", choices=AUTO_AUGMENT_POLICIES, default=None,
                    help="an augmentation policy on the training images: RandAugment, TrivialAugmentWide or "
                         "AutoAugment's ImageNet policy (default: off)")
     g.add_argument("--random_erase", type=float, default=0.0, metavar="P",
@@ -223,6 +227,9 @@ def explicit_flags(parser, argv):
 
 def resolve_device(name):
     """The device this process trains on; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    import torch
+
+    from distributed import launched_by_torchrun, local_rank
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -251,11 +258,19 @@ def resolve_device(name):
 
 def bf16_supported():
     """Native bfloat16 on the current GPU (emulated bfloat16 is slower than float32)."""
+    import torch
+
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def validate(cfg):
     """Reject settings that cannot work, before anything is written."""
+    check_values(cfg)
+    check_on_this_machine(cfg)
+
+
+def check_values(cfg):
+    """The checks of the settings' own values, which need no torch (see parse_flags)."""
     for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
@@ -281,7 +296,6 @@ def validate(cfg):
                         f"got {cfg.warmup_epochs}")
     check_schedule(cfg)
     check_augmentation(cfg)
-    check_model(cfg)  # (at the crop's size: after the crop is checked)
     check_regularization(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
@@ -293,20 +307,32 @@ def validate(cfg):
     for flag, name in [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]:
         if not NAME_PATTERN.match(name) or name in (".", ".."):
             raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")
+    if not getattr(cfg, "dist_timeout", 1) > 0:
+        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+
+
+def check_on_this_machine(cfg):
+    """The checks that need torch: the model takes the images, the device has the AMP dtype,
+    and torchrun's processes can run what was asked."""
+    import torch
+
+    from distributed import launched_world_size
+
+    check_model(cfg)
     check_precision(cfg)
     processes = launched_world_size()
     if getattr(cfg, "benchmark", False) and processes > 1:
         raise UserError("--benchmark times one GPU: run it with python main.py, not torchrun")
     if getattr(cfg, "sync_bn", False) and processes > 1 and torch.device(cfg.device).type != "cuda":
         raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
-    if not getattr(cfg, "dist_timeout", 1) > 0:
-        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
 
 
 def check_model(cfg):
     """--model must name a classification model of torchvision that takes the images it is given
     (--random_crop's, else --image_size's; a run that is resumed, evaluated or predicted with
     keeps the size it was trained at)."""
+    from model import check_default_weights_fit, check_model_name, image_size_problem
+
     check_model_name(cfg.model)
     if not any(getattr(cfg, mode, None) for mode in ("resume", "evaluate", "predict", "compare")):
         flag = "--random_crop" if getattr(cfg, "random_crop", None) else "--image_size"
@@ -390,6 +416,8 @@ def drop_unused(cfg):
 
 def check_precision(cfg):
     """The AMP dtype must exist on the device this session runs on."""
+    import torch
+
     device = torch.device(cfg.device)
     if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
@@ -399,6 +427,8 @@ def check_batch_split(cfg):
     """Under torchrun the global batch is split over the processes: evenly, and (at small image
     sizes) into shares of at least two images, since BatchNorm cannot train on one value per
     channel (ResNet-18's last feature map is 1x1 at 32 px or less)."""
+    from distributed import launched_world_size
+
     processes = launched_world_size()
     if cfg.batch_size % processes:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
@@ -446,28 +476,30 @@ def check_flag_combinations(cfg, explicit):
             raise UserError(f"--{flag} is only used with --{setting} {value}, not --{setting} {getattr(cfg, setting)}")
     if "no_bias_decay" in explicit and cfg.weight_decay == 0:
         raise UserError("--no_bias_decay exempts biases from weight decay, but --weight_decay 0 has none; drop one of them")
-    if cfg.sync_bn and launched_world_size() == 1:
-        raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
 
 
 def resolve(cfg):
-    """Fill in the settings that depend on others (device, AMP dtype, warmup), then validate."""
+    """Fill in the settings that depend on this machine (device, AMP dtype), then check what
+    needs torch (see parse_flags for the rest)."""
+    from distributed import launched_world_size
+
+    if cfg.sync_bn and launched_world_size() == 1:
+        raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
     cfg.device = resolve_device(cfg.device)
     if not cfg.amp and not cfg.benchmark:
         cfg.amp_dtype = None  # FP32: config.json says so
     elif cfg.amp_dtype is None:
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
-    if cfg.warmup_epochs is None:
-        cfg.warmup_epochs = cfg.epochs // 10
-    drop_unused(cfg)
-    validate(cfg)
+    check_on_this_machine(cfg)
     if not (cfg.resume or cfg.evaluate or cfg.predict or cfg.compare):
         check_batch_split(cfg)  # (those take the run's saved batch size, or none: checked later)
     return cfg
 
 
-def parse_config(argv=None):
-    """(config, the set of flags given explicitly)."""
+def parse_flags(argv=None):
+    """(config, the set of flags given explicitly), with every check that needs no torch: the
+    flags exist and go together, and their values make sense. main.py runs it before torch
+    loads, so a typo answers at once; parse_config then does the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     cfg = parser.parse_args(argv)
@@ -482,6 +514,17 @@ def parse_config(argv=None):
                 setattr(cfg, name, value)
         if "warmup_epochs" not in explicit and cfg.epochs <= cfg.warmup_epochs:
             cfg.warmup_epochs = 0  # --demo --epochs 1: no room for the demo's warmup epoch
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = cfg.epochs // 10
+    drop_unused(cfg)
+    check_values(cfg)
+    return cfg, explicit
+
+
+def parse_config(argv=None):
+    """(config, the set of flags given explicitly): parse_flags, then the device, the AMP dtype
+    and the checks that need torch."""
+    cfg, explicit = parse_flags(argv)
     cfg = resolve(cfg)
     if cfg.benchmark and cfg.device == "cpu" and not cfg.demo:
         # Batch 256 at 256 px is ~20 s a step on a laptop CPU: --benchmark should take a minute.

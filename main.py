@@ -11,8 +11,23 @@ def _interrupted_while_starting(signum, frame):
     os._exit(128 + signum)  # at once: an exception raised inside an import would leave it half done
 
 
+def _check_flags_before_torch(argv):
+    """Parse and check the flags (config.parse_flags needs no torch) before torch loads, which
+    takes seconds: a mistyped flag or --help answers at once. main() parses them again."""
+    import config
+    from utils import UserError
+
+    try:
+        config.parse_flags(argv)
+    except UserError as exc:
+        print(f"{exc.prefix}{exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+
+
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    if "LOCAL_RANK" not in os.environ:  # (under torchrun every process checks, and names its rank, in main())
+        _check_flags_before_torch(sys.argv[1:])
 
 import torch
 

@@ -1,5 +1,7 @@
 """Small helpers the other files share, in four sections: user errors (one line, exit 2),
-seeding, atomic file writes and safe loading, and the run's log (console and train.log)."""
+seeding, atomic file writes and safe loading, and the run's log (console and train.log).
+(torch is imported by the two functions that use it: config.py reads the flags with this
+file's UserError before torch loads.)"""
 import json
 import logging
 import logging.handlers
@@ -7,8 +9,6 @@ import os
 import random
 import sys
 import tempfile
-
-import torch
 
 
 class UserError(Exception):
@@ -31,6 +31,8 @@ class RunStopped(UserError):
 
 # --------------------------------------------------------------------------- seeding
 def seed_everything(seed, deterministic=False):
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
@@ -84,6 +86,8 @@ def remove_stale_temp_files(directory):
 
 
 def atomic_torch_save(obj, path):
+    import torch
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
