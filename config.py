@@ -30,6 +30,8 @@ DEMO_SETTINGS = dict(
     pretrained=False,
 )
 
+# Where --benchmark writes benchmark.json (CHECKPOINT_DIR/NAME/), unless --checkpoint_name says otherwise.
+BENCHMARK_NAME = "benchmark"
 # --benchmark on the CPU, unless --batch_size / --image_size say otherwise.
 CPU_BENCHMARK_SETTINGS = dict(batch_size=32, image_size=128)
 
@@ -180,7 +182,8 @@ def build_parser():
     g.add_argument("--cache", action="store_true", help="decode every image once and keep the uint8 pixels in RAM")
     g.add_argument("--benchmark", action="store_true",
                    help="time training steps in FP32 and AMP, NCHW and channels_last, on synthetic data; no dataset "
-                        "needed (on the CPU at batch 32, 128 px unless --batch_size/--image_size are given)")
+                        "needed (on the CPU at batch 32, 128 px unless --batch_size/--image_size are given); writes "
+                        "CHECKPOINT_DIR/benchmark/benchmark.json (--checkpoint_name for another folder)")
     g.add_argument("--data", action="store_true", help="with --benchmark: also time the input pipeline on the dataset")
     g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)")
 
@@ -514,6 +517,8 @@ def parse_flags(argv=None):
                 setattr(cfg, name, value)
         if "warmup_epochs" not in explicit and cfg.epochs <= cfg.warmup_epochs:
             cfg.warmup_epochs = 0  # --demo --epochs 1: no room for the demo's warmup epoch
+    if cfg.benchmark and "checkpoint_name" not in explicit:
+        cfg.checkpoint_name = BENCHMARK_NAME  # its own folder, not the default run's (nor --demo's)
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs // 10
     drop_unused(cfg)

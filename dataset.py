@@ -26,7 +26,7 @@ except ImportError:  # a torchvision without its own decoders: PIL decodes every
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import UserError, derived_seed
+from utils import UserError, derived_seed, progress_bar
 
 # A truncated JPEG (say, an interrupted download) loads with its missing part gray instead of
 # crashing an epoch; the check before training warns about such files.
@@ -437,14 +437,15 @@ def _already_batched(batch):
     return batch
 
 
-def cache_dataset(dataset, workers=0):
+def cache_dataset(dataset, workers=0, progress=False):
     """Decode and resize a split once (in parallel) into CachedImages: later epochs skip
-    decoding. The pixels are exactly what `dataset` itself returns."""
+    decoding. The pixels are exactly what `dataset` itself returns. With `progress`, a bar."""
     first, _ = dataset[0]
     images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
     targets = torch.empty(len(dataset), dtype=torch.int64)
     start = 0
-    for batch, labels in DataLoader(dataset, batch_size=64, num_workers=workers):  # in order
+    batches = DataLoader(dataset, batch_size=64, num_workers=workers)  # in order
+    for batch, labels in progress_bar(batches, "--cache: decoding" if progress else ""):
         images[start : start + len(batch)] = batch
         targets[start : start + len(batch)] = labels
         start += len(batch)
@@ -513,14 +514,16 @@ class _DecodeCheck(torch.utils.data.Dataset):
         return self.paths[index], decode_problem(self.paths[index])
 
 
-def find_bad_images(paths, decode=False, workers=0):
+def find_bad_images(paths, decode=False, workers=0, progress=False):
     """{path: reason} for the images that cannot be read. Without `decode`, a quick look at
-    each file's size and header; with it, every image is decoded (in `workers` processes)."""
+    each file's size and header; with it, every image is decoded (in `workers` processes).
+    With `progress`, a bar."""
     if not decode:
-        problems = ((p, quick_image_problem(p)) for p in paths)
+        problems = ((p, quick_image_problem(p)) for p in progress_bar(paths, "checking images" if progress else ""))
     else:
         loader = DataLoader(_DecodeCheck(paths), batch_size=64, num_workers=workers, collate_fn=list)
-        problems = (item for batch in loader for item in batch)
+        batches = progress_bar(loader, "--skip_bad_images: decoding" if progress else "")
+        problems = (item for batch in batches for item in batch)
     return {path: reason for path, reason in problems if reason}
 
 
@@ -531,12 +534,12 @@ def drop_images(folder, bad):
     folder.targets = [target for _, target in folder.samples]
 
 
-def check_images(folders, cfg):
+def check_images(folders, cfg, progress=False):
     """Stop before training on unreadable images, or with --skip_bad_images leave them out
     and log which."""
     log = logging.getLogger("amp")
     paths = [path for folder in folders for path, _ in folder.samples]
-    bad = find_bad_images(paths, decode=cfg.skip_bad_images, workers=cfg.num_workers)
+    bad = find_bad_images(paths, decode=cfg.skip_bad_images, workers=cfg.num_workers, progress=progress)
     if bad and not cfg.skip_bad_images:
         path, reason = next(iter(bad.items()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -558,10 +561,11 @@ def check_images(folders, cfg):
                      "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
 
 
-def build_datasets(cfg):
-    """(train, val, test) datasets and the class names, checked for a usable layout."""
+def build_datasets(cfg, progress=False):
+    """(train, val, test) datasets and the class names, checked for a usable layout (with
+    `progress`, a bar while the images are checked)."""
     full_train, test = split_folders(cfg, ("train", "test"))
-    check_images((full_train, test), cfg)
+    check_images((full_train, test), cfg, progress)
     if test.classes != full_train.classes:
         raise UserError(
             f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
@@ -590,9 +594,10 @@ def evaluation_loader(dataset, cfg, device, rank, world_size):
 
 def build_loaders(cfg, device, rank=0, world_size=1):
     """Train, val and test loaders plus the class names, for process `rank` of `world_size`."""
-    train_set, val_set, test_set, class_names = build_datasets(cfg)
+    progress = getattr(cfg, "progress", False) and rank == 0
+    train_set, val_set, test_set, class_names = build_datasets(cfg, progress)
     if getattr(cfg, "cache", False):
-        train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
+        train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers, progress) for d in (train_set, val_set, test_set))
         size = human_bytes(sum(d.nbytes() for d in (train_set, val_set, test_set)))
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
@@ -618,7 +623,7 @@ def build_test_loader(cfg, device, rank=0, world_size=1):
     images needed. Its batches are build_loaders' test batches; --cache is left out, as
     decoding the images into RAM first gains nothing for a single pass."""
     (test_set,) = split_folders(cfg, ("test",))
-    check_images((test_set,), cfg)
+    check_images((test_set,), cfg, getattr(cfg, "progress", False) and rank == 0)
     return evaluation_loader(test_set, cfg, device, rank, world_size), test_set.classes
 
 

@@ -70,8 +70,10 @@ from utils import (
     UserError,
     atomic_write_json,
     atomic_write_text,
+    load_json,
     log_to_file,
     log_to_file_only,
+    progress_bar,
     remove_stale_temp_files,
     seed_everything,
     setup_logging,
@@ -161,6 +163,24 @@ def train(cfg, checkpoint=None):
     return 0
 
 
+def finished_run_note(run_dir, checkpoint, cfg):
+    """What to tell a --resume of a run that trained all its epochs and was tested ('' for a run
+    with epochs or its test left, which --resume finishes). --resume cannot change --epochs, so
+    training further is a new run that starts from this one's weights."""
+    if checkpoint["epoch"] < cfg.epochs or checkpoint["batch_in_epoch"]:
+        return ""
+    try:
+        results = load_json(os.path.join(run_dir, "results.json"))
+    except (OSError, ValueError):
+        return ""
+    if not results.get("finished") or results.get("test_acc") is None:
+        return ""  # stopped during its final test: --resume runs the test
+    return (f"{cfg.checkpoint_name} is finished: it trained all {cfg.epochs} epochs and was tested "
+            f"(test accuracy {results['test_acc']:.2f}%), so there is nothing to resume. Re-test it with "
+            f"--evaluate, or train it further as a new run that starts from its weights: --checkpoint_name NEW "
+            f"--pretrained_path {os.path.join(run_dir, 'best.pt')} --epochs N (with a lower --learning_rate)")
+
+
 def build_scheduler(optimizer, cfg, steps_per_epoch):
     """cfg's LR schedule in optimizer steps: its epochs (warmup, milestones) times `steps_per_epoch`."""
     return WarmupLR(
@@ -195,7 +215,8 @@ def evaluate(best, cfg):
     test_loader, class_names = on_all_ranks(build_test_loader, cfg, cfg.device, rank(), world_size())
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
-    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), len(class_names))
+    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg),
+                          len(class_names), "testing" if cfg.progress and is_main_process() else "")
     if is_main_process():
         print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, {precision_name(cfg)}): "
               f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
@@ -220,7 +241,7 @@ def predict(best, cfg):
     transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
     model.eval()
     rows, unreadable = [], []
-    for images, files, errors in loader:
+    for images, files, errors in progress_bar(loader, "labeling" if cfg.progress else ""):
         readable = [i for i, error in enumerate(errors) if not error]
         unreadable += [error for error in errors if error]
         if not readable:
@@ -283,6 +304,11 @@ def run(argv=None):
         run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
         cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
+        finished = from_main_process(finished_run_note, run_dir, checkpoint, cfg)
+        if finished:  # nothing left to do: say so, and what to do instead
+            if is_main_process():
+                print(finished)
+            return 0
         return train(cfg, checkpoint)
     from_main_process(refuse_to_clobber, cfg)
     return train(cfg)

@@ -30,7 +30,7 @@ from distributed import (
     world_size,
 )
 from metrics import ClassificationMeter, GradNormMeter, Stopwatch, device_name, peak_memory_mb, reset_peak_memory
-from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, derived_seed, torch_load_error
+from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, derived_seed, progress_bar, torch_load_error
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
 # Steps in a row whose loss is not finite (or whose update GradScaler skipped) before we stop.
@@ -487,7 +487,8 @@ class Trainer:
     def evaluate(self, loader, model=None):
         """`model` (default: the raw weights) over `loader`."""
         model = self.model if model is None else model
-        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names))
+        progress = "evaluating" if self.cfg.progress and is_main_process() else ""
+        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), progress)
 
     def validate(self):
         """The epoch's validation numbers: the raw weights', and with --ema_decay the EMA's. Each
@@ -734,12 +735,12 @@ def autocast_for(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, loader, transform, autocast, num_classes):
+def evaluate(model, loader, transform, autocast, num_classes, progress=""):
     """Loss, accuracy (percent), count and confusion matrix of `model` over `loader`, under
-    `autocast()` (the same precision as training)."""
+    `autocast()` (the same precision as training); `progress` names its progress bar ('': none)."""
     model.eval()
     meter = ClassificationMeter(num_classes, transform.device)
-    for images, targets in loader:
+    for images, targets in progress_bar(loader, progress):
         images = transform(images)
         targets = targets.to(transform.device, non_blocking=True)
         with autocast():

@@ -121,6 +121,17 @@ def load_json(path):
 
 
 # --------------------------------------------------------------------------- logging
+def progress_bar(iterable, description, total=None):
+    """`iterable` with a progress bar named `description` on a terminal (none for ''), for the
+    passes that can take a while besides training's epochs: checking or caching the images,
+    validation and test, precise BatchNorm. It disappears when done."""
+    from tqdm import tqdm  # (here: config.py reads the flags before anything heavy loads)
+
+    return tqdm(iterable, desc=description, total=total, leave=False, disable=not description or None,
+                dynamic_ncols=True)
+
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """The log on stdout. When its reader has gone (`python main.py ... | head`), stop writing
     there quietly instead of printing a logging traceback for every line after."""

@@ -170,7 +170,7 @@ class Run:
 
     @property
     def dir(self):
-        default = "demo" if "--demo" in self.argv else "baseline"
+        default = "benchmark" if "--benchmark" in self.argv else "demo" if "--demo" in self.argv else "baseline"
         return Path(self.flag("--checkpoint_dir", "checkpoints")) / self.flag("--checkpoint_name", default)
 
     def assert_ok(self):
@@ -486,10 +486,11 @@ def check_compare(run, shared):
 
 def check_resume(run, shared):
     run.assert_ok()
-    assert "resuming base: after epoch 1" in run.out
-    results = run.results_at_exit
-    assert results["finished"] and len(results["epochs"]) == 1  # a finished run: only the test again
-    assert results["test_acc"] == shared.base.results_at_exit["test_acc"]
+    # A finished run (issue 22, item 5): it says so and what to do instead, and trains nothing.
+    test_acc = shared.base.results_at_exit["test_acc"]
+    assert f"base is finished: it trained all 1 epochs and was tested (test accuracy {test_acc:.2f}%)" in run.out
+    assert "--evaluate" in run.out and "--pretrained_path" in run.out and "training base" not in run.out
+    assert run.spy.checkpoint_writes == [] and run.results_at_exit == shared.base.results_at_exit
 
 
 def check_demo(run, shared):
@@ -726,9 +727,8 @@ REFUSED = "refused with one line"
 
 def check_demo_resume(run, shared):
     run.assert_ok()
-    assert "resuming demo: after epoch 1" in run.out  # a finished run: only the test again
-    assert run.results_at_exit["finished"] and len(run.results_at_exit["epochs"]) == 1
-    assert run.results_at_exit["test_acc"] == shared.demo.results_at_exit["test_acc"]
+    assert "demo is finished" in run.out and "training demo" not in run.out  # nothing to resume
+    assert run.results_at_exit == shared.demo.results_at_exit
 
 
 def check_demo_evaluate(run, shared):
@@ -745,7 +745,10 @@ def check_demo_predict(run, shared):
 def check_demo_benchmark(run, shared):
     run.assert_ok()
     assert "batch 2, 32x32 px" in run.out
+    # Into its own folder (issue 22, item 4), not the demo run's.
+    assert run.dir == Path(run.flag("--checkpoint_dir")) / "benchmark"
     assert len(json.loads((run.dir / "benchmark.json").read_text())["rows"]) == 4
+    assert not (Path(run.flag("--checkpoint_dir")) / "demo" / "benchmark.json").exists()
 
 
 def check_demo_overwrite(run, shared):

@@ -1,0 +1,69 @@
+"""What a new user tripped on (issue 22): no silent waits, outputs where expected, a finished run
+that says so, the same image checks in every mode, fine-tuning advice, and a data folder of class
+folders. (Precise BatchNorm, item 1, is tests/test_precise_bn.py; flags before torch, item 3, is
+tests/test_cli.py.)"""
+import json
+import os
+
+import pytest
+
+from conftest import FAST, assert_user_error, read_results
+import benchmark
+import main as main_module
+import trainer
+
+SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "2",
+                   "--num_workers", "0"]
+
+
+# --------------------------------------------------------------------------- item 2: no silent waits
+def test_benchmark_says_how_far_it_is_with_an_estimate(run_cli, tmp_path):
+    code, out, err = run_cli(*SMALL_BENCHMARK)
+    assert code == 0, err
+    lines = out.splitlines()
+    warmed = [line for line in lines if "warmed up" in line]
+    assert [line.split(" (")[0].strip() for line in warmed] == ["row 1/4", "row 2/4", "row 3/4", "row 4/4"]
+    assert all(" s a step; about " in line and line.endswith(" s left") for line in warmed)
+    # The progress comes before the table, each row's as it is ready; the table after them all.
+    assert lines.index(warmed[-1]) < lines.index(next(line for line in lines if line.startswith("| fp32 |")))
+    # Into its own folder (item 4): neither the default run's nor the demo's.
+    assert os.listdir(tmp_path / "checkpoints") == ["benchmark"]
+    assert (tmp_path / "checkpoints" / "benchmark" / "benchmark.json").exists()
+
+
+def test_benchmark_without_progress_prints_the_table_alone(run_cli):
+    code, out, err = run_cli(*SMALL_BENCHMARK, "--no_progress")
+    assert code == 0, err
+    assert "warmed up" not in out and "| fp32 | NCHW |" in out
+
+
+def test_the_remaining_time_counts_the_rows_not_built_yet():
+    # 2 rows measured at 1 s and 3 s a step, 2 rows to come (guessed at 2 s), 10 timed steps:
+    # the new rows' warm-up and peak-memory steps (2 x 4 x 2 s) and everyone's timed steps.
+    assert benchmark.seconds_left([1.0, 3.0], 2, 10) == pytest.approx(2 * 4 * 2 + 10 * (1 + 3) + 10 * 2 * 2)
+
+
+def test_long_passes_have_progress_bars(run_cli, demo_data, monkeypatch):
+    """Validation, test, --evaluate, --predict, the image check and --cache each get a bar (on a
+    terminal), named; --no_progress turns them all off."""
+    import dataset
+    import utils
+
+    named = []
+    real = utils.progress_bar
+
+    def spy(iterable, description, total=None):
+        named.append(description)
+        return real(iterable, description, total)
+
+    for module in (trainer, dataset, main_module):
+        monkeypatch.setattr(module, "progress_bar", spy)
+    flags = ["--data_dir", demo_data, "--epochs", "1", *FAST, "--cache", "--checkpoint_name", "bars"]
+    bars_on = [flag for flag in flags if flag != "--no_progress"]
+    assert run_cli(*bars_on)[0] == 0
+    assert {"checking images", "--cache: decoding", "evaluating"} <= set(named)
+    assert run_cli("--checkpoint_name", "bars", "--evaluate", "--data_dir", demo_data, "--device", "cpu")[0] == 0
+    assert "testing" in named
+    named.clear()
+    assert run_cli(*flags, "--overwrite")[0] == 0
+    assert named and set(named) == {""}  # --no_progress: every bar off
