@@ -54,8 +54,10 @@ TRAINING_ONLY_FLAGS = {
     "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
     "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
     "random_crop", "vflip", "auto_augment", "random_erase",
-    "mixup_alpha", "cutmix_alpha", "ema_decay",
+    "mixup_alpha", "cutmix_alpha", "ema_decay", "precise_bn",
 }
+# What a run saved before a flag existed did, where that is not the flag's default now.
+SETTINGS_OF_OLDER_RUNS = {"precise_bn": 0}
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
 # Flags that select what main.py does, rather than how a run trains.
@@ -160,6 +162,11 @@ def build_parser():
                    help="also keep an exponential moving average of the weights and BatchNorm statistics, updated "
                         "after every optimizer step (ema = D * ema + (1 - D) * weights, 0 < D < 1), validated every "
                         "epoch; best.pt holds whichever validated better (default: off)")
+    g.add_argument("--precise_bn", type=int, default=None, metavar="N",
+                   help="precise BatchNorm: recompute the BatchNorm running statistics over N training batches "
+                        "before each validation (default: on, over up to 100 batches, where the model's BatchNorm "
+                        "momentum cannot have converged in the run's training batches, as MobileNetV3's 0.01 on a "
+                        "short run; else off; 0: off)")
     g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order, the flips and augmentations, "
@@ -302,6 +309,8 @@ def check_values(cfg):
     check_regularization(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
+    if (getattr(cfg, "precise_bn", None) or 0) < 0:
+        raise UserError(f"--precise_bn must not be negative (0: off), got {cfg.precise_bn}")
     if cfg.num_workers < 0:
         raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
@@ -543,8 +552,10 @@ def merge_saved(saved, cfg, explicit, overrides):
     """The settings of an existing run (resumed, evaluated or predicted with): its saved
     settings, plus the flags in `overrides` that may change between sessions. Any other flag
     that disagrees with the saved run is an error."""
-    # A flag added since the run was saved: the run trained with its default (Adam before --optimizer).
-    defaults = {name: value for name, value in vars(build_parser().parse_args([])).items() if name not in saved}
+    # A flag added since the run was saved: the run trained with its default (Adam before --optimizer),
+    # or as it did then (no precise BatchNorm).
+    before = {**vars(build_parser().parse_args([])), **SETTINGS_OF_OLDER_RUNS}
+    defaults = {name: value for name, value in before.items() if name not in saved}
     merged = drop_unused(argparse.Namespace(**{**vars(cfg), **defaults, **saved}))
     for name in sorted(explicit - {*MODE_FLAGS, "overwrite", "demo", "checkpoint_name"}):
         value = getattr(cfg, name)

@@ -361,6 +361,18 @@ class DeviceTransform:
         return images.mul_(self.scale).sub_(self.shift)
 
 
+def training_inputs(loader, transform, cfg, epoch, rank=0):
+    """The device inputs of epoch `epoch`'s first cfg.precise_bn training batches on this rank,
+    as the training step got them (augmented and flipped from the same seeds as in
+    Trainer.train_one_epoch; never mixed: evaluation sees no mixed images), with a progress
+    bar (rank 0): what precise BatchNorm forwards."""
+    loader.sampler.set_epoch(epoch)
+    count = min(cfg.precise_bn, len(loader))
+    batches = zip(range(count), loader)  # (range first: the loader is not asked for one batch too many)
+    for i, (images, _) in progress_bar(batches, "precise BatchNorm" if cfg.progress and rank == 0 else "", count):
+        yield transform(images, flip_seed=derived_seed(cfg.seed, epoch, i, rank))
+
+
 # --------------------------------------------------------------------------- loaders
 def stop_loader_workers():
     """Kill the data-loading workers still alive. They ignore SIGTERM (see below), and SIGTERM
@@ -554,11 +566,31 @@ def check_images(folders, cfg, progress=False):
             if len(set(folder.targets)) < len(folder.classes):
                 empty = sorted(set(range(len(folder.classes))) - set(folder.targets))
                 raise UserError(f"{folder.root}: class folder {folder.classes[empty[0]]!r} has no readable image left")
-    elif not cfg.skip_bad_images:
-        truncated = [p for p in paths if looks_truncated(p)]
-        if truncated:
-            log.info(f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
-                     "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
+    elif not cfg.skip_bad_images and truncated_warning(paths):
+        log.info(truncated_warning(paths))
+
+
+def truncated_warning(paths):
+    """The warning about the JPEGs among `paths` that look truncated ('' if none): they load
+    with their missing part gray (training, --evaluate and --predict alike)."""
+    truncated = [p for p in paths if looks_truncated(p)]
+    if not truncated:
+        return ""
+    return (f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
+            "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
+
+
+def check_unlabeled_images(images, cfg, progress=False):
+    """The files of `images` (UnlabeledImages) checked as check_images checks training images:
+    with --skip_bad_images each is decoded first and the broken ones (a truncated JPEG too)
+    are left out, in place; without, a JPEG that looks truncated gets training's warning.
+    (["path: why" for each file left out], the warning or '')."""
+    paths = [os.path.join(images.root, file) for file in images.files]
+    if not cfg.skip_bad_images:
+        return [], truncated_warning(paths)
+    bad = find_bad_images(paths, decode=True, workers=cfg.num_workers, progress=progress)
+    images.files = [file for file, path in zip(images.files, paths) if path not in bad]
+    return [f"{path}: {reason}" for path, reason in bad.items()], ""
 
 
 def build_datasets(cfg, progress=False):
@@ -628,11 +660,13 @@ def build_test_loader(cfg, device, rank=0, world_size=1):
 
 
 def build_predict_loader(root, cfg, device):
-    """Batches of (images, relative paths, errors) over the image files under `root`, in order."""
+    """(batches of (images, relative paths, errors) over the image files under `root`, in order;
+    the files left out and the warning of check_unlabeled_images)."""
     if not os.path.isdir(root):
         raise UserError(f"{root} {not_a_folder(root)}: --predict_dir takes a folder of images")
     images = UnlabeledImages(root, cfg.image_size)
     if not len(images):
         raise UserError(f"no image files in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
+    left_out, warning = check_unlabeled_images(images, cfg, getattr(cfg, "progress", False))
     # (An unreadable file's black placeholder is cropped too: every batch has the model's input size.)
-    return make_loader(evaluation_view(images, cfg), None, cfg.batch_size, cfg, device)
+    return make_loader(evaluation_view(images, cfg), None, cfg.batch_size, cfg, device), left_out, warning

@@ -42,7 +42,7 @@ from dataset import (
     stop_loader_workers,
 )
 from demo import make_demo_dataset
-from model import build_model
+from model import build_model, precise_bn_batches
 from report import (
     comparison_report,
     load_finished_run,
@@ -125,8 +125,12 @@ def train(cfg, checkpoint=None):
     # (A resumed run's weights come from its checkpoint: nothing to zero.)
     zero_residual = cfg.zero_init_residual and checkpoint is None
     model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names, zero_residual,
-                         cfg.model)
+                         cfg.model, cfg.learning_rate)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    # --precise_bn, decided once (config.json keeps the number, so a resumed run keeps it)
+    cfg.precise_bn, note = precise_bn_batches(model, cfg.model, cfg.precise_bn, len(train_loader), cfg.epochs)
+    if note:
+        logger.info(note)
     train_model = model
     if torch.distributed.is_initialized():
         train_model = wrap_ddp(model, cfg.device, getattr(cfg, "sync_bn", False))
@@ -236,11 +240,11 @@ def predict(best, cfg):
     if root is None:
         raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
                         f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
-    loader = build_predict_loader(root, cfg, cfg.device)
+    loader, unreadable, warning = build_predict_loader(root, cfg, cfg.device)  # (as training checks its images)
     model = best_model(best, cfg)
     transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
     model.eval()
-    rows, unreadable = [], []
+    rows = []
     for images, files, errors in progress_bar(loader, "labeling" if cfg.progress else ""):
         readable = [i for i, error in enumerate(errors) if not error]
         unreadable += [error for error in errors if error]
@@ -257,6 +261,8 @@ def predict(best, cfg):
                                                          else "no predictions were written"))
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         write_predictions(path, rows)
     except OSError as exc:

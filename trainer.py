@@ -17,7 +17,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from dataset import DeviceTransform
+from dataset import DeviceTransform, training_inputs
 from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
 from distributed import (
     agreed_failure,
@@ -29,6 +29,7 @@ from distributed import (
     rank,
     world_size,
 )
+from model import recompute_batchnorm_statistics
 from metrics import ClassificationMeter, GradNormMeter, Stopwatch, device_name, peak_memory_mb, reset_peak_memory
 from utils import RunStopped, UserError, atomic_torch_save, atomic_write_json, derived_seed, progress_bar, torch_load_error
 
@@ -493,6 +494,11 @@ class Trainer:
     def validate(self):
         """The epoch's validation numbers: the raw weights', and with --ema_decay the EMA's. Each
         is validated (and saved) with rank 0's BatchNorm statistics on every rank."""
+        # ---- precise BatchNorm (issue 22): the statistics recomputed first (model.py, dataset.py)
+        if getattr(self.cfg, "precise_bn", 0):
+            inputs = training_inputs(self.train_loader, self.transform, self.cfg, self.epoch, rank())
+            recompute_batchnorm_statistics([self.model, *([self.ema.module] if self.ema else [])], inputs, self.autocast)
+        # ----
         broadcast_buffers(self.model)
         val = self.evaluate(self.val_loader)
         numbers = {"val_loss": val["loss"], "val_acc": val["acc"]}

@@ -545,6 +545,19 @@ def check_label_smoothing(run, shared):
     assert ours["train_loss"] > base["train_loss"] + 0.05
 
 
+def check_precise_bn(run, shared):
+    run.assert_ok()
+    # --precise_bn 1: the BatchNorm statistics recomputed over one training batch before validating.
+    assert "--precise_bn 1: BatchNorm statistics recomputed over 1 training batches before each validation" in run.out
+    assert run.config()["precise_bn"] == 1
+    # The base run's ResNet-18 had 3 training batches, too few for momentum 0.1 (0.9^3 = 73% of the
+    # initial statistics left): it recomputed them over all 3 by itself.
+    assert shared.base.config()["precise_bn"] == 3 and "precise BatchNorm is on" in shared.base.out
+    # The same training (the statistics are not used by it), another validation.
+    ours, base = run.results_at_exit["epochs"][0], shared.base.results_at_exit["epochs"][0]
+    assert ours["train_loss"] == base["train_loss"] and ours["val_loss"] != base["val_loss"]
+
+
 def check_model(run, shared):
     run.assert_ok()
     # --model: config.json and the checkpoints name it; best.pt loads into torchvision's own model,
@@ -648,6 +661,8 @@ CASES = [
          flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
          argv=[*TRAIN, "--checkpoint_name", "step", "--epochs", "3", "--warmup_epochs", "1", "--lr_schedule", "step",
                "--lr_milestones", "2", "--lr_gamma", "0.5", "--zero_init_residual"]),
+    Case("precise_bn", flags=("--precise_bn",), check=check_precise_bn,
+         argv=[*TRAIN, "--checkpoint_name", "precise", "--precise_bn", "1"]),
     Case("label_smoothing", flags=("--label_smoothing",), check=check_label_smoothing,
          argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1"]),
     Case("compile", flags=("--compile",), check=check_compile, argv=[*TRAIN, "--checkpoint_name", "compiled", "--compile"]),
@@ -870,6 +885,8 @@ REFUSALS = [
     ("--cutmix_alpha nan", [*NO_DATA, "--cutmix_alpha", "nan"], ("--cutmix_alpha",)),
     ("--ema_decay 1", [*NO_DATA, "--ema_decay", "1"], ("--ema_decay",)),
     ("--ema_decay with --benchmark", [*NO_DATA, "--benchmark", "--ema_decay", "0.9"], ("--ema_decay", "--benchmark")),
+    ("--precise_bn negative", [*NO_DATA, "--precise_bn", "-1"], ("--precise_bn must not be negative",)),
+    ("--precise_bn with --benchmark", [*NO_DATA, "--benchmark", "--precise_bn", "5"], ("--precise_bn", "--benchmark")),
 ]
 
 

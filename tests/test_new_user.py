@@ -67,3 +67,54 @@ def test_long_passes_have_progress_bars(run_cli, demo_data, monkeypatch):
     named.clear()
     assert run_cli(*flags, "--overwrite")[0] == 0
     assert named and set(named) == {""}  # --no_progress: every bar off
+
+
+# --------------------------------------------------------------------------- item 6: images alike in every mode
+@pytest.fixture(scope="module")
+def labeled_run(demo_data, tmp_path_factory):
+    """A finished one-epoch run `done` on the colours, and a folder to label: two good JPEGs and
+    one cut short (its header intact, a quarter of its data gone)."""
+    root = tmp_path_factory.mktemp("labeled")
+    argv = ["--checkpoint_dir", str(root / "checkpoints"), "--data_dir", demo_data, "--checkpoint_name", "done",
+            "--epochs", "1", *FAST]
+    assert main_module.main(argv) == 0
+    photos = root / "photos"
+    photos.mkdir()
+    source = os.path.join(demo_data, "seg_test", "seg_test", "red")
+    for name in ("0.jpg", "1.jpg"):
+        (photos / name).write_bytes(open(os.path.join(source, name), "rb").read())
+    payload = open(os.path.join(source, "2.jpg"), "rb").read()
+    (photos / "cut.jpg").write_bytes(payload[: len(payload) * 3 // 4])
+    return root
+
+
+def test_predict_warns_about_a_truncated_jpeg_as_training_does(run_cli, labeled_run):
+    flags = ["--checkpoint_name", "done", "--predict", "--predict_dir", labeled_run / "photos"]
+    code, out, err = run_cli(*flags, checkpoint_dir=labeled_run / "checkpoints")
+    assert code == 0, err
+    assert "warning: 1 JPEG(s) look truncated, e.g." in err and "cut.jpg; they load with the missing part gray" in err
+    rows = (labeled_run / "checkpoints" / "done" / "predictions.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["file", "0.jpg", "1.jpg", "cut.jpg"]  # labeled, gray part and all
+    # --skip_bad_images: decoded first, as in training, and the broken file left out.
+    code, out, err = run_cli(*flags, "--skip_bad_images", checkpoint_dir=labeled_run / "checkpoints")
+    assert code == 0, err
+    assert "skipped: " in err and "cut.jpg: not a decodable image" in err and "look truncated" not in err
+    rows = (labeled_run / "checkpoints" / "done" / "predictions.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["file", "0.jpg", "1.jpg"]
+    assert "(1 unreadable file(s) skipped)" in out
+
+
+# --------------------------------------------------------------------------- item 7: fine-tuning advice
+def test_starting_from_a_run_at_its_own_peak_lr_suggests_a_lower_one(run_cli, labeled_run, demo_data):
+    best = labeled_run / "checkpoints" / "done" / "best.pt"  # trained at FAST's --learning_rate 2e-3
+    flags = ["--data_dir", demo_data, "--epochs", "1", *[f for f in FAST if f != "--no_pretrained"],
+             "--pretrained_path", best]
+    code, out, err = run_cli(*flags, "--checkpoint_name", "again")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("--pretrained_path:"))
+    assert line.startswith(f"--pretrained_path: starting from {best} with its head (the same 3 classes); this run "
+                           "warms its LR up to --learning_rate 0.002 again (the earlier run peaked at 0.002)")
+    assert line.endswith("pass a lower --learning_rate (e.g. 0.0002) and a short --warmup_epochs (0 or 1)")
+    code, out, err = run_cli(*flags, "--checkpoint_name", "tuned", "--learning_rate", "2e-4")
+    assert code == 0, err
+    assert "(the same 3 classes)\n" in out and "warms its LR" not in out  # lower already: no advice
