@@ -99,6 +99,10 @@ def build_parser():
                         "with --amp); flags you give win")
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
+    g.add_argument("--test_fraction", type=float, default=None, metavar="F",
+                   help="for a data folder without a test split (class folders directly in it, or a training split "
+                        "alone): hold out this stratified share of the images as the test split, seeded by --seed "
+                        "(default: off)")
     g.add_argument("--random_crop", type=int, default=None, metavar="C",
                    help="train on a random C x C crop of each resized image (C <= --image_size); validation, test "
                         "and --predict take its center C x C crop (default: off)")
@@ -285,7 +289,7 @@ def check_values(cfg):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout", "momentum",
-                 "lr_gamma", "label_smoothing"):
+                 "lr_gamma", "label_smoothing", "test_fraction"):
         value = getattr(cfg, name, None)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
@@ -301,6 +305,8 @@ def check_values(cfg):
     check_optimizer(cfg)
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+    if getattr(cfg, "test_fraction", None) is not None and not 0 < cfg.test_fraction < 1:
+        raise UserError(f"--test_fraction must be between 0 and 1 (exclusive), got {cfg.test_fraction}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
         raise UserError(f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
                         f"got {cfg.warmup_epochs}")

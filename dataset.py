@@ -162,9 +162,42 @@ def split_folders(cfg, splits):
     roots = [find_split_dir(data_dir, split) for split in splits]
     for split, root in zip(splits, roots):
         if root is None:
-            name = "training" if split == "train" else split
-            raise UserError(f"no {name} split found in {data_dir}: {expected_layout(data_dir, splits)}")
+            raise UserError(missing_split(data_dir, split, splits))
     return [image_folder(root, cfg.image_size) for root in roots]
+
+
+def class_folders(data_dir):
+    """The folders directly in `data_dir` that hold images directly, as class folders do."""
+    return sorted(entry.name for entry in os.scandir(data_dir) if entry.is_dir() and not entry.name.startswith(".")
+                  and any(is_visible_image(name) for name in os.listdir(entry.path)))
+
+
+def missing_split(data_dir, split, splits):
+    """Why `split` is missing from `data_dir`, and what to do, in one line: make the split, or
+    let --test_fraction hold one out of the class folders found (or the training split)."""
+    classes = class_folders(data_dir)
+    if classes:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        return (f"{data_dir} holds {len(classes)} class folder(s) ({shown}) but no training and test split: move "
+                f"them into {data_dir}/train/<class>/ and {data_dir}/test/<class>/, or pass --test_fraction F (e.g. "
+                "0.2) to hold out a stratified test split of their images, seeded by --seed like the validation split")
+    if split == "test" and find_split_dir(data_dir, "train") is not None:
+        return (f"no test split found in {data_dir}: {expected_layout(data_dir, splits)}; or pass --test_fraction F "
+                "to hold out a stratified test split of the training images")
+    return f"no {'training' if split == 'train' else split} split found in {data_dir}: {expected_layout(data_dir, splits)}"
+
+
+def held_out_source(cfg):
+    """--test_fraction's images: the training split's folder, else DATA_DIR's class folders
+    (refused where a test split exists: it would be left unused)."""
+    data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} {not_a_folder(data_dir)}: {expected_layout(data_dir)}")
+    test_root = find_split_dir(data_dir, "test")
+    if test_root is not None:
+        raise UserError(f"--test_fraction holds a test split out of the training images, but {data_dir} has one "
+                        f"({test_root}); drop --test_fraction to test on it")
+    return image_folder(find_split_dir(data_dir, "train") or data_dir, cfg.image_size)
 
 
 class UnlabeledImages(Dataset):
@@ -593,22 +626,38 @@ def check_unlabeled_images(images, cfg, progress=False):
     return [f"{path}: {reason}" for path, reason in bad.items()], ""
 
 
+# derived_seed's last part for --test_fraction's split (the validation split's seed is --seed itself).
+TEST_SPLIT_STREAM = 0x7E57
+
+
 def build_datasets(cfg, progress=False):
     """(train, val, test) datasets and the class names, checked for a usable layout (with
-    `progress`, a bar while the images are checked)."""
-    full_train, test = split_folders(cfg, ("train", "test"))
-    check_images((full_train, test), cfg, progress)
-    if test.classes != full_train.classes:
-        raise UserError(
-            f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
-            f"classes in {full_train.root} ({', '.join(full_train.classes)})"
-        )
+    `progress`, a bar while the images are checked). With --test_fraction the test split is
+    held out of the training images first (stratified, seeded), then validation out of the rest."""
+    test_fraction = getattr(cfg, "test_fraction", None)
+    if test_fraction:
+        full_train = held_out_source(cfg)
+        check_images((full_train,), cfg, progress)
+        pool, test_idx = stratified_split(full_train.targets, test_fraction, derived_seed(cfg.seed, TEST_SPLIT_STREAM))
+        if not test_idx:
+            raise UserError(f"{full_train.root} is too small for a test split of {test_fraction}")
+        test = Subset(full_train, test_idx)
+    else:
+        full_train, test = split_folders(cfg, ("train", "test"))
+        check_images((full_train, test), cfg, progress)
+        if test.classes != full_train.classes:
+            raise UserError(
+                f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
+                f"classes in {full_train.root} ({', '.join(full_train.classes)})"
+            )
+        pool = range(len(full_train))
     if len(full_train.classes) < 2:
         raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
-    train_idx, val_idx = stratified_split(full_train.targets, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = stratified_split([full_train.targets[i] for i in pool], cfg.val_fraction, cfg.seed)
     if not val_idx:
         raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}")
-    return Subset(full_train, train_idx), Subset(full_train, val_idx), test, full_train.classes
+    return (Subset(full_train, [pool[i] for i in train_idx]), Subset(full_train, [pool[i] for i in val_idx]), test,
+            full_train.classes)
 
 
 def per_rank_batch(cfg, world_size):
@@ -653,10 +702,16 @@ def build_loaders(cfg, device, rank=0, world_size=1):
 def build_test_loader(cfg, device, rank=0, world_size=1):
     """(test loader, class names) from the test split alone, for --evaluate: no training
     images needed. Its batches are build_loaders' test batches; --cache is left out, as
-    decoding the images into RAM first gains nothing for a single pass."""
-    (test_set,) = split_folders(cfg, ("test",))
-    check_images((test_set,), cfg, getattr(cfg, "progress", False) and rank == 0)
-    return evaluation_loader(test_set, cfg, device, rank, world_size), test_set.classes
+    decoding the images into RAM first gains nothing for a single pass. (With --test_fraction
+    the test split is held out of the training images again, as the run did.)"""
+    progress = getattr(cfg, "progress", False) and rank == 0
+    if getattr(cfg, "test_fraction", None):
+        _, _, test_set, classes = build_datasets(cfg, progress)
+    else:
+        (test_set,) = split_folders(cfg, ("test",))
+        check_images((test_set,), cfg, progress)
+        classes = test_set.classes
+    return evaluation_loader(test_set, cfg, device, rank, world_size), classes
 
 
 def build_predict_loader(root, cfg, device):

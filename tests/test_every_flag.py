@@ -558,6 +558,19 @@ def check_precise_bn(run, shared):
     assert ours["train_loss"] == base["train_loss"] and ours["val_loss"] != base["val_loss"]
 
 
+def copy_class_folders(placeholders):
+    """The colours' training class folders alone, as {tmp}/classes/<class>/: no train/test split."""
+    shutil.copytree(Path(placeholders["colours"], "seg_train", "seg_train"), Path(placeholders["tmp"], "classes"))
+
+
+def check_test_fraction(run, shared):
+    run.assert_ok()
+    # --test_fraction 0.5 of 60 images in class folders: 10 a class to test, 2 of the other 10 to validation.
+    assert "training held_out: 24 train / 6 val / 30 test images, 3 classes" in run.out
+    assert run.config()["test_fraction"] == 0.5
+    assert [sum(row) for row in run.results_at_exit["confusion_matrix"]] == [10, 10, 10]
+
+
 def check_model(run, shared):
     run.assert_ok()
     # --model: config.json and the checkpoints name it; best.pt loads into torchvision's own model,
@@ -661,6 +674,9 @@ CASES = [
          flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
          argv=[*TRAIN, "--checkpoint_name", "step", "--epochs", "3", "--warmup_epochs", "1", "--lr_schedule", "step",
                "--lr_milestones", "2", "--lr_gamma", "0.5", "--zero_init_residual"]),
+    Case("test_fraction", flags=("--test_fraction",), check=check_test_fraction, setup=copy_class_folders,
+         argv=["--data_dir", "{tmp}/classes", "--checkpoint_dir", "{tmp}/checkpoints", "--epochs", "1", *FAST,
+               "--checkpoint_name", "held_out", "--test_fraction", "0.5"]),
     Case("precise_bn", flags=("--precise_bn",), check=check_precise_bn,
          argv=[*TRAIN, "--checkpoint_name", "precise", "--precise_bn", "1"]),
     Case("label_smoothing", flags=("--label_smoothing",), check=check_label_smoothing,
@@ -885,8 +901,10 @@ REFUSALS = [
     ("--cutmix_alpha nan", [*NO_DATA, "--cutmix_alpha", "nan"], ("--cutmix_alpha",)),
     ("--ema_decay 1", [*NO_DATA, "--ema_decay", "1"], ("--ema_decay",)),
     ("--ema_decay with --benchmark", [*NO_DATA, "--benchmark", "--ema_decay", "0.9"], ("--ema_decay", "--benchmark")),
+    ("--test_fraction 1", [*NO_DATA, "--test_fraction", "1"], ("--test_fraction must be between 0 and 1",)),
     ("--precise_bn negative", [*NO_DATA, "--precise_bn", "-1"], ("--precise_bn must not be negative",)),
-    ("--precise_bn with --benchmark", [*NO_DATA, "--benchmark", "--precise_bn", "5"], ("--precise_bn", "--benchmark")),
+    ("--precise_bn with --benchmark", ["--data_dir", "{tmp}/no_data", "--checkpoint_dir", "{tmp}/checkpoints", "--device",
+                                       "cpu", "--benchmark", "--precise_bn", "5"], ("--precise_bn", "--benchmark")),
 ]
 
 

@@ -118,3 +118,57 @@ def test_starting_from_a_run_at_its_own_peak_lr_suggests_a_lower_one(run_cli, la
     code, out, err = run_cli(*flags, "--checkpoint_name", "tuned", "--learning_rate", "2e-4")
     assert code == 0, err
     assert "(the same 3 classes)\n" in out and "warms its LR" not in out  # lower already: no advice
+
+
+# --------------------------------------------------------------------------- item 8: class folders, no split
+@pytest.fixture(scope="module")
+def class_folders_only(demo_data, tmp_path_factory):
+    """The colours' 20 training images a class as DATA/<class>/*.jpg: no train/test split."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("classes_only") / "data"
+    shutil.copytree(os.path.join(demo_data, "seg_train", "seg_train"), root)
+    return root
+
+
+def test_class_folders_without_a_split_are_named_with_what_to_do(run_cli, class_folders_only, tmp_path):
+    result = run_cli("--data_dir", class_folders_only, "--epochs", "1", *FAST)
+    assert_user_error(result, f"{class_folders_only} holds 3 class folder(s) (blue, green, red) but no training and "
+                              "test split", f"{class_folders_only}/train/<class>/", "--test_fraction F")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_test_fraction_holds_out_a_stratified_seeded_test_split(run_cli, class_folders_only, tmp_path):
+    flags = ["--data_dir", class_folders_only, "--epochs", "1", *FAST, "--test_fraction", "0.25"]
+    code, out, err = run_cli(*flags, "--checkpoint_name", "held_out")
+    assert code == 0, err
+    # 60 images: 5 a class to test, then a fifth of the other 15 a class to validation.
+    assert "training held_out: 36 train / 9 val / 15 test images, 3 classes" in out
+    results = read_results(tmp_path / "checkpoints" / "held_out")
+    assert [sum(row) for row in results["confusion_matrix"]] == [5, 5, 5]  # stratified
+    # --evaluate holds out the same images again (the run's saved --test_fraction and --seed).
+    code, out, err = run_cli("--checkpoint_name", "held_out", "--evaluate", "--data_dir", class_folders_only,
+                             "--device", "cpu")
+    assert code == 0, err
+    assert f"test accuracy {results['test_acc']:.2f}% on 15 images" in out
+
+
+def test_the_held_out_split_is_disjoint_and_follows_the_seed(class_folders_only):
+    import config
+    from dataset import build_datasets
+
+    def splits(seed):
+        cfg = config.parse_config(["--data_dir", str(class_folders_only), "--test_fraction", "0.25", "--seed", str(seed),
+                                   "--device", "cpu", "--image_size", "8"])[0]
+        train, val, test, _ = build_datasets(cfg)
+        return [set(subset.indices) for subset in (train, val, test)]
+
+    train, val, test = splits(1)
+    assert len(train) + len(val) + len(test) == 60 and not (train & val or train & test or val & test)
+    assert splits(1) == [train, val, test]  # the same with the same seed
+    assert splits(2)[2] != test  # another seed, other test images
+
+
+def test_test_fraction_is_refused_where_there_is_a_test_split(run_cli, demo_data):
+    assert_user_error(run_cli("--data_dir", demo_data, "--epochs", "1", *FAST, "--test_fraction", "0.2"),
+                      "--test_fraction holds a test split out of the training images", "has one", "drop --test_fraction")
