@@ -155,7 +155,7 @@ def time_input_pipeline(cfg, train_set, batches=20, on_row=None):
     results = []
     sources = [(w, lambda: train_set) for w in counts]
     if cfg.cache:
-        sources.append(("cache", lambda: cache_dataset(train_set, cfg.num_workers)))
+        sources.append(("cache", lambda: cache_dataset(train_set, cfg.num_workers, cfg.progress)))
     for workers, dataset in sources:
         dataset = dataset()
         run_cfg = argparse.Namespace(**{**vars(cfg), "num_workers": workers if workers != "cache" else 0})

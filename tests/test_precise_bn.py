@@ -98,3 +98,12 @@ def test_an_interrupted_recompute_leaves_the_statistics_as_they_were():
         recompute_batchnorm_statistics([model], failing(), lambda: torch.autocast("cpu", enabled=False))
     assert torch.equal(model.bn.running_mean, torch.full((4,), 3.0)) and model.bn.momentum == 0.01
     assert not model.training and not model.bn.training
+
+
+def test_a_run_saved_before_the_flag_goes_on_without_it():
+    import config
+
+    cfg, explicit = config.parse_config(["--resume", "--device", "cpu"])
+    saved = vars(config.parse_config(["--device", "cpu", "--model", "mobilenet_v3_small"])[0])
+    del saved["precise_bn"]  # (a config.json written before --precise_bn)
+    assert config.merge_resumed(saved, cfg, explicit).precise_bn == 0  # as it trained: no precise BatchNorm
