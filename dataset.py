@@ -599,8 +599,10 @@ def check_images(folders, cfg, progress=False):
             if len(set(folder.targets)) < len(folder.classes):
                 empty = sorted(set(range(len(folder.classes))) - set(folder.targets))
                 raise UserError(f"{folder.root}: class folder {folder.classes[empty[0]]!r} has no readable image left")
-    elif not cfg.skip_bad_images and truncated_warning(paths):
-        log.info(truncated_warning(paths))
+    elif not cfg.skip_bad_images:
+        warning = truncated_warning(paths)
+        if warning:
+            log.info(warning)
 
 
 def truncated_warning(paths):

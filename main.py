@@ -179,7 +179,8 @@ def finished_run_note(run_dir, checkpoint, cfg):
         return ""
     if not results.get("finished") or results.get("test_acc") is None:
         return ""  # stopped during its final test: --resume runs the test
-    return (f"{cfg.checkpoint_name} is finished: it trained all {cfg.epochs} epochs and was tested "
+    epochs = f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}"
+    return (f"{cfg.checkpoint_name} is finished: it trained its {epochs} and was tested "
             f"(test accuracy {results['test_acc']:.2f}%), so there is nothing to resume. Re-test it with "
             f"--evaluate, or train it further as a new run that starts from its weights: --checkpoint_name NEW "
             f"--pretrained_path {os.path.join(run_dir, 'best.pt')} --epochs N (with a lower --learning_rate)")

@@ -488,7 +488,7 @@ def check_resume(run, shared):
     run.assert_ok()
     # A finished run (issue 22, item 5): it says so and what to do instead, and trains nothing.
     test_acc = shared.base.results_at_exit["test_acc"]
-    assert f"base is finished: it trained all 1 epochs and was tested (test accuracy {test_acc:.2f}%)" in run.out
+    assert f"base is finished: it trained its 1 epoch and was tested (test accuracy {test_acc:.2f}%)" in run.out
     assert "--evaluate" in run.out and "--pretrained_path" in run.out and "training base" not in run.out
     assert run.spy.checkpoint_writes == [] and run.results_at_exit == shared.base.results_at_exit
 
