@@ -64,7 +64,11 @@ class TrainingSteps:
         x = self.transform(self.images, flip_seed=self.steps)
         training_step(self.model, x, self.targets.to(self.device, non_blocking=True), self.autocast, self.update)
         self.steps += 1
-        return watch.stop()
+        self.last_seconds = watch.stop()
+        return self.last_seconds
+
+    def name(self):
+        return f"{self.mode} {'channels_last' if self.channels_last else 'NCHW'}{' compiled' if self.compiled else ''}"
 
     def peak_mem_mb(self):
         """Peak memory of one steady-state step (CUDA), or None on the CPU."""
@@ -74,23 +78,51 @@ class TrainingSteps:
         return None if peak is None else peak - self.memory_before / 2**20
 
 
+class Progress:
+    """Lines that say how far the benchmark is and about how long it has left (a CPU benchmark
+    can take minutes): one per row once it is warmed up, then one at most every
+    `every` seconds while the rows are timed. Silent with --no_progress."""
+
+    def __init__(self, enabled, every=10.0):
+        self.enabled, self.every = enabled, every
+        self.last = time.perf_counter()
+
+    def say(self, text, force=True):
+        if self.enabled and (force or time.perf_counter() - self.last >= self.every):
+            print(text, flush=True)
+            self.last = time.perf_counter()
+
+
+def seconds_left(known, unknown_rows, timed_steps):
+    """About how long the rest takes: `timed_steps` steps of every row, plus warming up (and the
+    peak-memory step) `unknown_rows` rows not built yet, whose steps are guessed at the known rows' mean."""
+    guess = statistics.mean(known)
+    return (unknown_rows * (WARMUP_STEPS + 1) + timed_steps * unknown_rows) * guess + timed_steps * sum(known)
+
+
 def benchmark_rows(cfg, modes):
     """One row per (mode, memory format[, compiled]): images/s and ms/step of the median of
     cfg.benchmark_steps timed steps, and the peak memory. The rows take their timed steps in
     turn, one each, so a slow spell of a shared machine slows them all alike."""
     variants = [(mode, channels_last, compiled) for mode in modes for channels_last in (False, True)
                 for compiled in ((False, True) if cfg.compile else (False,))]
+    progress = Progress(getattr(cfg, "progress", True))
     rows, peaks = [], []
-    for variant in variants:
+    for k, variant in enumerate(variants, 1):
         row = TrainingSteps(cfg, *variant)
         for _ in range(WARMUP_STEPS):
             row.step()
         peaks.append(row.peak_mem_mb())
         rows.append(row)
+        left = seconds_left([r.last_seconds for r in rows], len(variants) - k, cfg.benchmark_steps)
+        progress.say(f"  row {k}/{len(variants)} ({row.name()}) warmed up: {row.last_seconds:.2f} s a step; "
+                     f"about {left:.0f} s left")
     times = [[] for _ in rows]
-    for _ in range(cfg.benchmark_steps):
+    for n in range(cfg.benchmark_steps):
         for row, row_times in zip(rows, times):
             row_times.append(row.step())
+        left = (cfg.benchmark_steps - n - 1) * sum(statistics.median(t) for t in times)
+        progress.say(f"  timed step {n + 1}/{cfg.benchmark_steps} of every row: about {left:.0f} s left", force=False)
     results = []
     for row, row_times, peak in zip(rows, times, peaks):
         seconds = statistics.median(row_times)
@@ -119,19 +151,22 @@ def format_table(rows, tf32=False):
     return "\n".join(lines)
 
 
-def time_input_pipeline(cfg, train_set, batches=20):
+def time_input_pipeline(cfg, train_set, batches=20, on_row=None):
     """Images/s the training loader of `train_set` delivers (decode + resize in workers), per
-    worker count."""
+    worker count; `on_row(row)` hears of each row as soon as it is measured."""
     counts = sorted({w for w in (0, 1, 2, 4, 8) if w <= (os.cpu_count() or 1)} | {cfg.num_workers})
     results = []
-    sources = [(w, train_set) for w in counts]
+    sources = [(w, lambda: train_set) for w in counts]
     if cfg.cache:
-        sources.append(("cache", cache_dataset(train_set, cfg.num_workers)))
+        sources.append(("cache", lambda: cache_dataset(train_set, cfg.num_workers, cfg.progress)))
     for workers, dataset in sources:
+        dataset = dataset()
         run_cfg = argparse.Namespace(**{**vars(cfg), "num_workers": workers if workers != "cache" else 0})
         sampler = EpochSampler(len(dataset), True, cfg.seed)
         loader = make_loader(dataset, sampler, cfg.batch_size, run_cfg, "cpu")
         results.append({"workers": workers, "images_per_sec": images_per_sec(loader, batches)})
+        if on_row is not None:
+            on_row(results[-1])
         del loader
     return results
 
@@ -170,7 +205,7 @@ def benchmark_record(cfg, rows):
 def run(cfg):
     """Print and save the benchmark table (and the input pipeline's, with --data)."""
     # The dataset first: a missing or broken one fails now, not after minutes of timing.
-    train_set = build_datasets(cfg)[0] if cfg.data else None
+    train_set = build_datasets(cfg, cfg.progress)[0] if cfg.data else None
     modes = supported_modes(cfg.device, cfg.amp_dtype)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
     print(f"benchmark: {cfg.model} training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
@@ -185,10 +220,9 @@ def run(cfg):
     print(f"wrote {os.path.join(run_dir, 'benchmark.json')}")
     if cfg.data:
         fastest = max(rows, key=lambda r: r["images_per_sec"])
-        pipeline = time_input_pipeline(cfg, train_set)
-        print("\n| data loading workers | images/s |\n|---|---|")
-        for p in pipeline:
-            print(f"| {p['workers']} | {p['images_per_sec']:.0f} |")
+        print("\n| data loading workers | images/s |\n|---|---|", flush=True)  # each row as soon as it is timed
+        pipeline = time_input_pipeline(cfg, train_set, on_row=lambda p: print(
+            f"| {p['workers']} | {p['images_per_sec']:.0f} |", flush=True))
         best = max(pipeline, key=lambda p: p["images_per_sec"])
         verdict = "can" if best["images_per_sec"] >= fastest["images_per_sec"] else "cannot"
         source = "from --cache" if best["workers"] == "cache" else f"with {best['workers']} workers"

@@ -1,17 +1,21 @@
-"""Settings: the command-line flags with their defaults, checked and resolved into one config."""
+"""Settings: the command-line flags with their defaults, checked and resolved into one config.
+
+Parsing the flags and the checks of their values need no torch (parse_flags): main.py runs them
+before torch loads, which takes seconds, so a typo or --help answers at once. The checks that
+need torch (the device, the model) import it where they run."""
 import argparse
 import math
 import os
 import re
 import sys
 
-import torch
-
-from dataset import AUTO_AUGMENT
-from distributed import launched_by_torchrun, launched_world_size, local_rank
-from model import DEFAULT_MODEL, check_default_weights_fit, check_model_name, image_size_problem
-from scheduler import SCHEDULES
 from utils import UserError
+
+# The choices of some flags, named here so the parser needs no torch. The code behind them:
+# dataset.AUTO_AUGMENT, scheduler.SCHEDULES, model.DEFAULT_MODEL (tests/test_cli.py checks that they agree).
+AUTO_AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
+SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_MODEL = "resnet18"
 
 # What --demo changes, unless the flag is given explicitly: a run sized for a laptop CPU.
 # (With --amp the run is named demo_amp, so the FP32 and AMP demos can be compared.)
@@ -26,6 +30,8 @@ DEMO_SETTINGS = dict(
     pretrained=False,
 )
 
+# Where --benchmark writes benchmark.json (CHECKPOINT_DIR/NAME/), unless --checkpoint_name says otherwise.
+BENCHMARK_NAME = "benchmark"
 # --benchmark on the CPU, unless --batch_size / --image_size say otherwise.
 CPU_BENCHMARK_SETTINGS = dict(batch_size=32, image_size=128)
 
@@ -48,8 +54,10 @@ TRAINING_ONLY_FLAGS = {
     "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
     "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
     "random_crop", "vflip", "auto_augment", "random_erase",
-    "mixup_alpha", "cutmix_alpha", "ema_decay",
+    "mixup_alpha", "cutmix_alpha", "ema_decay", "precise_bn",
 }
+# What a run saved before a flag existed did, where that is not the flag's default now.
+SETTINGS_OF_OLDER_RUNS = {"precise_bn": 0}
 # Settings stored under another name than their flag: (flag when False, flag when True).
 NEGATED_FLAGS = {"pretrained": "--no_pretrained", "progress": "--no_progress"}
 # Flags that select what main.py does, rather than how a run trains.
@@ -94,11 +102,15 @@ def build_parser():
                         "with --amp); flags you give win")
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
+    g.add_argument("--test_fraction", type=float, default=None, metavar="F",
+                   help="for a data folder without a test split (class folders directly in it, or a training split "
+                        "alone): hold out this stratified share of the images as the test split, seeded by --seed "
+                        "(default: off)")
     g.add_argument("--random_crop", type=int, default=None, metavar="C",
                    help="train on a random C x C crop of each resized image (C <= --image_size); validation, test "
                         "and --predict take its center C x C crop (default: off)")
     g.add_argument("--vflip", action="store_true", help="also flip training images vertically at random (p=0.5)")
-    g.add_argument("--auto_augment", choices=tuple(AUTO_AUGMENT), default=None,
+    g.add_argument("--auto_augment", choices=AUTO_AUGMENT_POLICIES, default=None,
                    help="an augmentation policy on the training images: RandAugment, TrivialAugmentWide or "
                         "AutoAugment's ImageNet policy (default: off)")
     g.add_argument("--random_erase", type=float, default=0.0, metavar="P",
@@ -157,6 +169,11 @@ def build_parser():
                    help="also keep an exponential moving average of the weights and BatchNorm statistics, updated "
                         "after every optimizer step (ema = D * ema + (1 - D) * weights, 0 < D < 1), validated every "
                         "epoch; best.pt holds whichever validated better (default: off)")
+    g.add_argument("--precise_bn", type=int, default=None, metavar="N",
+                   help="precise BatchNorm: recompute the BatchNorm running statistics over N training batches "
+                        "before each validation (default: on, over up to 100 batches, where the model's BatchNorm "
+                        "momentum cannot have converged in the run's training batches, as MobileNetV3's 0.01 on a "
+                        "short run; else off; 0: off)")
     g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
     g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order, the flips and augmentations, "
@@ -183,7 +200,8 @@ def build_parser():
     g.add_argument("--cache", action="store_true", help="decode every image once and keep the uint8 pixels in RAM")
     g.add_argument("--benchmark", action="store_true",
                    help="time training steps in FP32 and AMP, NCHW and channels_last, on synthetic data; no dataset "
-                        "needed (on the CPU at batch 32, 128 px unless --batch_size/--image_size are given)")
+                        "needed (on the CPU at batch 32, 128 px unless --batch_size/--image_size are given); writes "
+                        "CHECKPOINT_DIR/benchmark/benchmark.json (--checkpoint_name for another folder)")
     g.add_argument("--data", action="store_true", help="with --benchmark: also time the input pipeline on the dataset")
     g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)")
 
@@ -241,6 +259,9 @@ def explicit_flags(parser, argv):
 
 def resolve_device(name):
     """The device this process trains on; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    import torch
+
+    from distributed import launched_by_torchrun, local_rank
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -269,17 +290,25 @@ def resolve_device(name):
 
 def bf16_supported():
     """Native bfloat16 on the current GPU (emulated bfloat16 is slower than float32)."""
+    import torch
+
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def validate(cfg):
     """Reject settings that cannot work, before anything is written."""
+    check_values(cfg)
+    check_on_this_machine(cfg)
+
+
+def check_values(cfg):
+    """The checks of the settings' own values, which need no torch (see parse_flags)."""
     for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps",
                  "calibration_images"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout", "momentum",
-                 "lr_gamma", "label_smoothing"):
+                 "lr_gamma", "label_smoothing", "test_fraction"):
         value = getattr(cfg, name, None)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
@@ -295,15 +324,18 @@ def validate(cfg):
     check_optimizer(cfg)
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+    if getattr(cfg, "test_fraction", None) is not None and not 0 < cfg.test_fraction < 1:
+        raise UserError(f"--test_fraction must be between 0 and 1 (exclusive), got {cfg.test_fraction}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
         raise UserError(f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
                         f"got {cfg.warmup_epochs}")
     check_schedule(cfg)
     check_augmentation(cfg)
-    check_model(cfg)  # (at the crop's size: after the crop is checked)
     check_regularization(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
+    if (getattr(cfg, "precise_bn", None) or 0) < 0:
+        raise UserError(f"--precise_bn must not be negative (0: off), got {cfg.precise_bn}")
     if cfg.num_workers < 0:
         raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
@@ -314,20 +346,32 @@ def validate(cfg):
     for flag, name in named:
         if not NAME_PATTERN.match(name) or name in (".", ".."):
             raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")
+    if not getattr(cfg, "dist_timeout", 1) > 0:
+        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
+
+
+def check_on_this_machine(cfg):
+    """The checks that need torch: the model takes the images, the device has the AMP dtype,
+    and torchrun's processes can run what was asked."""
+    import torch
+
+    from distributed import launched_world_size
+
+    check_model(cfg)
     check_precision(cfg)
     processes = launched_world_size()
     if getattr(cfg, "benchmark", False) and processes > 1:
         raise UserError("--benchmark times one GPU: run it with python main.py, not torchrun")
     if getattr(cfg, "sync_bn", False) and processes > 1 and torch.device(cfg.device).type != "cuda":
         raise UserError("--sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels)")
-    if not getattr(cfg, "dist_timeout", 1) > 0:
-        raise UserError(f"--dist_timeout must be positive, got {cfg.dist_timeout}")
 
 
 def check_model(cfg):
     """--model must name a classification model of torchvision that takes the images it is given
     (--random_crop's, else --image_size's; a run that is resumed, evaluated or predicted with
     keeps the size it was trained at)."""
+    from model import check_default_weights_fit, check_model_name, image_size_problem
+
     check_model_name(cfg.model)
     if not any(getattr(cfg, mode, None) for mode in ("resume", "compare", *SAVED_RUN_MODES)):
         flag = "--random_crop" if getattr(cfg, "random_crop", None) else "--image_size"
@@ -411,6 +455,8 @@ def drop_unused(cfg):
 
 def check_precision(cfg):
     """The AMP dtype must exist on the device this session runs on."""
+    import torch
+
     device = torch.device(cfg.device)
     if cfg.amp and cfg.amp_dtype == "bfloat16" and device.type == "cuda" and not bf16_supported():
         raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp_dtype float16")
@@ -420,6 +466,8 @@ def check_batch_split(cfg):
     """Under torchrun the global batch is split over the processes: evenly, and (at small image
     sizes) into shares of at least two images, since BatchNorm cannot train on one value per
     channel (ResNet-18's last feature map is 1x1 at 32 px or less)."""
+    from distributed import launched_world_size
+
     processes = launched_world_size()
     if cfg.batch_size % processes:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
@@ -468,28 +516,30 @@ def check_flag_combinations(cfg, explicit):
             raise UserError(f"--{flag} is only used with --{setting} {value}, not --{setting} {getattr(cfg, setting)}")
     if "no_bias_decay" in explicit and cfg.weight_decay == 0:
         raise UserError("--no_bias_decay exempts biases from weight decay, but --weight_decay 0 has none; drop one of them")
-    if cfg.sync_bn and launched_world_size() == 1:
-        raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
 
 
 def resolve(cfg):
-    """Fill in the settings that depend on others (device, AMP dtype, warmup), then validate."""
+    """Fill in the settings that depend on this machine (device, AMP dtype), then check what
+    needs torch (see parse_flags for the rest)."""
+    from distributed import launched_world_size
+
+    if cfg.sync_bn and launched_world_size() == 1:
+        raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
     cfg.device = resolve_device(cfg.device)
     if not cfg.amp and not cfg.benchmark:
         cfg.amp_dtype = None  # FP32: config.json says so
     elif cfg.amp_dtype is None:
         cfg.amp_dtype = "float16" if cfg.device.startswith("cuda") else "bfloat16"
-    if cfg.warmup_epochs is None:
-        cfg.warmup_epochs = cfg.epochs // 10
-    drop_unused(cfg)
-    validate(cfg)
+    check_on_this_machine(cfg)
     if not (cfg.resume or cfg.compare or any(getattr(cfg, mode) for mode in SAVED_RUN_MODES)):
         check_batch_split(cfg)  # (those take the run's saved batch size, or none: checked later)
     return cfg
 
 
-def parse_config(argv=None):
-    """(config, the set of flags given explicitly)."""
+def parse_flags(argv=None):
+    """(config, the set of flags given explicitly), with every check that needs no torch: the
+    flags exist and go together, and their values make sense. main.py runs it before torch
+    loads, so a typo answers at once; parse_config then does the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     cfg = parser.parse_args(argv)
@@ -504,6 +554,19 @@ def parse_config(argv=None):
                 setattr(cfg, name, value)
         if "warmup_epochs" not in explicit and cfg.epochs <= cfg.warmup_epochs:
             cfg.warmup_epochs = 0  # --demo --epochs 1: no room for the demo's warmup epoch
+    if cfg.benchmark and "checkpoint_name" not in explicit:
+        cfg.checkpoint_name = BENCHMARK_NAME  # its own folder, not the default run's (nor --demo's)
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = cfg.epochs // 10
+    drop_unused(cfg)
+    check_values(cfg)
+    return cfg, explicit
+
+
+def parse_config(argv=None):
+    """(config, the set of flags given explicitly): parse_flags, then the device, the AMP dtype
+    and the checks that need torch."""
+    cfg, explicit = parse_flags(argv)
     cfg = resolve(cfg)
     if cfg.benchmark and cfg.device == "cpu" and not cfg.demo:
         # Batch 256 at 256 px is ~20 s a step on a laptop CPU: --benchmark should take a minute.
@@ -517,8 +580,10 @@ def merge_saved(saved, cfg, explicit, overrides):
     """The settings of an existing run (resumed, evaluated or predicted with): its saved
     settings, plus the flags in `overrides` that may change between sessions. Any other flag
     that disagrees with the saved run is an error."""
-    # A flag added since the run was saved: the run trained with its default (Adam before --optimizer).
-    defaults = {name: value for name, value in vars(build_parser().parse_args([])).items() if name not in saved}
+    # A flag added since the run was saved: the run trained with its default (Adam before --optimizer),
+    # or as it did then (no precise BatchNorm).
+    before = {**vars(build_parser().parse_args([])), **SETTINGS_OF_OLDER_RUNS}
+    defaults = {name: value for name, value in before.items() if name not in saved}
     merged = drop_unused(argparse.Namespace(**{**vars(cfg), **defaults, **saved}))
     for name in sorted(explicit - {*MODE_FLAGS, "overwrite", "demo", "checkpoint_name"}):
         value = getattr(cfg, name)

@@ -26,7 +26,7 @@ except ImportError:  # a torchvision without its own decoders: PIL decodes every
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import UserError, derived_seed
+from utils import UserError, derived_seed, progress_bar
 
 # A truncated JPEG (say, an interrupted download) loads with its missing part gray instead of
 # crashing an epoch; the check before training warns about such files.
@@ -162,9 +162,42 @@ def split_folders(cfg, splits):
     roots = [find_split_dir(data_dir, split) for split in splits]
     for split, root in zip(splits, roots):
         if root is None:
-            name = "training" if split == "train" else split
-            raise UserError(f"no {name} split found in {data_dir}: {expected_layout(data_dir, splits)}")
+            raise UserError(missing_split(data_dir, split, splits))
     return [image_folder(root, cfg.image_size) for root in roots]
+
+
+def class_folders(data_dir):
+    """The folders directly in `data_dir` that hold images directly, as class folders do."""
+    return sorted(entry.name for entry in os.scandir(data_dir) if entry.is_dir() and not entry.name.startswith(".")
+                  and any(is_visible_image(name) for name in os.listdir(entry.path)))
+
+
+def missing_split(data_dir, split, splits):
+    """Why `split` is missing from `data_dir`, and what to do, in one line: make the split, or
+    let --test_fraction hold one out of the class folders found (or the training split)."""
+    classes = class_folders(data_dir)
+    if classes:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        return (f"{data_dir} holds {len(classes)} class folder(s) ({shown}) but no training and test split: move "
+                f"them into {data_dir}/train/<class>/ and {data_dir}/test/<class>/, or pass --test_fraction F (e.g. "
+                "0.2) to hold out a stratified test split of their images, seeded by --seed like the validation split")
+    if split == "test" and find_split_dir(data_dir, "train") is not None:
+        return (f"no test split found in {data_dir}: {expected_layout(data_dir, splits)}; or pass --test_fraction F "
+                "to hold out a stratified test split of the training images")
+    return f"no {'training' if split == 'train' else split} split found in {data_dir}: {expected_layout(data_dir, splits)}"
+
+
+def held_out_source(cfg):
+    """--test_fraction's images: the training split's folder, else DATA_DIR's class folders
+    (refused where a test split exists: it would be left unused)."""
+    data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} {not_a_folder(data_dir)}: {expected_layout(data_dir)}")
+    test_root = find_split_dir(data_dir, "test")
+    if test_root is not None:
+        raise UserError(f"--test_fraction holds a test split out of the training images, but {data_dir} has one "
+                        f"({test_root}); drop --test_fraction to test on it")
+    return image_folder(find_split_dir(data_dir, "train") or data_dir, cfg.image_size)
 
 
 class UnlabeledImages(Dataset):
@@ -380,6 +413,18 @@ class DeviceTransform:
         return images.mul_(self.scale).sub_(self.shift)
 
 
+def training_inputs(loader, transform, cfg, epoch, rank=0):
+    """The device inputs of epoch `epoch`'s first cfg.precise_bn training batches on this rank,
+    as the training step got them (augmented and flipped from the same seeds as in
+    Trainer.train_one_epoch; never mixed: evaluation sees no mixed images), with a progress
+    bar (rank 0): what precise BatchNorm forwards."""
+    loader.sampler.set_epoch(epoch)
+    count = min(cfg.precise_bn, len(loader))
+    batches = zip(range(count), loader)  # (range first: the loader is not asked for one batch too many)
+    for i, (images, _) in progress_bar(batches, "precise BatchNorm" if cfg.progress and rank == 0 else "", count):
+        yield transform(images, flip_seed=derived_seed(cfg.seed, epoch, i, rank))
+
+
 # --------------------------------------------------------------------------- loaders
 def stop_loader_workers():
     """Kill the data-loading workers still alive. They ignore SIGTERM (see below), and SIGTERM
@@ -457,14 +502,15 @@ def _already_batched(batch):
     return batch
 
 
-def cache_dataset(dataset, workers=0):
+def cache_dataset(dataset, workers=0, progress=False):
     """Decode and resize a split once (in parallel) into CachedImages: later epochs skip
-    decoding. The pixels are exactly what `dataset` itself returns."""
+    decoding. The pixels are exactly what `dataset` itself returns. With `progress`, a bar."""
     first, _ = dataset[0]
     images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
     targets = torch.empty(len(dataset), dtype=torch.int64)
     start = 0
-    for batch, labels in DataLoader(dataset, batch_size=64, num_workers=workers):  # in order
+    batches = DataLoader(dataset, batch_size=64, num_workers=workers)  # in order
+    for batch, labels in progress_bar(batches, "--cache: decoding" if progress else ""):
         images[start : start + len(batch)] = batch
         targets[start : start + len(batch)] = labels
         start += len(batch)
@@ -533,14 +579,16 @@ class _DecodeCheck(torch.utils.data.Dataset):
         return self.paths[index], decode_problem(self.paths[index])
 
 
-def find_bad_images(paths, decode=False, workers=0):
+def find_bad_images(paths, decode=False, workers=0, progress=False):
     """{path: reason} for the images that cannot be read. Without `decode`, a quick look at
-    each file's size and header; with it, every image is decoded (in `workers` processes)."""
+    each file's size and header; with it, every image is decoded (in `workers` processes).
+    With `progress`, a bar."""
     if not decode:
-        problems = ((p, quick_image_problem(p)) for p in paths)
+        problems = ((p, quick_image_problem(p)) for p in progress_bar(paths, "checking images" if progress else ""))
     else:
         loader = DataLoader(_DecodeCheck(paths), batch_size=64, num_workers=workers, collate_fn=list)
-        problems = (item for batch in loader for item in batch)
+        batches = progress_bar(loader, "--skip_bad_images: decoding" if progress else "")
+        problems = (item for batch in batches for item in batch)
     return {path: reason for path, reason in problems if reason}
 
 
@@ -551,12 +599,12 @@ def drop_images(folder, bad):
     folder.targets = [target for _, target in folder.samples]
 
 
-def check_images(folders, cfg):
+def check_images(folders, cfg, progress=False):
     """Stop before training on unreadable images, or with --skip_bad_images leave them out
     and log which."""
     log = logging.getLogger("amp")
     paths = [path for folder in folders for path, _ in folder.samples]
-    bad = find_bad_images(paths, decode=cfg.skip_bad_images, workers=cfg.num_workers)
+    bad = find_bad_images(paths, decode=cfg.skip_bad_images, workers=cfg.num_workers, progress=progress)
     if bad and not cfg.skip_bad_images:
         path, reason = next(iter(bad.items()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -572,27 +620,66 @@ def check_images(folders, cfg):
                 empty = sorted(set(range(len(folder.classes))) - set(folder.targets))
                 raise UserError(f"{folder.root}: class folder {folder.classes[empty[0]]!r} has no readable image left")
     elif not cfg.skip_bad_images:
-        truncated = [p for p in paths if looks_truncated(p)]
-        if truncated:
-            log.info(f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
-                     "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
+        warning = truncated_warning(paths)
+        if warning:
+            log.info(warning)
 
 
-def build_datasets(cfg):
-    """(train, val, test) datasets and the class names, checked for a usable layout."""
-    full_train, test = split_folders(cfg, ("train", "test"))
-    check_images((full_train, test), cfg)
-    if test.classes != full_train.classes:
-        raise UserError(
-            f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
-            f"classes in {full_train.root} ({', '.join(full_train.classes)})"
-        )
+def truncated_warning(paths):
+    """The warning about the JPEGs among `paths` that look truncated ('' if none): they load
+    with their missing part gray (training, --evaluate and --predict alike)."""
+    truncated = [p for p in paths if looks_truncated(p)]
+    if not truncated:
+        return ""
+    return (f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
+            "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
+
+
+def check_unlabeled_images(images, cfg, progress=False):
+    """The files of `images` (UnlabeledImages) checked as check_images checks training images:
+    with --skip_bad_images each is decoded first and the broken ones (a truncated JPEG too)
+    are left out, in place; without, a JPEG that looks truncated gets training's warning.
+    (["path: why" for each file left out], the warning or '')."""
+    paths = [os.path.join(images.root, file) for file in images.files]
+    if not cfg.skip_bad_images:
+        return [], truncated_warning(paths)
+    bad = find_bad_images(paths, decode=True, workers=cfg.num_workers, progress=progress)
+    images.files = [file for file, path in zip(images.files, paths) if path not in bad]
+    return [f"{path}: {reason}" for path, reason in bad.items()], ""
+
+
+# derived_seed's last part for --test_fraction's split (the validation split's seed is --seed itself).
+TEST_SPLIT_STREAM = 0x7E57
+
+
+def build_datasets(cfg, progress=False):
+    """(train, val, test) datasets and the class names, checked for a usable layout (with
+    `progress`, a bar while the images are checked). With --test_fraction the test split is
+    held out of the training images first (stratified, seeded), then validation out of the rest."""
+    test_fraction = getattr(cfg, "test_fraction", None)
+    if test_fraction:
+        full_train = held_out_source(cfg)
+        check_images((full_train,), cfg, progress)
+        pool, test_idx = stratified_split(full_train.targets, test_fraction, derived_seed(cfg.seed, TEST_SPLIT_STREAM))
+        if not test_idx:
+            raise UserError(f"{full_train.root} is too small for a test split of {test_fraction}")
+        test = Subset(full_train, test_idx)
+    else:
+        full_train, test = split_folders(cfg, ("train", "test"))
+        check_images((full_train, test), cfg, progress)
+        if test.classes != full_train.classes:
+            raise UserError(
+                f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
+                f"classes in {full_train.root} ({', '.join(full_train.classes)})"
+            )
+        pool = range(len(full_train))
     if len(full_train.classes) < 2:
         raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
-    train_idx, val_idx = stratified_split(full_train.targets, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = stratified_split([full_train.targets[i] for i in pool], cfg.val_fraction, cfg.seed)
     if not val_idx:
         raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}")
-    return Subset(full_train, train_idx), Subset(full_train, val_idx), test, full_train.classes
+    return (Subset(full_train, [pool[i] for i in train_idx]), Subset(full_train, [pool[i] for i in val_idx]), test,
+            full_train.classes)
 
 
 def per_rank_batch(cfg, world_size):
@@ -610,9 +697,10 @@ def evaluation_loader(dataset, cfg, device, rank, world_size):
 
 def build_loaders(cfg, device, rank=0, world_size=1):
     """Train, val and test loaders plus the class names, for process `rank` of `world_size`."""
-    train_set, val_set, test_set, class_names = build_datasets(cfg)
+    progress = getattr(cfg, "progress", False) and rank == 0
+    train_set, val_set, test_set, class_names = build_datasets(cfg, progress)
     if getattr(cfg, "cache", False):
-        train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers) for d in (train_set, val_set, test_set))
+        train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers, progress) for d in (train_set, val_set, test_set))
         size = human_bytes(sum(d.nbytes() for d in (train_set, val_set, test_set)))
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
@@ -636,18 +724,26 @@ def build_loaders(cfg, device, rank=0, world_size=1):
 def build_test_loader(cfg, device, rank=0, world_size=1):
     """(test loader, class names) from the test split alone, for --evaluate: no training
     images needed. Its batches are build_loaders' test batches; --cache is left out, as
-    decoding the images into RAM first gains nothing for a single pass."""
-    (test_set,) = split_folders(cfg, ("test",))
-    check_images((test_set,), cfg)
-    return evaluation_loader(test_set, cfg, device, rank, world_size), test_set.classes
+    decoding the images into RAM first gains nothing for a single pass. (With --test_fraction
+    the test split is held out of the training images again, as the run did.)"""
+    progress = getattr(cfg, "progress", False) and rank == 0
+    if getattr(cfg, "test_fraction", None):
+        _, _, test_set, classes = build_datasets(cfg, progress)
+    else:
+        (test_set,) = split_folders(cfg, ("test",))
+        check_images((test_set,), cfg, progress)
+        classes = test_set.classes
+    return evaluation_loader(test_set, cfg, device, rank, world_size), classes
 
 
 def build_predict_loader(root, cfg, device):
-    """Batches of (images, relative paths, errors) over the image files under `root`, in order."""
+    """(batches of (images, relative paths, errors) over the image files under `root`, in order;
+    the files left out and the warning of check_unlabeled_images)."""
     if not os.path.isdir(root):
         raise UserError(f"{root} {not_a_folder(root)}: --predict_dir takes a folder of images")
     images = UnlabeledImages(root, cfg.image_size)
     if not len(images):
         raise UserError(f"no image files in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
+    left_out, warning = check_unlabeled_images(images, cfg, getattr(cfg, "progress", False))
     # (An unreadable file's black placeholder is cropped too: every batch has the model's input size.)
-    return make_loader(evaluation_view(images, cfg), None, cfg.batch_size, cfg, device)
+    return make_loader(evaluation_view(images, cfg), None, cfg.batch_size, cfg, device), left_out, warning

@@ -13,8 +13,23 @@ def _interrupted_while_starting(signum, frame):
     os._exit(128 + signum)  # at once: an exception raised inside an import would leave it half done
 
 
+def _check_flags_before_torch(argv):
+    """Parse and check the flags (config.parse_flags needs no torch) before torch loads, which
+    takes seconds: a mistyped flag or --help answers at once. main() parses them again."""
+    import config
+    from utils import UserError
+
+    try:
+        config.parse_flags(argv)
+    except UserError as exc:
+        print(f"{exc.prefix}{exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+
+
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+    if "LOCAL_RANK" not in os.environ:  # (under torchrun every process checks, and names its rank, in main())
+        _check_flags_before_torch(sys.argv[1:])
 
 import torch
 
@@ -32,7 +47,7 @@ from dataset import (
 from demo import make_demo_dataset
 from hardware import apply_fp32_math, emulation_warning
 from hardware import record as hardware_record
-from model import build_model
+from model import build_model, precise_bn_batches
 from report import (
     compare_runs,
     comparison_report,
@@ -70,6 +85,7 @@ from utils import (
     load_json,
     log_to_file,
     log_to_file_only,
+    progress_bar,
     remove_stale_temp_files,
     seed_everything,
     setup_logging,
@@ -127,8 +143,12 @@ def train(cfg, checkpoint=None):
     # (A resumed run's weights come from its checkpoint: nothing to zero.)
     zero_residual = cfg.zero_init_residual and checkpoint is None
     model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names, zero_residual,
-                         cfg.model)
+                         cfg.model, cfg.learning_rate)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    # --precise_bn, decided once (config.json keeps the number, so a resumed run keeps it)
+    cfg.precise_bn, note = precise_bn_batches(model, cfg.model, cfg.precise_bn, len(train_loader), cfg.epochs)
+    if note:
+        logger.info(note)
     train_model = model
     if torch.distributed.is_initialized():
         train_model = wrap_ddp(model, cfg.device, getattr(cfg, "sync_bn", False))
@@ -185,6 +205,25 @@ def write_run_config(run_dir, cfg, position):
     atomic_write_json(path, {**vars(cfg), **device, "sessions": [*sessions, session]})
 
 
+def finished_run_note(run_dir, checkpoint, cfg):
+    """What to tell a --resume of a run that trained all its epochs and was tested ('' for a run
+    with epochs or its test left, which --resume finishes). --resume cannot change --epochs, so
+    training further is a new run that starts from this one's weights."""
+    if checkpoint["epoch"] < cfg.epochs or checkpoint["batch_in_epoch"]:
+        return ""
+    try:
+        results = load_json(os.path.join(run_dir, "results.json"))
+    except (OSError, ValueError):
+        return ""
+    if not results.get("finished") or results.get("test_acc") is None:
+        return ""  # stopped during its final test: --resume runs the test
+    epochs = f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}"
+    return (f"{cfg.checkpoint_name} is finished: it trained its {epochs} and was tested "
+            f"(test accuracy {results['test_acc']:.2f}%), so there is nothing to resume. Re-test it with "
+            f"--evaluate, or train it further as a new run that starts from its weights: --checkpoint_name NEW "
+            f"--pretrained_path {os.path.join(run_dir, 'best.pt')} --epochs N (with a lower --learning_rate)")
+
+
 def build_scheduler(optimizer, cfg, steps_per_epoch):
     """cfg's LR schedule in optimizer steps: its epochs (warmup, milestones) times `steps_per_epoch`."""
     return WarmupLR(
@@ -223,7 +262,7 @@ def evaluate(best, cfg):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
     predictions = ImagePredictions(loader_files(test_loader))
     test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg),
-                          len(class_names), predictions)
+                          len(class_names), predictions, "testing" if cfg.progress and is_main_process() else "")
     rows = predictions.rows()  # (a collective: every rank)
     if is_main_process():
         print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, {precision_name(cfg)}): "
@@ -251,12 +290,12 @@ def predict(best, cfg):
         raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
                         f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
     apply_fp32_math(cfg)
-    loader = build_predict_loader(root, cfg, cfg.device)
+    loader, unreadable, warning = build_predict_loader(root, cfg, cfg.device)  # (as training checks its images)
     model = best_model(best, cfg)
     transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
     model.eval()
-    rows, unreadable = [], []
-    for images, files, errors in loader:
+    rows = []
+    for images, files, errors in progress_bar(loader, "labeling" if cfg.progress else ""):
         readable = [i for i, error in enumerate(errors) if not error]
         unreadable += [error for error in errors if error]
         if not readable:
@@ -272,6 +311,8 @@ def predict(best, cfg):
                                                          else "no predictions were written"))
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         write_predictions(path, rows)
     except OSError as exc:
@@ -348,6 +389,11 @@ def run(argv=None):
         run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
         cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
+        finished = from_main_process(finished_run_note, run_dir, checkpoint, cfg)
+        if finished:  # nothing left to do: say so, and what to do instead
+            if is_main_process():
+                print(finished)
+            return 0
         return train(cfg, checkpoint)
     from_main_process(refuse_to_clobber, cfg)
     return train(cfg)

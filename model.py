@@ -155,9 +155,9 @@ def cached_weights_path(name=DEFAULT_MODEL):
 
 
 def load_weights_file(path):
-    """(state dict, class names or None, model name or None) from a weights file: a plain state
-    dict (the ImageNet file) or a checkpoint of this template, which names its classes and its
-    --model. weights_only: plain tensors only."""
+    """(state dict, class names or None, model name or None, peak LR or None) from a weights
+    file: a plain state dict (the ImageNet file) or a checkpoint of this template, which names
+    its classes, its --model and the --learning_rate it trained at. weights_only: plain tensors only."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -166,16 +166,17 @@ def load_weights_file(path):
         raise UserError(f"--pretrained_path {path} is a folder, not a weights file") from None
     except Exception as exc:  # truncated, foreign, or a pickle that would run code
         raise UserError(f"cannot load weights from {path}: {torch_load_error(exc)}") from None
-    class_names = model_name = None
+    class_names = model_name = learning_rate = None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a checkpoint: ours, or {"model": ...}
         class_names = state.get("class_names")
         config = state.get("config")
         if isinstance(config, dict):  # ours (a {"model": ...} file of someone else's names no model)
             model_name = config.get("model", DEFAULT_MODEL)  # (runs from before --model were ResNet-18s)
+            learning_rate = config.get("learning_rate")
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
-    return state, class_names, model_name
+    return state, class_names, model_name, learning_rate
 
 
 def imagenet_state_dict(name):
@@ -268,25 +269,26 @@ def zero_init_residual(model, name=None):
 
 
 def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None, zero_residual=False,
-                name=DEFAULT_MODEL):
+                name=DEFAULT_MODEL, learning_rate=None):
     """torchvision's model `name` with a `num_classes` head; its state dict loads into a plain
     `torchvision.models.get_model(name, num_classes=num_classes)` (with BUILD_KWARGS).
 
     With `pretrained`, the weights come from `pretrained_path` or the ImageNet file. A run of
     this template keeps its head when it was trained on `class_names` (training a finished run
     further); any other head is replaced by a new one for our classes (fine-tuning). With
-    `zero_residual`, the blocks' last BatchNorm weights are zeroed after that (zero_init_residual)."""
-    model = load_model(name, num_classes, pretrained, pretrained_path, class_names)
+    `zero_residual`, the blocks' last BatchNorm weights are zeroed after that (zero_init_residual).
+    `learning_rate`, the new run's peak LR, is for the advice on fine-tuning a run (fine_tuning_advice)."""
+    model = load_model(name, num_classes, pretrained, pretrained_path, class_names, learning_rate)
     return zero_init_residual(model, name) if zero_residual else model
 
 
-def load_model(name, num_classes, pretrained, pretrained_path, class_names):
+def load_model(name, num_classes, pretrained, pretrained_path, class_names, learning_rate=None):
     """build_model's model before zero_init_residual."""
     if not pretrained:
         return new_model(name, num_classes)
     source = pretrained_path or cached_weights_path(name)
-    state, file_classes, file_model = (load_weights_file(pretrained_path) if pretrained_path
-                                       else (imagenet_state_dict(name), None, None))
+    state, file_classes, file_model, file_lr = (load_weights_file(pretrained_path) if pretrained_path
+                                                else (imagenet_state_dict(name), None, None, None))
     state = renamed_legacy_keys(unwrapped(state))
     heads = head_keys(name)
     head = state.get(heads[0])
@@ -303,10 +305,110 @@ def load_model(name, num_classes, pretrained, pretrained_path, class_names):
         raise UserError(f"the weights in {source} do not fit --model {name}: {problem}")
     if file_classes is not None and list(file_classes) == list(class_names or []) and head is not None:
         logging.getLogger("amp").info(f"--pretrained_path: starting from {pretrained_path} with its head "
-                                      f"(the same {len(file_classes)} classes)")
+                                      f"(the same {len(file_classes)} classes){fine_tuning_advice(file_lr, learning_rate)}")
         return model
     if file_classes is not None:
         logging.getLogger("amp").info(
             f"--pretrained_path: fine-tuning {pretrained_path}; its head for {len(file_classes)} classes "
-            f"({', '.join(file_classes)}) is replaced by a new one for this data's {num_classes}")
+            f"({', '.join(file_classes)}) is replaced by a new one for this data's {num_classes}"
+            f"{fine_tuning_advice(file_lr, learning_rate)}")
     return replace_head(model, name, num_classes)
+
+
+def fine_tuning_advice(trained_lr, learning_rate):
+    """The end of --pretrained_path's line when a run starts from an earlier run's weights at a
+    peak LR not well below the one they were trained at ('' otherwise): a new run warms up to
+    its full peak again, and the first epochs at it can undo much of what the weights learned
+    (validation accuracy fell from 77% to 56% in one epoch, issue 22)."""
+    if trained_lr is None or learning_rate is None or learning_rate < trained_lr / 2:
+        return ""
+    return (f"; this run warms its LR up to --learning_rate {learning_rate:g} again (the earlier run peaked at "
+            f"{trained_lr:g}), which can undo much of what the weights learned in the first epochs: to fine-tune, "
+            f"pass a lower --learning_rate (e.g. {learning_rate / 10:g}) and a short --warmup_epochs (0 or 1)")
+
+
+# --------------------------------------------------------------------------- precise BatchNorm
+# After T training batches a BatchNorm layer's running statistics still hold (1 - momentum)^T of
+# their initial values (mean 0, variance 1), and average over the last ~1 / momentum batches,
+# taken with weights that have changed since. torchvision's MobileNetV3 uses momentum 0.01 and
+# MNASNet 0.0003: on a short run their statistics are mostly the initial values, and the model
+# evaluates at chance however well it trained. Above this share, --precise_bn turns itself on.
+UNCONVERGED_SHARE = 0.01
+# --precise_bn's batches when it turns itself on (the whole training split if it has fewer).
+AUTO_PRECISE_BN_BATCHES = 100
+
+
+def batchnorm_layers(model):
+    """The BatchNorm layers (SyncBatchNorm too) that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def unconverged_batchnorm(model, batches):
+    """(momentum, share) of the slowest BatchNorm layer of `model`: its momentum and the share of
+    its initial statistics still in them after `batches` training batches; None when that share
+    is at most UNCONVERGED_SHARE in every layer (or there is no BatchNorm)."""
+    momenta = [m.momentum for m in batchnorm_layers(model) if m.momentum is not None]  # (None: a true average)
+    if not momenta:
+        return None
+    share = (1 - min(momenta)) ** batches
+    return (min(momenta), share) if share > UNCONVERGED_SHARE else None
+
+
+def precise_bn_batches(model, name, requested, batches_per_epoch, epochs):
+    """--precise_bn's batches for this run (0: off) and the line that says so ('' for none).
+    `requested` is the flag: a number, 0 for off, or None to decide here: on where the
+    BatchNorm statistics cannot have converged in the run's training batches."""
+    if requested == 0:
+        return 0, ""
+    if not batchnorm_layers(model):
+        return 0, f"--precise_bn: {name} has no BatchNorm layers; nothing to recompute" if requested else ""
+    if requested:
+        return requested, (f"--precise_bn {requested}: BatchNorm statistics recomputed over {requested} training "
+                           "batches before each validation")
+    slowest = unconverged_batchnorm(model, epochs * batches_per_epoch)
+    if slowest is None:
+        return 0, ""
+    batches = min(AUTO_PRECISE_BN_BATCHES, batches_per_epoch)
+    momentum, share = slowest
+    return batches, (f"precise BatchNorm is on: {name}'s BatchNorm momentum {momentum:.2g} would leave {share:.0%} of "
+                     f"its initial statistics in them after this run's {epochs * batches_per_epoch} training batches, "
+                     f"so they are recomputed over {batches} training batches before each validation "
+                     "(--precise_bn 0: off)")
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(models, inputs, autocast):
+    """Precise BatchNorm (as in timm and Detectron2): each model's BatchNorm running statistics
+    become their plain average over the batches of `inputs` (model inputs on the device, each
+    forwarded under `autocast()`), measured with the model's current weights, instead of a
+    moving average over older ones. Only the BatchNorm layers run in training mode; dropout
+    and stochastic depth stay off, as in evaluation, so the statistics are those evaluation
+    will see and no random number is drawn. Momentum, step counters and every module's mode
+    are put back; if no batch completes, so are the statistics."""
+    layers = [bn for model in models for bn in batchnorm_layers(model)]
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+             for bn in layers]
+    for model in models:
+        model.eval()
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: every batch weighs the same
+        bn.train()
+    batches = 0
+    try:
+        for images in inputs:
+            with autocast():
+                for model in models:
+                    model(images)
+            batches += 1
+    finally:
+        for bn, (momentum, mean, var, tracked) in zip(layers, saved):
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)  # (it counts training batches)
+            if not batches:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+        for module, training in modes:
+            module.training = training
+    return batches

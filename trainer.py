@@ -9,8 +9,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint
-from dataset import DeviceTransform, loader_files
+from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
+from model import recompute_batchnorm_statistics
 from metrics import ClassificationMeter, ImagePredictions, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
 from outputs import RunOutputs
 from step import (
@@ -24,7 +25,7 @@ from step import (
     scaler_for,
     training_step,
 )
-from utils import RunStopped, atomic_torch_save
+from utils import RunStopped, atomic_torch_save, progress_bar
 
 
 class Trainer:
@@ -137,7 +138,11 @@ class Trainer:
 
     def validate(self):
         """The epoch's validation numbers: the raw weights', and with --ema_decay the EMA's. Each
-        is validated (and saved) with rank 0's BatchNorm statistics on every rank."""
+        is validated (and saved) with rank 0's BatchNorm statistics on every rank. With
+        --precise_bn those statistics are first recomputed over training batches (model.py)."""
+        if getattr(self.cfg, "precise_bn", 0):
+            inputs = training_inputs(self.train_loader, self.transform, self.cfg, self.state.epoch, rank())
+            recompute_batchnorm_statistics([self.model, *([self.ema.module] if self.ema else [])], inputs, self.autocast)
         broadcast_buffers(self.model)
         val = self.evaluate(self.val_loader)
         numbers = {"val_loss": val["loss"], "val_acc": val["acc"]}
@@ -167,7 +172,8 @@ class Trainer:
     def evaluate(self, loader, model=None, predictions=None):
         """`model` (default: the raw weights) over `loader` (each image's prediction into `predictions`)."""
         model = self.model if model is None else model
-        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), predictions)
+        progress = "evaluating" if self.cfg.progress and is_main_process() else ""
+        return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), predictions, progress)
 
     def log_progress(self, meter, bar, loss, outcome, last_batch):
         """Every --log_interval steps (and at the epoch's end): the divergence check, the progress
@@ -240,13 +246,13 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model, loader, transform, autocast, num_classes, predictions=None):
+def evaluate(model, loader, transform, autocast, num_classes, predictions=None, progress=""):
     """Loss, accuracy (percent), count and confusion matrix of `model` over `loader`, under
     `autocast()` (the same precision as training); each image's prediction into `predictions`
-    (an ImagePredictions), if given."""
+    (an ImagePredictions), if given; `progress` names its progress bar ('': none)."""
     model.eval()
     meter = ClassificationMeter(num_classes, transform.device)
-    for images, targets in loader:
+    for images, targets in progress_bar(loader, progress):
         images = transform(images)
         targets = targets.to(transform.device, non_blocking=True)
         with autocast():

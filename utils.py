@@ -1,5 +1,7 @@
 """Small helpers the other files share, in four sections: user errors (one line, exit 2),
-seeding, atomic file writes and safe loading, and the run's log (console and train.log)."""
+seeding, atomic file writes and safe loading, and the run's log (console and train.log).
+(torch is imported by the two functions that use it: config.py reads the flags with this
+file's UserError before torch loads.)"""
 import json
 import logging
 import logging.handlers
@@ -7,8 +9,6 @@ import os
 import random
 import sys
 import tempfile
-
-import torch
 
 
 class UserError(Exception):
@@ -31,6 +31,8 @@ class RunStopped(UserError):
 
 # --------------------------------------------------------------------------- seeding
 def seed_everything(seed, deterministic=False):
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
@@ -109,6 +111,8 @@ def remove_stale_temp_files(directory):
 
 
 def atomic_torch_save(obj, path):
+    import torch
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -142,6 +146,17 @@ def load_json(path):
 
 
 # --------------------------------------------------------------------------- logging
+def progress_bar(iterable, description, total=None):
+    """`iterable` with a progress bar named `description` on a terminal (none for ''), for the
+    passes that can take a while besides training's epochs: checking or caching the images,
+    validation and test, precise BatchNorm. It disappears when done."""
+    from tqdm import tqdm  # (here: config.py reads the flags before anything heavy loads)
+
+    return tqdm(iterable, desc=description, total=total, leave=False, disable=not description or None,
+                dynamic_ncols=True)
+
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """The log on stdout. When its reader has gone (`python main.py ... | head`), stop writing
     there quietly instead of printing a logging traceback for every line after."""

@@ -128,7 +128,7 @@ def test_predict_takes_the_center_crop_even_of_an_unreadable_file(demo_data, tmp
     folder = tmp_path / "pictures"
     shutil.copytree(Path(demo_data) / "seg_test" / "seg_test" / "red", folder)
     (folder / "broken.jpg").write_bytes(b"not a JPEG")
-    images, files, errors = next(iter(build_predict_loader(str(folder), settings(demo_data, "--random_crop", "20"), "cpu")))
+    images, files, errors = next(iter(build_predict_loader(str(folder), settings(demo_data, "--random_crop", "20"), "cpu")[0]))
     assert images.shape[1:] == (3, 20, 20)  # the unreadable file's black placeholder too
     assert "broken.jpg" in files and any(errors)
 

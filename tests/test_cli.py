@@ -55,3 +55,60 @@ def test_help_lists_every_flag_with_its_default(capsys):
                  "--resume", "--evaluate", "--demo", "--clip_grad_norm", "--accum_steps", "--device"):
         assert flag in text
     assert "(default: 256)" in text and "(default: 120)" in text and "(default: 0.0001)" in text
+
+
+# --------------------------------------------------------------------------- flags before torch (issue 22, item 3)
+# Runs main.py as `python main.py ARGS` would, with any import of torch refused: what answers
+# without it answered before torch would have loaded (seconds).
+WITHOUT_TORCH = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError("torch was imported")
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def main_without_torch(*args):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs_typo", "3"], "unrecognized arguments: --epochs_typo 3"),
+    (["--epochs", "many"], "--epochs"),
+    (["--lr_schedule", "cosin"], "--lr_schedule"),
+    (["--batch_size", "0"], "--batch_size must be a positive integer"),
+    (["--warmup_epochs", "9", "--epochs", "3"], "--warmup_epochs"),
+    (["--resume", "--evaluate"], "cannot be combined"),
+])
+def test_a_flag_mistake_answers_before_torch_loads(args, needle):
+    result = main_without_torch(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+
+
+def test_help_answers_before_torch_loads():
+    result = main_without_torch("--help")
+    assert result.returncode == 0, result.stderr
+    assert "--learning_rate" in result.stdout and "(default: 256)" in result.stdout
+
+
+def test_flag_choices_named_in_config_are_the_codes():
+    import config
+    import dataset
+    import model
+    import scheduler
+
+    assert config.AUTO_AUGMENT_POLICIES == tuple(dataset.AUTO_AUGMENT)
+    assert config.SCHEDULES == scheduler.SCHEDULES
+    assert config.DEFAULT_MODEL == model.DEFAULT_MODEL

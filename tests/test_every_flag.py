@@ -173,7 +173,7 @@ class Run:
 
     @property
     def dir(self):
-        default = "demo" if "--demo" in self.argv else "baseline"
+        default = "benchmark" if "--benchmark" in self.argv else "demo" if "--demo" in self.argv else "baseline"
         return Path(self.flag("--checkpoint_dir", "checkpoints")) / self.flag("--checkpoint_name", default)
 
     def assert_ok(self):
@@ -532,13 +532,11 @@ def check_compare_name(run, shared):
 
 def check_resume(run, shared):
     run.assert_ok()
-    assert "resuming base: after epoch 1" in run.out
-    results = run.results_at_exit
-    assert results["finished"] and len(results["epochs"]) == 1  # a finished run: only the test again
-    assert results["test_acc"] == shared.base.results_at_exit["test_acc"]
-    # config.json: this session's settings on top, and each session's under "sessions".
-    sessions = run.config()["sessions"]
-    assert [s["from"] for s in sessions[-2:]] == ["start", "after epoch 1"] and sessions[-1]["device"] == "cpu"
+    # A finished run (issue 22, item 5): it says so and what to do instead, and trains nothing.
+    test_acc = shared.base.results_at_exit["test_acc"]
+    assert f"base is finished: it trained its 1 epoch and was tested (test accuracy {test_acc:.2f}%)" in run.out
+    assert "--evaluate" in run.out and "--pretrained_path" in run.out and "training base" not in run.out
+    assert run.spy.checkpoint_writes == [] and run.results_at_exit == shared.base.results_at_exit
 
 
 def check_demo(run, shared):
@@ -593,6 +591,32 @@ def check_label_smoothing(run, shared):
     # loss of a model that learns them stays higher.
     ours, base = run.results_at_exit["epochs"][0], shared.base.results_at_exit["epochs"][0]
     assert ours["train_loss"] > base["train_loss"] + 0.05
+
+
+def check_precise_bn(run, shared):
+    run.assert_ok()
+    # --precise_bn 1: the BatchNorm statistics recomputed over one training batch before validating.
+    assert "--precise_bn 1: BatchNorm statistics recomputed over 1 training batches before each validation" in run.out
+    assert run.config()["precise_bn"] == 1
+    # The base run's ResNet-18 had 3 training batches, too few for momentum 0.1 (0.9^3 = 73% of the
+    # initial statistics left): it recomputed them over all 3 by itself.
+    assert shared.base.config()["precise_bn"] == 3 and "precise BatchNorm is on" in shared.base.out
+    # The same training (the statistics are not used by it), another validation.
+    ours, base = run.results_at_exit["epochs"][0], shared.base.results_at_exit["epochs"][0]
+    assert ours["train_loss"] == base["train_loss"] and ours["val_loss"] != base["val_loss"]
+
+
+def copy_class_folders(placeholders):
+    """The colours' training class folders alone, as {tmp}/classes/<class>/: no train/test split."""
+    shutil.copytree(Path(placeholders["colours"], "seg_train", "seg_train"), Path(placeholders["tmp"], "classes"))
+
+
+def check_test_fraction(run, shared):
+    run.assert_ok()
+    # --test_fraction 0.5 of 60 images in class folders: 10 a class to test, 2 of the other 10 to validation.
+    assert "training held_out: 24 train / 6 val / 30 test images, 3 classes" in run.out
+    assert run.config()["test_fraction"] == 0.5
+    assert [sum(row) for row in run.results_at_exit["confusion_matrix"]] == [10, 10, 10]
 
 
 def check_model(run, shared):
@@ -698,6 +722,11 @@ CASES = [
          flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
          argv=[*TRAIN, "--checkpoint_name", "step", "--epochs", "3", "--warmup_epochs", "1", "--lr_schedule", "step",
                "--lr_milestones", "2", "--lr_gamma", "0.5", "--zero_init_residual"]),
+    Case("test_fraction", flags=("--test_fraction",), check=check_test_fraction, setup=copy_class_folders,
+         argv=["--data_dir", "{tmp}/classes", "--checkpoint_dir", "{tmp}/checkpoints", "--epochs", "1", *FAST,
+               "--checkpoint_name", "held_out", "--test_fraction", "0.5"]),
+    Case("precise_bn", flags=("--precise_bn",), check=check_precise_bn,
+         argv=[*TRAIN, "--checkpoint_name", "precise", "--precise_bn", "1"]),
     Case("label_smoothing_fp32_math", flags=("--label_smoothing", "--fp32_math"), check=check_label_smoothing,
          argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1", "--fp32_math", "tf32"]),
     Case("compile", flags=("--compile",), check=check_compile, argv=[*TRAIN, "--checkpoint_name", "compiled", "--compile"]),
@@ -781,9 +810,8 @@ REFUSED = "refused with one line"
 
 def check_demo_resume(run, shared):
     run.assert_ok()
-    assert "resuming demo: after epoch 1" in run.out  # a finished run: only the test again
-    assert run.results_at_exit["finished"] and len(run.results_at_exit["epochs"]) == 1
-    assert run.results_at_exit["test_acc"] == shared.demo.results_at_exit["test_acc"]
+    assert "demo is finished" in run.out and "training demo" not in run.out  # nothing to resume
+    assert run.results_at_exit == shared.demo.results_at_exit
 
 
 def check_demo_evaluate(run, shared):
@@ -800,7 +828,10 @@ def check_demo_predict(run, shared):
 def check_demo_benchmark(run, shared):
     run.assert_ok()
     assert "batch 2, 32x32 px" in run.out
+    # Into its own folder (issue 22, item 4), not the demo run's.
+    assert run.dir == Path(run.flag("--checkpoint_dir")) / "benchmark"
     assert len(json.loads((run.dir / "benchmark.json").read_text())["rows"]) == 4
+    assert not (Path(run.flag("--checkpoint_dir")) / "demo" / "benchmark.json").exists()
 
 
 def check_demo_overwrite(run, shared):
@@ -940,6 +971,10 @@ REFUSALS = [
      ("--calibration_images", "--export")),
     ("--calibration_images 0", [*NO_DATA, "--export", "--calibration_images", "0"], ("--calibration_images",)),
     ("--tensorboard with --export", [*NO_DATA, "--export", "--tensorboard"], ("--tensorboard", "--export")),
+    ("--test_fraction 1", [*NO_DATA, "--test_fraction", "1"], ("--test_fraction must be between 0 and 1",)),
+    ("--precise_bn negative", [*NO_DATA, "--precise_bn", "-1"], ("--precise_bn must not be negative",)),
+    ("--precise_bn with --benchmark", ["--data_dir", "{tmp}/no_data", "--checkpoint_dir", "{tmp}/checkpoints", "--device",
+                                       "cpu", "--benchmark", "--precise_bn", "5"], ("--precise_bn", "--benchmark")),
 ]
 
 

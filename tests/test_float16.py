@@ -255,5 +255,5 @@ def test_benchmark_adds_float16_rows_on_the_cpu_only_when_asked(run_cli, tmp_pat
     for extra, modes in (([], {"fp32", "amp_bfloat16"}), (["--amp_dtype", "float16"], {"fp32", "amp_float16", "amp_bfloat16"})):
         code, out, err = run_cli(*flags, *extra)
         assert code == 0, err
-        rows = json.loads((tmp_path / "checkpoints" / "baseline" / "benchmark.json").read_text())["rows"]
+        rows = json.loads((tmp_path / "checkpoints" / "benchmark" / "benchmark.json").read_text())["rows"]
         assert {r["mode"] for r in rows} == modes

@@ -90,6 +90,9 @@ def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_acc"] == pytest.approx(b["val_acc"])
     assert cut["test_acc"] == pytest.approx(full["test_acc"])
+    # config.json: this session's settings on top, and each session's under "sessions".
+    sessions = json.loads((tmp_path / "checkpoints" / "moved" / "config.json").read_text())["sessions"]
+    assert [s["from"] for s in sessions] == ["start", "after epoch 2"] and sessions[-1]["device"] == "cpu"
 
 
 def test_a_stop_after_the_last_partial_batch_of_an_epoch_resumes(demo_data, run_cli, tmp_path, monkeypatch):
