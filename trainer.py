@@ -120,8 +120,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
                 self.state.batch_in_epoch = i + 1
-                self.log_progress(meter, bar, loss, outcome, last_batch=i == num_batches - 1)
-                self.save_if_due(meter, seconds_before + watch.elapsed())
+                due = self.log_step_due(last_batch=i == num_batches - 1)  # the loop's host syncs, all here
+                self.log_progress(meter, bar, loss, outcome, due)
+                self.save_if_due(meter, seconds_before + watch.elapsed(), due)
         bar.close()
         self.state.batch_in_epoch, self.state.epoch_state = 0, None  # the next call starts a fresh epoch
         seconds = seconds_before + watch.stop()
@@ -167,12 +168,17 @@ class Trainer:
         model = self.model if model is None else model
         return evaluate(model, loader, self.transform, self.autocast, len(self.class_names))
 
-    def log_progress(self, meter, bar, loss, outcome, last_batch):
-        """Every --log_interval steps (and at the epoch's end): the divergence check, the progress
-        bar and TensorBoard, the loop's only host syncs."""
-        step = self.scheduler.last_epoch
-        if step % self.cfg.log_interval and not last_batch:
+    def log_step_due(self, last_batch):
+        """Whether this optimizer step reads the device's numbers and (under torchrun) agrees on
+        stopping: every --log_interval global steps and at the epoch's last, on every rank alike."""
+        return self.scheduler.last_epoch % self.cfg.log_interval == 0 or last_batch
+
+    def log_progress(self, meter, bar, loss, outcome, due):
+        """At a `due` step (see log_step_due): the divergence check, the progress bar and
+        TensorBoard, the loop's only host syncs."""
+        if not due:
             return
+        step = self.scheduler.last_epoch
         self.check_not_diverged()
         stats = meter.compute()
         bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
@@ -183,15 +189,15 @@ class Trainer:
             "step/grad_norm": float(outcome.grad_norm),
         })
 
-    def save_if_due(self, meter, seconds_so_far):
-        """On a signal, or every --save_every_steps: last.pt with the epoch's progress so far,
-        then stop if signalled."""
+    def save_if_due(self, meter, seconds_so_far, due):
+        """On a signal (under torchrun agreed at `due` steps only: see GracefulStop), or every
+        --save_every_steps: last.pt with the epoch's progress so far, then stop if signalled."""
         step, every = self.scheduler.last_epoch, self.cfg.save_every_steps
-        if not (self.stop.requested() or (every and step % every == 0)):
+        if not (self.stop.requested(agree=due) or (every and step % every == 0)):
             return
         self.state.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_so_far, **self.health.epoch_state()}
         self.save_checkpoint("last.pt")
-        self.exit_if_signalled()
+        self.exit_if_signalled(agree=False)  # (on the agreement just made)
 
     def checkpoint(self, name="last.pt"):
         """What `name` holds (see checkpoint.Checkpoints): best.pt the weights that validated best."""
@@ -215,8 +221,8 @@ class Trainer:
         self.health.check(f"epoch {self.state.epoch + 1}, step {self.scheduler.last_epoch}",
                           os.path.join(self.run_dir, "last.pt"), suggest_bfloat16=not bfloat16)
 
-    def exit_if_signalled(self):
-        if self.stop.requested():
+    def exit_if_signalled(self, agree=True):
+        if self.stop.requested(agree):
             hint = self.stop.resume_hint(os.path.join(self.run_dir, "last.pt"), self.position(), self.cfg)
             raise agreed_failure(RunStopped(hint, exit_code=128 + self.stop.signal))
 
