@@ -100,6 +100,28 @@ def peak_memory_mb(device):
     return None
 
 
+class PeakMemory:
+    """Peak CUDA memory allocated by tensors during each epoch's training, in MiB (None on the
+    CPU), two ways. `peak_mem_mb`: the whole epoch's. `steady_peak_mem_mb`: the same, but only for
+    epochs after this session's first; the first (None) also holds the warm-up: with
+    cudnn.benchmark cuDNN tries its algorithms, workspaces and all, once for each new batch shape
+    (the last, smaller batch included), and DDP and torch.compile set up. Later epochs see only
+    shapes already tuned. The allocator's statistics live on the host: reading and resetting them
+    never waits for the GPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.epochs = 0  # epochs started in this session
+
+    def start_epoch(self):
+        reset_peak_memory(self.device)
+        self.epochs += 1
+
+    def epoch_numbers(self):
+        peak = peak_memory_mb(self.device)
+        return {"peak_mem_mb": peak, "steady_peak_mem_mb": peak if self.epochs > 1 else None}
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":

@@ -258,11 +258,20 @@ def parameter_groups(model, no_bias_decay=False):
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
+# Optimizers that GradScaler steps through `_maybe_opt_step`, which reads the inf/NaN flag with
+# `.item()`: a host sync every float16 step. torch 2.14's RAdam has no fused kernel and no
+# `_step_supports_amp_scaling` (capturable=True keeps its step counts on the device but GradScaler
+# still reads the flag); fused Adam, AdamW and SGD skip the step on the device instead.
+HOST_SYNC_OPTIMIZERS = ("radam",)
+
+
 def build_optimizer(model, cfg):
     """cfg's optimizer over the model's parameters (see parameter_groups). The fused kernels do
     the whole update in one pass over the parameters: a few launches on CUDA, and on the CPU
-    ~7x faster than the default for Adam (7 vs 50 ms a step for ResNet-18: docs/benchmarks.md).
-    RAdam has no fused kernel: it gets the foreach one (a launch per group of tensors)."""
+    ~7x faster than the default for Adam (7 vs 50 ms a step for ResNet-18: docs/benchmarks.md),
+    and with float16 they take GradScaler's inf/NaN flag on the device. RAdam has no fused
+    kernel: it gets the foreach one (a launch per group of tensors), and float16 syncs (see
+    HOST_SYNC_OPTIMIZERS)."""
     params = parameter_groups(model, getattr(cfg, "no_bias_decay", False))
     common = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     name = getattr(cfg, "optimizer", "adam")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint  # noqa: F401 (main's imports)
 from dataset import DeviceTransform
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
-from metrics import ClassificationMeter, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
+from metrics import ClassificationMeter, PeakMemory, StepHealth, Stopwatch
 from outputs import RunOutputs
 from step import (
     AmpUpdate,
@@ -55,6 +55,7 @@ class Trainer:
         self.ema = WeightEMA.from_config(cfg, model)  # None without --ema_decay
         # Around it: the steps' health, where the run stands, its checkpoints and files, stopping.
         self.health = StepHealth(model, self.scaler, self.device)
+        self.memory = PeakMemory(self.device)  # each epoch's peak GPU memory, overall and steady-state
         self.state = RunState()
         self.checkpoints = Checkpoints(model, optimizer, scheduler, self.scaler, self.ema, cfg, self.class_names)
         self.outputs = RunOutputs(cfg, run_dir, self.device, self.class_names, logger)
@@ -132,7 +133,7 @@ class Trainer:
             "train_acc": stats["acc"],
             "seconds": seconds,
             "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            **self.memory.epoch_numbers(),  # peak_mem_mb, steady_peak_mem_mb
             **self.health.epoch_numbers(),  # what AMP did: loss scale, skipped steps, the true gradient norm
         }
 
@@ -236,7 +237,7 @@ class Trainer:
         self.health.start_epoch(state)
         if state:
             meter.load_state_dict(state["meter"])
-        reset_peak_memory(self.device)
+        self.memory.start_epoch()
         return meter, state["seconds"] if state else 0.0
 
     def steps_per_epoch(self):

@@ -13,7 +13,7 @@ import main as main_module
 import outputs
 from conftest import FAST, assert_user_error, read_results
 from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
-from report import setting_differences
+from report import memory_note, setting_differences
 
 RUNS = ("fp32", "amp")
 CLASSES = ["blue", "green", "red"]
@@ -115,6 +115,25 @@ def test_speedup_and_memory_saving_are_relative_to_the_first_run():
     assert header == COLUMNS[:-7] + SETTING_COLUMNS + ["skipped steps"] and len(rows) == 1
 
 
+def test_compare_uses_the_steady_state_peak_memory_when_every_run_has_it():
+    # Each session's first epoch also holds cuDNN's autotuning: 4096 MB against 3000 steady.
+    runs = [gpu_run("base", "FP32", 4096, 30.0, 400.0), gpu_run("half", "AMP fp16", 2048, 12.0, 1000.0)]
+    for run, steady in zip(runs, (3072, 1024)):
+        for e in run["epochs"]:
+            e["steady_peak_mem_mb"] = None if e["epoch"] == 1 else steady
+    header, rows = table(comparison_table(runs))
+    base, half = (dict(zip(header, row)) for row in rows)
+    assert (base["peak GPU memory"], half["peak GPU memory"], half["memory saving"]) == ("3.00 GiB", "1.00 GiB", "67%")
+    assert "the steady-state training peak" in memory_note(runs) and memory_note(runs) in comparison_report(runs)
+    # A run without one (one epoch, or a results.json from before the key): all compare their overall peaks.
+    for e in runs[1]["epochs"]:
+        e.pop("steady_peak_mem_mb")
+    header, rows = table(comparison_table(runs))
+    assert [dict(zip(header, row))["peak GPU memory"] for row in rows] == ["4.00 GiB", "2.00 GiB"]
+    assert "the overall training peak" in memory_note(runs)
+    assert memory_note([{**runs[0], "epochs": [{"peak_mem_mb": None}]}]) == ""  # the CPU: nothing to name
+
+
 # The settings of a run as config.json holds them (vars(cfg)), trimmed to a few.
 SETTINGS = dict(data_dir="/data/intel", image_size=64, batch_size=32, epochs=3, learning_rate=1e-4, seed=42,
                 amp=False, amp_dtype="float16", accum_steps=1, channels_last=True, compile=False,
@@ -164,7 +183,8 @@ def test_compare_of_fp32_and_amp_alone_has_no_warning(tmp_path):
     assert setting_differences(runs) == []
     report = comparison_report(runs)
     assert "warning" not in report and "note" not in report
-    assert report == comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to fp32.\n"
+    assert report == (comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving (peak GPU memory) are "
+                      "relative to fp32.\n\n" + memory_note(runs) + "\n")
 
 
 def test_compare_shows_the_settings_of_a_run_without_config_as_unknown(tmp_path):
