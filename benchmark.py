@@ -11,9 +11,9 @@ from config import bf16_supported
 from hardware import describe, summary, tf32_on
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
 from model import build_model
-from step import AmpUpdate, autocast_for, build_optimizer, training_step
+from step import HOST_SYNC_OPTIMIZERS, AmpUpdate, autocast_for, batch_seeds, build_optimizer, training_step
 from hardware import device_name
-from metrics import Stopwatch, peak_memory_mb, reset_peak_memory
+from metrics import ClassificationMeter, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
 from utils import atomic_write_json
 
 WARMUP_STEPS = 3  # untimed steps first: oneDNN/cuDNN plans, the allocator, torch.compile
@@ -35,7 +35,10 @@ def supported_modes(device, amp_dtype=None):
 
 class TrainingSteps:
     """One benchmark row: a fresh model, optimizer and synthetic batch in one mode and memory
-    format, stepped with the same transform, autocast, loss and AmpUpdate as the Trainer."""
+    format, each step what a training step of the Trainer does (without mixup and the EMA, off by
+    default): the flip and normalization on the device, the forward's seed, forward, loss,
+    backward and optimizer step through AmpUpdate, the loss/accuracy/confusion meter, and the
+    step-health counts (with float16, the skipped-step guard's save and restore)."""
 
     def __init__(self, cfg, mode, channels_last, compiled=False):
         self.mode, self.channels_last, self.compiled = mode, channels_last, compiled
@@ -48,7 +51,10 @@ class TrainingSteps:
         model = build_model(NUM_CLASSES, pretrained=False, name=cfg.model).to(device, memory_format=memory_format).train()
         self.model = torch.compile(model) if compiled else model
         optimizer = build_optimizer(model, cfg)
-        self.update = AmpUpdate(optimizer, torch.amp.GradScaler(device.type, enabled=dtype == "float16"))
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+        self.update = AmpUpdate(optimizer, scaler)
+        self.meter = ClassificationMeter(NUM_CLASSES, device)
+        self.health = StepHealth(model, scaler, device)
         self.transform = DeviceTransform(device, channels_last)
         self.autocast = autocast_for(argparse.Namespace(device=cfg.device, amp=dtype is not None,
                                                         amp_dtype=dtype or "float32"))
@@ -59,10 +65,16 @@ class TrainingSteps:
         self.steps = 0
 
     def step(self):
-        """Seconds of one training step, the device synchronized."""
+        """Seconds of one training step (as Trainer.train_one_epoch takes it), the device synchronized."""
         watch = Stopwatch(self.device)
-        x = self.transform(self.images, flip_seed=self.steps)
-        training_step(self.model, x, self.targets.to(self.device, non_blocking=True), self.autocast, self.update)
+        seeds = batch_seeds(0, 0, self.steps, 0)
+        images = self.transform(self.images, flip_seed=seeds.flip)
+        targets = self.targets.to(self.device, non_blocking=True)
+        self.health.before_step()
+        torch.manual_seed(seeds.forward)
+        loss, logits, outcome = training_step(self.model, images, targets, self.autocast, self.update)
+        self.meter.update(loss, logits, targets)
+        self.health.record(loss, outcome)
         self.steps += 1
         self.last_seconds = watch.stop()
         return self.last_seconds
@@ -195,6 +207,7 @@ def benchmark_record(cfg, rows):
         "torch": torch.__version__,
         "fp32_math": "tf32" if tf32_on(cfg) else "ieee",  # (the CPU computes IEEE FP32 whatever --fp32_math says)
         "model": cfg.model,  # what TrainingSteps builds
+        "optimizer": cfg.optimizer,
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
         "benchmark_steps": cfg.benchmark_steps,
@@ -208,10 +221,15 @@ def run(cfg):
     train_set = build_datasets(cfg, cfg.progress)[0] if cfg.data else None
     modes = supported_modes(cfg.device, cfg.amp_dtype)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
-    print(f"benchmark: {cfg.model} training steps, batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size} px, "
-          f"on {device_name(cfg.device)} ({summary(cfg.device)}); the median of {cfg.benchmark_steps} steps a row, the rows "
-          f"stepping in turn, after {WARMUP_STEPS} warm-up steps",
-          flush=True)
+    print(f"benchmark: {cfg.model} training steps ({cfg.optimizer}), batch {cfg.batch_size}, "
+          f"{cfg.image_size}x{cfg.image_size} px, on {device_name(cfg.device)} ({summary(cfg.device)}); each step as training takes it "
+          f"(flip and normalization on the device, forward, backward, optimizer step, the loss/accuracy meter and "
+          f"the step-health counts); the median of {cfg.benchmark_steps} steps a row, the rows stepping in turn, "
+          f"after {WARMUP_STEPS} warm-up steps; peak memory of one step after them", flush=True)
+    if cfg.optimizer in HOST_SYNC_OPTIMIZERS and "amp_float16" in modes and torch.device(cfg.device).type == "cuda":
+        print(f"note: with --optimizer {cfg.optimizer} GradScaler reads its inf/NaN flag back to the host at every "
+              f"amp_float16 step, a wait for the GPU (no fused kernel skips the step on the device); the amp_float16 "
+              f"rows' times include it: compare them with --optimizer adam's", flush=True)
     rows = benchmark_rows(cfg, modes)
     print(format_table(rows, tf32_on(cfg)))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)

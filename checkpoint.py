@@ -160,6 +160,7 @@ class GracefulStop:
     def __init__(self):
         self.signal = None
         self.finishing = None  # set to what is being finished when stopping would only lose it (the test)
+        self.agreed = False  # under torchrun: the ranks' last agreement
         self._previous = {}
 
     def install(self):
@@ -172,13 +173,20 @@ class GracefulStop:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def requested(self):
-        """Whether to stop after this step. Decided on the signal any rank has seen (see
-        agreed_signal), so a signal that lands after the agreement counts at the next step on
-        every rank alike: no rank stops a step before the rest."""
-        agreed = agreed_signal(self.signal or 0)
-        self.signal = self.signal or agreed or None
-        return agreed != 0
+    def requested(self, agree=True):
+        """Whether to stop now. In one process: whether a signal has arrived. Under torchrun the
+        ranks agree on the signal any of them has seen (see agreed_signal), a collective over the
+        host, and only where `agree` is set: the trainer asks every --log_interval optimizer steps
+        and at each epoch's end, at the same global step on every rank, in a resumed run too.
+        Between agreements this returns the last one, so no rank stops a step before the rest
+        and no step waits for the others."""
+        if world_size() == 1:
+            return self.signal is not None
+        if agree:
+            agreed = agreed_signal(self.signal or 0)
+            self.signal = self.signal or agreed or None
+            self.agreed = agreed != 0
+        return self.agreed
 
     def resume_hint(self, saved, position, cfg):
         """The one line a stop prints: what was saved, and the command that goes on from it."""

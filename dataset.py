@@ -406,8 +406,7 @@ class DeviceTransform:
         """`flip_seed` (training only) fixes which images are flipped, so a batch replays exactly."""
         images = images.to(self.device, non_blocking=True)
         if flip_seed is not None:
-            generator = torch.Generator().manual_seed(flip_seed)
-            flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(self.device, non_blocking=True)
+            flip = flip_mask(images.shape[0], flip_seed, self.device).to(self.device, non_blocking=True)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         images = images.to(dtype=torch.float32, memory_format=self.memory_format)
         return images.mul_(self.scale).sub_(self.shift)
@@ -423,6 +422,15 @@ def training_inputs(loader, transform, cfg, epoch, rank=0):
     batches = zip(range(count), loader)  # (range first: the loader is not asked for one batch too many)
     for i, (images, _) in progress_bar(batches, "precise BatchNorm" if cfg.progress and rank == 0 else "", count):
         yield transform(images, flip_seed=derived_seed(cfg.seed, epoch, i, rank))
+
+
+def flip_mask(batch_size, seed, device):
+    """Which images of a batch to flip: drawn on the CPU from the batch's seed, so every device
+    flips the same images. For a GPU the mask is pinned, so its non-blocking copy is a true
+    asynchronous one: from pageable memory CUDA may stage the copy synchronously, with the host
+    waiting."""
+    flip = torch.rand(batch_size, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return flip.pin_memory() if torch.device(device).type == "cuda" else flip
 
 
 # --------------------------------------------------------------------------- loaders

@@ -22,13 +22,19 @@ class ClassificationMeter:
         self.num_classes = num_classes
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.one = torch.ones((), dtype=torch.int64, device=device)  # what each image adds to its cell
 
     @torch.no_grad()
     def update(self, loss, logits, targets):
-        """`loss` is the batch mean; rows of the confusion matrix are true classes."""
+        """`loss` is the batch mean; rows of the confusion matrix are true classes. Each image adds
+        one to its (true, predicted) cell with scatter_add_, not torch.bincount: CUDA's bincount
+        reads the pairs' min and max back to the host (two blocking copies a batch). Integer
+        additions give the same counts in any order, so the atomics stay deterministic; under
+        --deterministic on CUDA PyTorch routes scatter_add_ through a sorted index_put_ instead
+        (the same counts; that path may check the indices' range on the host, a sync)."""
         self.loss_sum += loss.detach().double() * targets.numel()
         pairs = targets * self.num_classes + logits.argmax(dim=1)
-        self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2)
+        self.confusion.scatter_add_(0, pairs, self.one.expand_as(pairs))
 
     def count(self):
         """The images counted so far by this process (a host read: it waits for the GPU)."""
@@ -116,6 +122,28 @@ def peak_memory_mb(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
+
+
+class PeakMemory:
+    """Peak CUDA memory allocated by tensors during each epoch's training, in MiB (None on the
+    CPU), two ways. `peak_mem_mb`: the whole epoch's. `steady_peak_mem_mb`: the same, but only for
+    epochs after this session's first; the first (None) also holds the warm-up: with
+    cudnn.benchmark cuDNN tries its algorithms, workspaces and all, once for each new batch shape
+    (the last, smaller batch included), and DDP and torch.compile set up. Later epochs see only
+    shapes already tuned. The allocator's statistics live on the host: reading and resetting them
+    never waits for the GPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.epochs = 0  # epochs started in this session
+
+    def start_epoch(self):
+        reset_peak_memory(self.device)
+        self.epochs += 1
+
+    def epoch_numbers(self):
+        peak = peak_memory_mb(self.device)
+        return {"peak_mem_mb": peak, "steady_peak_mem_mb": peak if self.epochs > 1 else None}
 
 
 class GradNormMeter:

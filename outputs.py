@@ -8,8 +8,8 @@ from distributed import from_main_process, is_main_process, world_size
 from hardware import device_name
 from hardware import record as hardware_record
 from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
-from report import write_test_predictions
-from step import precision_name
+from report import memory_note, write_test_predictions
+from step import HOST_SYNC_OPTIMIZERS, precision_name
 from utils import RunStopped, atomic_write_json
 
 
@@ -36,6 +36,10 @@ class RunOutputs:
         if float16_scaler and self.device.type == "cpu":
             self.log.info("warning: float16 + GradScaler on the CPU runs CUDA's AMP recipe to check it, and is slow on "
                           "most CPUs; --amp alone gives the fast bfloat16 there")
+        optimizer = getattr(cfg, "optimizer", "adam")
+        if float16_scaler and self.device.type == "cuda" and optimizer in HOST_SYNC_OPTIMIZERS:
+            self.log.info(f"note: with --optimizer {optimizer} GradScaler reads its inf/NaN flag back to the host "
+                          "at every step: the host waits for the GPU each step (adam, adamw and sgd skip on the device)")
 
     def write(self, path, write, note=""):
         """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
@@ -106,7 +110,8 @@ class RunOutputs:
         self.write(path, lambda: plot_confusion(confusion, self.class_names, path, title))
         if skipped_steps:
             self.log.info(f"GradScaler skipped {skipped_steps} optimizer steps with inf/NaN gradients")
-        self.log.info(comparison_table([{**results, "config": vars(self.cfg)}]))
+        run = {**results, "config": vars(self.cfg)}
+        self.log.info(comparison_table([run]) + (f"\n{memory_note([run])}" if memory_note([run]) else ""))
         metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "best_val_acc": state.best_val_acc}
         self.log_test(step, {**metrics, **({"test/acc_ema": ema["test_acc_ema"]} if ema else {})})
         return results
@@ -144,7 +149,7 @@ class RunOutputs:
         self.tensorboard.scalars(step, {
             f"epoch/{key}": record[key]
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema", "seconds",
-                        "peak_mem_mb") if key in record})
+                        "peak_mem_mb", "steady_peak_mem_mb") if key in record})
         self.tensorboard.flush()
 
     def log_test(self, step, metrics):
@@ -163,6 +168,8 @@ class RunOutputs:
 
 def format_epoch(r, epochs):
     memory = "" if r["peak_mem_mb"] is None else f", peak {r['peak_mem_mb'] / 1024:.1f} GiB"
+    if r.get("steady_peak_mem_mb") is not None:
+        memory += f" (steady {r['steady_peak_mem_mb'] / 1024:.1f} GiB)"
     ema = f", EMA acc {r['val_acc_ema']:.2f}" if "val_acc_ema" in r else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "

@@ -71,9 +71,15 @@ def load_run_config(path):
     return config if isinstance(config, dict) else None
 
 
-def peak_memory(run):
-    """The largest peak GPU memory (MiB) of a run's epochs; None on the CPU."""
-    peaks = [e["peak_mem_mb"] for e in run["epochs"] if e.get("peak_mem_mb") is not None]
+# A run's peak GPU memory two ways (see metrics.PeakMemory): over every training epoch, or in steady
+# state, over the epochs after each session's first (no cuDNN autotuning in them).
+OVERALL_PEAK, STEADY_PEAK = "peak_mem_mb", "steady_peak_mem_mb"
+
+
+def peak_memory(run, key=OVERALL_PEAK):
+    """The largest `key` peak GPU memory (MiB) of a run's epochs; None on the CPU (or for a
+    steady-state peak, when no epoch has one)."""
+    peaks = [e[key] for e in run["epochs"] if e.get(key) is not None]
     return max(peaks) if peaks else None
 
 
@@ -82,6 +88,23 @@ def steady_epochs(run):
     (the first also holds the workers' start-up, cuDNN's autotuning and --compile's compiling)."""
     epochs = run["epochs"]
     return epochs[1:] if len(epochs) >= 2 else epochs
+
+
+def memory_key(runs):
+    """The peak the table compares: the steady-state one when every run has it (CUDA runs with
+    an epoch after their session's first), else the overall one for all, so they compare alike."""
+    return STEADY_PEAK if all(peak_memory(r, STEADY_PEAK) is not None for r in runs) else OVERALL_PEAK
+
+
+def memory_note(runs):
+    """The line that says which peak GPU memory the table shows ("" on the CPU)."""
+    if all(peak_memory(r) is None for r in runs):
+        return ""
+    if memory_key(runs) == STEADY_PEAK:
+        return ("Peak GPU memory: the steady-state training peak (epochs after each session's first; "
+                "results.json's steady_peak_mem_mb).")
+    return ("Peak GPU memory: the overall training peak (results.json's peak_mem_mb), cuDNN's autotuning in each "
+            "session's first epoch included: not every run has a steady-state peak (steady_peak_mem_mb).")
 
 
 def throughput(run):
@@ -101,14 +124,15 @@ def seconds_per_epoch(run):
 def comparison_table(runs):
     """A markdown table with a row per run (results.json dicts, with their "config" where known).
     With more than one run, speedup (images/s) and memory saving (peak GPU memory) are relative
-    to the first run. The last column counts the steps GradScaler skipped (0 without one)."""
+    to the first run. The peak GPU memory is the steady-state one where every run has it (see
+    memory_key). The last column counts the steps GradScaler skipped (0 without one)."""
     relative = len(runs) > 1
     columns = TABLE_COLUMNS + (RELATIVE_COLUMNS if relative else ()) + SETTING_COLUMNS + SCALER_COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    reference = runs[0]
+    reference, key = runs[0], memory_key(runs)
     for r in runs:
         epochs = r["epochs"]
-        memory, speed = peak_memory(r), throughput(r)
+        memory, speed = peak_memory(r, key), throughput(r)
         cells = [
             r["run"],
             r["device"],
@@ -121,7 +145,7 @@ def comparison_table(runs):
             "n/a" if speed is None else f"{speed:.0f}",
         ]
         if relative:
-            reference_memory, reference_speed = peak_memory(reference), throughput(reference)
+            reference_memory, reference_speed = peak_memory(reference, key), throughput(reference)
             cells.append(f"{speed / reference_speed:.2f}x" if speed and reference_speed else "n/a")
             cells.append(f"{100 * (1 - memory / reference_memory):.0f}%" if memory and reference_memory else "n/a")
         cells += setting_cells(r.get("config"))
@@ -200,6 +224,8 @@ def comparison_report(runs, comparison=None):
     if _has_seed_groups(comparison):
         text += "\n" + seed_groups_table(comparison["groups"])
     text += "\n" + devices_lines(runs)
+    if memory_note(runs):
+        text += f"\n{memory_note(runs)}\n"
     differences = setting_differences(runs)
     seeds = [d for d in differences if d.startswith("seed: ")] if _has_seed_groups(comparison) else []  # (the groups handle the seeds)
     differences = [d for d in differences if d not in seeds]

@@ -12,7 +12,7 @@ from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint
 from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
 from model import recompute_batchnorm_statistics
-from metrics import ClassificationMeter, ImagePredictions, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
+from metrics import ClassificationMeter, ImagePredictions, PeakMemory, StepHealth, Stopwatch
 from outputs import RunOutputs
 from step import (
     AmpUpdate,
@@ -56,6 +56,7 @@ class Trainer:
         self.ema = WeightEMA.from_config(cfg, model)  # None without --ema_decay
         # Around it: the steps' health, where the run stands, its checkpoints and files, stopping.
         self.health = StepHealth(model, self.scaler, self.device)
+        self.memory = PeakMemory(self.device)  # each epoch's peak GPU memory, overall and steady-state
         self.state = RunState()
         self.checkpoints = Checkpoints(model, optimizer, scheduler, self.scaler, self.ema, cfg, self.class_names)
         self.outputs = RunOutputs(cfg, run_dir, self.device, self.class_names, logger)
@@ -121,8 +122,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
                 self.state.batch_in_epoch = i + 1
-                self.log_progress(meter, bar, loss, outcome, last_batch=i == num_batches - 1)
-                self.save_if_due(meter, seconds_before + watch.elapsed())
+                due = self.log_step_due(last_batch=i == num_batches - 1)  # the loop's host syncs, all here
+                self.log_progress(meter, bar, loss, outcome, due)
+                self.save_if_due(meter, seconds_before + watch.elapsed(), due)
         bar.close()
         self.state.batch_in_epoch, self.state.epoch_state = 0, None  # the next call starts a fresh epoch
         seconds = seconds_before + watch.stop()
@@ -132,7 +134,7 @@ class Trainer:
             "train_acc": stats["acc"],
             "seconds": seconds,
             "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            **self.memory.epoch_numbers(),  # peak_mem_mb, steady_peak_mem_mb
             **self.health.epoch_numbers(),  # what AMP did: loss scale, skipped steps, the true gradient norm
         }
 
@@ -175,12 +177,17 @@ class Trainer:
         progress = "evaluating" if self.cfg.progress and is_main_process() else ""
         return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), predictions, progress)
 
-    def log_progress(self, meter, bar, loss, outcome, last_batch):
-        """Every --log_interval steps (and at the epoch's end): the divergence check, the progress
-        bar and TensorBoard, the loop's only host syncs."""
-        step = self.scheduler.last_epoch
-        if step % self.cfg.log_interval and not last_batch:
+    def log_step_due(self, last_batch):
+        """Whether this optimizer step reads the device's numbers and (under torchrun) agrees on
+        stopping: every --log_interval global steps and at the epoch's last, on every rank alike."""
+        return self.scheduler.last_epoch % self.cfg.log_interval == 0 or last_batch
+
+    def log_progress(self, meter, bar, loss, outcome, due):
+        """At a `due` step (see log_step_due): the divergence check, the progress bar and
+        TensorBoard, the loop's only host syncs."""
+        if not due:
             return
+        step = self.scheduler.last_epoch
         self.check_not_diverged()
         stats = meter.compute()
         bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
@@ -191,15 +198,15 @@ class Trainer:
             "step/grad_norm": float(outcome.grad_norm),
         })
 
-    def save_if_due(self, meter, seconds_so_far):
-        """On a signal, or every --save_every_steps: last.pt with the epoch's progress so far,
-        then stop if signalled."""
+    def save_if_due(self, meter, seconds_so_far, due):
+        """On a signal (under torchrun agreed at `due` steps only: see GracefulStop), or every
+        --save_every_steps: last.pt with the epoch's progress so far, then stop if signalled."""
         step, every = self.scheduler.last_epoch, self.cfg.save_every_steps
-        if not (self.stop.requested() or (every and step % every == 0)):
+        if not (self.stop.requested(agree=due) or (every and step % every == 0)):
             return
         self.state.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_so_far, **self.health.epoch_state()}
         self.save_checkpoint("last.pt")
-        self.exit_if_signalled()
+        self.exit_if_signalled(agree=False)  # (on the agreement just made)
 
     def checkpoint(self, name="last.pt"):
         """What `name` holds (see checkpoint.Checkpoints): best.pt the weights that validated best."""
@@ -223,8 +230,8 @@ class Trainer:
         self.health.check(f"epoch {self.state.epoch + 1}, step {self.scheduler.last_epoch}",
                           os.path.join(self.run_dir, "last.pt"), suggest_bfloat16=not bfloat16)
 
-    def exit_if_signalled(self):
-        if self.stop.requested():
+    def exit_if_signalled(self, agree=True):
+        if self.stop.requested(agree):
             hint = self.stop.resume_hint(os.path.join(self.run_dir, "last.pt"), self.position(), self.cfg)
             raise agreed_failure(RunStopped(hint, exit_code=128 + self.stop.signal))
 
@@ -238,7 +245,7 @@ class Trainer:
         self.health.start_epoch(state)
         if state:
             meter.load_state_dict(state["meter"])
-        reset_peak_memory(self.device)
+        self.memory.start_epoch()
         return meter, state["seconds"] if state else 0.0
 
     def steps_per_epoch(self):

@@ -1,7 +1,8 @@
 """The GPU check, as one script: `main.py --benchmark` at batch 256, 256 px (FP32 / AMP fp16 /
 AMP bf16, NCHW and channels_last), then timed training epochs with AMP over an Intel-sized
-generated dataset (14,000 training JPEGs of 150x150, 6 classes) without and with --cache.
-Prints a markdown report with the targets checked, and writes it to --out.
+generated dataset (14,000 training JPEGs of 150x150, 6 classes) without and with --cache, then
+benchmarks/sync_check.py (does a training step make the host wait for the GPU?). Prints a
+markdown report with the targets checked, and writes it to --out.
 
     python benchmarks/gpu_report.py --out docs/gpu_report.md        # on a GPU machine (~5 min)
     python benchmarks/gpu_report.py --device cpu --batch_size 8 --image_size 32 --images 60 --workers 0
@@ -18,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from demo import make_demo_dataset  # noqa: E402
+from sync_check import CASES, check_all, report_lines  # noqa: E402
 
 VAL_FRACTION = 0.2
 
@@ -70,7 +72,12 @@ def main(argv=None, run=run_main_py):
         with open(os.path.join(checkpoints, name, "results.json")) as f:
             runs[name] = json.load(f)
 
-    report = make_report(args, argv, rows, runs, commands)
+    syncs = {}  # (on a CPU nothing waits for a GPU: nothing to check there)
+    if args.device.startswith("cuda"):
+        print("$ benchmarks/sync_check.py (in this process)", flush=True)
+        syncs = check_all(args.device)
+        commands.append("python benchmarks/sync_check.py")
+    report = make_report(args, argv, rows, runs, commands, syncs)
     print(report)
     if args.out:
         with open(args.out, "w") as f:
@@ -78,7 +85,7 @@ def main(argv=None, run=run_main_py):
     return report
 
 
-def make_report(args, argv, rows, runs, commands):
+def make_report(args, argv, rows, runs, commands, syncs):
     device = next(iter(runs.values()))["device"]
     lines = [f"## {device}: batch {args.batch_size}, {args.image_size} px", "",
              "| mode | memory format | images/s | ms/step | peak memory (MB) | speedup vs FP32 NCHW |",
@@ -89,12 +96,16 @@ def make_report(args, argv, rows, runs, commands):
         lines.append(f"| {r['mode']} | {'channels_last' if r['channels_last'] else 'NCHW'} | "
                      f"{r['images_per_sec']:.0f} | {r['ms_per_step']:.1f} | {memory} | "
                      f"{r['images_per_sec'] / base['images_per_sec']:.2f}x |")
-    lines += ["", "| run | epoch | images | seconds | images/s | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| run | epoch | images | seconds | images/s | peak memory (MB) | steady-state peak (MB) |",
+              "|---|---|---|---|---|---|---|"]
+    megabytes = lambda mb: "n/a" if mb is None else f"{mb:.0f}"  # noqa: E731
     for name, results in runs.items():
         for e in results["epochs"]:
-            memory = "n/a" if e["peak_mem_mb"] is None else f"{e['peak_mem_mb']:.0f}"
             images = round(e["images_per_sec"] * e["seconds"])
-            lines.append(f"| {name} | {e['epoch']} | {images} | {e['seconds']:.2f} | {e['images_per_sec']:.0f} | {memory} |")
+            lines.append(f"| {name} | {e['epoch']} | {images} | {e['seconds']:.2f} | {e['images_per_sec']:.0f} | "
+                         f"{megabytes(e['peak_mem_mb'])} | {megabytes(e.get('steady_peak_mem_mb'))} |")
+    lines += ["", "The benchmark's peak memory is one step's after 3 warm-up steps; an epoch's peak memory includes "
+              "cuDNN's autotuning in a run's first epoch, its steady-state peak (epochs after the first) does not."]
 
     fp32 = max((r for r in rows if r["mode"] == "fp32"), key=lambda r: r["images_per_sec"])
     amp = max((r for r in rows if r["mode"] != "fp32"), key=lambda r: r["images_per_sec"], default=None)
@@ -106,6 +117,9 @@ def make_report(args, argv, rows, runs, commands):
         if amp["peak_mem_mb"] and fp32["peak_mem_mb"]:
             lines.append(f"- at least 40% less peak memory: {100 * (1 - amp['peak_mem_mb'] / fp32['peak_mem_mb']):.0f}% less")
     lines.append(f"- an epoch of {args.images} images in at most 3 s with AMP: fastest epoch {best_epoch:.2f} s")
+    lines += ["", f"Host syncs in the training loop (benchmarks/sync_check.py: {', '.join(CASES)}; 20 Trainer steps "
+              "each under torch.cuda.set_sync_debug_mode(\"error\") after 20 unchecked, the --log_interval reads "
+              "allowed):", *report_lines(syncs, args.device)]
     lines += ["", "Commands:", "", "```", f"python benchmarks/gpu_report.py {' '.join(argv)}".rstrip(),
               *commands, "```"]
     return "\n".join(lines)

@@ -8,6 +8,8 @@ PROBE_DUMP_DIR      every rank saves the weights it trained (its model's state d
 PROBE_SIGTERM_STEP  after that optimizer step rank 0 sends SIGTERM to torchrun, as a cluster
                     preempting the job would; torchrun hands it on to every rank
 PROBE_CRASH_RANK    that rank crashes as training starts, while the others wait in a collective
+PROBE_AGREEMENTS_DIR every rank writes agreements_rank<R>.json as it exits: [optimizer step, signal
+                    agreed on] for each stop agreement (GracefulStop's collective) it took part in
 
 It also holds `helpers_worker`, a process of the two-process test of the distributed helpers.
 """
@@ -28,6 +30,7 @@ def install_hooks():
     from scheduler import WarmupCosineLR
     from distributed import is_main_process, rank
 
+    agreements_dir = os.environ.get("PROBE_AGREEMENTS_DIR")
     dump_dir = os.environ.get("PROBE_DUMP_DIR")
     sigterm_step = os.environ.get("PROBE_SIGTERM_STEP")
     crash_rank = os.environ.get("PROBE_CRASH_RANK")
@@ -54,6 +57,9 @@ def install_hooks():
 
         WarmupCosineLR.step = signalling_step
 
+    if agreements_dir:
+        record_agreements(agreements_dir)
+
     if crash_rank is not None:
         train_one_epoch = Trainer.train_one_epoch
 
@@ -63,6 +69,35 @@ def install_hooks():
             return train_one_epoch(self, epoch)
 
         Trainer.train_one_epoch = crashing_train_one_epoch
+
+
+def record_agreements(out_dir):
+    """Log each stop agreement with the optimizer step it was made at; written at exit."""
+    import atexit
+
+    import checkpoint
+    from scheduler import WarmupCosineLR
+
+    agreements, agree, step = [], checkpoint.agreed_signal, WarmupCosineLR.step
+
+    def counted_agreement(local_signal):
+        agreed = agree(local_signal)
+        agreements.append([last_step[0], agreed])
+        return agreed
+
+    last_step = [None]
+
+    def noted_step(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        last_step[0] = self.last_epoch
+
+    def write():
+        with open(os.path.join(out_dir, f"agreements_rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(agreements, f)
+
+    checkpoint.agreed_signal = counted_agreement
+    WarmupCosineLR.step = noted_step
+    atexit.register(write)
 
 
 def helpers_worker(rank, store, out_dir):
@@ -85,6 +120,13 @@ def helpers_worker(rank, store, out_dir):
             stop.signal = signal.SIGTERM
         return [stop.requested(), stop.signal]
 
+    def agreed_only_when_asked():
+        stop = GracefulStop()
+        if rank == 1:
+            stop.signal = signal.SIGTERM
+        # Between agreements: the last one (none yet), no collective; then the agreement itself.
+        return [stop.requested(agree=False), stop.requested(agree=True), stop.requested(agree=False)]
+
     cases = {
         "main_result": lambda: distributed.from_main_process(lambda: f"made by rank {distributed.rank()}"),
         "main_user_error": lambda: distributed.from_main_process(fail, UserError("no checkpoint here")),
@@ -94,6 +136,7 @@ def helpers_worker(rank, store, out_dir):
             lambda: distributed.rank() == 1 and fail(UserError("data missing on this node"))),
         "signal_on_rank1": lambda: stop_seen_by(1),
         "no_signal": lambda: stop_seen_by(None),
+        "agreed_only_when_asked": agreed_only_when_asked,
     }
     seen = {}
     for name, case in cases.items():

@@ -25,12 +25,14 @@ SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--ima
 
 
 def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
-    code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", demo_data)
+    code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", demo_data, "--optimizer", "radam")
     assert code == 0, err
+    # The header says what a timed step holds: what a training step does, the meter included.
+    assert "resnet18 training steps (radam)" in out and "the loss/accuracy meter and the step-health counts" in out
     record = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
     rows = record.pop("rows")
     assert record == {"device": device_name("cpu"), "device_capability": describe("cpu").capability,
-                      "torch": torch.__version__, "fp32_math": "ieee", "model": "resnet18",
+                      "torch": torch.__version__, "fp32_math": "ieee", "model": "resnet18", "optimizer": "radam",
                       "batch_size": 2, "image_size": 32, "benchmark_steps": 1}
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
         ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]  # no float16 on a CPU

@@ -164,6 +164,34 @@ def test_ddp_sigterm_stops_every_rank_and_resume_ends_with_the_same_weights(ddp_
             assert torch.equal(cut_pt[part][key], value), (part, key)
 
 
+def test_ddp_ranks_agree_on_stopping_once_per_log_interval_at_the_same_step(ddp_data, tmp_path):
+    # 45 train images, 2 a rank and micro-batch: 11 optimizer steps an epoch (each rank's odd 23rd
+    # image is dropped). The stop agreement (a collective) comes every --log_interval 4 steps and
+    # at the epoch's last, by the global step: 4, 8, 11, and again at the epoch's end.
+    flags = ["--data_dir", ddp_data, "--checkpoint_dir", tmp_path / "ck", "--checkpoint_name", "agree", *FAST,
+             "--epochs", "1", "--val_fraction", "0.25", "--batch_size", "4", "--log_interval", "4"]
+    stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
+    stopped.mkdir(), resumed.mkdir()
+    proc, _ = torchrun(PROBE, *flags, env={"PROBE_SIGTERM_STEP": "5", "PROBE_AGREEMENTS_DIR": str(stopped)})
+    assert proc.returncode != 0 and proc.stderr.count("SIGTERM: saved") == 1, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((stopped / f"agreements_rank{r}.json").read_text()) for r in (0, 1))
+    # The same agreements on both ranks, at due steps only (none at steps 1-3, 5-7: before, one a
+    # step); the signal sent after step 5 is agreed on at the next due step, and every rank stops there.
+    assert rank0 == rank1, (rank0, rank1)
+    steps = [step for step, _ in rank0]
+    assert steps[0] == 4 and set(steps) <= {4, 8, 11} and len(steps) == len(set(steps)), rank0
+    assert [signum for _, signum in rank0] == [0] * (len(rank0) - 1) + [signal.SIGTERM], rank0
+    stop_step = steps[-1]
+    assert load(tmp_path / "ck" / "agree" / "last.pt")["scheduler"]["last_epoch"] == stop_step
+
+    resume = ["--resume", *flags[:6], "--num_workers", "0", "--no_progress", "--device", "cpu", "--log_interval", "4"]
+    proc, _ = torchrun(PROBE, *resume, env={"PROBE_AGREEMENTS_DIR": str(resumed)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((resumed / f"agreements_rank{r}.json").read_text()) for r in (0, 1))
+    # Resumed, the agreements keep to the same global steps: the epoch's last, then its end.
+    assert rank0 == rank1 == [[11, 0]] * (2 if stop_step < 11 else 1), (rank0, rank1)
+
+
 def test_ddp_failure_on_one_rank_at_start_up_stops_every_rank(demo_data, tmp_path):
     # Only rank 0 reads the ImageNet weights; rank 1 would wait for them in DDP's first broadcast.
     missing = tmp_path / "missing.pth"
@@ -207,6 +235,8 @@ def test_distributed_helpers_share_results_and_errors(tmp_path):
     for seen in (rank0, rank1):
         assert seen["signal_on_rank1"]["result"] == [True, signal.SIGTERM]
         assert seen["no_signal"]["result"] == [False, None]
+        # Between the agreements every --log_interval steps a rank's signal waits for the next one.
+        assert seen["agreed_only_when_asked"]["result"] == [False, True, True]
 
 
 # --------------------------------------------------------------------------- in this process

@@ -13,7 +13,7 @@ import main as main_module
 import outputs
 from conftest import FAST, assert_user_error, read_results
 from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
-from report import setting_differences
+from report import memory_note, setting_differences
 
 RUNS = ("fp32", "amp")
 CLASSES = ["blue", "green", "red"]
@@ -137,6 +137,25 @@ def test_speedup_and_memory_saving_are_relative_to_the_first_run():
     # One run alone (the summary at the end of training) has nothing to be relative to.
     header, rows = table(comparison_table(runs[:1]))
     assert header == COLUMNS[:-7] + SETTING_COLUMNS + ["skipped steps"] and len(rows) == 1
+
+
+def test_compare_uses_the_steady_state_peak_memory_when_every_run_has_it():
+    # Each session's first epoch also holds cuDNN's autotuning: 4096 MB against 3000 steady.
+    runs = [gpu_run("base", "FP32", 4096, 30.0, 400.0), gpu_run("half", "AMP fp16", 2048, 12.0, 1000.0)]
+    for run, steady in zip(runs, (3072, 1024)):
+        for e in run["epochs"]:
+            e["steady_peak_mem_mb"] = None if e["epoch"] == 1 else steady
+    header, rows = table(comparison_table(runs))
+    base, half = (dict(zip(header, row)) for row in rows)
+    assert (base["peak GPU memory"], half["peak GPU memory"], half["memory saving"]) == ("3.00 GiB", "1.00 GiB", "67%")
+    assert "the steady-state training peak" in memory_note(runs) and memory_note(runs) in comparison_report(runs)
+    # A run without one (one epoch, or a results.json from before the key): all compare their overall peaks.
+    for e in runs[1]["epochs"]:
+        e.pop("steady_peak_mem_mb")
+    header, rows = table(comparison_table(runs))
+    assert [dict(zip(header, row))["peak GPU memory"] for row in rows] == ["4.00 GiB", "2.00 GiB"]
+    assert "the overall training peak" in memory_note(runs)
+    assert memory_note([{**runs[0], "epochs": [{"peak_mem_mb": None}]}]) == ""  # the CPU: nothing to name
 
 
 # The settings of a run as config.json holds them (vars(cfg)), trimmed to a few.
