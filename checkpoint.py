@@ -176,8 +176,9 @@ class GracefulStop:
     def requested(self, agree=True):
         """Whether to stop now. In one process: whether a signal has arrived. Under torchrun the
         ranks agree on the signal any of them has seen (see agreed_signal), a collective over the
-        host, and only where `agree` is set: the trainer asks every --log_interval optimizer steps
-        and at each epoch's end, at the same global step on every rank, in a resumed run too.
+        host, and only where `agree` is set: the trainer asks every --log_interval global optimizer
+        steps, at each epoch's last step and after each epoch, so at the same steps on every rank,
+        in a resumed run too.
         Between agreements this returns the last one, so no rank stops a step before the rest
         and no step waits for the others."""
         if world_size() == 1:

@@ -130,9 +130,10 @@ class RunOutputs:
         if self.tensorboard is not None:
             self.last_logged = (time.perf_counter(), images_so_far())
 
-    def log_step(self, step, images_so_far, values):
-        """An optimizer step's `values()` (loss, LR, ...; only called with TensorBoard on: reading
-        them waits for the GPU) and images/s since the last logged step."""
+    def log_step(self, step, images_so_far, loss, lr, health, outcome):
+        """An optimizer step's loss, the LR it trained with, the loss scale after it (StepHealth
+        `health`), its gradient norm (StepOutcome `outcome`) and images/s since the last logged
+        step. Only with TensorBoard on: reading them waits for the GPU."""
         if self.tensorboard is None:
             return
         now = time.perf_counter()
@@ -140,7 +141,9 @@ class RunOutputs:
         self.last_logged = (now, images_so_far)
         # (The meter's count covers every process; it restarts each epoch, and then gives no rate.)
         rate = (images_so_far - images_then) / (now - then) if images_so_far > images_then else None
-        self.tensorboard.scalars(step, {**values(), "step/images_per_sec": rate})
+        self.tensorboard.scalars(step, {"step/loss": float(loss.detach()), "step/lr": lr,
+                                        "step/loss_scale": health.loss_scale(),
+                                        "step/grad_norm": float(outcome.grad_norm), "step/images_per_sec": rate})
 
     def log_epoch(self, step, record):
         """The epoch's numbers, at the optimizer step it ended on (one x axis for every series)."""

@@ -122,7 +122,8 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
                 self.state.batch_in_epoch = i + 1
-                due = self.log_step_due(last_batch=i == num_batches - 1)  # the loop's host syncs, all here
+                # The loop's host reads, and under torchrun the stop agreement: the same steps on every rank.
+                due = self.scheduler.last_epoch % cfg.log_interval == 0 or i == num_batches - 1
                 self.log_progress(meter, bar, loss, outcome, due)
                 self.save_if_due(meter, seconds_before + watch.elapsed(), due)
         bar.close()
@@ -177,26 +178,17 @@ class Trainer:
         progress = "evaluating" if self.cfg.progress and is_main_process() else ""
         return evaluate(model, loader, self.transform, self.autocast, len(self.class_names), predictions, progress)
 
-    def log_step_due(self, last_batch):
-        """Whether this optimizer step reads the device's numbers and (under torchrun) agrees on
-        stopping: every --log_interval global steps and at the epoch's last, on every rank alike."""
-        return self.scheduler.last_epoch % self.cfg.log_interval == 0 or last_batch
-
     def log_progress(self, meter, bar, loss, outcome, due):
-        """At a `due` step (see log_step_due): the divergence check, the progress bar and
-        TensorBoard, the loop's only host syncs."""
+        """At a `due` step (every --log_interval global steps and the epoch's last): the divergence
+        check, the progress bar and TensorBoard, the loop's only host reads."""
         if not due:
             return
         step = self.scheduler.last_epoch
         self.check_not_diverged()
         stats = meter.compute()
         bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        self.outputs.log_step(step, stats["count"], lambda: {
-            "step/loss": float(loss.detach()),
-            "step/lr": self.scheduler.lr_at(step - 1),  # the LR this step trained with (the optimizer holds the next)
-            "step/loss_scale": self.health.loss_scale(),
-            "step/grad_norm": float(outcome.grad_norm),
-        })
+        # (The LR this step trained with: the optimizer already holds the next.)
+        self.outputs.log_step(step, stats["count"], loss, self.scheduler.lr_at(step - 1), self.health, outcome)
 
     def save_if_due(self, meter, seconds_so_far, due):
         """On a signal (under torchrun agreed at `due` steps only: see GracefulStop), or every

@@ -212,7 +212,7 @@ def test_benchmark_times_the_chosen_model(run_cli, tmp_path, monkeypatch):
     code, out, err = run_cli("--benchmark", "--model", "squeezenet1_1", "--device", "cpu", "--batch_size", "2",
                              "--image_size", "32", "--benchmark_steps", "1", "--checkpoint_name", "bench")
     assert code == 0, err
-    assert "benchmark: squeezenet1_1 training steps, batch 2, 32x32 px" in out
+    assert "benchmark: squeezenet1_1 training steps (adam), batch 2, 32x32 px" in out
     assert json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())["model"] == "squeezenet1_1"
     assert len(built) == 4 and all(isinstance(m, torchvision.models.SqueezeNet) for m in built)  # a row each
 
