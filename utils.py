@@ -78,9 +78,10 @@ def _atomic_write(path, write):
 
 
 def atomic_write_files(directory, files):
-    """{name: bytes} into `directory` as one change: every file is written to a temporary file and
-    fsynced first, and only then are they all renamed into place. A failed write (full disk,
-    read-only folder) removes the temporary files and leaves the old files as they were."""
+    """{name: bytes} into `directory` together: every file is written to a temporary file and
+    fsynced first, and only then are they renamed into place, one after the other (a rename needs no
+    space). A failed write (full disk, read-only folder) removes the temporary files and leaves
+    the old files as they were: never a new one beside an old one."""
     staged = []
     try:
         for name, data in files.items():

@@ -7,6 +7,7 @@ and a read-only run folder each stop in one line and leave the folder as it was.
 import argparse
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 import export
 import inference
 import main as main_module
+import utils
 from conftest import FEW_TIMING_RUNS, ROOT, make_colour_dataset
 from dataset import DeviceTransform, UnlabeledImages, evaluation_view
 from demo import DEMO_CLASSES, make_demo_dataset
@@ -265,6 +267,25 @@ def test_an_export_that_disagrees_with_pytorch_is_an_error_not_a_result(demo, tm
     assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "wrong", *EXPORT),
                     1, "disagrees with PyTorch", "at least 99.9% needed", "nothing was written")
     assert listing(run) == before
+
+
+def test_a_write_that_fails_midway_leaves_the_earlier_files_as_they_were(tmp_path, monkeypatch):
+    """The disk fills up while the third of four files is written (os.fsync raising ENOSPC)."""
+    for name in export.EXPORT_FILES:
+        (tmp_path / name).write_bytes(b"the earlier export's " + name.encode())
+    before = listing(tmp_path)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left on device"):
+        utils.atomic_write_files(str(tmp_path), {name: b"new" for name in export.EXPORT_FILES})
+    assert listing(tmp_path) == before  # the old four, and no temporary file
 
 
 @contextlib.contextmanager
