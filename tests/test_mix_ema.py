@@ -215,8 +215,8 @@ def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, 
 def test_best_pt_holds_the_ema_when_it_validates_better(run_cli, demo_data, tmp_path, monkeypatch):
     real_evaluate = trainer.Trainer.evaluate
 
-    def ema_validates_better(self, loader, model=None):
-        numbers = real_evaluate(self, loader, model)
+    def ema_validates_better(self, loader, model=None, **kwargs):
+        numbers = real_evaluate(self, loader, model, **kwargs)
         if loader is self.val_loader and model is self.ema.module:
             numbers["acc"] = 101.0  # (better than any raw accuracy)
         return numbers
