@@ -373,7 +373,7 @@ def test_help_shows_one_default_each_and_says_what_is_on():
     text = text[text.index("options:"):]  # past the usage line
     warmup = text[text.index("--warmup_epochs"):text.index("--min_lr")]
     assert warmup.count("default") == 1, warmup
-    amp_dtype = text[text.index("--amp_dtype"):text.index("--channels_last")]
+    amp_dtype = text[text.index("--amp_dtype"):text.index("--fp32_math")]
     assert amp_dtype.count("default") == 1, amp_dtype
     assert "on by default" in text[text.index("--channels_last"):text.index("--no_channels_last")]
     demo = text[text.index("--demo"):text.index("--image_size")]
