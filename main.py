@@ -146,9 +146,8 @@ def train(cfg, checkpoint=None):
                          cfg.model, cfg.learning_rate)
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # --precise_bn, decided once (config.json keeps the number, so a resumed run keeps it)
-    cfg.precise_bn, note = precise_bn_batches(model, cfg.model, cfg.precise_bn, len(train_loader), cfg.epochs)
-    if note:
-        logger.info(note)
+    cfg.precise_bn, precise_bn_note = precise_bn_batches(model, cfg.model, cfg.precise_bn, len(train_loader),
+                                                         cfg.epochs)
     train_model = model
     if torch.distributed.is_initialized():
         train_model = wrap_ddp(model, cfg.device, getattr(cfg, "sync_bn", False))
@@ -174,6 +173,8 @@ def train(cfg, checkpoint=None):
     if is_main_process():
         write_run_config(run_dir, cfg, trainer.position() if checkpoint is not None else "start")
     logger.info(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if precise_bn_note:  # after the log file opens, so train.log says it too
+        logger.info(precise_bn_note)
     stop.install()
     try:
         trainer.fit()

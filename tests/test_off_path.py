@@ -559,10 +559,11 @@ def test_a_failed_run_with_worker_processes_exits(demo_data, tmp_path):
     assert "probe: a bug in a data-loading worker" in proc.stderr and "killed by signal" not in proc.stderr
 
 
-def test_ctrl_c_while_torch_loads_is_one_line():
-    proc = subprocess.Popen([sys.executable, "main.py", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # Python is up; torch is still importing
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    # (--help answers before torch loads: a --compare's flags pass that check, then torch loads)
+    proc = subprocess.Popen([sys.executable, "main.py", "--checkpoint_dir", str(tmp_path), "--compare", "a", "b"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # Python is up and the flags checked; torch is still importing
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "interrupted before anything was saved\n", err

@@ -1,6 +1,7 @@
 """Every bad input gets a clear answer: bad images, odd datasets, bad settings, corrupt or
 malicious checkpoints, failed writes and diverging runs. Nothing saved is ever damaged."""
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -123,6 +124,9 @@ def test_more_bad_values(run_cli, demo_data, flags):
 def test_resume_refuses_a_different_image_size_or_classes(run_cli, data, tmp_path):
     assert run(run_cli, data)[0] == 0
     run_dir = tmp_path / "checkpoints" / "baseline"
+    # As if stopped during its final test: --resume would test it (a finished run has nothing to resume).
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "finished": False}))
     before = {f: (run_dir / f).read_bytes() for f in ("last.pt", "best.pt", "results.json", "config.json")}
     assert_user_error(run_cli("--data_dir", data, "--resume", "--image_size", "48"), "--image_size 32")
     os.makedirs(train_dir(data, "yellow"))
@@ -176,7 +180,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(run_cli, demo_data, tmp_pa
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(utils.torch, "save", disk_full_on_second_last_pt)
+    monkeypatch.setattr(torch, "save", disk_full_on_second_last_pt)  # (utils imports torch when it saves)
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "3", *FAST)
     assert code == 1 and err.count("\n") == 1, err
     assert "No space left on device" in err and "previous last.pt is intact" in err
