@@ -1,6 +1,7 @@
 """What a run measures: loss, accuracy and the confusion matrix (kept on the device, summed over
 processes), the health of the optimizer steps (skipped steps, bad streaks, gradient norms, the
 divergence check), wall time that waits for the GPU, peak GPU memory, and the device's name."""
+import contextlib
 import os
 import time
 
@@ -110,6 +111,34 @@ class Stopwatch:
     def elapsed(self):
         """Seconds so far, without waiting for the GPU (for checkpoints, not for benchmarks)."""
         return time.perf_counter() - self.start
+
+
+class EpochClock:
+    """An epoch's training seconds, its checkpoint writes timed apart (`writing()`), both
+    continued from a resumed epoch's: the seconds images/s is computed over are training alone."""
+
+    def __init__(self, device, seconds=0.0, checkpoint_seconds=0.0):
+        self.device, self.seconds_before = device, seconds
+        self.checkpoint_seconds = checkpoint_seconds  # this epoch's writes, earlier sessions' included
+        self.written_here = 0.0
+        self.watch = Stopwatch(device)
+
+    @contextlib.contextmanager
+    def writing(self):
+        synchronize(self.device)  # the GPU work queued before counts as training (the save waits for it anyway)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - started
+            self.written_here += time.perf_counter() - started
+
+    def elapsed(self):
+        """Training seconds so far, without waiting for the GPU (for checkpoints)."""
+        return self.seconds_before + self.watch.elapsed() - self.written_here
+
+    def stop(self):
+        return self.seconds_before + self.watch.stop() - self.written_here
 
 
 def reset_peak_memory(device):

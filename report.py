@@ -24,8 +24,9 @@ UNKNOWN = "?"  # a setting of a run without a readable config.json
 DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written then have no "model"
 # Settings runs may differ in without a warning: the precision being compared (amp, amp_dtype,
 # fp32_math), where a run is saved or resumed, and other modes' flags. num_workers and cache change
-# images/s only where loading is the bottleneck. (--save_every_steps, --log_interval and
-# --tensorboard are compared: their writes and syncs fall inside the timed epochs.) The config's
+# images/s only where loading is the bottleneck. (--log_interval and --tensorboard are compared:
+# their writes and syncs fall inside the timed epochs; so is --save_every_steps, whose writes are
+# not in an epoch's seconds but are in the total time.) The config's
 # device ("cuda") and its copies of results.json's device fields give way to results.json's.
 NOT_COMPARED = {
     "amp", "amp_dtype", "fp32_math", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress",

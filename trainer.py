@@ -12,7 +12,7 @@ from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint
 from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
 from model import recompute_batchnorm_statistics
-from metrics import ClassificationMeter, ImagePredictions, PeakMemory, StepHealth, Stopwatch
+from metrics import ClassificationMeter, EpochClock, ImagePredictions, PeakMemory, StepHealth
 from outputs import RunOutputs
 from step import (
     AmpUpdate,
@@ -77,14 +77,18 @@ class Trainer:
         """Train and validate epoch `epoch` (0-based), then save best.pt (if it validated best),
         last.pt, results.json and the curves."""
         state, started = self.state, time.perf_counter()
-        # A resumed epoch's seconds before the stop count in the total too.
-        seconds_before = state.epoch_state["seconds"] if state.epoch_state else 0.0
+        # A resumed epoch's seconds before the stop (training and checkpoint writes) count in the total too.
+        earlier = state.epoch_state or {}
+        seconds_before = earlier.get("seconds", 0.0) + earlier.get("checkpoint_seconds", 0.0)
         record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
         record.update(self.train_one_epoch(epoch))
         record.update(self.validate())
-        if state.finish_epoch(record, time.perf_counter() - started + seconds_before):
+        best = state.finish_epoch(record, time.perf_counter() - started + seconds_before)
+        saving = time.perf_counter()
+        if best:
             self.save_checkpoint("best.pt")  # (the epoch validated best so far)
         self.save_checkpoint("last.pt")
+        state.total_train_seconds += time.perf_counter() - saving  # (last.pt's total lacks its own write)
         self.outputs.epoch_done(state, int(self.health.skipped_steps), self.scheduler.last_epoch)
         self.exit_if_signalled()
 
@@ -95,8 +99,7 @@ class Trainer:
         self.train_model.train()
         self.train_loader.sampler.set_epoch(epoch, skip=start * self.train_loader.batch_size)
         num_batches = start + len(self.train_loader)
-        meter, seconds_before = self.start_epoch()
-        watch = Stopwatch(self.device)
+        meter, clock = self.start_epoch()
         self.outputs.start_rate(meter.count)  # (rank 0 holds a resumed epoch's count)
         bar = tqdm(initial=start, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and is_main_process()) or None, dynamic_ncols=True)
@@ -125,15 +128,16 @@ class Trainer:
                 # The loop's host reads, and under torchrun the stop agreement: the same steps on every rank.
                 due = self.scheduler.last_epoch % cfg.log_interval == 0 or i == num_batches - 1
                 self.log_progress(meter, bar, loss, outcome, due)
-                self.save_if_due(meter, seconds_before + watch.elapsed(), due)
+                self.save_if_due(meter, clock, due)
         bar.close()
         self.state.batch_in_epoch, self.state.epoch_state = 0, None  # the next call starts a fresh epoch
-        seconds = seconds_before + watch.stop()
+        seconds = clock.stop()
         stats = meter.compute()
         return {
             "train_loss": stats["loss"],
             "train_acc": stats["acc"],
-            "seconds": seconds,
+            "seconds": seconds,  # training alone: the checkpoint writes are checkpoint_seconds
+            "checkpoint_seconds": clock.checkpoint_seconds,
             "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
             **self.memory.epoch_numbers(),  # peak_mem_mb, steady_peak_mem_mb
             **self.health.epoch_numbers(),  # what AMP did: loss scale, skipped steps, the true gradient norm
@@ -190,14 +194,16 @@ class Trainer:
         # (The LR this step trained with: the optimizer already holds the next.)
         self.outputs.log_step(step, stats["count"], loss, self.scheduler.lr_at(step - 1), self.health, outcome)
 
-    def save_if_due(self, meter, seconds_so_far, due):
+    def save_if_due(self, meter, clock, due):
         """On a signal (under torchrun agreed at `due` steps only: see GracefulStop), or every
         --save_every_steps: last.pt with the epoch's progress so far, then stop if signalled."""
         step, every = self.scheduler.last_epoch, self.cfg.save_every_steps
         if not (self.stop.requested(agree=due) or (every and step % every == 0)):
             return
-        self.state.epoch_state = {"meter": meter.state_dict(), "seconds": seconds_so_far, **self.health.epoch_state()}
-        self.save_checkpoint("last.pt")
+        with clock.writing():  # not in the epoch's training seconds
+            self.state.epoch_state = {"meter": meter.state_dict(), "seconds": clock.elapsed(),
+                                      "checkpoint_seconds": clock.checkpoint_seconds, **self.health.epoch_state()}
+            self.save_checkpoint("last.pt")
         self.exit_if_signalled(agree=False)  # (on the agreement just made)
 
     def checkpoint(self, name="last.pt"):
@@ -231,14 +237,14 @@ class Trainer:
         return self.state.position(self.batches_per_epoch)
 
     def start_epoch(self):
-        """The epoch's meter and the seconds it had trained: from zero, or from where a
-        mid-epoch checkpoint cut the epoch (the step counts too)."""
-        meter, state = ClassificationMeter(len(self.class_names), self.device), self.state.epoch_state
+        """The epoch's meter and clock: from zero, or from where a mid-epoch checkpoint cut the
+        epoch (the step counts too)."""
+        meter, state = ClassificationMeter(len(self.class_names), self.device), self.state.epoch_state or {}
         self.health.start_epoch(state)
         if state:
             meter.load_state_dict(state["meter"])
         self.memory.start_epoch()
-        return meter, state["seconds"] if state else 0.0
+        return meter, EpochClock(self.device, state.get("seconds", 0.0), state.get("checkpoint_seconds", 0.0))
 
     def steps_per_epoch(self):
         return math.ceil(self.batches_per_epoch / self.cfg.accum_steps)

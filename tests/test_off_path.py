@@ -340,12 +340,14 @@ def test_the_save_and_resume_messages_name_the_same_place(run_cli, demo_data, tm
     # 18: the seconds trained before the stop count in the total.
     last_pt = tmp_path / "checkpoints" / "baseline" / "last.pt"
     ckpt = load(last_pt)
-    ckpt["epoch_state"]["seconds"] = 1000.0
+    ckpt["epoch_state"].update(seconds=1000.0, checkpoint_seconds=500.0)
     torch.save(ckpt, last_pt)
     code, out, err = run_cli("--data_dir", demo_data, "--resume", "--no_progress")
     assert code == 0, err
     assert "resuming baseline: epoch 1, after batch 2 of 3" in out
-    assert read_results(tmp_path / "checkpoints" / "baseline")["total_train_seconds"] > 1000
+    results = read_results(tmp_path / "checkpoints" / "baseline")
+    assert results["total_train_seconds"] > 1500
+    assert results["epochs"][0]["seconds"] > 1000 and results["epochs"][0]["checkpoint_seconds"] >= 500
 
 
 def test_ctrl_c_during_start_up_is_one_line(run_cli, demo_data, monkeypatch):

@@ -15,7 +15,8 @@ class SimulatedCrash(Exception):
 
 
 RESULT_KEYS = {"test_acc", "best_val_acc", "total_train_seconds", "device", "amp", "amp_dtype", "skipped_steps", "epochs"}
-EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec", "peak_mem_mb"}
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "checkpoint_seconds", "images_per_sec",
+              "peak_mem_mb"}
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
@@ -178,3 +179,32 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     w0 = model_c.weight.detach().clone()
     upd(torch.nn.functional.cross_entropy(model_c(x[:4]), y[:4]), update=False)
     assert torch.equal(model_c.weight, w0)
+
+
+def test_checkpoint_writes_are_timed_apart_from_training(demo_data, run_cli, tmp_path, monkeypatch):
+    # Each checkpoint write takes 100 s on a clock the test moves: an epoch's `seconds` (and so its
+    # images/s) leave the mid-epoch writes out, `checkpoint_seconds` has them, and
+    # `total_train_seconds` has every write, the end-of-epoch best.pt and last.pt included.
+    import time
+
+    import trainer
+
+    offset, writes, real_clock, real_save = [0.0], [], time.perf_counter, trainer.atomic_torch_save
+
+    def slow_save(obj, path):
+        writes.append("mid" if obj["batch_in_epoch"] else "end")
+        offset[0] += 100.0
+        return real_save(obj, path)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(trainer, "atomic_torch_save", slow_save)
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", "--save_every_steps", "1", *FAST)
+    assert code == 0, err
+    results = read_results(tmp_path / "checkpoints" / "baseline")
+    mid_writes = writes.count("mid") // 2  # an epoch's writes in its training loop (one a step)
+    assert mid_writes >= 1
+    for epoch in results["epochs"]:
+        assert epoch["seconds"] < 100  # training alone
+        assert 100 * mid_writes <= epoch["checkpoint_seconds"] < 100 * mid_writes + 100
+        assert epoch["images_per_sec"] > 1
+    assert results["total_train_seconds"] >= 100 * len(writes)
