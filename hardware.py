@@ -155,10 +155,16 @@ def record(device, dtype):
 
 
 # --------------------------------------------------------------------------- FP32 math
+# TF32 is a tensor-core format from compute capability 8.0 (Ampere); older GPUs compute FP32 in IEEE.
+TF32_FROM = (8, 0)
+
+
 def tf32_on(cfg):
-    """Whether FP32 matrix products and convolutions run in TF32: --fp32_math tf32, on CUDA only
-    (the CPU computes FP32 in IEEE either way)."""
-    return getattr(cfg, "fp32_math", "ieee") == "tf32" and torch.device(cfg.device).type == "cuda"
+    """Whether FP32 matrix products and convolutions run in TF32: --fp32_math tf32, on a CUDA GPU
+    of compute capability 8.0 or newer (the CPU and older GPUs compute FP32 in IEEE either way)."""
+    if getattr(cfg, "fp32_math", "ieee") != "tf32" or torch.device(cfg.device).type != "cuda":
+        return False
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(cfg.device) >= TF32_FROM
 
 
 def apply_fp32_math(cfg):

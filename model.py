@@ -393,11 +393,15 @@ def recompute_batchnorm_statistics(models, inputs, autocast):
         model.eval()
     for bn in layers:
         bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average: every batch weighs the same
         bn.train()
     batches = 0
     try:
         for images in inputs:
+            # A cumulative average (every batch weighs the same): batch k's momentum is 1 / k, what
+            # momentum=None computes, but from the host's count, not by reading each layer's
+            # num_batches_tracked back from the device (a host sync per layer and batch on a GPU).
+            for bn in layers:
+                bn.momentum = 1.0 / (batches + 1)
             with autocast():
                 for model in models:
                     model(images)

@@ -93,6 +93,12 @@ def test_fp32_math(monkeypatch):
     assert precision_name(Namespace(**{**vars(cuda), "fp32_math": "ieee"})) == "FP32"
     assert precision_name(Namespace(**{**vars(cuda), "device": "cpu"})) == "FP32"  # the CPU: IEEE either way
     assert precision_name(Namespace(**{**vars(cuda), "amp": True, "amp_dtype": "bfloat16"})) == "AMP bf16"
+    # TF32 exists from compute capability 8.0: a V100 (7.0) computes the FP32 it is asked for in IEEE.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, name in (((7, 0), "FP32"), ((7, 5), "FP32"), ((8, 0), "FP32 (tf32)"), ((9, 0), "FP32 (tf32)")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert precision_name(cuda) == name, capability
+    monkeypatch.undo()
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         hardware.apply_fp32_math(cuda)  # (the switches are process-wide and need no GPU to be set)

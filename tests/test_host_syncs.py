@@ -140,3 +140,24 @@ def test_sync_check_script_runs_the_trainer_with_its_reads_allowed_on_the_cpu():
     # 4 checked steps after 4 unchecked ones; reads at steps 6 and 8 (every 2, and the epoch's last).
     assert results == {"fp32": {"steps": 4, "log_reads": 2, "sync": None, "expected_sync": False, "ok": True}}
     assert sync_check.report_lines(results, "cpu")[0].startswith("- on the CPU nothing waits")
+
+
+def test_sync_check_names_where_radams_expected_sync_stopped_its_steps(monkeypatch):
+    # On a GPU, set_sync_debug_mode("error") makes GradScaler's .item() raise at the first checked
+    # step of radam + float16: imitated here, the check names that call and counts no step after it
+    # (what tests/test_cuda.py expects of that case).
+    import sync_check
+
+    checking = [False]
+    monkeypatch.setattr(sync_check, "set_sync_check", lambda on, device: checking.__setitem__(0, on))
+    opt_step = torch.amp.GradScaler._maybe_opt_step
+
+    def item_raises_when_checked(self, *args, **kwargs):
+        if checking[0]:
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return opt_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "_maybe_opt_step", item_raises_when_checked)
+    result = sync_check.check_all("cpu", cases=["radam_float16"], steps=2, log_interval=2, batch_size=2)["radam_float16"]
+    assert "synchronizing" in result["sync"]  # (the imitation's own line: the last of this project's frames)
+    assert (result["steps"], result["log_reads"], result["expected_sync"], result["ok"]) == (0, 0, True, True)

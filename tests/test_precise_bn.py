@@ -107,3 +107,17 @@ def test_a_run_saved_before_the_flag_goes_on_without_it():
     saved = vars(config.parse_config(["--device", "cpu", "--model", "mobilenet_v3_small"])[0])
     del saved["precise_bn"]  # (a config.json written before --precise_bn)
     assert config.merge_resumed(saved, cfg, explicit).precise_bn == 0  # as it trained: no precise BatchNorm
+
+
+def test_the_recompute_reads_nothing_back_from_the_device(monkeypatch):
+    # momentum=None would make every BatchNorm layer read its num_batches_tracked back with float()
+    # at every batch: on a GPU a host sync per layer and batch. The host counts the batches instead.
+    model = DropoutThenBatchNorm()
+    reads = []
+    to_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or to_float(t))
+    batches = [torch.randn(8, 4) * (k + 1) + k for k in range(3)]
+    recompute_batchnorm_statistics([model], iter(batches), lambda: torch.autocast("cpu", enabled=False))
+    monkeypatch.undo()
+    assert reads == []
+    torch.testing.assert_close(model.bn.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
