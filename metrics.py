@@ -249,7 +249,8 @@ class StepHealth:
         run's last.pt, which the stop leaves as it is."""
         bad_steps = int(all_reduce_max(self.bad_streak.clone()))  # the worst rank's, so all stop together
         state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        weights_ok = bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
+        # Each tensor's largest magnitude (inf or NaN if any element is), in one foreach pass.
+        weights_ok = bool(torch.stack(torch._foreach_norm(state, float("inf"))).isfinite().all())
         if bad_steps < MAX_BAD_STEPS and weights_ok:
             return
         what = "the weights are no longer finite" if not weights_ok else (
