@@ -85,10 +85,13 @@ def peak_memory(run, key=OVERALL_PEAK):
 
 
 def steady_epochs(run):
-    """The epochs that time the training itself: all but the first when there are two or more
-    (the first also holds the workers' start-up, cuDNN's autotuning and --compile's compiling)."""
+    """The epochs that time the training itself: all but each session's first (a run's first
+    epoch, and the first after each --resume, also hold the workers' start-up, cuDNN's
+    autotuning and --compile's compiling), or all of them when that leaves none. A results.json
+    from before `first_in_session` leaves out its first epoch only."""
     epochs = run["epochs"]
-    return epochs[1:] if len(epochs) >= 2 else epochs
+    steady = [e for i, e in enumerate(epochs) if not e.get("first_in_session", i == 0)]
+    return steady or epochs
 
 
 def memory_key(runs):

@@ -138,6 +138,7 @@ class Trainer:
             "train_acc": stats["acc"],
             "seconds": seconds,  # training alone: the checkpoint writes are checkpoint_seconds
             "checkpoint_seconds": clock.checkpoint_seconds,
+            "first_in_session": self.memory.epochs == 1,  # (its start-up is in it: see report.steady_epochs)
             "images_per_sec": stats["count"] / seconds if seconds > 0 else None,
             **self.memory.epoch_numbers(),  # peak_mem_mb, steady_peak_mem_mb
             **self.health.epoch_numbers(),  # what AMP did: loss scale, skipped steps, the true gradient norm

@@ -12,7 +12,7 @@ import torch
 
 from conftest import FAST, ROOT, read_results
 
-TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec"}
+TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_session"}
 
 
 def cli(data, ckdir, name, *flags):

@@ -348,6 +348,8 @@ def test_the_save_and_resume_messages_name_the_same_place(run_cli, demo_data, tm
     results = read_results(tmp_path / "checkpoints" / "baseline")
     assert results["total_train_seconds"] > 1500
     assert results["epochs"][0]["seconds"] > 1000 and results["epochs"][0]["checkpoint_seconds"] >= 500
+    # The resumed session's first epoch holds its start-up: the steady epochs leave it out.
+    assert [e["first_in_session"] for e in results["epochs"]] == [True, False]
 
 
 def test_ctrl_c_during_start_up_is_one_line(run_cli, demo_data, monkeypatch):

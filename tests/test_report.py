@@ -11,6 +11,7 @@ from PIL import Image
 
 import main as main_module
 import outputs
+import report
 from conftest import FAST, assert_user_error, read_results
 from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
 from report import memory_note, setting_differences
@@ -338,3 +339,14 @@ def test_predict_finds_seg_pred_and_refuses_what_it_cannot_use(runs_dir, run_cli
     assert_user_error(run_cli(*flags, "--predict_dir", tmp_path / "empty", "--checkpoint_name", "ghost",
                               checkpoint_dir=runs_dir), "best.pt")
     assert_user_error(run_cli("--predict_dir", data, *FAST, checkpoint_dir=runs_dir), "--predict_dir")
+
+
+def test_images_per_second_leave_out_each_sessions_first_epoch():
+    # Epochs 1 and 3 started a session (a run's start, a --resume): their start-up makes them slow.
+    epochs = [{"epoch": i + 1, "seconds": 10.0, "images_per_sec": rate, "first_in_session": first}
+              for i, (rate, first) in enumerate([(20.0, True), (100.0, False), (30.0, True), (100.0, False)])]
+    assert report.throughput({"epochs": epochs}) == 100.0
+    assert report.seconds_per_epoch({"epochs": epochs}) == 10.0
+    older = [{k: v for k, v in e.items() if k != "first_in_session"} for e in epochs]  # results.json before the key
+    assert report.throughput({"epochs": older}) == (100.0 + 30.0 + 100.0) / 3
+    assert report.throughput({"epochs": epochs[:1]}) == 20.0  # one epoch: all there is
