@@ -17,12 +17,12 @@ import config
 import step
 import trainer
 import utils
-from conftest import FAST, ROOT, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, read_results
 from dataset import build_loaders
 from report import read_tensorboard_scalars
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
-FLOAT16 = ["--amp", "--amp_dtype", "float16"]
+FLOAT16 = ["--amp", "--amp_dtype", "float16", *SMALL_MODEL]  # (a Trainer built here gets its own model)
 REAL_LOSS = step.F.cross_entropy
 
 
@@ -69,7 +69,8 @@ def float16_trainer(demo_data, tmp_path, optimizer=None, model=None, flags=()):
                            loaders[3], utils.setup_logging())
 
 
-def test_float16_on_the_cpu_trains_with_a_warning_and_reports_the_scaler(run_cli, demo_data, tmp_path):
+def test_float16_on_the_cpu_trains_with_a_warning_and_reports_the_scaler(run_cli, demo_data, tmp_path,
+                                                                        low_initial_scale):
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST, *FLOAT16, "--checkpoint_name", "f16")
     assert code == 0, err
     assert out.count("warning: float16 + GradScaler on the CPU") == 1
@@ -224,13 +225,14 @@ def test_sigkill_and_resume_in_float16_equal_the_uninterrupted_run(demo_data, tm
     for tag in ("step/lr", "step/loss_scale", "step/grad_norm", "step/loss", "epoch/val_acc"):
         full_steps, cut_steps = [s for s, _ in full_tb[tag]], [s for s, _ in cut_tb[tag]]
         assert cut_steps == full_steps and len(set(cut_steps)) == len(cut_steps), tag
-        assert [v for _, v in cut_tb[tag]] == pytest.approx([v for _, v in full_tb[tag]], rel=1e-6), tag
+        # (NaN where GradScaler skipped the step: the first steps' scale is too high for this model)
+        assert [v for _, v in cut_tb[tag]] == pytest.approx([v for _, v in full_tb[tag]], rel=1e-6, nan_ok=True), tag
 
 
 # --------------------------------------------------------------------------- TensorBoard and the benchmark
 def test_tensorboard_holds_the_runs_scalars(run_cli, demo_data, tmp_path):
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST, "--tensorboard", "--log_interval", "2",
-                             "--amp", "--warmup_epochs", "1")
+                             "--amp", *SMALL_MODEL, "--warmup_epochs", "1")
     assert code == 0, err
     run_dir = tmp_path / "checkpoints" / "baseline"
     scalars = read_tensorboard_scalars(run_dir / "tensorboard")
@@ -251,7 +253,8 @@ def test_tensorboard_holds_the_runs_scalars(run_cli, demo_data, tmp_path):
 def test_benchmark_adds_float16_rows_on_the_cpu_only_when_asked(run_cli, tmp_path):
     import json
 
-    flags = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "1"]
+    flags = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "1",
+             *SMALL_MODEL]
     for extra, modes in (([], {"fp32", "amp_bfloat16"}), (["--amp_dtype", "float16"], {"fp32", "amp_float16", "amp_bfloat16"})):
         code, out, err = run_cli(*flags, *extra)
         assert code == 0, err
