@@ -52,7 +52,7 @@ import dataset
 import inference
 import main as main_module
 import trainer
-from conftest import FAST, FEW_TIMING_RUNS, ROOT, assert_user_error, make_colour_dataset
+from conftest import FAST, FEW_TIMING_RUNS, ROOT, SMALL_MODEL, assert_user_error, make_colour_dataset
 from hardware import describe
 from report import read_tensorboard_scalars
 
@@ -704,7 +704,7 @@ CASES = [
         argv=[*WITH_BARS, "--checkpoint_name", "split", "--val_fraction", "0.5", "--cache", "--log_interval", "1",
               "--channels_last"]),
     Case("amp_tensorboard", flags=("--amp", "--amp_dtype", "--tensorboard"), check=check_amp,
-         argv=[*TRAIN, "--checkpoint_name", "amp", "--amp", "--amp_dtype", "bfloat16", "--tensorboard"]),
+         argv=[*TRAIN, "--checkpoint_name", "amp", "--amp", "--amp_dtype", "bfloat16", "--tensorboard", *SMALL_MODEL]),
     Case("skip_bad_images_pretrained_path", flags=("--skip_bad_images", "--pretrained_path"),
          check=check_skip_bad_images_and_pretrained_path,
          argv=["--data_dir", "{bad_data}", "--checkpoint_dir", "{tmp}/checkpoints", "--checkpoint_name", "weights",
@@ -757,7 +757,7 @@ CASES = [
     Case("augmentation", flags=("--auto_augment", "--random_crop", "--vflip", "--random_erase"),
          check=check_augmentation,
          argv=[*TRAIN, "--checkpoint_name", "augment", "--auto_augment", "randaugment", "--random_crop", "24",
-               "--vflip", "--random_erase", "0.25", "--amp"]),
+               "--vflip", "--random_erase", "0.25", "--amp", *SMALL_MODEL]),
     # ---- issue 12: --model (the zoo; more in tests/test_zoo.py)
     Case("model", flags=("--model",), check=check_model,
          argv=[*TRAIN, "--checkpoint_name", "zoo", "--model", "mobilenet_v3_small"]),

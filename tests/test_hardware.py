@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hardware
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, SMALL_MODEL
 from demo import make_demo_dataset
 from step import precision_name
 
@@ -120,7 +120,7 @@ def small_demo(tmp_path_factory):
 def test_amp_warns_early_where_bfloat16_is_emulated_and_goes_on(monkeypatch, run_cli, small_demo, tmp_path):
     fake_cpu(monkeypatch, "AVX2", ZEN3)  # an AVX2-only CPU
     code, out, err = run_cli("--demo", "--amp", "--data_dir", small_demo, "--epochs", "1", "--image_size", "32",
-                             "--batch_size", "8", "--num_workers", "0", "--no_progress")
+                             "--batch_size", "8", "--num_workers", "0", "--no_progress", *SMALL_MODEL)
     assert code == 0, err
     lines = out.splitlines()
     warnings = [i for i, line in enumerate(lines) if "is emulated" in line]
@@ -139,7 +139,7 @@ def test_amp_warns_early_where_bfloat16_is_emulated_and_goes_on(monkeypatch, run
 
 def test_amp_on_a_native_cpu_prints_no_warning(monkeypatch, run_cli, demo_data, tmp_path):
     fake_cpu(monkeypatch, "AVX512", SAPPHIRE_RAPIDS)
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "amp", "--epochs", "1", *FAST, "--amp")
+    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "amp", "--epochs", "1", *FAST, "--amp", *SMALL_MODEL)
     assert code == 0, err
     assert "warning" not in out and "emulated" not in out
     assert json.loads((tmp_path / "checkpoints" / "amp" / "results.json").read_text())["amp_dtype_native"] is True
