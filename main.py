@@ -43,6 +43,7 @@ from dataset import (
     find_split_dir,
     loader_files,
     stop_loader_workers,
+    truncated_warning,
 )
 from demo import make_demo_dataset
 from hardware import apply_fp32_math, emulation_warning
@@ -312,6 +313,8 @@ def predict(best, cfg):
                                                          else "no predictions were written"))
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
+    if warning:  # about the files that were labeled: one that could not be read was skipped, not grayed
+        warning = truncated_warning([os.path.join(root, file) for file, _, _ in rows])
     if warning:
         print(warning, file=sys.stderr)
     try:
