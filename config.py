@@ -342,7 +342,7 @@ def check_values(cfg):
         raise UserError(f"--clip_grad_norm must be positive, got {cfg.clip_grad_norm}")
     compared = getattr(cfg, "compare", None) or []
     named = [("--checkpoint_name", cfg.checkpoint_name), *(("--compare", n) for n in compared)]
-    named += [("--compare_name", cfg.compare_name)] if getattr(cfg, "compare_name", None) else []
+    named += [("--compare_name", cfg.compare_name)] if getattr(cfg, "compare_name", None) is not None else []
     for flag, name in named:
         if not NAME_PATTERN.match(name) or name in (".", ".."):
             raise UserError(f"{flag} {name!r} is not a plain run name: use letters, digits, '.', '_' and '-'")

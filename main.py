@@ -43,6 +43,7 @@ from dataset import (
     find_split_dir,
     loader_files,
     stop_loader_workers,
+    truncated_warning,
 )
 from demo import make_demo_dataset
 from hardware import apply_fp32_math, emulation_warning
@@ -312,6 +313,8 @@ def predict(best, cfg):
                                                          else "no predictions were written"))
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
+    if warning:  # about the files that were labeled: one that could not be read was skipped, not grayed
+        warning = truncated_warning([os.path.join(root, file) for file, _, _ in rows])
     if warning:
         print(warning, file=sys.stderr)
     try:
@@ -343,12 +346,26 @@ def compare(cfg):
     name = cfg.compare_name or comparison_name(cfg.compare)
     paths = [os.path.join(cfg.checkpoint_dir, f"{name}.{ext}") for ext in ("md", "json", "png")]
     replaced = any(os.path.exists(path) for path in paths)
+    if replaced and not is_comparison(paths[1]):  # (e.g. --compare_name README: checkpoints/README.md)
+        taken = next(path for path in paths if os.path.exists(path))
+        raise UserError(f"{taken} exists and is not a comparison written by --compare; "
+                        "pass another --compare_name")
     atomic_write_text(paths[0], text)
     atomic_write_json(paths[1], comparison)
     plot_comparison(runs, paths[2], comparison)
     print(text + f"\nwrote {paths[0]}, {paths[1]} and {paths[2]}" +
           (" (replacing the earlier comparison of that name)" if replaced else ""))
     return 0
+
+
+def is_comparison(path):
+    """Whether `path` holds the numbers of an earlier --compare (its NAME.json), which a
+    comparison of the same name may replace."""
+    try:
+        numbers = load_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(numbers, dict) and {"runs", "groups"} <= numbers.keys()
 
 
 MAX_COMPARISON_NAME = 100  # characters; a longer list of runs is named by the first and a digest

@@ -362,9 +362,11 @@ def precise_bn_batches(model, name, requested, batches_per_epoch, epochs):
         return 0, ""
     if not batchnorm_layers(model):
         return 0, f"--precise_bn: {name} has no BatchNorm layers; nothing to recompute" if requested else ""
-    if requested:
-        return requested, (f"--precise_bn {requested}: BatchNorm statistics recomputed over {requested} training "
-                           "batches before each validation")
+    if requested:  # (more than an epoch has: the epoch's, as dataset.training_inputs takes them)
+        used = min(requested, batches_per_epoch)
+        capped = f" (all of an epoch's: it has {batches_per_epoch})" if requested > batches_per_epoch else ""
+        return requested, (f"--precise_bn {requested}: BatchNorm statistics recomputed over {used} training "
+                           f"batches{capped} before each validation")
     slowest = unconverged_batchnorm(model, epochs * batches_per_epoch)
     if slowest is None:
         return 0, ""

@@ -966,6 +966,8 @@ REFUSALS = [
     ("--compare_name without --compare", [*NO_DATA, "--compare_name", "x"], ("--compare_name", "--compare")),
     ("--compare_name not a plain name", ["--compare", "a", "--compare_name", "../x", "--checkpoint_dir", "{tmp}/c"],
      ("--compare_name",)),
+    ("--compare_name empty", ["--compare", "a", "--compare_name", "", "--checkpoint_dir", "{tmp}/c"],
+     ("--compare_name ''",)),
     ("--fp32_math unknown", [*NO_DATA, "--fp32_math", "bf16"], ("--fp32_math",)),
     ("--calibration_images without --export", [*NO_DATA, "--calibration_images", "8"],
      ("--calibration_images", "--export")),

@@ -103,6 +103,19 @@ def test_predict_warns_about_a_truncated_jpeg_as_training_does(run_cli, labeled_
     assert "(1 unreadable file(s) skipped)" in out
 
 
+def test_predict_does_not_call_a_skipped_file_truncated(run_cli, labeled_run, tmp_path):
+    # (review) a text file named .jpg was listed as skipped and also as a truncated JPEG that "loads gray".
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "0.jpg").write_bytes((labeled_run / "photos" / "0.jpg").read_bytes())
+    (photos / "notes.jpg").write_text("not an image")
+    code, out, err = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", photos,
+                             "--predictions_file", tmp_path / "p.csv", checkpoint_dir=labeled_run / "checkpoints")
+    assert code == 0, err
+    assert "notes.jpg" in err and "skipped: " in err and "look truncated" not in err
+    assert [row.split(",")[0] for row in (tmp_path / "p.csv").read_text().splitlines()] == ["file", "0.jpg"]
+
+
 # --------------------------------------------------------------------------- item 7: fine-tuning advice
 def test_starting_from_a_run_at_its_own_peak_lr_suggests_a_lower_one(run_cli, labeled_run, demo_data):
     best = labeled_run / "checkpoints" / "done" / "best.pt"  # trained at FAST's --learning_rate 2e-3

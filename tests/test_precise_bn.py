@@ -56,6 +56,10 @@ def test_it_turns_itself_on_only_where_the_statistics_cannot_have_converged():
     assert unconverged_batchnorm(resnet, 30) == (0.1, pytest.approx(0.9 ** 30))
     # Asked for: as asked; 0: off; a model without BatchNorm says so and runs without.
     assert precise_bn_batches(resnet, "resnet18", 7, 15, 8)[0] == 7
+    # (review) more batches than an epoch has: the line says how many are really used.
+    assert precise_bn_batches(resnet, "resnet18", 1000, 15, 8)[1] == (
+        "--precise_bn 1000: BatchNorm statistics recomputed over 15 training batches (all of an epoch's: it has 15) "
+        "before each validation")
     assert precise_bn_batches(mobilenet, "mobilenet_v3_small", 0, 15, 8) == (0, "")
     assert precise_bn_batches(vit, "vit_b_16", None, 15, 8) == (0, "")
     assert precise_bn_batches(vit, "vit_b_16", 5, 15, 8) == (0, "--precise_bn: vit_b_16 has no BatchNorm layers; "

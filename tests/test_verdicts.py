@@ -186,3 +186,13 @@ def test_compare_names_its_outputs_and_says_what_it_replaced(tmp_path, run_cli):
     code, out, err = run_cli("--compare", "amp", "fp32", "--compare_name", "flipped", checkpoint_dir=tmp_path)
     assert (tmp_path / "flipped.md").read_text().count("| fp32 | -10.00 |") == 1
     assert not (tmp_path / "compare.md").exists()
+
+
+def test_compare_name_never_replaces_a_file_that_is_not_a_comparison(tmp_path, run_cli):
+    # (review) --compare_name README wrote over checkpoints/README.md, "replacing the earlier comparison".
+    write_run(tmp_path, "fp32", paired(25, 5, 9, 1)[0])
+    readme = tmp_path / "README.md"
+    readme.write_text("the folder's own notes\n")
+    code, out, err = run_cli("--compare", "fp32", "--compare_name", "README", checkpoint_dir=tmp_path)
+    assert code == 2 and f"{readme} exists and is not a comparison" in err and "--compare_name" in err
+    assert readme.read_text() == "the folder's own notes\n" and not (tmp_path / "README.json").exists()
