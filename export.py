@@ -25,6 +25,8 @@ ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 EXPORT_FILES = (ONNX_FILE, INT8_FILE, "inference.json", "inference.md")
 # An FP32 export must give the PyTorch model's top-1 on at least this share of the test images.
 MIN_AGREEMENT = 99.9
+# Below this agreement with FP32's top-1 (percent of the test images), --export warns about INT8.
+INT8_MIN_AGREEMENT = 90.0
 # One ONNX file is one protobuf message, which cannot exceed 2 GiB (larger models need their
 # weights in a second file, which this template does not write).
 ONNX_FILE_LIMIT = 2**31
@@ -78,7 +80,22 @@ def export_run(model, best, cfg):
     write_files(run_dir, fp32, int8, report)
     clock.lap("done")
     print(inference_markdown(report) + f"\nwrote {', '.join(os.path.join(run_dir, f) for f in EXPORT_FILES)}")
+    warning = int8_warning(report)
+    if warning:
+        print(warning)
     return 0
+
+
+def int8_warning(report):
+    """A line when model.int8.onnx disagrees with FP32 on many test images ('' if not): INT8 is
+    written whatever it scores, and a broken calibration should not ship unnoticed."""
+    row = next(r for r in report["rows"] if r["precision"] == "int8")
+    if row["agreement"] >= INT8_MIN_AGREEMENT:
+        return ""
+    return (f"warning: model.int8.onnx gives FP32's top-1 on only {row['agreement']:.2f}% of the test images "
+            f"(test accuracy {row['test_acc']:.2f}%, FP32 {report['rows'][0]['test_acc']:.2f}%): do not ship it as it "
+            f"is; try another --calibration_images (this export used {report['calibration_images']}), or ship "
+            "model.onnx")
 
 
 class Clock:

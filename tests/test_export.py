@@ -309,3 +309,13 @@ def test_a_read_only_run_folder_is_refused_before_any_work(demo, tmp_path):
         assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "read_only",
                             *EXPORT), 2, f"cannot write to {run}", "Operation not permitted")
     assert listing(run) == before
+
+
+def test_a_badly_calibrated_int8_model_is_named_not_shipped_silently():
+    rows = [{"precision": "fp32", "runtime": "pytorch", "test_acc": 80.0, "agreement": 100.0},
+            {"precision": "int8", "runtime": "onnxruntime", "test_acc": 13.89, "agreement": 13.33}]
+    warning = export.int8_warning({"rows": rows, "calibration_images": 480})
+    assert warning.startswith("warning: model.int8.onnx gives FP32's top-1 on only 13.33% of the test images")
+    assert "FP32 80.00%" in warning and "--calibration_images" in warning and "used 480" in warning
+    rows[1]["agreement"] = 96.0
+    assert export.int8_warning({"rows": rows, "calibration_images": 16}) == ""
