@@ -207,11 +207,12 @@ def write_run_config(run_dir, cfg, position):
     atomic_write_json(path, {**vars(cfg), **device, "sessions": [*sessions, session]})
 
 
-def finished_run_note(run_dir, checkpoint, cfg):
-    """What to tell a --resume of a run that trained all its epochs and was tested ('' for a run
-    with epochs or its test left, which --resume finishes). --resume cannot change --epochs, so
-    training further is a new run that starts from this one's weights."""
-    if checkpoint["epoch"] < cfg.epochs or checkpoint["batch_in_epoch"]:
+def finished_run_note(run_dir, checkpoint, name):
+    """What to tell a --resume of run `name` that trained all its epochs and was tested ('' for a
+    run with epochs or its test left, which --resume finishes). --resume cannot change --epochs,
+    so training further is a new run that starts from this one's weights."""
+    epochs = checkpoint["config"].get("epochs")
+    if not isinstance(epochs, int) or checkpoint["epoch"] < epochs or checkpoint["batch_in_epoch"]:
         return ""
     try:
         results = load_json(os.path.join(run_dir, "results.json"))
@@ -219,8 +220,8 @@ def finished_run_note(run_dir, checkpoint, cfg):
         return ""
     if not results.get("finished") or results.get("test_acc") is None:
         return ""  # stopped during its final test: --resume runs the test
-    epochs = f"{cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}"
-    return (f"{cfg.checkpoint_name} is finished: it trained its {epochs} and was tested "
+    epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    return (f"{name} is finished: it trained its {epochs} and was tested "
             f"(test accuracy {results['test_acc']:.2f}%), so there is nothing to resume. Re-test it with "
             f"--evaluate, or train it further as a new run that starts from its weights: --checkpoint_name NEW "
             f"--pretrained_path {os.path.join(run_dir, 'best.pt')} --epochs N (with a lower --learning_rate)")
@@ -406,12 +407,14 @@ def run(argv=None):
     if cfg.resume:
         run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
-        cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
-        finished = from_main_process(finished_run_note, run_dir, checkpoint, cfg)
-        if finished:  # nothing left to do: say so, and what to do instead
+        # Before the flags are checked against the run: a finished run has nothing to continue
+        # whatever they say (--epochs 20 included), so say what to do instead.
+        finished = from_main_process(finished_run_note, run_dir, checkpoint, cfg.checkpoint_name)
+        if finished:
             if is_main_process():
                 print(finished)
             return 0
+        cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
         return train(cfg, checkpoint)
     from_main_process(refuse_to_clobber, cfg)
     return train(cfg)

@@ -184,3 +184,14 @@ def test_the_held_out_split_is_disjoint_and_follows_the_seed(class_folders_only)
 def test_test_fraction_is_refused_where_there_is_a_test_split(run_cli, demo_data):
     assert_user_error(run_cli("--data_dir", demo_data, "--epochs", "1", *FAST, "--test_fraction", "0.2"),
                       "--test_fraction holds a test split out of the training images", "has one", "drop --test_fraction")
+
+
+def test_resume_of_a_finished_run_with_more_epochs_says_how_to_train_further(run_cli, labeled_run, demo_data):
+    # --resume cannot change --epochs: the answer is the finished run's note, not "drop the flag".
+    run_dir = labeled_run / "checkpoints" / "done"
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "results.json")}
+    code, out, err = run_cli("--checkpoint_name", "done", "--resume", "--epochs", "5", "--data_dir", demo_data,
+                             checkpoint_dir=labeled_run / "checkpoints")
+    assert code == 0 and err == "", err
+    assert "done is finished: it trained its 1 epoch" in out and "--pretrained_path" in out and "--epochs N" in out
+    assert before == {name: (run_dir / name).read_bytes() for name in before}
