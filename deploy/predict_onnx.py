@@ -32,6 +32,8 @@ class OnnxClassifier:
     """model.onnx on onnxruntime's CPU provider, with the preprocessing its metadata describes."""
 
     def __init__(self, path):
+        if not os.path.isfile(path):
+            raise UserError(f"no model file at {path}: main.py --export writes checkpoints/NAME/model.onnx")
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:  # missing, truncated or not an ONNX file
@@ -77,6 +79,18 @@ def image_files(root):
     return sorted(files)
 
 
+def looks_truncated(path):
+    """A JPEG whose last bytes are not the end-of-image marker was probably cut off (as main.py checks)."""
+    if not path.lower().endswith((".jpg", ".jpeg")):
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 2:
+            return True
+        f.seek(-2, os.SEEK_END)
+        return f.read() != b"\xff\xd9"
+
+
 def label_folder(classifier, root, batch_size):
     """([(file, label, confidence)], [unreadable file: reason])."""
     rows, unreadable, batch, names = [], [], [], []
@@ -115,14 +129,20 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32, help="images per onnxruntime call")
     args = parser.parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
         if not os.path.isdir(args.folder):
             raise UserError(f"{args.folder} is not a folder of images")
         classifier = OnnxClassifier(args.model)
-        rows, unreadable = label_folder(classifier, args.folder, max(args.batch_size, 1))
+        rows, unreadable = label_folder(classifier, args.folder, args.batch_size)
         if not rows:
             raise UserError(f"no readable image in {args.folder}; {args.out} was not written")
         for error in unreadable:
             print(f"skipped: {error}", file=sys.stderr)
+        truncated = [file for file, *_ in rows if looks_truncated(os.path.join(args.folder, file))]
+        if truncated:  # labeled all the same, as main.py --predict does
+            print(f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {os.path.join(args.folder, truncated[0])}; "
+                  "they were labeled with the missing part gray", file=sys.stderr)
         try:
             write_csv(args.out, rows)
         except OSError as exc:

@@ -194,6 +194,27 @@ def test_predict_onnx_writes_the_csv_of_predict_without_pytorch(demo, tmp_path):
     assert max(abs(float(r["confidence"]) - float(e["confidence"])) for r, e in zip(got, expected)) < 2e-3
 
 
+def test_predict_onnx_refuses_bad_input_in_one_line_and_warns_of_a_truncated_jpeg(demo, tmp_path, capsys):
+    import runpy
+
+    predict_onnx = runpy.run_path(PREDICT_ONNX)["main"]
+    model, pictures = str(demo["run"] / "model.onnx"), tmp_path / "pictures"
+    pictures.mkdir()
+    source = demo["data"] / "seg_pred" / "seg_pred"
+    whole = next(p for p in sorted(source.rglob("*.jpg")))
+    (pictures / "whole.jpg").write_bytes(whole.read_bytes())
+    (pictures / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
+    for argv, needle in (([model, str(pictures), "--batch_size", "0"], "--batch_size must be at least 1"),
+                         ([str(tmp_path / "nothing.onnx"), str(pictures)], "no model file at")):
+        assert predict_onnx([*argv, "--out", str(tmp_path / "x.csv")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert predict_onnx([model, str(pictures), "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 JPEG(s) look truncated" in err and "cut.jpg" in err
+    assert [row.split(",")[0] for row in (tmp_path / "p.csv").read_text().splitlines()] == ["file", "cut.jpg", "whole.jpg"]
+
+
 def test_a_new_run_in_the_folder_removes_the_old_export():
     assert main_module.EXPORT_FILES == export.EXPORT_FILES  # (--overwrite removes main's list: see test_every_flag)
 
