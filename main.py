@@ -244,8 +244,21 @@ def load_best(cfg, explicit):
     """A run's best.pt, and the settings it was trained with (image size, precision, data
     folder, ...) for --evaluate and --predict: a flag may change only those that do not change
     the model's answers (device, batch size, workers, folders)."""
-    best = from_main_process(load_checkpoint, os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "best.pt"))
+    best = from_main_process(load_trained, os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "best.pt"), cfg)
     return best, config.merge_evaluated(best["config"], cfg, explicit)
+
+
+def load_trained(path, cfg):
+    """load_checkpoint(path), where a missing file says how to train the run (a new user's likeliest
+    reason: `--demo --evaluate` before `--demo`)."""
+    if not os.path.exists(path):
+        name = cfg.checkpoint_name
+        train_it = (f"python main.py --demo{' --amp' if name == 'demo_amp' else ''}"
+                    f"{'' if name in ('demo', 'demo_amp') else f' --checkpoint_name {name}'}") if cfg.demo \
+            else f"python main.py --checkpoint_name {name}"
+        raise UserError(f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with "
+                        "--checkpoint_name")
+    return load_checkpoint(path)
 
 
 def best_model(best, cfg):
@@ -397,13 +410,14 @@ def run(argv=None):
             make_demo_dataset(cfg.data_dir)  # (there already unless it was deleted)
         return (export if cfg.export else predict)(*load_best(cfg, explicit))
     init_distributed(cfg.device, cfg.dist_timeout)
+    trained = load_best(cfg, explicit) if cfg.evaluate else None  # (before the demo's data: is there a run?)
     if cfg.demo and from_main_process(make_demo_dataset, cfg.data_dir) and is_main_process():
         print(f"wrote a generated demo dataset to {cfg.data_dir}")
     if cfg.benchmark:
         apply_fp32_math(cfg)
         return benchmark.run(cfg)
     if cfg.evaluate:
-        return evaluate(*load_best(cfg, explicit))
+        return evaluate(*trained)
     if cfg.resume:
         run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))

@@ -39,8 +39,12 @@ def test_existing_run_is_never_silently_replaced(run_cli, demo_data, tmp_path):
     assert run_cli(*flags, "--overwrite")[0] == 0
 
 
-def test_evaluate_or_resume_without_a_run(run_cli, demo_data):
-    assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--evaluate", *FAST), "best.pt")
+def test_evaluate_or_resume_without_a_run(run_cli, demo_data, tmp_path):
+    assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--evaluate", *FAST), "best.pt",
+                      "train the run first (python main.py --checkpoint_name ghost)")
+    # --demo --evaluate before --demo: the command that trains it
+    assert_user_error(run_cli("--demo", "--evaluate", "--data_dir", tmp_path / "demo_data", "--device", "cpu"),
+                      "train the run first (python main.py --demo)")
     assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--resume", *FAST), "last.pt")
 
 
