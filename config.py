@@ -493,6 +493,9 @@ def check_flag_combinations(cfg, explicit):
         if ignored:
             raise UserError(f"--compare only reads finished runs (under --checkpoint_dir); --{ignored[0]} does "
                             "nothing with it")
+        twice = next((name for i, name in enumerate(cfg.compare) if name in cfg.compare[:i]), None)
+        if twice is not None:  # a run counted twice would make a seed group of one run, sd 0
+            raise UserError(f"--compare names {twice} twice; name each run once")
     if cfg.benchmark:
         ignored = sorted(explicit & TRAINING_ONLY_FLAGS)
         if ignored:

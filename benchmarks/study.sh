@@ -47,8 +47,11 @@ for i in "${!args[@]}"; do
         --seed|--seed=*) if [ -n "$SEEDS" ]; then echo "SEEDS gives the seeds; drop --seed" >&2; exit 2; fi ;;
     esac
 done
+seen=""
 for seed in $SEEDS; do
     case $seed in ''|*[!0-9]*) echo "SEEDS takes whole numbers, got $seed" >&2; exit 2 ;; esac
+    case " $seen " in *" $seed "*) echo "SEEDS names $seed twice; name each seed once" >&2; exit 2 ;; esac
+    seen="$seen $seed"
 done
 
 names=()

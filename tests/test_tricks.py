@@ -384,6 +384,9 @@ def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tm
     refused = subprocess.run(["bash", script, *flags, "--seed", "3"], env={**env, "SEEDS": "1 2"}, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 2 and "drop --seed" in refused.stderr
+    refused = subprocess.run(["bash", script, *flags], env={**env, "SEEDS": "1 1"}, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "SEEDS names 1 twice" in refused.stderr
     # A run it does not know stops it before anything trains.
     refused = subprocess.run(["bash", script, *flags], env={**env, "RUNS": "cosine typo"}, capture_output=True,
                              text=True, timeout=60)
