@@ -221,15 +221,16 @@ def comparison_report(runs, comparison=None):
     comparison = comparison or compare_runs(runs)
     first = runs[0]["run"]
     text = comparison_table(runs) + "\n"
+    if memory_note(runs):  # under the table, whose column it explains
+        text += f"\n{memory_note(runs)}\n"
     if len(runs) > 1:
         text += (f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {first}. s/epoch and "
-                 "images/s are of the steady epochs: the first epoch is left out when a run has two or more.\n")
+                 "images/s are of the steady epochs: each session's first epoch (a run's first, the first after a "
+                 "--resume) is left out when that leaves any; checkpoint writes are left out too.\n")
         text += "\n" + against_first_table(comparison["runs"], first)
     if _has_seed_groups(comparison):
         text += "\n" + seed_groups_table(comparison["groups"])
     text += "\n" + devices_lines(runs)
-    if memory_note(runs):
-        text += f"\n{memory_note(runs)}\n"
     differences = setting_differences(runs)
     seeds = [d for d in differences if d.startswith("seed: ")] if _has_seed_groups(comparison) else []  # (the groups handle the seeds)
     differences = [d for d in differences if d not in seeds]

@@ -193,7 +193,8 @@ def test_compare_warns_when_runs_differ_in_more_than_precision(tmp_path):
     cropped = write_run(tmp_path / "crop", "d", image_size=256, random_crop=224)
     header, (row,) = table(comparison_report([cropped]))
     assert dict(zip(header, row))["image size"] == "256 (crop 224)"  # (the crop is what the model saw)
-    assert report.startswith(comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving")
+    # The memory note right under the table whose column it explains, then what the ratios are relative to.
+    assert report.startswith(comparison_table(runs) + f"\n\n{memory_note(runs)}\n\nSpeedup (images/s) and memory saving")
     # Another dataset, model or GPU is named too (full paths in the warning, folder names in the table).
     runs = [write_run(tmp_path / "more", "a"), write_run(tmp_path / "more", "b", data_dir="/data/other/", model="vit")]
     runs[1]["device"] = "NVIDIA A100"
@@ -209,7 +210,7 @@ def test_compare_of_fp32_and_amp_alone_has_no_warning(tmp_path):
     assert setting_differences(runs) == []
     report = comparison_report(runs)
     assert "warning" not in report and "note" not in report
-    assert report.startswith(comparison_table(runs) + "\n\nSpeedup (images/s) and memory saving (peak GPU memory) are "
+    assert report.startswith(comparison_table(runs) + f"\n\n{memory_note(runs)}\n\nSpeedup (images/s) and memory saving (peak GPU memory) are "
                              "relative to fp32.")
     # Without per-image predictions (these hand-made runs have none) the paired statistics are unavailable.
     assert "- amp: paired statistics unavailable: fp32 has no test_predictions.csv" in report
