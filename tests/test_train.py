@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from torchvision.models import resnet18
+from torchvision.models import get_model
 
-from conftest import FAST, read_results
+from conftest import FAST, SMALL_MODEL, read_results
 from scheduler import warmup_cosine_lr
 from step import AmpUpdate
 
@@ -19,11 +19,12 @@ EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
               "peak_mem_mb"}
 
 
+# The FP32 run trains the default model; the bfloat16 one the small model (see conftest.SMALL_MODEL).
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
 def test_training_learns_and_writes_every_output(demo_data, run_cli, tmp_path, amp):
     name = "amp" if amp else "fp32"
     code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", name, "--epochs", "5", *FAST,
-                             *(["--amp"] if amp else []))
+                             *(["--amp", *SMALL_MODEL, "--learning_rate", "5e-3"] if amp else []))
     assert code == 0, err
     run_dir = tmp_path / "checkpoints" / name
     results = read_results(run_dir)
@@ -38,11 +39,12 @@ def test_training_learns_and_writes_every_output(demo_data, run_cli, tmp_path, a
     assert results["test_acc"] >= 75  # chance is 33
     assert results["best_val_acc"] == max(e["val_acc"] for e in epochs)
 
-    # Checkpoints: the promised keys, weights_only, and a plain torchvision resnet18 takes them.
+    # Checkpoints: the promised keys, weights_only, and a plain torchvision model takes them.
     for file in ("best.pt", "last.pt"):
         ckpt = torch.load(run_dir / file, weights_only=True)
         assert {"model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config"} <= set(ckpt)
-        plain = resnet18(num_classes=len(ckpt["class_names"]))
+        assert ckpt["config"]["model"] == ("shufflenet_v2_x0_5" if amp else "resnet18")
+        plain = get_model(ckpt["config"]["model"], num_classes=len(ckpt["class_names"]))
         plain.load_state_dict(ckpt["model"])  # strict: no wrapper prefixes
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 5
     config = json.loads((run_dir / "config.json").read_text())
@@ -51,7 +53,7 @@ def test_training_learns_and_writes_every_output(demo_data, run_cli, tmp_path, a
     assert f"{results['test_acc']:.2f}" in out  # the summary row
 
     # --evaluate re-tests best.pt and prints the same accuracy.
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", name, "--evaluate", *FAST)
+    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", name, "--evaluate", "--num_workers", "0")
     assert code == 0, err
     assert f"test accuracy {results['test_acc']:.2f}%" in out
 
