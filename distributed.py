@@ -219,6 +219,15 @@ def on_all_ranks(fn, *args):
     return result
 
 
+def agreed_by_main(decision):
+    """Rank 0's `decision` (a bool) on every rank, over the host (a clock only rank 0 reads)."""
+    if world_size() == 1:
+        return decision
+    decided = torch.tensor(int(decision))
+    dist.broadcast(decided, src=0, group=_host_group)
+    return bool(decided)
+
+
 def agreed_signal(local_signal):
     """The signal number any rank has seen (0: none). torchrun hands a signal on to every rank,
     but they may see it a step apart: every rank takes the first one any of them has seen."""
