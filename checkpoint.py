@@ -4,11 +4,12 @@ stopping into one on Ctrl-C or SIGTERM (GracefulStop)."""
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from distributed import agreed_signal, is_main_process, world_size
+from distributed import agreed_by_main, agreed_signal, is_main_process, world_size
 from utils import UserError, torch_load_error
 
 # The keys every checkpoint of this template has had; a file without them is not one.
@@ -151,6 +152,25 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
         raise UserError(f"{path} is not a checkpoint of this template (it lacks {', '.join(CHECKPOINT_KEYS)})")
     return checkpoint
+
+
+class SaveTimer:
+    """--save_every_minutes: whether a last.pt is due by time. Asked at the steps where the ranks
+    compare notes anyway (every --log_interval steps, see Trainer.save_if_due); rank 0's clock
+    decides for all, so every rank saves at the same step."""
+
+    def __init__(self, minutes):
+        self.seconds = (minutes or 0) * 60
+        self.restart()
+
+    def restart(self):
+        """A last.pt was just written: the next is due `minutes` from now."""
+        self.last = time.monotonic()
+
+    def due(self):
+        if not self.seconds:
+            return False
+        return agreed_by_main(time.monotonic() - self.last >= self.seconds)
 
 
 class GracefulStop:

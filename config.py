@@ -39,7 +39,7 @@ CPU_BENCHMARK_SETTINGS = dict(batch_size=32, image_size=128)
 # session's flags and defaults, never from the saved run (so --compile or --cache can be dropped).
 SESSION_SETTINGS = {
     "device", "num_workers", "log_interval", "progress", "deterministic", "cache", "compile", "benchmark_steps",
-    "dist_timeout",
+    "dist_timeout", "save_every_minutes",
 }
 # A resumed run keeps its saved settings; a flag may change these and SESSION_SETTINGS, no others.
 RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_every_steps", "channels_last",
@@ -51,7 +51,8 @@ EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predic
 # Flags of training alone: --benchmark times steps on synthetic data and reads none of them.
 TRAINING_ONLY_FLAGS = {
     "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
-    "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "amp", "sync_bn",
+    "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "save_every_minutes", "amp",
+    "sync_bn",
     "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
     "random_crop", "vflip", "auto_augment", "random_erase",
     "mixup_alpha", "cutmix_alpha", "ema_decay", "precise_bn",
@@ -216,6 +217,11 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--evaluate", action="store_true", help="test an existing run's best.pt and print its test accuracy")
     g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N optimizer steps within an epoch (0: only at epoch ends)")
+    g.add_argument("--save_every_minutes", type=float, default=None, metavar="M",
+                   help="also write last.pt within an epoch once M minutes have passed since the last one, checked "
+                        "every --log_interval steps by rank 0's clock, so a torchrun restart loses at most about M "
+                        "minutes (default: 10 when torchrun may restart the job, --max-restarts above 0; else off; "
+                        "0: off)")
     g.add_argument("--predict", action="store_true",
                    help="label the unlabeled images (DATA_DIR/seg_pred) with the run's best.pt into NAME/predictions.csv")
     g.add_argument("--predict_dir", default=None, help="with --predict: the folder of images to label (default: DATA_DIR/seg_pred)")
@@ -334,6 +340,9 @@ def check_values(cfg):
     check_regularization(cfg)
     if cfg.save_every_steps < 0:
         raise UserError(f"--save_every_steps must not be negative, got {cfg.save_every_steps}")
+    minutes = getattr(cfg, "save_every_minutes", None)
+    if minutes is not None and not (math.isfinite(minutes) and minutes >= 0):
+        raise UserError(f"--save_every_minutes must be a number of minutes, 0 or more (0: off), got {minutes}")
     if (getattr(cfg, "precise_bn", None) or 0) < 0:
         raise UserError(f"--precise_bn must not be negative (0: off), got {cfg.precise_bn}")
     if cfg.num_workers < 0:
@@ -524,8 +533,10 @@ def check_flag_combinations(cfg, explicit):
 def resolve(cfg):
     """Fill in the settings that depend on this machine (device, AMP dtype), then check what
     needs torch (see parse_flags for the rest)."""
-    from distributed import launched_world_size
+    from distributed import launched_world_size, restarts_allowed
 
+    if cfg.save_every_minutes is None:  # a job torchrun may restart loses at most ~10 minutes
+        cfg.save_every_minutes = 10.0 if restarts_allowed() else 0.0
     if cfg.sync_bn and launched_world_size() == 1:
         raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
     cfg.device = resolve_device(cfg.device)

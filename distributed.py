@@ -4,8 +4,11 @@ rank-0 work and failures that all ranks agree on. In a single process every help
 no-op or returns what one process would, so the rest of the code reads the same either way."""
 import contextlib
 import os
+import socket
 import sys
+import time
 import traceback
+import uuid
 from datetime import timedelta
 
 import torch
@@ -85,6 +88,22 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def restart_count():
+    """How often torchrun has restarted the worker group after a failure (0: its first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def restarts_allowed():
+    """Whether torchrun restarts the group when a worker fails (`torchrun --max-restarts N`, N > 0)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+
+
+def torchrun_job_id():
+    """torchrun's id of this job (its --rdzv-id; a fresh one each --standalone start): the same
+    in every restart of the job. None without torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+
+
 def init_distributed(device, timeout_seconds):
     """Under torchrun, join the process group: NCCL between GPUs, gloo on the CPU. A collective
     that waits longer than `timeout_seconds` for a dead or stuck rank fails instead of hanging.
@@ -97,7 +116,13 @@ def init_distributed(device, timeout_seconds):
         torch.cuda.set_device(device)
         options["device_id"] = device  # binds the group to this GPU (no device guessing in barriers)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds), **options)
+    timeout = timedelta(seconds=timeout_seconds)
+    # torchrun keeps one store for all the attempts of a job: a restarted group would read the
+    # failed attempt's entries (its ranks' addresses) and wait on ranks that are gone. Each
+    # attempt joins under a prefix of its own.
+    store, process_rank, processes = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"attempt_{restart_count()}", store)
+    dist.init_process_group(backend, store=store, rank=process_rank, world_size=processes, timeout=timeout, **options)
     global _host_group
     # Small host-side agreements (stop on a signal) go over gloo, so they never wait for a GPU.
     _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
@@ -194,6 +219,15 @@ def on_all_ranks(fn, *args):
     return result
 
 
+def agreed_by_main(decision):
+    """Rank 0's `decision` (a bool) on every rank, over the host (a clock only rank 0 reads)."""
+    if world_size() == 1:
+        return decision
+    decided = torch.tensor(int(decision))
+    dist.broadcast(decided, src=0, group=_host_group)
+    return bool(decided)
+
+
 def agreed_signal(local_signal):
     """The signal number any rank has seen (0: none). torchrun hands a signal on to every rank,
     but they may see it a step apart: every rank takes the first one any of them has seen."""
@@ -202,3 +236,49 @@ def agreed_signal(local_signal):
     seen = torch.tensor(local_signal)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=_host_group)  # CPU: no wait for the GPU
     return int(seen)
+
+
+# ----------------------------------------------------------------------------- several nodes
+SHARED_FOLDER_WAIT = 3.0  # seconds a rank looks for rank 0's token (a network file system may lag)
+
+
+def token_visible(path):
+    return os.path.exists(path)
+
+
+def check_shared_folder(folder):
+    """Under torchrun on several processes: that every rank sees `folder` (the checkpoint
+    folder) as rank 0 does. Rank 0 writes a token file there; after a barrier every rank looks
+    for it; a rank that cannot see it stops the job with one line. A restart may put rank 0,
+    which writes and reads the checkpoints, on any node, so all of them need the same folder."""
+    if world_size() == 1:
+        return
+    token = from_main_process(_write_token, folder)  # (a barrier: written before anyone looks)
+    try:
+        on_all_ranks(_look_for_token, folder, token)
+    finally:
+        if is_main_process():
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, token))
+
+
+def _write_token(folder):
+    token = f".shared_check_{uuid.uuid4().hex}"  # a name no node has looked up (no cached miss)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, token), "w") as f:
+            f.write(f"written by rank 0 on {socket.gethostname()}\n")
+    except OSError as exc:
+        raise UserError(f"cannot write to the checkpoint folder {folder}: {exc.strerror or exc}") from None
+    return token
+
+
+def _look_for_token(folder, token):
+    deadline = time.monotonic() + SHARED_FOLDER_WAIT
+    while not token_visible(os.path.join(folder, token)):
+        if time.monotonic() >= deadline:
+            raise UserError(f"the checkpoint folder {folder} is not shared with rank {rank()}'s node "
+                            f"({socket.gethostname()}): it cannot see the file rank 0 wrote there. Under torchrun "
+                            "every node needs the same --checkpoint_dir (a shared file system), since a restart "
+                            "may put rank 0, which writes and reads the checkpoints, on any node")
+        time.sleep(0.2)

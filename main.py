@@ -67,6 +67,7 @@ from trainer import Trainer
 from trainer import evaluate as evaluate_model
 from distributed import (
     PeerError,
+    check_shared_folder,
     from_main_process,
     init_distributed,
     is_main_process,
@@ -74,6 +75,8 @@ from distributed import (
     on_all_ranks,
     print_error,
     rank,
+    restart_count,
+    torchrun_job_id,
     world_size,
     wrap_ddp,
 )
@@ -127,7 +130,9 @@ def start_run_dir(run_dir, fresh):
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
 
 
-def train(cfg, checkpoint=None):
+def train(cfg, checkpoint=None, restarted=False):
+    """Train cfg's run: a new one, or from `checkpoint` (its last.pt). `restarted`: torchrun
+    restarted the job after a failure (the log says so)."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     logger = setup_logging(is_main_process())
     warning = emulation_warning(cfg.device, cfg.amp_dtype if cfg.amp else None)
@@ -169,8 +174,12 @@ def train(cfg, checkpoint=None):
         trainer.restore(checkpoint)
     from_main_process(start_run_dir, run_dir, checkpoint is None)
     log_to_file(logger, os.path.join(run_dir, "train.log"))
+    restart = f"torchrun restart {restart_count()}: " if restarted else ""
     if checkpoint is not None:
-        logger.info(f"resuming {cfg.checkpoint_name}: {trainer.position()} (step {scheduler.last_epoch})")
+        logger.info(f"{restart}resuming {cfg.checkpoint_name}{' from last.pt' if restart else ''}: "
+                    f"{trainer.position()} (step {scheduler.last_epoch})")
+    elif restart:
+        logger.info(f"{restart}{cfg.checkpoint_name} failed before its first checkpoint: starting it again")
     if is_main_process():
         write_run_config(run_dir, cfg, trainer.position() if checkpoint is not None else "start")
     logger.info(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -196,6 +205,8 @@ def write_run_config(run_dir, cfg, position):
     device = {"device_name": device_name(cfg.device), **hardware_record(cfg.device, cfg.amp_dtype if cfg.amp else None)}
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": position, "world_size": world_size(),
                **device, **{name: getattr(cfg, name) for name in sorted(config.RESUMABLE_OVERRIDES)}}
+    if torchrun_job_id() is not None:  # (how a restart of the job knows the folder is its own)
+        session["torchrun_job_id"] = torchrun_job_id()
     sessions = []
     if position != "start" and os.path.exists(path):
         try:
@@ -205,6 +216,25 @@ def write_run_config(run_dir, cfg, position):
         if isinstance(saved, dict):
             sessions = saved.get("sessions") or [{"from": "start", **{n: saved[n] for n in session if n in saved}}]
     atomic_write_json(path, {**vars(cfg), **device, "sessions": [*sessions, session]})
+
+
+def restart_of_own_run(run_dir, name):
+    """After torchrun restarted the job (see run): (last.pt, True) when the run folder is this
+    job's own run, which config.json's latest session records, and it saved a last.pt;
+    (None, True) when this job's run failed before its first checkpoint; (None, False) when the
+    folder is not this job's (a new run, which refuse_to_clobber checks as usual)."""
+    try:
+        sessions = load_json(os.path.join(run_dir, "config.json")).get("sessions") or [{}]
+    except (OSError, ValueError, AttributeError):
+        return None, False
+    if sessions[-1].get("torchrun_job_id") != torchrun_job_id():
+        return None, False
+    last = os.path.join(run_dir, "last.pt")
+    if not os.path.exists(last):
+        return None, True
+    checkpoint = load_checkpoint(last)
+    own = checkpoint["config"].get("checkpoint_name") == name
+    return (checkpoint, True) if own else (None, False)
 
 
 def finished_run_note(run_dir, checkpoint, name):
@@ -418,9 +448,16 @@ def run(argv=None):
         return benchmark.run(cfg)
     if cfg.evaluate:
         return evaluate(*trained)
+    check_shared_folder(cfg.checkpoint_dir)  # (several processes: every node must see the checkpoints)
+    run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+    # torchrun restarted the job after a failure (--max-restarts): it goes on from its own last.pt,
+    # or starts again when it failed before writing one.
+    checkpoint, restarted = None, False
     if cfg.resume:
-        run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
+    elif restart_count() > 0:
+        checkpoint, restarted = from_main_process(restart_of_own_run, run_dir, cfg.checkpoint_name)
+    if checkpoint is not None:
         # Before the flags are checked against the run: a finished run has nothing to continue
         # whatever they say (--epochs 20 included), so say what to do instead.
         finished = from_main_process(finished_run_note, run_dir, checkpoint, cfg.checkpoint_name)
@@ -428,10 +465,12 @@ def run(argv=None):
             if is_main_process():
                 print(finished)
             return 0
+        cfg.resume = True  # (a restart resumes as --resume would)
         cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
-        return train(cfg, checkpoint)
-    from_main_process(refuse_to_clobber, cfg)
-    return train(cfg)
+        return train(cfg, checkpoint, restarted)
+    if not restarted:  # (this job's own folder, from before its failure, is not clobbered)
+        from_main_process(refuse_to_clobber, cfg)
+    return train(cfg, restarted=restarted)
 
 
 def main(argv=None):

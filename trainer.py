@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import Checkpoints, GracefulStop, RunState, load_checkpoint
+from checkpoint import Checkpoints, GracefulStop, RunState, SaveTimer, load_checkpoint
 from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
 from model import recompute_batchnorm_statistics
@@ -61,6 +61,7 @@ class Trainer:
         self.checkpoints = Checkpoints(model, optimizer, scheduler, self.scaler, self.ema, cfg, self.class_names)
         self.outputs = RunOutputs(cfg, run_dir, self.device, self.class_names, logger)
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
+        self.save_timer = SaveTimer(getattr(cfg, "save_every_minutes", 0))
 
     def fit(self):
         """Train the epochs left, validating and saving after each, then test."""
@@ -196,10 +197,12 @@ class Trainer:
         self.outputs.log_step(step, stats["count"], loss, self.scheduler.lr_at(step - 1), self.health, outcome)
 
     def save_if_due(self, meter, clock, due):
-        """On a signal (under torchrun agreed at `due` steps only: see GracefulStop), or every
-        --save_every_steps: last.pt with the epoch's progress so far, then stop if signalled."""
+        """On a signal (under torchrun agreed at `due` steps only: see GracefulStop), every
+        --save_every_steps, or at a `due` step --save_every_minutes after the last save: last.pt
+        with the epoch's progress so far, then stop if signalled."""
         step, every = self.scheduler.last_epoch, self.cfg.save_every_steps
-        if not (self.stop.requested(agree=due) or (every and step % every == 0)):
+        timed = due and self.save_timer.due()  # (a collective at `due` steps: asked on every rank)
+        if not (self.stop.requested(agree=due) or (every and step % every == 0) or timed):
             return
         with clock.writing():  # not in the epoch's training seconds
             self.state.epoch_state = {"meter": meter.state_dict(), "seconds": clock.elapsed(),
@@ -219,6 +222,8 @@ class Trainer:
         self.outputs.flush()  # every TensorBoard event up to this checkpoint is on disk before it
         path = os.path.join(self.run_dir, name)
         self.outputs.write(path, lambda: atomic_torch_save(self.checkpoint(name), path), f"; the previous {name} is intact")
+        if name == "last.pt":
+            self.save_timer.restart()
 
     def restore(self, checkpoint):
         """Continue from a checkpoint made by `checkpoint()`, at the batch where it was saved."""

@@ -444,6 +444,15 @@ def check_deterministic_save_every_steps_overwrite(run, shared):
     assert cfg["dist_timeout"] == 30
 
 
+def check_save_every_minutes(run, shared):
+    run.assert_ok()
+    # --save_every_minutes (a tiny M, checked every --log_interval 1 steps): last.pt after each
+    # step inside the epoch, as the clock says it is due; the default outside torchrun is off.
+    inside = [w[2] for w in run.spy.checkpoint_writes if w[:2] == ("last.pt", 0)]
+    assert inside[:2] == [1, 2], run.spy.checkpoint_writes
+    assert run.config()["save_every_minutes"] == 1e-9 and shared.base.config()["save_every_minutes"] == 0
+
+
 def check_compile(run, shared):
     run.assert_ok()
     assert len(run.spy.compiled) == 1  # the training model went through torch.compile
@@ -765,6 +774,9 @@ CASES = [
     Case("export", flags=("--export", "--calibration_images"), check=check_export, reuse="demo_export"),
     Case("ema_decay", flags=("--ema_decay",), check=check_ema_decay,
          argv=[*TRAIN, "--checkpoint_name", "ema", "--ema_decay", "0.5"]),
+    # Issue 19: the time-based mid-epoch last.pt (its torchrun default: tests/test_elastic.py).
+    Case("save_every_minutes", flags=("--save_every_minutes",), check=check_save_every_minutes,
+         argv=[*TRAIN, "--checkpoint_name", "timed", "--save_every_minutes", "1e-9", "--log_interval", "1"]),
 ]
 
 

@@ -1,0 +1,140 @@
+"""Elastic torchrun (issue 19), on the CPU with gloo: a worker killed under `--max-restarts 1`
+restarts the group, which resumes from the run's own last.pt (or starts again without one);
+two torchrun agents (two "nodes" on 127.0.0.1, c10d rendezvous) train what one agent with two
+processes trains; a checkpoint folder a rank cannot see stops the job in one line.
+
+One uninterrupted two-process run is the reference every test compares its weights with. The
+runs are tiny (ShuffleNetV2 x0.5, 32 px, 30 training images, batch 8: 4 steps an epoch, FP32,
+--deterministic); tests/elastic_probe.py plants the faults."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT, make_colour_dataset
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+PROBE = os.path.join(ROOT, "tests", "elastic_probe.py")
+MAIN = os.path.join(ROOT, "main.py")
+FLAGS = ["--image_size", "32", "--batch_size", "8", "--no_pretrained", "--num_workers", "0", "--no_progress",
+         "--device", "cpu", "--model", "shufflenet_v2_x0_5", "--epochs", "2", "--deterministic",
+         "--save_every_steps", "2", "--checkpoint_name", "elastic"]
+TIME_LIMIT = 120  # seconds a job may take here (they take ~10-25 s); a hang fails the test
+
+
+def start(launcher, script, data, checkpoints, env=None):
+    """A torchrun job in its own process group (so that a hung one can be killed whole)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    argv = [*TORCHRUN, *launcher, script, "--data_dir", data, "--checkpoint_dir", checkpoints, *FLAGS]
+    return subprocess.Popen(list(map(str, argv)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(*procs):
+    """[(exit code, stdout, stderr)] of the jobs; any still running after TIME_LIMIT is killed
+    (its whole process group: torchrun and its workers) and fails the test."""
+    deadline, results, hung = time.monotonic() + TIME_LIMIT, [], []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            hung.append(err[-3000:])
+        results.append((proc.returncode, out, err))
+    assert not hung, f"a job hung for {TIME_LIMIT} s: {hung}"
+    return results
+
+
+def standalone(script, data, checkpoints, max_restarts=0, env=None):
+    launcher = ["--standalone", "--nproc-per-node", "2", "--max-restarts", str(max_restarts)]
+    return finish(start(launcher, script, data, checkpoints, env))[0]
+
+
+def weights(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(run_dir, reference):
+    trained = weights(run_dir)
+    assert trained.keys() == reference.keys()
+    for key, value in reference.items():  # parameters and BatchNorm statistics, bit for bit
+        assert torch.equal(trained[key], value), key
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("elastic_colours"), train_per_class=12, test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run: one torchrun agent, two processes; its final weights."""
+    checkpoints = tmp_path_factory.mktemp("elastic_reference")
+    code, out, err = standalone(MAIN, data, checkpoints)
+    assert code == 0, err[-3000:]
+    yield SimpleNamespace(weights=weights(checkpoints / "elastic"), out=out)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def test_a_killed_worker_restarts_the_group_from_last_pt_with_the_same_weights(data, reference, tmp_path):
+    # Rank 1 is SIGKILLed after step 3 of epoch 1 (last.pt was written after step 2). torchrun
+    # restarts both workers; they find the job's own last.pt and go on from it.
+    started = time.monotonic()
+    code, out, err = standalone(PROBE, data, tmp_path, max_restarts=1, env={"PROBE_KILL_AFTER_STEP": "3"})
+    assert code == 0, err[-3000:]
+    assert time.monotonic() - started < 60  # the survivor left its collective at once, no --dist_timeout wait
+    log = (tmp_path / "elastic" / "train.log").read_text()
+    assert log.count("torchrun restart 1: resuming elastic from last.pt: epoch 1, after batch 2 of 4 (step 2)") == 1
+    assert out.count("torchrun restart 1:") == 1  # one line, from rank 0
+    assert_same_weights(tmp_path / "elastic", reference.weights)
+    # One run: epochs 1 and 2 once each, finished and tested.
+    assert log.count("epoch   1/2") == log.count("epoch   2/2") == 1 and "test accuracy" in log
+
+
+def test_a_worker_killed_before_any_checkpoint_starts_the_run_again(data, reference, tmp_path):
+    # Killed after step 1, before the first last.pt (step 2): the restart starts the run again in
+    # its own folder (not refused as an existing run) and trains what the reference trained.
+    code, out, err = standalone(PROBE, data, tmp_path, max_restarts=1, env={"PROBE_KILL_AFTER_STEP": "1"})
+    assert code == 0, err[-3000:]
+    log = (tmp_path / "elastic" / "train.log").read_text()
+    assert "torchrun restart 1: elastic failed before its first checkpoint: starting it again" in log
+    assert_same_weights(tmp_path / "elastic", reference.weights)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_what_one_node_with_two_processes_trains(data, reference, tmp_path):
+    # Two torchrun agents, one process each, meet at a c10d rendezvous as two machines would.
+    launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "elastic_two_nodes"]
+    nodes = [start(launcher, MAIN, data, tmp_path) for _ in range(2)]
+    results = finish(*nodes)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert "".join(out for _, out, _ in results).count("DistributedDataParallel: 2 processes (gloo)") == 1
+    assert_same_weights(tmp_path / "elastic", reference.weights)
+
+
+def test_a_checkpoint_folder_a_rank_cannot_see_is_refused_in_one_line(data, tmp_path):
+    # Rank 1 looks for rank 0's token and cannot see it, as a node without the shared folder.
+    code, out, err = standalone(PROBE, data, tmp_path, env={"PROBE_UNSHARED_RANK": "1"})
+    assert code != 0 and "exitcode  : 2" in err, err[-3000:]  # (torchrun itself exits 1)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 1: the checkpoint folder {tmp_path} is not shared with rank 1's node "
+                      f"({socket.gethostname()}): it cannot see the file rank 0 wrote there. Under torchrun every "
+                      "node needs the same --checkpoint_dir (a shared file system), since a restart may put rank 0, "
+                      "which writes and reads the checkpoints, on any node"], err[-3000:]
+    assert "[rank0]:" not in err and "[rank1]:" not in err  # no worker's traceback: both left quietly
+    assert os.listdir(tmp_path) == []  # nothing written (the token is gone again)
