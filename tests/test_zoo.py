@@ -32,9 +32,10 @@ FAMILIES = [
     ("efficientnet_b0", "classifier.1", ["--amp"]),
     ("regnet_y_400mf", "fc", ["--amp"]),
     ("squeezenet1_1", "classifier.1", ["--no_channels_last"]),  # the head is a 1x1 convolution
-    ("shufflenet_v2_x0_5", "fc", []),
+    ("shufflenet_v2_x0_5", "fc", ["--amp"]),
     ("googlenet", "fc", []),  # built without its auxiliary classifiers
-    ("convnext_tiny", "classifier.2", ["--amp"]),  # after a LayerNorm
+    # (FP32: ConvNeXt-T's 28M parameters in bfloat16 take ~40 s here where bfloat16 is emulated)
+    ("convnext_tiny", "classifier.2", []),  # after a LayerNorm
 ]
 
 
