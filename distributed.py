@@ -98,10 +98,17 @@ def restarts_allowed():
     return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
 
 
+_job_token = None  # set by init_distributed: this torchrun job's own, kept in torchrun's store
+
+
 def torchrun_job_id():
-    """torchrun's id of this job (its --rdzv-id; a fresh one each --standalone start): the same
-    in every restart of the job. None without torchrun."""
-    return os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+    """This torchrun job's id, the same in every restart of the job and no other job's: its
+    --rdzv-id (torchrun's default "none" when not given, so not enough alone) and a token the
+    job's first start leaves in torchrun's store, which lives as long as the job. None without
+    torchrun."""
+    if not launched_by_torchrun():
+        return None
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID')}:{_job_token}"
 
 
 def init_distributed(device, timeout_seconds):
@@ -121,6 +128,9 @@ def init_distributed(device, timeout_seconds):
     # failed attempt's entries (its ranks' addresses) and wait on ranks that are gone. Each
     # attempt joins under a prefix of its own.
     store, process_rank, processes = next(dist.rendezvous("env://", timeout=timeout))
+    global _job_token
+    # The first rank to ask sets it; every rank of every restart reads that one.
+    _job_token = store.compare_set("amp_pytorch_job_token", "", uuid.uuid4().hex).decode()
     store = dist.PrefixStore(f"attempt_{restart_count()}", store)
     dist.init_process_group(backend, store=store, rank=process_rank, world_size=processes, timeout=timeout, **options)
     global _host_group

@@ -115,6 +115,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_a_restart_never_takes_over_an_earlier_jobs_run_of_the_same_rdzv_id(data, tmp_path):
+    # (Found by review.) An earlier job, killed for good after its last.pt, under an --rdzv-id a
+    # later job reuses (docs/distributed.md's fixed one, or torchrun's default "none"). The later
+    # job is refused at its first start (not --resume); its restart must not take the folder
+    # for its own and resume the earlier job's run.
+    def job(script, max_restarts, env=None):
+        launcher = ["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "same"]
+        return finish(start(launcher, script, data, tmp_path, env))[0]
+
+    code, _, _ = job(PROBE, 0, env={"PROBE_KILL_AFTER_STEP": "3"})
+    assert code != 0 and (tmp_path / "elastic" / "last.pt").exists()
+    earlier = (tmp_path / "elastic" / "last.pt").read_bytes()
+    code, out, err = job(MAIN, 1)
+    assert code != 0
+    assert err.count("already holds a run (last.pt); pass --resume to continue it") == 2, err[-3000:]  # each attempt
+    assert "torchrun restart" not in out + (tmp_path / "elastic" / "train.log").read_text()
+    assert (tmp_path / "elastic" / "last.pt").read_bytes() == earlier
+
+
 def test_two_nodes_train_what_one_node_with_two_processes_trains(data, reference, tmp_path):
     # Two torchrun agents, one process each, meet at a c10d rendezvous as two machines would.
     launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
