@@ -224,10 +224,11 @@ def restart_of_own_run(run_dir, name):
     (None, True) when this job's run failed before its first checkpoint; (None, False) when the
     folder is not this job's (a new run, which refuse_to_clobber checks as usual)."""
     try:
-        sessions = load_json(os.path.join(run_dir, "config.json")).get("sessions") or [{}]
-    except (OSError, ValueError, AttributeError):
+        latest = load_json(os.path.join(run_dir, "config.json"))["sessions"][-1]
+        job_id = latest["torchrun_job_id"]
+    except (OSError, ValueError, LookupError, TypeError):  # none, or not a config.json we wrote
         return None, False
-    if sessions[-1].get("torchrun_job_id") != torchrun_job_id():
+    if job_id != torchrun_job_id():
         return None, False
     last = os.path.join(run_dir, "last.pt")
     if not os.path.exists(last):

@@ -158,3 +158,16 @@ def test_a_checkpoint_folder_a_rank_cannot_see_is_refused_in_one_line(data, tmp_
                       "which writes and reads the checkpoints, on any node"], err[-3000:]
     assert "[rank0]:" not in err and "[rank1]:" not in err  # no worker's traceback: both left quietly
     assert os.listdir(tmp_path) == []  # nothing written (the token is gone again)
+
+
+@pytest.mark.parametrize("text", ['{"sessions": "x"}', '{"sessions": {"a": 1}}', '{"sessions": []}', "[1]", "{",
+                                  '{"sessions": [{"started": "earlier, without torchrun"}]}'])
+def test_a_restart_takes_a_config_json_it_cannot_read_for_another_runs(tmp_path, monkeypatch, text):
+    # Not this job's run (refused as usual, one line), never a traceback on a restart.
+    import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    (tmp_path / "config.json").write_text(text)
+    assert main.restart_of_own_run(str(tmp_path), "elastic") == (None, False)
