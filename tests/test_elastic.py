@@ -45,8 +45,14 @@ def finish(*procs):
         try:
             out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+            # SIGTERM first: torchrun stops its workers (each in a session of its own, out of
+            # reach of the process group's SIGKILL) before it exits.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                out, err = proc.communicate(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
             hung.append(err[-3000:])
         results.append((proc.returncode, out, err))
     assert not hung, f"a job hung for {TIME_LIMIT} s: {hung}"
