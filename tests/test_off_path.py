@@ -67,11 +67,14 @@ def test_torchrun_gives_each_process_the_gpu_of_its_local_rank(two_gpus_under_to
     # init_distributed then binds the process to that GPU (set_device with an index, not "cuda").
     calls = {}
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", torch.device(d)))
+    # (torchrun's store, here one in memory: rank 1 of 2)
+    monkeypatch.setattr(distributed.dist, "rendezvous", lambda url, **kw: iter([(distributed.dist.HashStore(), 1, 2)]))
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
     monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: None)
     assert distributed.init_distributed(cfg.device, 60)
     assert calls["set_device"] == torch.device("cuda", 1) and calls["backend"] == "nccl"
     assert calls["device_id"] == torch.device("cuda", 1)
+    assert (calls["rank"], calls["world_size"]) == (1, 2)  # as torchrun's rendezvous gave them
 
 
 def test_torchrun_refuses_a_fixed_gpu_index(two_gpus_under_torchrun):
