@@ -685,7 +685,9 @@ def build_datasets(cfg, progress=False):
         raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
     train_idx, val_idx = stratified_split([full_train.targets[i] for i in pool], cfg.val_fraction, cfg.seed)
     if not val_idx:
-        raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}")
+        held_out = (f" once --test_fraction {cfg.test_fraction} held its test split out"
+                    if getattr(cfg, "test_fraction", None) else "")
+        raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}{held_out}")
     return (Subset(full_train, [pool[i] for i in train_idx]), Subset(full_train, [pool[i] for i in val_idx]), test,
             full_train.classes)
 

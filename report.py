@@ -611,8 +611,9 @@ def _error_bar_panels(acc_ax, speed_ax, comparison):
     rows = [(e["name"], e["vs_first"]["acc_diff"], e["vs_first"]["acc_diff_ci95"], e["vs_first"]["speedup"],
              e["vs_first"]["speedup_ci95"]) for e in comparison["runs"][1:]]
     if _has_seed_groups(comparison):
-        rows += [(f"group {', '.join(g['runs'])} (n={g['n']})", g["vs_first"]["acc_diff"], g["vs_first"]["acc_diff_ci95"],
-                  None, None) for g in comparison["groups"][1:]]
+        # (a group's difference is from the first group, not the first run: its label says so)
+        rows += [(f"group {', '.join(g['runs'])} (n={g['n']}) vs the first group", g["vs_first"]["acc_diff"],
+                  g["vs_first"]["acc_diff_ci95"], None, None) for g in comparison["groups"][1:]]
     labels = [row[0] for row in rows]
     positions = np.arange(len(rows))[::-1]  # the first row on top
     for ax, value_at, interval_at, reference, xlabel in (
@@ -625,8 +626,9 @@ def _error_bar_panels(acc_ax, speed_ax, comparison):
             if interval is None:
                 ax.plot([value], [y], marker="o", markerfacecolor="white", color="tab:blue")
             else:
-                ax.errorbar([value], [y], xerr=[[value - interval[0]], [interval[1] - value]], fmt="o", capsize=4,
-                            color="tab:blue")
+                # (max: an interval of no width can land a rounding error beside its value)
+                ax.errorbar([value], [y], xerr=[[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]],
+                            fmt="o", capsize=4, color="tab:blue")
         ax.axvline(reference, color="gray", linestyle="--", linewidth=1)
         ax.set_yticks(positions, labels)
         ax.set_ylim(-0.7, len(rows) - 0.3)

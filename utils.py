@@ -136,6 +136,8 @@ def torch_load_error(exc):
     retry with weights_only=False (that would let a pickle run code)."""
     text = str(exc)
     if "Weights only load failed" in text:
+        if "Unsupported operand" in text:  # not a pickle at all: a text, JSON or image file
+            return "not a PyTorch file (its bytes are not a saved checkpoint's)"
         return "it holds Python objects besides tensors, which are not loaded for safety"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"truncated or not a PyTorch file ({first})"

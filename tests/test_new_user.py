@@ -165,6 +165,12 @@ def test_test_fraction_holds_out_a_stratified_seeded_test_split(run_cli, class_f
     assert f"test accuracy {results['test_acc']:.2f}% on 15 images" in out
 
 
+def test_a_test_fraction_that_leaves_no_validation_split_says_so(run_cli, class_folders_only):
+    # (found by review: the line blamed --val_fraction alone)
+    assert_user_error(run_cli("--data_dir", class_folders_only, "--epochs", "1", *FAST, "--test_fraction", "0.99"),
+                      "too small for a validation split of 0.2 once --test_fraction 0.99 held its test split out")
+
+
 def test_the_held_out_split_is_disjoint_and_follows_the_seed(class_folders_only):
     import config
     from dataset import build_datasets

@@ -222,3 +222,16 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(run_cli, demo_
     last = torch.load(tmp_path / "checkpoints" / "baseline" / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path):
+    # (found by review: --pretrained_path RUN/results.json said it "holds Python objects")
+    json_file, pickle_file = tmp_path / "results.json", tmp_path / "objects.pt"
+    json_file.write_text('{"test_acc": 80.0}')
+    with open(pickle_file, "wb") as f:
+        pickle.dump({"model": _Exploit(str(tmp_path / "pwned"))}, f, protocol=2)
+    for path, words in ((json_file, "not a PyTorch file"), (pickle_file, "Python objects besides tensors")):
+        with pytest.raises(Exception) as caught:
+            torch.load(path, weights_only=True)
+        assert words in utils.torch_load_error(caught.value)
+    assert not (tmp_path / "pwned").exists()

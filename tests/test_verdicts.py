@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from report import compare_runs, comparison_report, load_finished_run
+from report import compare_runs, comparison_figure, comparison_report, load_finished_run
 from verdicts import group_difference
 
 Z = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -126,6 +126,9 @@ def test_seed_groups_mean_sd_and_paired_t_interval(tmp_path):
     assert "| amp_s1, amp_s2, amp_s3 | AMP bf16 | 3 | 1 2 3 | 83.33 ± 2.08 | 200 ± 10.0 | +1.33 |" in report
     assert f"{4 / 3 - half:+.2f} to {4 / 3 + half:+.2f}" in report
     assert "note: the runs differ in --seed" in report and "warning" not in report
+    # The chart's group row is labelled as what it is: a difference from the first group.
+    labels = [label.get_text() for ax in comparison_figure(fp32 + amp).axes for label in ax.get_yticklabels()]
+    assert "group amp_s1, amp_s2, amp_s3 (n=3) vs the first group" in labels
 
 
 def test_seed_groups_without_matching_seeds_get_welchs_interval():
