@@ -542,6 +542,9 @@ def looks_truncated(path):
     if not path.lower().endswith((".jpg", ".jpeg")):
         return False
     with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 2:  # (too short to end with the marker: seeking 2 bytes back would fail)
+            return True
         f.seek(-2, os.SEEK_END)
         return f.read() != b"\xff\xd9"
 

@@ -109,10 +109,11 @@ def test_predict_does_not_call_a_skipped_file_truncated(run_cli, labeled_run, tm
     photos.mkdir()
     (photos / "0.jpg").write_bytes((labeled_run / "photos" / "0.jpg").read_bytes())
     (photos / "notes.jpg").write_text("not an image")
+    (photos / "byte.jpg").write_bytes(b"x")  # too short to look for the end marker in (it was a traceback)
     code, out, err = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", photos,
                              "--predictions_file", tmp_path / "p.csv", checkpoint_dir=labeled_run / "checkpoints")
     assert code == 0, err
-    assert "notes.jpg" in err and "skipped: " in err and "look truncated" not in err
+    assert "notes.jpg" in err and "byte.jpg" in err and "skipped: " in err and "look truncated" not in err
     assert [row.split(",")[0] for row in (tmp_path / "p.csv").read_text().splitlines()] == ["file", "0.jpg"]
 
 
