@@ -284,9 +284,12 @@ def load_trained(path, cfg):
     reason: `--demo --evaluate` before `--demo`)."""
     if not os.path.exists(path):
         name = cfg.checkpoint_name
-        train_it = (f"python main.py --demo{' --amp' if name == 'demo_amp' else ''}"
-                    f"{'' if name in ('demo', 'demo_amp') else f' --checkpoint_name {name}'}") if cfg.demo \
-            else f"python main.py --checkpoint_name {name}"
+        if not cfg.demo:
+            train_it = f"python main.py --checkpoint_name {name}"
+        elif name in ("demo", "demo_amp"):  # (the names --demo gives its FP32 and AMP runs)
+            train_it = "python main.py --demo" + (" --amp" if name == "demo_amp" else "")
+        else:
+            train_it = f"python main.py --demo --checkpoint_name {name}"
         raise UserError(f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with "
                         "--checkpoint_name")
     return load_checkpoint(path)

@@ -130,8 +130,9 @@ class EpochClock:
         try:
             yield
         finally:
-            self.checkpoint_seconds += time.perf_counter() - started
-            self.written_here += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.checkpoint_seconds += seconds
+            self.written_here += seconds
 
     def elapsed(self):
         """Training seconds so far, without waiting for the GPU (for checkpoints)."""

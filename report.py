@@ -221,8 +221,9 @@ def comparison_report(runs, comparison=None):
     comparison = comparison or compare_runs(runs)
     first = runs[0]["run"]
     text = comparison_table(runs) + "\n"
-    if memory_note(runs):  # under the table, whose column it explains
-        text += f"\n{memory_note(runs)}\n"
+    note = memory_note(runs)
+    if note:  # under the table, whose column it explains
+        text += f"\n{note}\n"
     if len(runs) > 1:
         text += (f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {first}. s/epoch and "
                  "images/s are of the steady epochs: each session's first epoch (a run's first, the first after a "
