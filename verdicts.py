@@ -7,8 +7,6 @@ import math
 import statistics
 from typing import NamedTuple
 
-from scipy import stats
-
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE  # McNemar's p below this: a difference, not noise
 SAME, BETTER, WORSE = "same within noise", "better", "worse"
@@ -45,6 +43,8 @@ def mcnemar_exact_p(only_first, only_this):
     discordant = only_first + only_this
     if discordant == 0:
         return 1.0
+    from scipy import stats  # here, not at the top: importing scipy.stats adds ~0.5 s to every start of main.py
+
     return float(stats.binomtest(only_this, discordant, 0.5, alternative="two-sided").pvalue)
 
 
@@ -71,6 +71,8 @@ def newcombe_interval(both, only_first, only_this, neither):
 
 def wilson(successes, n):
     """The Wilson score interval of a proportion (scipy's)."""
+    from scipy import stats
+
     interval = stats.binomtest(successes, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
     return interval.low, interval.high
 
@@ -102,6 +104,8 @@ def group_difference(first, other):
 
 def t_interval(center, standard_error, df):
     """center +- t(0.975, df) * standard_error."""
+    from scipy import stats
+
     half = stats.t.ppf(1 - ALPHA / 2, df) * standard_error if standard_error > 0 else 0.0
     return center - half, center + half
 

@@ -36,6 +36,7 @@ def main(argv=None, run=run_main_py):
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--model", default="resnet18", help="main.py's --model, for every run")
     p.add_argument("--images", type=int, default=14000, help="training images per epoch")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per run (the first includes warm-up)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
@@ -52,7 +53,7 @@ def main(argv=None, run=run_main_py):
 
     checkpoints = os.path.join(workdir, "checkpoints")
     common = ["--device", args.device, "--batch_size", args.batch_size, "--image_size", args.image_size,
-              "--checkpoint_dir", checkpoints]
+              "--model", args.model, "--checkpoint_dir", checkpoints]
     commands = [main_py("--benchmark", *common, "--checkpoint_name", "benchmark",
                         "--benchmark_steps", args.benchmark_steps)]
     with open(os.path.join(checkpoints, "benchmark", "benchmark.json")) as f:
@@ -87,7 +88,7 @@ def main(argv=None, run=run_main_py):
 
 def make_report(args, argv, rows, runs, commands, syncs):
     device = next(iter(runs.values()))["device"]
-    lines = [f"## {device}: batch {args.batch_size}, {args.image_size} px", "",
+    lines = [f"## {device}: {args.model}, batch {args.batch_size}, {args.image_size} px", "",
              "| mode | memory format | images/s | ms/step | peak memory (MB) | speedup vs FP32 NCHW |",
              "|---|---|---|---|---|---|"]
     base = next(r for r in rows if r["mode"] == "fp32" and not r["channels_last"])

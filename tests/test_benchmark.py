@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from conftest import FAST, ROOT, assert_user_error, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, assert_user_error, read_results
 import benchmark
 import main as main_module
 from dataset import build_loaders
@@ -21,18 +21,18 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 ROW_KEYS = {"mode", "channels_last", "images_per_sec", "ms_per_step", "peak_mem_mb"}
 SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "1",
-                   "--num_workers", "0", "--checkpoint_name", "bench"]
+                   "--num_workers", "0", "--checkpoint_name", "bench", *SMALL_MODEL]
 
 
 def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
     code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", demo_data, "--optimizer", "radam")
     assert code == 0, err
     # The header says what a timed step holds: what a training step does, the meter included.
-    assert "resnet18 training steps (radam)" in out and "the loss/accuracy meter and the step-health counts" in out
+    assert "shufflenet_v2_x0_5 training steps (radam)" in out and "the loss/accuracy meter and the step-health counts" in out
     record = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
     rows = record.pop("rows")
     assert record == {"device": device_name("cpu"), "device_capability": describe("cpu").capability,
-                      "torch": torch.__version__, "fp32_math": "ieee", "model": "resnet18", "optimizer": "radam",
+                      "torch": torch.__version__, "fp32_math": "ieee", "model": "shufflenet_v2_x0_5", "optimizer": "radam",
                       "batch_size": 2, "image_size": 32, "benchmark_steps": 1}
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
         ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]  # no float16 on a CPU
@@ -105,7 +105,7 @@ def test_cache_gives_the_same_batches(demo_data):
 
 
 def test_cached_training_equals_plain_training(run_cli, demo_data, tmp_path):
-    flags = ["--data_dir", demo_data, "--epochs", "2", *FAST, "--deterministic"]
+    flags = ["--data_dir", demo_data, "--epochs", "2", *FAST, *SMALL_MODEL, "--deterministic"]
     assert run_cli(*flags, "--checkpoint_name", "plain")[0] == 0
     code, out, err = run_cli(*flags, "--checkpoint_name", "cached", "--cache")
     assert code == 0, err
@@ -136,9 +136,10 @@ def test_gpu_report_script_runs_on_the_cpu(tmp_path):
     def run_in_process(flags):  # saves the start-up of three interpreters; the subprocess is one line
         assert main_module.main(flags) == 0
 
-    report = gpu_report.main(["--device", "cpu", "--batch_size", "4", "--image_size", "32", "--images", "48",
+    report = gpu_report.main(["--device", "cpu", "--batch_size", "4", "--image_size", "32", "--images", "48", *SMALL_MODEL,
                               "--workers", "0", "--benchmark_steps", "1", "--epochs", "1",
                               "--workdir", str(tmp_path), "--out", str(tmp_path / "report.md")], run=run_in_process)
+    assert "shufflenet_v2_x0_5, batch 4, 32 px" in report  # the header names what was timed
     assert "| amp_bfloat16 | channels_last |" in report and "| amp_cache | 1 | 48 |" in report
     assert "an epoch of 48 images in at most 3 s" in report
     assert (tmp_path / "report.md").read_text().strip() == report.strip()

@@ -22,7 +22,7 @@ from torchvision.models import resnet18
 import config
 import main as main_module
 import distributed
-from conftest import FAST, ROOT, make_colour_dataset, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, make_colour_dataset, read_results
 from dataset import EpochSampler, build_loaders
 from scheduler import WarmupCosineLR
 from trainer import Trainer
@@ -169,7 +169,7 @@ def test_ddp_ranks_agree_on_stopping_once_per_log_interval_at_the_same_step(ddp_
     # image is dropped). The stop agreement (a collective) comes every --log_interval 4 steps and
     # at the epoch's last, by the global step: 4, 8, 11, and again at the epoch's end.
     flags = ["--data_dir", ddp_data, "--checkpoint_dir", tmp_path / "ck", "--checkpoint_name", "agree", *FAST,
-             "--epochs", "1", "--val_fraction", "0.25", "--batch_size", "4", "--log_interval", "4"]
+             *SMALL_MODEL, "--epochs", "1", "--val_fraction", "0.25", "--batch_size", "4", "--log_interval", "4"]
     stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
     stopped.mkdir(), resumed.mkdir()
     proc, _ = torchrun(PROBE, *flags, env={"PROBE_SIGTERM_STEP": "5", "PROBE_AGREEMENTS_DIR": str(stopped)})

@@ -740,7 +740,7 @@ CASES = [
     Case("benchmark", flags=("--benchmark", "--data", "--benchmark_steps"), check=check_benchmark,
          argv=["--benchmark", "--data", "--benchmark_steps", "1", "--device", "cpu", "--batch_size", "2",
                "--image_size", "32", "--data_dir", "{colours}", "--num_workers", "0",
-               "--checkpoint_dir", "{tmp}/checkpoints", "--checkpoint_name", "bench"]),
+               "--checkpoint_dir", "{tmp}/checkpoints", "--checkpoint_name", "bench", *SMALL_MODEL]),
     Case("evaluate", flags=("--evaluate",), check=check_evaluate,
          argv=["--evaluate", "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--data_dir", "{colours}",
                "--device", "cpu", "--num_workers", "0"]),
@@ -881,7 +881,7 @@ PAIRS = {
     ("--demo", "--evaluate"): Case("demo_evaluate", (), ["--demo", "--evaluate", *DEMO_SMALL], check_demo_evaluate),
     ("--demo", "--predict"): Case("demo_predict", (), ["--demo", "--predict", *DEMO_SMALL], check_demo_predict),
     ("--demo", "--benchmark"): Case("demo_benchmark", (), [
-        "--demo", "--benchmark", *DEMO_FOLDERS, *DEMO_SIZES, "--batch_size", "2", "--benchmark_steps", "1"],
+        "--demo", "--benchmark", *DEMO_FOLDERS, *DEMO_SIZES, "--batch_size", "2", "--benchmark_steps", "1", *SMALL_MODEL],
         check_demo_benchmark),  # (no --epochs: --benchmark trains no epochs)
     ("--demo", "--overwrite"): Case("demo_overwrite", (), [
         "--demo", "--overwrite", *DEMO_SMALL, "--checkpoint_dir", "{tmp}/checkpoints"], check_demo_overwrite,

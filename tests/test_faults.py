@@ -10,14 +10,16 @@ import time
 import pytest
 import torch
 
-from conftest import FAST, ROOT, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, read_results
 
 TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_session"}
 
 
 def cli(data, ckdir, name, *flags):
+    # The small model: what is tested is the checkpointing, and ResNet-18's 135 MB at each of a
+    # run's 12 saves made these the suite's slowest tests.
     return [sys.executable, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
-            "--checkpoint_name", name, *FAST, "--deterministic", "--epochs", "3", "--save_every_steps", "1", *flags]
+            "--checkpoint_name", name, *FAST, *SMALL_MODEL, "--deterministic", "--epochs", "3", "--save_every_steps", "1", *flags]
 
 
 def env():
@@ -106,7 +108,8 @@ def test_sigterm_and_sigint_save_then_resume_equals_uninterrupted(demo_data, tmp
 
 
 def test_second_ctrl_c_exits_at_once(demo_data, tmp_path):
-    proc = subprocess.Popen(cli(demo_data, tmp_path, "twice", "--epochs", "50"), env=env(),
+    # ResNet-18's saves: the small model's first stop (and its save) ends before the second Ctrl-C.
+    proc = subprocess.Popen(cli(demo_data, tmp_path, "twice", "--epochs", "50", "--model", "resnet18"), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while proc.poll() is None and not (tmp_path / "twice" / "last.pt").exists():
         time.sleep(0.01)

@@ -16,7 +16,7 @@ import torchvision
 
 import trainer
 import utils
-from conftest import FAST, ROOT, assert_user_error, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, assert_user_error, read_results
 from report import read_tensorboard_scalars
 from test_float16 import float16_trainer
 from step import MIX_SEED_TAG, BatchMix, WeightEMA
@@ -175,8 +175,10 @@ def probe(data, tmp_path, name, *flags, kill_after_step=None):
 def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, demo_data, tmp_path):
     # last.pt is written after step 4 (epoch 2's first); the SIGKILL after step 5 loses a step
     # that the resumed run must augment (in two workers), mix and average again exactly as the
-    # uninterrupted one did. (Every run in its own process: the same threads, the same bits.)
-    flags = ["--epochs", "2", "--deterministic", "--save_every_steps", "2", "--num_workers", "2", *RESUMED_TRICKS]
+    # uninterrupted one did. (Every run in its own process: the same threads, the same bits. The
+    # small model: three processes of ResNet-18 made this one of the suite's slowest tests.)
+    flags = ["--epochs", "2", "--deterministic", "--save_every_steps", "2", "--num_workers", "2", *RESUMED_TRICKS,
+             *SMALL_MODEL]
     assert probe(demo_data, tmp_path, "full", *flags).returncode == 0
     killed = probe(demo_data, tmp_path, "cut", *flags, kill_after_step=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -203,7 +205,7 @@ def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, 
     assert results["best_val_acc"] == max(epoch["val_acc"], epoch["val_acc_ema"])
     ema_weights = {k.removeprefix("module."): v for k, v in best["ema"].items() if k != "n_averaged"}
     assert all(torch.equal(ema_weights[k], v) for k, v in best["model"].items()) == (best["weights"] == "ema")
-    torchvision.models.resnet18(num_classes=3).load_state_dict(best["model"])  # strict
+    torchvision.models.get_model(SMALL_MODEL[1], num_classes=3).load_state_dict(best["model"])  # strict
     assert all(0 <= results[key] <= 100 for key in ("test_acc", "test_acc_ema"))
     code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "full", "--evaluate", "--device", "cpu",
                              "--num_workers", "0")

@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from conftest import FAST, assert_user_error, read_results
+from conftest import FAST, SMALL_MODEL, assert_user_error, read_results
 import benchmark
 import main as main_module
 import trainer
 
 SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "2",
-                   "--num_workers", "0"]
+                   "--num_workers", "0", *SMALL_MODEL]
 
 
 # --------------------------------------------------------------------------- item 2: no silent waits

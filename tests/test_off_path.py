@@ -24,7 +24,7 @@ import step
 import trainer
 import distributed
 import utils
-from conftest import FAST, ROOT, SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
 from dataset import build_loaders
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
@@ -366,10 +366,11 @@ def test_ctrl_c_during_start_up_is_one_line(run_cli, demo_data, monkeypatch):
 
 def test_output_into_a_closed_pipe_is_quiet(demo_data, tmp_path):
     # `| head -1` leaves after the first log line; the next ones find the pipe closed.
-    command = [sys.executable, "main.py", "--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "2"]
+    command = [sys.executable, "main.py", "--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL,
+               "--epochs", "1"]
     proc = subprocess.run(" ".join(command) + " | head -1", shell=True, cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.stdout == "model: resnet18, 11.18M parameters\n"  # the first line alone
+    assert proc.stdout == "model: shufflenet_v2_x0_5, 0.34M parameters\n"  # the first line alone
     assert proc.stderr == "", proc.stderr
     assert read_results(tmp_path / "baseline")["finished"]  # the run itself went on to the end
 
@@ -457,7 +458,7 @@ def test_imagenet_weights_without_batchnorm_counters_load(tmp_path):
 def test_a_resume_at_an_epochs_end_goes_on_at_this_sessions_step(run_cli, demo_data, tmp_path, monkeypatch):
     # Under another number of processes an epoch can take another number of steps; the LR
     # schedule must go on from epochs done x this session's steps per epoch.
-    flags = ["--data_dir", demo_data, "--epochs", "3", "--warmup_epochs", "0", *FAST]
+    flags = ["--data_dir", demo_data, "--epochs", "3", "--warmup_epochs", "0", *FAST, *SMALL_MODEL]
     assert run_cli("--checkpoint_name", "full", *flags)[0] == 0
     restore = crash_in_epoch(monkeypatch, 1)
     with pytest.raises(SimulatedCrash):
@@ -622,8 +623,8 @@ def test_flags_the_mode_does_not_read_are_refused(run_cli, flags, needle):
 def test_a_kill_between_an_epochs_last_step_and_its_last_pt_writes_no_tensorboard_point_twice(demo_data, tmp_path):
     from report import read_tensorboard_scalars
 
-    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "2", "--tensorboard",
-             "--save_every_steps", "1", "--log_interval", "1"]
+    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "2",
+             "--tensorboard", "--save_every_steps", "1", "--log_interval", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), *flags], env={
         **env, "PROBE_KILL_AT_BEST": "1"}, capture_output=True, timeout=120)

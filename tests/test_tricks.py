@@ -19,7 +19,7 @@ import config
 import main as main_module
 import step
 import utils
-from conftest import FAST, ROOT, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
+from conftest import FAST, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
 from model import build_model, residual_gammas, zero_init_residual
 from scheduler import WarmupLR, constant_lr, lr_at_step, step_decay_lr, warmup_cosine_lr
 from step import AmpUpdate, build_optimizer, training_step
@@ -101,7 +101,7 @@ def test_the_scheduler_sets_every_groups_lr_and_resumes_at_a_step():
 # --------------------------------------------------------------------------- LR schedules: real runs
 def test_step_decay_and_constant_in_real_runs(run_cli, demo_data, tmp_path):
     train(run_cli, demo_data, "step", "--epochs", "3", "--warmup_epochs", "0", "--lr_schedule", "step",
-          "--lr_milestones", "1", "2")
+          "--lr_milestones", "1", "2", *SMALL_MODEL)
     step = run_dir(tmp_path, "step")
     # results.json's LR of each epoch (its first step): the peak, then 0.1x from each milestone epoch on.
     assert [e["lr"] for e in read_results(step)["epochs"]] == pytest.approx([2e-3, 2e-4, 2e-5])
@@ -111,7 +111,8 @@ def test_step_decay_and_constant_in_real_runs(run_cli, demo_data, tmp_path):
     cfg = json.loads((step / "config.json").read_text())
     assert (cfg["lr_schedule"], cfg["lr_milestones"], cfg["lr_gamma"], cfg["min_lr"]) == ("step", [1, 2], 0.1, None)
 
-    train(run_cli, demo_data, "constant", "--epochs", "2", "--warmup_epochs", "1", "--lr_schedule", "constant")
+    train(run_cli, demo_data, "constant", "--epochs", "2", "--warmup_epochs", "1", "--lr_schedule", "constant",
+          *SMALL_MODEL)
     constant = run_dir(tmp_path, "constant")
     assert [e["lr"] for e in read_results(constant)["epochs"]] == pytest.approx([2e-3 / 3, 2e-3])
     assert load(constant / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # a cosine: 0
@@ -365,7 +366,7 @@ def drop_runs(tmp_path):
 def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tmp_path):
     script = os.path.join(ROOT, "benchmarks", "study.sh")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": "baseline smoothing"}
-    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "1"]
+    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1"]
     done = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("study_baseline", "study_smoothing")}
