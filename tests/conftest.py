@@ -35,9 +35,10 @@ FAST = ["--image_size", "32", "--batch_size", "16", "--no_pretrained", "--num_wo
         "--device", "cpu", "--learning_rate", "2e-3"]
 
 
-# For runs whose point is the AMP machinery, not the model: on the CPU a ResNet-18 training step
-# at 32 px takes ~7 s in float16 (its backward has no fast CPU kernels) and ~3 s in bfloat16
-# where bfloat16 is emulated (AVX2-only CPUs); ShuffleNetV2 x0.5's takes ~0.2 s in both.
+# For runs whose point is not the model (the AMP machinery, checkpoints and signals, resuming, the
+# benchmark's table): on the CPU a ResNet-18 training step at 32 px takes ~7 s in float16 (its
+# backward has no fast CPU kernels) and ~3 s in bfloat16 where bfloat16 is emulated (AVX2-only
+# CPUs); ShuffleNetV2 x0.5's takes ~0.2 s in both, and its checkpoints a few MB, not 135.
 SMALL_MODEL = ["--model", "shufflenet_v2_x0_5"]
 
 

@@ -884,7 +884,7 @@ PAIRS = {
         "--demo", "--benchmark", *DEMO_FOLDERS, *DEMO_SIZES, "--batch_size", "2", "--benchmark_steps", "1", *SMALL_MODEL],
         check_demo_benchmark),  # (no --epochs: --benchmark trains no epochs)
     ("--demo", "--overwrite"): Case("demo_overwrite", (), [
-        "--demo", "--overwrite", *DEMO_SMALL, "--checkpoint_dir", "{tmp}/checkpoints"], check_demo_overwrite,
+        "--demo", "--overwrite", *DEMO_SMALL, "--checkpoint_dir", "{tmp}/checkpoints", *SMALL_MODEL], check_demo_overwrite,
         setup=lambda p: write_stale_run(p, "demo")),
 }
 
