@@ -28,7 +28,8 @@ def run_main_py(flags):
     """`python main.py flags` in a fresh process (each run starts with clean CUDA memory stats)."""
     command = [sys.executable, os.path.join(ROOT, "main.py"), *flags]
     print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode:  # main.py said why on stderr: no traceback of this script's
+        sys.exit("gpu_report.py: stopped: main.py failed (its error is above)")
 
 
 def main(argv=None, run=run_main_py):
@@ -36,7 +37,8 @@ def main(argv=None, run=run_main_py):
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=256)
-    p.add_argument("--model", default="resnet18", help="main.py's --model, for every run")
+    p.add_argument("--model", default="resnet18",
+                   help="main.py's --model for the benchmark and the runs (sync_check.py times its own ResNet-18)")
     p.add_argument("--images", type=int, default=14000, help="training images per epoch")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per run (the first includes warm-up)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))

@@ -1,5 +1,6 @@
 """A run survives crashes: SIGKILL at random points (also mid-checkpoint-write), SIGINT and
 SIGTERM, each followed by --resume, end with exactly the weights of an uninterrupted run."""
+import json
 import os
 import random
 import signal
@@ -47,14 +48,26 @@ def reference(demo_data, tmp_path_factory):
     return finished_run(ckdir, "ref")
 
 
-def wait_for_temp_file(run_dir, proc, timeout=60):
-    """Block until a checkpoint write is in progress (its temporary file exists)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if run_dir.is_dir() and any(n.endswith(".tmp") for n in os.listdir(run_dir)):
-            return True
+def checkpoint_writes(run_dir):
+    """The temporary files of the checkpoint writes in progress in `run_dir`, or cut by a kill
+    (SIGKILL leaves them; the next start deletes them)."""
+    names = os.listdir(run_dir) if run_dir.is_dir() else []
+    return {n for n in names if n.startswith((".last.pt.", ".best.pt.")) and n.endswith(".tmp")}
+
+
+def wait_until_training(run_dir, proc, timeout=120):
+    """Block until `proc` has written a last.pt of its own (it is past start-up, training)."""
+    path, deadline = run_dir / "last.pt", time.monotonic() + timeout
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    while proc.poll() is None and time.monotonic() < deadline and not (path.exists() and path.stat().st_mtime_ns > before):
         time.sleep(0.001)
-    return False
+
+
+def wait_for_checkpoint_write(run_dir, proc, timeout=60):
+    """Block until a checkpoint write of `proc`'s has begun (a new temporary file)."""
+    before, deadline = checkpoint_writes(run_dir), time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not checkpoint_writes(run_dir) - before:
+        time.sleep(0.001)
 
 
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tmp_path, reference):
@@ -62,28 +75,34 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
     run_dir = tmp_path / "cut"
     kills, mid_save_kills, flags = 0, 0, []
     while True:
+        stale = checkpoint_writes(run_dir)  # cut by the last kill (this start deletes them)
         proc = subprocess.Popen(cli(demo_data, tmp_path, "cut", *flags), env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < 4:
-            if kills % 2 == 0:  # during a checkpoint write
-                mid_save = wait_for_temp_file(run_dir, proc)
-            else:  # anywhere
-                time.sleep(rng.uniform(0.5, 4.0))
-                mid_save = run_dir.is_dir() and any(n.endswith(".tmp") for n in os.listdir(run_dir))
+        # Four kills, every other one in a checkpoint write; more (up to eight) if a kill meant
+        # for a write came after it had ended (a few MB: milliseconds).
+        if kills < 4 or (mid_save_kills < 2 and kills < 8):
+            wait_until_training(run_dir, proc)
+            if kills % 2 == 0:  # in a checkpoint write
+                wait_for_checkpoint_write(run_dir, proc)
+            else:  # anywhere in the next half second of training
+                time.sleep(rng.uniform(0, 0.5))
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
                 kills += 1
-                mid_save_kills += mid_save
+                # A write that ends renames its temporary file; only a kill leaves one behind.
+                mid_save_kills += bool(checkpoint_writes(run_dir) - stale)
         stderr = proc.communicate(timeout=300)[1].decode()
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, stderr
-        # Whatever the kill interrupted, the checkpoint on disk is whole.
-        flags = ["--resume"] if (run_dir / "last.pt").exists() else ["--overwrite"]
-        if flags == ["--resume"]:
-            torch.load(run_dir / "last.pt", weights_only=True)
-    assert kills >= 3 and mid_save_kills >= 2
-    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+        # Whatever the kill interrupted, the checkpoint on disk is whole, and the run goes on from it.
+        torch.load(run_dir / "last.pt", weights_only=True)
+        flags = ["--resume"]
+    assert kills >= 4 and mid_save_kills >= 2, (kills, mid_save_kills)
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]  # the last start deleted the cut writes' files
+    sessions = json.loads((run_dir / "config.json").read_text())["sessions"]
+    assert len(sessions) == kills + 1 and sessions[0]["from"] == "start"  # one start, then only resumes
     diff = assert_same_run(reference, finished_run(tmp_path, "cut"))
     print(f"\n{kills} SIGKILLs ({mid_save_kills} during a checkpoint write), max weight difference {diff}")
 
@@ -113,7 +132,7 @@ def test_second_ctrl_c_exits_at_once(demo_data, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while proc.poll() is None and not (tmp_path / "twice" / "last.pt").exists():
         time.sleep(0.01)
-    wait_for_temp_file(tmp_path / "twice", proc)  # in the middle of a save: the slowest place to stop
+    wait_for_checkpoint_write(tmp_path / "twice", proc)  # in the middle of a save: the slowest place to stop
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
