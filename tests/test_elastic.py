@@ -153,6 +153,28 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(data, reference
     assert_same_weights(tmp_path / "elastic", reference.weights)
 
 
+def test_two_nodes_restart_together_when_only_one_counts_the_restart(data, reference, tmp_path):
+    # (Found by review.) Rank 1 dies on one node while rank 0, on the other, is busy outside any
+    # collective (a long step). Rank 1's agent counts a restart; rank 0's agent restarts its worker
+    # for the new round without counting one (a membership change): TORCHELASTIC_RESTART_COUNT is
+    # 1 on one node and 0 on the other. The restarted workers must still meet and resume.
+    launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "elastic_uncounted"]
+    faults = {"PROBE_KILL_AFTER_STEP": "3", "PROBE_SLEEP_AFTER_STEP": "3", "PROBE_FIRST_MARK": str(tmp_path / "mark"),
+              "LOGLEVEL": "INFO"}  # (torchrun's agents say why they restart)
+    checkpoints = tmp_path / "checkpoints"
+    results = finish(*[start(launcher, PROBE, data, checkpoints, faults) for _ in range(2)])
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    agents = "".join(err for _, _, err in results)
+    # One agent restarted for the failure (counted), the other for the new round (not counted).
+    assert agents.count("Worker group FAILED. 1/1 attempts left; will restart worker group") == 1, agents[-5000:]
+    assert agents.count("new nodes from group_rank=") == 1, agents[-5000:]
+    log = (checkpoints / "elastic" / "train.log").read_text()
+    assert log.count("torchrun restart 1: resuming elastic from last.pt: epoch 1, after batch 2 of 4 (step 2)") == 1
+    assert_same_weights(checkpoints / "elastic", reference.weights)
+
+
 def test_a_checkpoint_folder_a_rank_cannot_see_is_refused_in_one_line(data, tmp_path):
     # Rank 1 looks for rank 0's token and cannot see it, as a node without the shared folder.
     code, out, err = standalone(PROBE, data, tmp_path, env={"PROBE_UNSHARED_RANK": "1"})
