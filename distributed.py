@@ -3,6 +3,7 @@ joining and leaving the process group, wrapping the model, the collectives a run
 rank-0 work and failures that all ranks agree on. In a single process every helper here is a
 no-op or returns what one process would, so the rest of the code reads the same either way."""
 import contextlib
+import hashlib
 import os
 import socket
 import sys
@@ -88,17 +89,13 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def restart_count():
-    """How often torchrun has restarted the worker group after a failure (0: its first start)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-
-
 def restarts_allowed():
     """Whether torchrun restarts the group when a worker fails (`torchrun --max-restarts N`, N > 0)."""
     return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
 
 
 _job_token = None  # set by init_distributed: this torchrun job's own, kept in torchrun's store
+_attempt = 0  # set by init_distributed: see torchrun_attempt
 
 
 def torchrun_job_id():
@@ -109,6 +106,13 @@ def torchrun_job_id():
     if not launched_by_torchrun():
         return None
     return f"{os.environ.get('TORCHELASTIC_RUN_ID')}:{_job_token}"
+
+
+def torchrun_attempt():
+    """How many earlier attempts of this torchrun job (its first start and restarts) got as far
+    as joining the process group: 0 on its first start, and the same number on every rank. Not
+    TORCHELASTIC_RESTART_COUNT, which is each node's own count (see _join_attempt)."""
+    return _attempt
 
 
 def init_distributed(device, timeout_seconds):
@@ -124,19 +128,77 @@ def init_distributed(device, timeout_seconds):
         options["device_id"] = device  # binds the group to this GPU (no device guessing in barriers)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_seconds)
-    # torchrun keeps one store for all the attempts of a job: a restarted group would read the
-    # failed attempt's entries (its ranks' addresses) and wait on ranks that are gone. Each
-    # attempt joins under a prefix of its own.
-    store, process_rank, processes = next(dist.rendezvous("env://", timeout=timeout))
-    global _job_token
+    global _job_token, _attempt
+    process_rank, processes = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    job_store = agent_store(timeout)
+    if job_store is not None:
+        store, _attempt = _join_attempt(job_store, process_rank, timeout)
+    else:  # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 hosts a new store each attempt, so no
+        # restart finds its job's token or counts as one, and its run folder is refused as usual)
+        store, process_rank, processes = next(dist.rendezvous("env://", timeout=timeout))
+        job_store = store
     # The first rank to ask sets it; every rank of every restart reads that one.
-    _job_token = store.compare_set("amp_pytorch_job_token", "", uuid.uuid4().hex).decode()
-    store = dist.PrefixStore(f"attempt_{restart_count()}", store)
+    _job_token = job_store.compare_set("amp_pytorch_job_token", "", uuid.uuid4().hex).decode()
     dist.init_process_group(backend, store=store, rank=process_rank, world_size=processes, timeout=timeout, **options)
     global _host_group
     # Small host-side agreements (stop on a signal) go over gloo, so they never wait for a GPU.
     _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return True
+
+
+def _store_client(host, port, timeout):
+    """A client of the TCPStore at host:port, or None when nothing listens there (a plain socket
+    asks first: the store's own client retries until its timeout and logs every try)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout.total_seconds()).close()
+        return dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    except (OSError, RuntimeError):  # (torch's DistError is a RuntimeError)
+        return None
+
+
+def agent_store(timeout):
+    """A client of the store torchrun's agent on the first node keeps for the whole job, every
+    attempt and every node; None when torchrun shares none (not torchrun, or
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) or nothing answers there."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return _store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
+
+
+_ATTEMPT_KEY = "amp_pytorch_attempt_store"  # in the job's store: "PORT NONCE" of the latest attempt's
+
+
+def _join_attempt(job_store, process_rank, timeout):
+    """(a store of this attempt's own, hosted by rank 0, for its process group; the attempt's number).
+
+    The job's store outlives the attempts: a restarted group that joined in it would read the
+    failed attempt's entries (its ranks' addresses) and wait on ranks that are gone. A key prefix
+    per attempt needs a number every node agrees on, and TORCHELASTIC_RESTART_COUNT is not one:
+    an agent whose worker was still busy when another node's died restarts it without counting
+    (a membership change). So rank 0 counts the attempt, starts a store, and leaves its port and
+    a nonce in the job's store; the others take the port once the store there holds that nonce.
+    A port left by a failed attempt leads nowhere: torchrun stops every worker of an attempt
+    before the next one starts."""
+    host = os.environ["MASTER_ADDR"]  # (the first node's: global rank 0 runs there)
+    if process_rank == 0:
+        attempt = job_store.add("amp_pytorch_attempts", 1) - 1
+        store = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = uuid.uuid4().hex
+        store.multi_set(["nonce", "attempt"], [nonce, str(attempt)])
+        job_store.set(_ATTEMPT_KEY, f"{store.port} {nonce}")
+        return store, attempt
+    deadline, tried = time.monotonic() + timeout.total_seconds(), None
+    while time.monotonic() < deadline:
+        published = job_store.get(_ATTEMPT_KEY).decode()  # (waits for the first attempt's rank 0)
+        if published != tried:
+            tried = published
+            port, nonce = published.split()
+            store = _store_client(host, int(port), timedelta(seconds=5))
+            with contextlib.suppress(RuntimeError):  # (a store that never gets the nonce: not this attempt's)
+                if store is not None and store.get("nonce").decode() == nonce:
+                    return store, int(store.get("attempt"))
+        time.sleep(0.1)
+    raise RuntimeError(f"rank 0 did not publish this attempt's store within {timeout.total_seconds():.0f} s")
 
 
 def leave_distributed():
@@ -157,9 +219,28 @@ def wrap_ddp(model, device, sync_bn=False):
 
 
 def print_error(exc):
-    """A user error's one line on stderr; under torchrun it names the rank."""
+    """A user error's one line on stderr; under torchrun it names the rank, once a job."""
     where = f"rank {os.environ.get('RANK', '?')}: " if launched_world_size() > 1 else ""
-    print(f"{exc.prefix}{where}{exc}", file=sys.stderr, flush=True)
+    if first_report(f"{exc.prefix}{exc}"):
+        print(f"{exc.prefix}{where}{exc}", file=sys.stderr, flush=True)
+
+
+def first_report(line):
+    """Whether `line` is news in this torchrun job: False when a rank (this attempt's or an
+    earlier one's) has printed it already.
+
+    An error that repeats (a bad flag, a missing file) fails every rank of every attempt the
+    same way: 8 lines for 2 processes under --max-restarts 3, where one says it. The job's store
+    counts each line (the first to count prints); a line only some ranks hit, such as a file
+    missing on one node, is still printed by the first of them. Without torchrun's store (no
+    torchrun, or nothing answers there within seconds) every line is news."""
+    store = agent_store(timedelta(seconds=3))
+    if store is None:
+        return True
+    try:
+        return store.add(f"amp_pytorch_printed_{hashlib.sha256(line.encode()).hexdigest()}", 1) == 1
+    except RuntimeError:  # (the store went away meanwhile)
+        return True
 
 
 class PeerError(UserError):

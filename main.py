@@ -75,7 +75,7 @@ from distributed import (
     on_all_ranks,
     print_error,
     rank,
-    restart_count,
+    torchrun_attempt,
     torchrun_job_id,
     world_size,
     wrap_ddp,
@@ -174,7 +174,7 @@ def train(cfg, checkpoint=None, restarted=False):
         trainer.restore(checkpoint)
     from_main_process(start_run_dir, run_dir, checkpoint is None)
     log_to_file(logger, os.path.join(run_dir, "train.log"))
-    restart = f"torchrun restart {restart_count()}: " if restarted else ""
+    restart = f"torchrun restart {torchrun_attempt()}: " if restarted else ""
     if checkpoint is not None:
         logger.info(f"{restart}resuming {cfg.checkpoint_name}{' from last.pt' if restart else ''}: "
                     f"{trainer.position()} (step {scheduler.last_epoch})")
@@ -459,7 +459,7 @@ def run(argv=None):
     checkpoint, restarted = None, False
     if cfg.resume:
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
-    elif restart_count() > 0:
+    elif torchrun_attempt() > 0:  # (every rank's the same: see torchrun_attempt)
         checkpoint, restarted = from_main_process(restart_of_own_run, run_dir, cfg.checkpoint_name)
     if checkpoint is not None:
         # Before the flags are checked against the run: a finished run has nothing to continue
