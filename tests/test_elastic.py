@@ -98,7 +98,7 @@ def test_a_killed_worker_restarts_the_group_from_last_pt_with_the_same_weights(d
     started = time.monotonic()
     code, out, err = standalone(PROBE, data, tmp_path, max_restarts=1, env={"PROBE_KILL_AFTER_STEP": "3"})
     assert code == 0, err[-3000:]
-    assert time.monotonic() - started < 60  # the survivor left its collective at once, no --dist_timeout wait
+    assert time.monotonic() - started < 100  # the survivor left its collective at once, no --dist_timeout (600 s) wait
     log = (tmp_path / "elastic" / "train.log").read_text()
     assert log.count("torchrun restart 1: resuming elastic from last.pt: epoch 1, after batch 2 of 4 (step 2)") == 1
     assert out.count("torchrun restart 1:") == 1  # one line, from rank 0
