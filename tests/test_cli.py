@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import FAST, assert_user_error
+from conftest import FAST, SMALL_MODEL, assert_user_error
 
 
 def test_missing_data(run_cli, tmp_path):
@@ -30,7 +30,7 @@ def test_bad_flag_values(run_cli, demo_data, flags, needle):
 
 
 def test_existing_run_is_never_silently_replaced(run_cli, demo_data, tmp_path):
-    flags = ["--data_dir", demo_data, "--checkpoint_name", "keep", "--epochs", "1", *FAST]
+    flags = ["--data_dir", demo_data, "--checkpoint_name", "keep", "--epochs", "1", *FAST, *SMALL_MODEL]
     assert run_cli(*flags)[0] == 0
     best = tmp_path / "checkpoints" / "keep" / "best.pt"
     before = best.read_bytes()

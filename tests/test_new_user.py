@@ -57,7 +57,7 @@ def test_long_passes_have_progress_bars(run_cli, demo_data, monkeypatch):
 
     for module in (trainer, dataset, main_module):
         monkeypatch.setattr(module, "progress_bar", spy)
-    flags = ["--data_dir", demo_data, "--epochs", "1", *FAST, "--cache", "--checkpoint_name", "bars"]
+    flags = ["--data_dir", demo_data, "--epochs", "1", *FAST, *SMALL_MODEL, "--cache", "--checkpoint_name", "bars"]
     bars_on = [flag for flag in flags if flag != "--no_progress"]
     assert run_cli(*bars_on)[0] == 0
     assert {"checking images", "--cache: decoding", "evaluating"} <= set(named)

@@ -336,7 +336,7 @@ def test_the_save_and_resume_messages_name_the_same_place(run_cli, demo_data, tm
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "training_step", sigterm_in_second_step)
-    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST)
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST, *SMALL_MODEL)
     assert code == 128 + signal.SIGTERM
     assert "SIGTERM: saved" in err and "(epoch 1, after batch 2 of 3)" in err
     monkeypatch.setattr(trainer, "training_step", real_step)
@@ -560,7 +560,7 @@ def test_a_failed_run_with_worker_processes_exits(demo_data, tmp_path):
     # The workers ignore SIGTERM, which is how Python ends them at exit: a run that failed used to
     # print its traceback and then wait for them forever.
     probe = [sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", demo_data,
-             "--checkpoint_dir", str(tmp_path), *FAST, "--epochs", "1", "--num_workers", "2"]
+             "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1", "--num_workers", "2"]
     proc = subprocess.run(probe, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_WORKER_BUG": "1"})
     assert proc.returncode == 1

@@ -12,7 +12,7 @@ from PIL import Image
 import main as main_module
 import outputs
 import report
-from conftest import FAST, assert_user_error, read_results
+from conftest import FAST, SMALL_MODEL, assert_user_error, read_results
 from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
 from report import memory_note, setting_differences
 
@@ -41,7 +41,7 @@ def runs_dir(demo_data, tmp_path_factory):
         patch.setattr(outputs, "plot_curves", spy)
         for name, extra in (("fp32", []), ("amp", ["--amp"])):
             argv = ["--checkpoint_dir", str(root), "--data_dir", demo_data, "--checkpoint_name", name,
-                    "--epochs", str(EPOCHS), *FAST, *extra]
+                    "--epochs", str(EPOCHS), *FAST, *SMALL_MODEL, *extra]
             assert main_module.main(argv) == 0
     return root
 
@@ -86,7 +86,7 @@ def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, demo_da
         assert cell["total time"] == f"{results['total_train_seconds']:.0f} s"
         assert float(cell["images/s"]) == pytest.approx(TRAIN_IMAGES / seconds[cell["run"]], abs=0.5)
         assert cell["memory saving"] == "n/a"  # no GPU memory to compare on the CPU
-        assert [cell[c] for c in SETTING_COLUMNS] == ["resnet18", "32", "16", os.path.basename(demo_data)]
+        assert [cell[c] for c in SETTING_COLUMNS] == ["shufflenet_v2_x0_5", "32", "16", os.path.basename(demo_data)]
         assert cell["skipped steps"] == str(results["skipped_steps"]) == "0"  # bf16 and FP32: no GradScaler
     assert rows[0][COLUMNS.index("speedup")] == "1.00x"
     speedup = float(rows[1][COLUMNS.index("speedup")].rstrip("x"))

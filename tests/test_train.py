@@ -202,7 +202,7 @@ def test_checkpoint_writes_are_timed_apart_from_training(demo_data, run_cli, tmp
 
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
     monkeypatch.setattr(trainer, "atomic_torch_save", slow_save)
-    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", "--save_every_steps", "1", *FAST)
+    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", "--save_every_steps", "1", *FAST, *SMALL_MODEL)
     assert code == 0, err
     results = read_results(tmp_path / "checkpoints" / "baseline")
     mid_writes = writes.count("mid") // 2  # an epoch's writes in its training loop (one a step)
