@@ -109,9 +109,10 @@ def torchrun_job_id():
 
 
 def torchrun_attempt():
-    """How many earlier attempts of this torchrun job (its first start and restarts) got as far
-    as joining the process group: 0 on its first start, and the same number on every rank. Not
-    TORCHELASTIC_RESTART_COUNT, which is each node's own count (see _join_attempt)."""
+    """How many earlier attempts of this torchrun job (its first start and restarts) had a rank 0
+    that began to join the group: 0 on its first start, and the same number on every rank. Not
+    TORCHELASTIC_RESTART_COUNT, which is each node's own count (see _join_attempt); it can be
+    lower than torchrun's count, when an attempt's rank 0 died before it began to join."""
     return _attempt
 
 
@@ -130,8 +131,11 @@ def init_distributed(device, timeout_seconds):
     timeout = timedelta(seconds=timeout_seconds)
     global _job_token, _attempt
     process_rank, processes = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    job_store = agent_store(timeout)
-    if job_store is not None:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        job_store = agent_store(timeout)
+        if job_store is None:  # (meeting in some other store would bring back the stale entries)
+            raise RuntimeError(f"torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                               "does not answer")
         store, _attempt = _join_attempt(job_store, process_rank, timeout)
     else:  # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 hosts a new store each attempt, so no
         # restart finds its job's token or counts as one, and its run folder is refused as usual)

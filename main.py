@@ -459,6 +459,7 @@ def run(argv=None):
     checkpoint, restarted = None, False
     if cfg.resume:
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
+        restarted = torchrun_attempt() > 0  # (a job launched with --resume, e.g. on a SLURM requeue)
     elif torchrun_attempt() > 0:  # (every rank's the same: see torchrun_attempt)
         checkpoint, restarted = from_main_process(restart_of_own_run, run_dir, cfg.checkpoint_name)
     if checkpoint is not None:
