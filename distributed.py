@@ -131,7 +131,7 @@ def init_distributed(device, timeout_seconds):
     timeout = timedelta(seconds=timeout_seconds)
     global _job_token, _attempt
     process_rank, processes = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if agent_shares_store():
         job_store = agent_store(timeout)
         if job_store is None:  # (meeting in some other store would bring back the stale entries)
             raise RuntimeError(f"torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
@@ -160,11 +160,17 @@ def _store_client(host, port, timeout):
         return None
 
 
+def agent_shares_store():
+    """Whether torchrun's agent lets the workers use the store it keeps for the whole job (it
+    does unless launched with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
 def agent_store(timeout):
     """A client of the store torchrun's agent on the first node keeps for the whole job, every
     attempt and every node; None when torchrun shares none (not torchrun, or
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) or nothing answers there."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if not agent_shares_store():
         return None
     return _store_client(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
 

@@ -20,7 +20,8 @@ def cli(data, ckdir, name, *flags):
     # The small model: what is tested is the checkpointing, and ResNet-18's 135 MB at each of a
     # run's 12 saves made these the suite's slowest tests.
     return [sys.executable, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
-            "--checkpoint_name", name, *FAST, *SMALL_MODEL, "--deterministic", "--epochs", "3", "--save_every_steps", "1", *flags]
+            "--checkpoint_name", name, *FAST, *SMALL_MODEL, "--deterministic", "--epochs", "3", "--save_every_steps", "1",
+            *flags]
 
 
 def env():
@@ -130,8 +131,7 @@ def test_second_ctrl_c_exits_at_once(demo_data, tmp_path):
     # ResNet-18's saves: the small model's first stop (and its save) ends before the second Ctrl-C.
     proc = subprocess.Popen(cli(demo_data, tmp_path, "twice", "--epochs", "50", "--model", "resnet18"), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while proc.poll() is None and not (tmp_path / "twice" / "last.pt").exists():
-        time.sleep(0.01)
+    wait_until_training(tmp_path / "twice", proc)
     wait_for_checkpoint_write(tmp_path / "twice", proc)  # in the middle of a save: the slowest place to stop
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
