@@ -1,7 +1,11 @@
 """Shared fixtures: tiny generated datasets in temporary folders and a way to run the CLI."""
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -21,14 +25,48 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 # pytest-xdist hands out whole files (--dist loadfile), in collection order: the files that take
 # longest go first, so that the short ones fill in at the end instead of one long file running
 # alone. The order of their serial times on a 2-core CPU; files not named keep theirs, after these.
-SLOWEST_FILES_FIRST = ["test_elastic.py", "test_every_flag.py", "test_ddp.py", "test_off_path.py", "test_faults.py",
-                       "test_tricks.py", "test_train.py", "test_float16.py", "test_mix_ema.py", "test_benchmark.py",
-                       "test_export.py", "test_robustness.py", "test_zoo.py", "test_new_user.py"]
+SLOWEST_FILES_FIRST = ["test_every_flag.py", "test_off_path.py", "test_elastic.py", "test_tricks.py", "test_ddp.py",
+                       "test_train.py", "test_float16.py", "test_export.py", "test_robustness.py", "test_zoo.py",
+                       "test_telemetry_report.py", "test_new_user.py", "test_mix_ema.py", "test_benchmark.py",
+                       "test_faults.py", "test_report.py"]
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+# `python` for the tests that start scripts in processes of their own (`[*PYTHON, "main.py", ...]`,
+# `[*PYTHON, "-m", "torch.distributed.run", ...]`, and torchrun's script `[FORKSERVER, "main.py"]`).
+# Under the `forkserver` fixture each such process is forked from a server that has torch loaded
+# already (~5 CPU seconds saved a process); otherwise it is a plain `python`. See tests/forkserver.py.
+FORKSERVER = os.path.join(ROOT, "tests", "forkserver.py")
+PYTHON = [sys.executable, FORKSERVER]
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """A fork server for this test process's PYTHON commands, while the session lasts."""
+    import forkserver as fs
+
+    folder = tempfile.mkdtemp(prefix="amp-forkserver-")  # (a short path: a socket's is limited to 107 bytes)
+    path = os.path.join(folder, "socket")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a child sets its own
+    with open(os.path.join(folder, "server.log"), "wb") as log:
+        server = subprocess.Popen([sys.executable, FORKSERVER, "--serve", path], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not os.path.exists(path):
+        server.kill()
+        pytest.fail(f"the fork server did not start: {open(os.path.join(folder, 'server.log')).read()[-3000:]}")
+    os.environ[fs.ENV] = path
+    yield path
+    del os.environ[fs.ENV]
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+
 
 # Small and fast: 32 px images, random init, no worker processes, no progress bars.
 FAST = ["--image_size", "32", "--batch_size", "16", "--no_pretrained", "--num_workers", "0", "--no_progress",

@@ -53,7 +53,8 @@ def install_hooks():
         def signalling_step(self, *args, **kwargs):
             step(self, *args, **kwargs)
             if self.last_epoch == int(sigterm_step) and is_main_process():
-                os.kill(os.getppid(), signal.SIGTERM)  # the parent is torchrun's agent
+                # The parent is torchrun's agent (under tests/forkserver.py, the launcher's parent).
+                os.kill(int(os.environ.get("AMP_TEST_LAUNCHER_PARENT", os.getppid())), signal.SIGTERM)
 
         WarmupCosineLR.step = signalling_step
 

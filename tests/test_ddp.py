@@ -22,14 +22,15 @@ from torchvision.models import resnet18
 import config
 import main as main_module
 import distributed
-from conftest import FAST, ROOT, SMALL_MODEL, make_colour_dataset, read_results
+from conftest import FAST, FORKSERVER, PYTHON, ROOT, SMALL_MODEL, make_colour_dataset, read_results
 from dataset import EpochSampler, build_loaders
 from scheduler import WarmupCosineLR
 from trainer import Trainer
 from distributed import wrap_ddp
 from utils import UserError, setup_logging
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+pytestmark = pytest.mark.usefixtures("forkserver")  # torchrun and its workers are forked from it
+TORCHRUN = [*PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
 PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
 MAIN = os.path.join(ROOT, "main.py")
 # 45 train / 15 val / 21 test images: odd counts, so a rank's shard is padded (train) or one
@@ -41,11 +42,12 @@ TIME_LIMIT = 60  # seconds a failed two-process start may take, well past its no
 
 
 def torchrun(script, *flags, env=None, timeout=180):
-    """(completed process, seconds) of `torchrun --nproc_per_node 2 script flags`."""
+    """(completed process, seconds) of `torchrun --nproc_per_node 2 script flags` (torchrun and
+    its workers through the fork server, where the test uses it)."""
     # One thread a process: two ranks on two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     started = time.monotonic()
-    proc = subprocess.run([*TORCHRUN, script, *map(str, flags)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([*TORCHRUN, FORKSERVER, script, *map(str, flags)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return proc, time.monotonic() - started
 

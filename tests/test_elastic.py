@@ -20,9 +20,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, make_colour_dataset
+from conftest import FORKSERVER, PYTHON, ROOT, make_colour_dataset
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+pytestmark = pytest.mark.usefixtures("forkserver")  # torchrun and its workers are forked from it
+
+TORCHRUN = [*PYTHON, "-m", "torch.distributed.run"]
 PROBE = os.path.join(ROOT, "tests", "elastic_probe.py")
 MAIN = os.path.join(ROOT, "main.py")
 FLAGS = ["--image_size", "32", "--batch_size", "8", "--no_pretrained", "--num_workers", "0", "--no_progress",
@@ -34,7 +36,7 @@ TIME_LIMIT = 120  # seconds a job may take here (they take ~10-25 s); a hang fai
 def start(launcher, script, data, checkpoints, env=None):
     """A torchrun job in its own process group (so that a hung one can be killed whole)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    argv = [*TORCHRUN, *launcher, script, "--data_dir", data, "--checkpoint_dir", checkpoints, *FLAGS]
+    argv = [*TORCHRUN, *launcher, FORKSERVER, script, "--data_dir", data, "--checkpoint_dir", checkpoints, *FLAGS]
     return subprocess.Popen(list(map(str, argv)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 

@@ -5,13 +5,14 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, SMALL_MODEL, read_results
+from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
+
+pytestmark = pytest.mark.usefixtures("forkserver")  # every test here starts main.py processes
 
 TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_session"}
 
@@ -19,7 +20,7 @@ TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_sess
 def cli(data, ckdir, name, *flags):
     # The small model: what is tested is the checkpointing, and ResNet-18's 135 MB at each of a
     # run's 12 saves made these the suite's slowest tests.
-    return [sys.executable, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
+    return [*PYTHON, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
             "--checkpoint_name", name, *FAST, *SMALL_MODEL, "--deterministic", "--epochs", "3", "--save_every_steps", "1",
             *flags]
 

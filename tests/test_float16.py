@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ import config
 import step
 import trainer
 import utils
-from conftest import FAST, ROOT, SMALL_MODEL, read_results
+from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
 from dataset import build_loaders
 from report import read_tensorboard_scalars
 from scheduler import WarmupCosineLR, warmup_cosine_lr
@@ -186,7 +185,7 @@ def test_twenty_skipped_steps_in_a_row_stop_the_run_and_keep_last_pt(run_cli, de
 
 
 def cli(data, ckdir, name, *flags):
-    return [sys.executable, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
+    return [*PYTHON, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
             "--checkpoint_name", name, *FAST, *FLOAT16, "--deterministic", "--epochs", "2", "--save_every_steps", "1",
             "--batch_size", "8", "--log_interval", "1", "--tensorboard", *flags]
 
@@ -195,6 +194,7 @@ def run_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_sigkill_and_resume_in_float16_equal_the_uninterrupted_run(demo_data, tmp_path):
     subprocess.run(cli(demo_data, tmp_path, "full"), env=run_env(), check=True, capture_output=True, timeout=300)
     cut = tmp_path / "cut"

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from argparse import Namespace
 
 import pytest
@@ -16,7 +15,7 @@ import torchvision
 
 import trainer
 import utils
-from conftest import FAST, ROOT, SMALL_MODEL, assert_user_error, read_results
+from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, assert_user_error, read_results
 from report import read_tensorboard_scalars
 from test_float16 import float16_trainer
 from step import MIX_SEED_TAG, BatchMix, WeightEMA
@@ -166,12 +165,13 @@ def test_a_skipped_float16_step_does_not_poison_the_ema(demo_data, tmp_path):
 def probe(data, tmp_path, name, *flags, kill_after_step=None):
     """A run of main.py (through tests/crash_probe.py) in its own process; with `kill_after_step`
     it SIGKILLs itself right after that optimizer step."""
-    command = [sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", data, "--checkpoint_dir",
+    command = [*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", data, "--checkpoint_dir",
                str(tmp_path / "checkpoints"), "--checkpoint_name", name, *FAST, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PROBE_KILL_AFTER_STEP": str(kill_after_step)} if kill_after_step else {})}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, demo_data, tmp_path):
     # last.pt is written after step 4 (epoch 2's first); the SIGKILL after step 5 loses a step
     # that the resumed run must augment (in two workers), mix and average again exactly as the

@@ -24,7 +24,7 @@ import step
 import trainer
 import distributed
 import utils
-from conftest import FAST, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
+from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
 from dataset import build_loaders
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
@@ -364,9 +364,10 @@ def test_ctrl_c_during_start_up_is_one_line(run_cli, demo_data, monkeypatch):
     assert code == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_output_into_a_closed_pipe_is_quiet(demo_data, tmp_path):
     # `| head -1` leaves after the first log line; the next ones find the pipe closed.
-    command = [sys.executable, "main.py", "--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL,
+    command = [*PYTHON, "main.py", "--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL,
                "--epochs", "1"]
     proc = subprocess.run(" ".join(command) + " | head -1", shell=True, cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -556,10 +557,11 @@ def test_a_corrupt_png_is_an_unreadable_image_not_a_crash(tmp_path):
     assert proc.stdout.startswith("not a decodable image")
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_a_failed_run_with_worker_processes_exits(demo_data, tmp_path):
     # The workers ignore SIGTERM, which is how Python ends them at exit: a run that failed used to
     # print its traceback and then wait for them forever.
-    probe = [sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", demo_data,
+    probe = [*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", demo_data,
              "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1", "--num_workers", "2"]
     proc = subprocess.run(probe, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_WORKER_BUG": "1"})
@@ -620,17 +622,18 @@ def test_flags_the_mode_does_not_read_are_refused(run_cli, flags, needle):
     assert_user_error(run_cli(*flags, "--device", "cpu"), needle)
 
 
+@pytest.mark.usefixtures("forkserver")
 def test_a_kill_between_an_epochs_last_step_and_its_last_pt_writes_no_tensorboard_point_twice(demo_data, tmp_path):
     from report import read_tensorboard_scalars
 
     flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "2",
              "--tensorboard", "--save_every_steps", "1", "--log_interval", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "crash_probe.py"), *flags], env={
+    killed = subprocess.run([*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), *flags], env={
         **env, "PROBE_KILL_AT_BEST": "1"}, capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL
     time.sleep(1.1)  # TensorBoard orders a folder's event files by the second they were opened
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *flags, "--resume"], env=env,
+    resumed = subprocess.run([*PYTHON, os.path.join(ROOT, "main.py"), *flags, "--resume"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     scalars = read_tensorboard_scalars(tmp_path / "baseline" / "tensorboard")

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import config
 import main as main_module
 import step
 import utils
-from conftest import FAST, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
+from conftest import FAST, FORKSERVER, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
 from model import build_model, residual_gammas, zero_init_residual
 from scheduler import WarmupLR, constant_lr, lr_at_step, step_decay_lr, warmup_cosine_lr
 from step import AmpUpdate, build_optimizer, training_step
@@ -363,9 +364,15 @@ def drop_runs(tmp_path):
 
 
 # --------------------------------------------------------------------------- the study script
+@pytest.mark.usefixtures("forkserver")
 def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tmp_path):
     script = os.path.join(ROOT, "benchmarks", "study.sh")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": "baseline smoothing"}
+    # The script's `python main.py ...` through the fork server: a `python` first on its PATH.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FORKSERVER}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": "baseline smoothing", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1"]
     done = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
