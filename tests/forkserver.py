@@ -227,6 +227,9 @@ def become(request):
         default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
         signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else default)
     os.chdir(request["cwd"])
+    import multiprocessing.process  # (torch loaded it, in the server's folder)
+
+    multiprocessing.process.ORIGINAL_DIR = request["cwd"]  # spawn's children find a relative script from there
     os.environ.clear()
     os.environ.update(request["env"])
     loaded_level = request["server_loglevel"]
@@ -237,15 +240,18 @@ def become(request):
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # (read by OpenMP as torch loaded: in the server, which has none set)
         torch.set_num_threads(int(threads))
-    np.random.seed()  # a fresh process's numpy draws from the OS, not from the server's state
+    np.random.seed()  # a fresh process's numpy draws from the OS, not from the server's state;
+    torch.seed()  # so does torch's default generator (its first seed is random too)
     unbuffered = request["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
     for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
         old = getattr(sys, name)
         raw = io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
+        raw.name = f"<{name}>"  # (as Python names them: in its messages, e.g. a failed final flush)
         stream = raw if unbuffered and fd else (io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw))
         line_buffering = fd == 2 or (fd == 1 and os.isatty(1))
         new = io.TextIOWrapper(stream, encoding=old.encoding, errors=old.errors, line_buffering=line_buffering,
                                write_through=unbuffered and fd != 0)
+        new.mode = "r" if fd == 0 else "w"
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)
     args = request["args"]
@@ -254,20 +260,28 @@ def become(request):
             sys.argv = [args[1], *args[2:]]
             sys.path[:] = [request["cwd"], *SITE_PATH]
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-        else:  # as `python SCRIPT`: the script's folder first
+        else:  # as `python SCRIPT`: the script's folder first, its __file__ absolute
             sys.argv = list(args)
             sys.path[:] = [os.path.dirname(os.path.abspath(args[0])), *SITE_PATH]
-            runpy.run_path(args[0], run_name="__main__")
+            runpy.run_path(os.path.abspath(args[0]), run_name="__main__")
         code = 0
     except SystemExit as exc:
         code = exit_code(exc)
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
+    except KeyboardInterrupt as exc:
+        print_uncaught(exc)
         code = -signal.SIGINT  # Python ends an uncaught Ctrl-C by dying of SIGINT
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:
+        print_uncaught(exc)
         code = 1
     end(code)
+
+
+def print_uncaught(exc):
+    """The traceback Python prints, from the script's frame on: without this file's and runpy's."""
+    tb = exc.__traceback__
+    while tb and tb.tb_next and tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>"):
+        tb = tb.tb_next
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # (Python prints the exception's own)
 
 
 def exit_code(exc):
@@ -289,15 +303,29 @@ def end(code):
 
     threading._shutdown()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr):  # as Python's final flush: a failed one is exit code 120
         try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+            if stream is not None and not stream.closed:
+                stream.flush()
+        except Exception as exc:
+            if stream is sys.stdout:  # (said on stderr: `... | head` with output still buffered)
+                print_unraisable(exc, stream)
+            code = 120 if code >= 0 else code
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
+
+
+def print_unraisable(exc, obj):
+    """What Python prints of an exception it can only ignore."""
+    import traceback
+
+    try:
+        sys.stderr.write(f"Exception ignored in: {obj!r}\n{''.join(traceback.format_exception_only(type(exc), exc))}")
+        sys.stderr.flush()
+    except Exception:
+        pass
 
 
 def script_or_module(args):
