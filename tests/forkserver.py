@@ -81,25 +81,29 @@ def launch(args):
     try:
         sock.connect(path)
         env = {**os.environ, PARENT_ENV: str(os.getppid())}
-        request = {"args": args, "cwd": os.getcwd(), "env": env, "unbuffered": unbuffered(), "ignored": ignored}
+        request = {"args": args, "cwd": os.getcwd(), "env": env, "unbuffered": unbuffered(), "ignored": ignored,
+                   "interpreter": interpreter()}
         send_message(sock, request, fds=(0, 1, 2))
         reply = receive_message(sock)
     except (OSError, TypeError):  # no server: a process of its own, as without the launcher
         reply = None
     if not reply or "pid" not in reply:
         sock.close()
-        flags = ["-u"] if unbuffered() else []
+        import subprocess
+
+        flags = [*subprocess._args_from_interpreter_flags(), *(["-u"] if unbuffered() else [])]  # (-W, -X, -O, ...)
         for signum in set(RELAYED_SIGNALS) - set(ignored):
             signal.signal(signum, signal.SIG_DFL)
         for signum in pending:
             os.kill(os.getpid(), signum)
         os.execv(sys.executable, [sys.executable, *flags, *args])
     child = reply["pid"]
+    for signum in set(RELAYED_SIGNALS) - set(ignored):  # first: a signal from here on is relayed, not pending
+        signal.signal(signum, lambda signum, frame: relay(child, signum))
     for signum in pending:
         relay(child, signum)
-    for signum in set(RELAYED_SIGNALS) - set(ignored):
-        signal.signal(signum, lambda signum, frame: relay(child, signum))
     status = receive_message(sock)
+    sock.close()  # (left open, -X dev would warn of it on the caller's stderr)
     if status is None:  # the server died
         sys.exit(1)
     code = status["returncode"]
@@ -113,6 +117,18 @@ def launch(args):
 def unbuffered():
     """Whether this launcher was started with python -u (or PYTHONUNBUFFERED), as torchrun starts workers."""
     return bool(getattr(sys.stdout, "write_through", False))
+
+
+def interpreter():
+    """What this interpreter took from its command line and environment as it started (flags,
+    warning filters, -X options, path, encodings), and the umask: a child of the server has the
+    server's. (-u and PYTHONUNBUFFERED excepted: a child sets up its streams itself.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    python_env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") and k != "PYTHONUNBUFFERED"}
+    streams = [(s.encoding, s.errors) if s else None for s in (sys.stdin, sys.stdout, sys.stderr)]
+    return json.loads(json.dumps([list(sys.flags), sys.warnoptions, sys._xoptions, sys.path[1:], python_env,
+                                  sys.getfilesystemencoding(), streams, umask]))
 
 
 def relay(child, signum):
@@ -130,6 +146,7 @@ def serve(path):
 
     global SITE_PATH
     SITE_PATH = sys.path[1:]  # without this file's folder: a child puts its script's there
+    started_as = interpreter()  # (a child gets this, whatever its launcher's)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
     import main  # noqa: F401  (and with it torch, torchvision and the project)
@@ -163,8 +180,8 @@ def serve(path):
                     continue
                 request, fds = message
                 env = request["env"]
-                if any(env.get(name) != value for name, value in loaded.items()):
-                    send_message(connection, {"refused": "a variable read while torch loads differs"})
+                if any(env.get(name) != value for name, value in loaded.items()) or request["interpreter"] != started_as:
+                    send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
                     connection.close()
                     for fd in fds:
                         os.close(fd)
