@@ -143,6 +143,7 @@ def serve(path):
     """Accept requests on the socket `path` until SIGTERM; fork a child for each. Returns only in
     a child, with its request (its standard streams already in place)."""
     import selectors
+    import shutil
 
     global SITE_PATH
     SITE_PATH = sys.path[1:]  # without this file's folder: a child puts its script's there
@@ -169,7 +170,8 @@ def serve(path):
     signal.signal(signal.SIGTERM, stop)
     parent = os.getppid()
     while True:
-        if os.getppid() != parent:  # the test process died without its teardown: so does the server
+        if os.getppid() != parent:  # the test process died without its teardown: so does the server, and its folder
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
             stop(None, None)
         for key, _ in selector.select(timeout=0.02):
             if key.fileobj is listener:
