@@ -21,8 +21,12 @@ What differs from a fresh process, and why it does not matter to the tests:
   (tests/ddp_probe.py) reads $AMP_TEST_LAUNCHER_PARENT, the launcher's parent;
 - variables read only while torch loads are the server's: the child applies OMP_NUM_THREADS
   (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
-  launcher starts a real process) when other such variables differ from its own;
-- a warning issued while the modules imported is not issued again (importing them issues none).
+  launcher starts a real process) when other such variables differ from its own, or when the
+  launcher's interpreter started differently (flags, PYTHON* variables, path, encodings, umask);
+- a warning issued while the modules imported is not issued again (importing them issues none);
+- the children of one server share its str hash seed (set orders); numpy and torch are reseeded;
+- the child is in the server's session, not the launcher's process group: signal the launcher;
+- a SIGKILLed launcher's child is killed by the server a moment (~1-20 ms) after, not with it.
 """
 import json
 import os
