@@ -78,8 +78,10 @@ def launch(args):
     """Run `args` (SCRIPT ARGS or -m MODULE ARGS) in a child of the server; end as it ended."""
     path = os.environ.get(ENV) if script_or_module(args) else None
     ignored = [signum for signum in RELAYED_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN]  # (inherited)
+    # Every one, the inherited-ignored too (a background job's SIGINT): the child starts with those
+    # ignored, as a fresh Python would, but may install a handler (main.py does).
     pending = []  # signals that came before the child's pid: passed on once it is known
-    for signum in set(RELAYED_SIGNALS) - set(ignored):
+    for signum in RELAYED_SIGNALS:
         signal.signal(signum, lambda signum, frame: pending.append(signum))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -96,13 +98,13 @@ def launch(args):
         import subprocess
 
         flags = [*subprocess._args_from_interpreter_flags(), *(["-u"] if unbuffered() else [])]  # (-W, -X, -O, ...)
-        for signum in set(RELAYED_SIGNALS) - set(ignored):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum in RELAYED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         for signum in pending:
             os.kill(os.getpid(), signum)
         os.execv(sys.executable, [sys.executable, *flags, *args])
     child = reply["pid"]
-    for signum in set(RELAYED_SIGNALS) - set(ignored):  # first: a signal from here on is relayed, not pending
+    for signum in RELAYED_SIGNALS:  # first: a signal from here on is relayed, not pending
         signal.signal(signum, lambda signum, frame: relay(child, signum))
     for signum in pending:
         relay(child, signum)
@@ -180,14 +182,20 @@ def serve(path):
         for key, _ in selector.select(timeout=0.02):
             if key.fileobj is listener:
                 connection, _ = listener.accept()
-                message = receive_message(connection, with_fds=3)
+                try:
+                    message = receive_message(connection, with_fds=3)
+                except (OSError, ValueError):  # a launcher gone mid-request (or not a launcher): not the server's end
+                    message = None
                 if message is None:
                     connection.close()
                     continue
                 request, fds = message
-                env = request["env"]
-                if any(env.get(name) != value for name, value in loaded.items()) or request["interpreter"] != started_as:
-                    send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
+                env = request.get("env", {})
+                if any(env.get(name) != value for name, value in loaded.items()) or request.get("interpreter") != started_as:
+                    try:
+                        send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
+                    except OSError:  # (the launcher is gone)
+                        pass
                     connection.close()
                     for fd in fds:
                         os.close(fd)
