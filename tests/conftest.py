@@ -51,15 +51,19 @@ def forkserver():
     folder = tempfile.mkdtemp(prefix="amp-forkserver-")  # (a short path: a socket's is limited to 107 bytes)
     path = os.path.join(folder, "socket")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a child sets its own
+    # A session of its own: a Ctrl-C to pytest's process group reaches the children through their
+    # launchers only (once), and does not take the server down under them (the teardown stops it).
     with open(os.path.join(folder, "server.log"), "wb") as log:
         server = subprocess.Popen([sys.executable, FORKSERVER, "--serve", path], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if not os.path.exists(path):
         server.kill()
-        pytest.fail(f"the fork server did not start: {open(os.path.join(folder, 'server.log')).read()[-3000:]}")
+        log = open(os.path.join(folder, "server.log")).read()[-3000:]
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"the fork server did not start: {log}")
     os.environ[fs.ENV] = path
     yield path
     del os.environ[fs.ENV]

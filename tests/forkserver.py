@@ -21,8 +21,12 @@ What differs from a fresh process, and why it does not matter to the tests:
   (tests/ddp_probe.py) reads $AMP_TEST_LAUNCHER_PARENT, the launcher's parent;
 - variables read only while torch loads are the server's: the child applies OMP_NUM_THREADS
   (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
-  launcher starts a real process) when other such variables differ from its own;
-- a warning issued while the modules imported is not issued again (importing them issues none).
+  launcher starts a real process) when other such variables differ from its own, or when the
+  launcher's interpreter started differently (flags, PYTHON* variables, path, encodings, umask);
+- a warning issued while the modules imported is not issued again (importing them issues none);
+- the children of one server share its str hash seed (set orders); numpy and torch are reseeded;
+- the child is in the server's session, not the launcher's process group: signal the launcher;
+- a SIGKILLed launcher's child is killed by the server a moment (~1-20 ms) after, not with it.
 """
 import json
 import os
@@ -74,32 +78,38 @@ def launch(args):
     """Run `args` (SCRIPT ARGS or -m MODULE ARGS) in a child of the server; end as it ended."""
     path = os.environ.get(ENV) if script_or_module(args) else None
     ignored = [signum for signum in RELAYED_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN]  # (inherited)
+    # Every one, the inherited-ignored too (a background job's SIGINT): the child starts with those
+    # ignored, as a fresh Python would, but may install a handler (main.py does).
     pending = []  # signals that came before the child's pid: passed on once it is known
-    for signum in set(RELAYED_SIGNALS) - set(ignored):
+    for signum in RELAYED_SIGNALS:
         signal.signal(signum, lambda signum, frame: pending.append(signum))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
         env = {**os.environ, PARENT_ENV: str(os.getppid())}
-        request = {"args": args, "cwd": os.getcwd(), "env": env, "unbuffered": unbuffered(), "ignored": ignored}
+        request = {"args": args, "cwd": os.getcwd(), "env": env, "unbuffered": unbuffered(), "ignored": ignored,
+                   "interpreter": interpreter()}
         send_message(sock, request, fds=(0, 1, 2))
         reply = receive_message(sock)
     except (OSError, TypeError):  # no server: a process of its own, as without the launcher
         reply = None
     if not reply or "pid" not in reply:
         sock.close()
-        flags = ["-u"] if unbuffered() else []
-        for signum in set(RELAYED_SIGNALS) - set(ignored):
-            signal.signal(signum, signal.SIG_DFL)
+        import subprocess
+
+        flags = [*subprocess._args_from_interpreter_flags(), *(["-u"] if unbuffered() else [])]  # (-W, -X, -O, ...)
+        for signum in RELAYED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         for signum in pending:
             os.kill(os.getpid(), signum)
         os.execv(sys.executable, [sys.executable, *flags, *args])
     child = reply["pid"]
+    for signum in RELAYED_SIGNALS:  # first: a signal from here on is relayed, not pending
+        signal.signal(signum, lambda signum, frame: relay(child, signum))
     for signum in pending:
         relay(child, signum)
-    for signum in set(RELAYED_SIGNALS) - set(ignored):
-        signal.signal(signum, lambda signum, frame: relay(child, signum))
     status = receive_message(sock)
+    sock.close()  # (left open, -X dev would warn of it on the caller's stderr)
     if status is None:  # the server died
         sys.exit(1)
     code = status["returncode"]
@@ -115,6 +125,18 @@ def unbuffered():
     return bool(getattr(sys.stdout, "write_through", False))
 
 
+def interpreter():
+    """What this interpreter took from its command line and environment as it started (flags,
+    warning filters, -X options, path, encodings), and the umask: a child of the server has the
+    server's. (-u and PYTHONUNBUFFERED excepted: a child sets up its streams itself.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    python_env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") and k != "PYTHONUNBUFFERED"}
+    streams = [(s.encoding, s.errors) if s else None for s in (sys.stdin, sys.stdout, sys.stderr)]
+    return json.loads(json.dumps([list(sys.flags), sys.warnoptions, sys._xoptions, sys.path[1:], python_env,
+                                  sys.getfilesystemencoding(), streams, umask]))
+
+
 def relay(child, signum):
     try:
         os.kill(child, signum)
@@ -127,9 +149,11 @@ def serve(path):
     """Accept requests on the socket `path` until SIGTERM; fork a child for each. Returns only in
     a child, with its request (its standard streams already in place)."""
     import selectors
+    import shutil
 
     global SITE_PATH
     SITE_PATH = sys.path[1:]  # without this file's folder: a child puts its script's there
+    started_as = interpreter()  # (a child gets this, whatever its launcher's)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
     import main  # noqa: F401  (and with it torch, torchvision and the project)
@@ -152,19 +176,26 @@ def serve(path):
     signal.signal(signal.SIGTERM, stop)
     parent = os.getppid()
     while True:
-        if os.getppid() != parent:  # the test process died without its teardown: so does the server
+        if os.getppid() != parent:  # the test process died without its teardown: so does the server, and its folder
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
             stop(None, None)
         for key, _ in selector.select(timeout=0.02):
             if key.fileobj is listener:
                 connection, _ = listener.accept()
-                message = receive_message(connection, with_fds=3)
+                try:
+                    message = receive_message(connection, with_fds=3)
+                except (OSError, ValueError):  # a launcher gone mid-request (or not a launcher): not the server's end
+                    message = None
                 if message is None:
                     connection.close()
                     continue
                 request, fds = message
-                env = request["env"]
-                if any(env.get(name) != value for name, value in loaded.items()):
-                    send_message(connection, {"refused": "a variable read while torch loads differs"})
+                env = request.get("env", {})
+                if any(env.get(name) != value for name, value in loaded.items()) or request.get("interpreter") != started_as:
+                    try:
+                        send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
+                    except OSError:  # (the launcher is gone)
+                        pass
                     connection.close()
                     for fd in fds:
                         os.close(fd)
@@ -227,6 +258,9 @@ def become(request):
         default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
         signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else default)
     os.chdir(request["cwd"])
+    import multiprocessing.process  # (torch loaded it, in the server's folder)
+
+    multiprocessing.process.ORIGINAL_DIR = request["cwd"]  # spawn's children find a relative script from there
     os.environ.clear()
     os.environ.update(request["env"])
     loaded_level = request["server_loglevel"]
@@ -237,15 +271,18 @@ def become(request):
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # (read by OpenMP as torch loaded: in the server, which has none set)
         torch.set_num_threads(int(threads))
-    np.random.seed()  # a fresh process's numpy draws from the OS, not from the server's state
+    np.random.seed()  # a fresh process's numpy draws from the OS, not from the server's state;
+    torch.seed()  # so does torch's default generator (its first seed is random too)
     unbuffered = request["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
     for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
         old = getattr(sys, name)
         raw = io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
+        raw.name = f"<{name}>"  # (as Python names them: in its messages, e.g. a failed final flush)
         stream = raw if unbuffered and fd else (io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw))
         line_buffering = fd == 2 or (fd == 1 and os.isatty(1))
         new = io.TextIOWrapper(stream, encoding=old.encoding, errors=old.errors, line_buffering=line_buffering,
                                write_through=unbuffered and fd != 0)
+        new.mode = "r" if fd == 0 else "w"
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)
     args = request["args"]
@@ -254,20 +291,28 @@ def become(request):
             sys.argv = [args[1], *args[2:]]
             sys.path[:] = [request["cwd"], *SITE_PATH]
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-        else:  # as `python SCRIPT`: the script's folder first
+        else:  # as `python SCRIPT`: the script's folder first, its __file__ absolute
             sys.argv = list(args)
             sys.path[:] = [os.path.dirname(os.path.abspath(args[0])), *SITE_PATH]
-            runpy.run_path(args[0], run_name="__main__")
+            runpy.run_path(os.path.abspath(args[0]), run_name="__main__")
         code = 0
     except SystemExit as exc:
         code = exit_code(exc)
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
+    except KeyboardInterrupt as exc:
+        print_uncaught(exc)
         code = -signal.SIGINT  # Python ends an uncaught Ctrl-C by dying of SIGINT
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:
+        print_uncaught(exc)
         code = 1
     end(code)
+
+
+def print_uncaught(exc):
+    """The traceback Python prints, from the script's frame on: without this file's and runpy's."""
+    tb = exc.__traceback__
+    while tb and tb.tb_next and tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>"):
+        tb = tb.tb_next
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # (Python prints the exception's own)
 
 
 def exit_code(exc):
@@ -289,15 +334,29 @@ def end(code):
 
     threading._shutdown()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr):  # as Python's final flush: a failed one is exit code 120
         try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+            if stream is not None and not stream.closed:
+                stream.flush()
+        except Exception as exc:
+            if stream is sys.stdout:  # (said on stderr: `... | head` with output still buffered)
+                print_unraisable(exc, stream)
+            code = 120 if code >= 0 else code
     if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
+
+
+def print_unraisable(exc, obj):
+    """What Python prints of an exception it can only ignore."""
+    import traceback
+
+    try:
+        sys.stderr.write(f"Exception ignored in: {obj!r}\n{''.join(traceback.format_exception_only(type(exc), exc))}")
+        sys.stderr.flush()
+    except Exception:
+        pass
 
 
 def script_or_module(args):
