@@ -73,9 +73,11 @@ def receive_message(sock, with_fds=0):
 def launch(args):
     """Run `args` (SCRIPT ARGS or -m MODULE ARGS) in a child of the server; end as it ended."""
     path = os.environ.get(ENV) if script_or_module(args) else None
-    ignored = [signum for signum in RELAYED_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN]  # (inherited)
+    # Inherited ignored (as in `cmd &` from a script): the child starts with them ignored, as a fresh
+    # Python would, but they are still passed on: the program may handle them (main.py does SIGINT).
+    ignored = [signum for signum in RELAYED_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN]
     pending = []  # signals that came before the child's pid: passed on once it is known
-    for signum in set(RELAYED_SIGNALS) - set(ignored):
+    for signum in RELAYED_SIGNALS:
         signal.signal(signum, lambda signum, frame: pending.append(signum))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -89,15 +91,15 @@ def launch(args):
     if not reply or "pid" not in reply:
         sock.close()
         flags = ["-u"] if unbuffered() else []
-        for signum in set(RELAYED_SIGNALS) - set(ignored):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum in RELAYED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         for signum in pending:
             os.kill(os.getpid(), signum)
         os.execv(sys.executable, [sys.executable, *flags, *args])
     child = reply["pid"]
     for signum in pending:
         relay(child, signum)
-    for signum in set(RELAYED_SIGNALS) - set(ignored):
+    for signum in RELAYED_SIGNALS:
         signal.signal(signum, lambda signum, frame: relay(child, signum))
     status = receive_message(sock)
     if status is None:  # the server died
