@@ -48,7 +48,10 @@ def forkserver():
     """A fork server for this test process's PYTHON commands, while the session lasts."""
     import forkserver as fs
 
-    folder = tempfile.mkdtemp(prefix="amp-forkserver-")  # (a short path: a socket's is limited to 107 bytes)
+    folder = tempfile.mkdtemp(prefix="amp-forkserver-")
+    if len(os.path.join(folder, "socket.new").encode()) > 107:  # a socket's path is limited to 107 bytes: a long $TMPDIR
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix="amp-forkserver-", dir="/tmp")
     path = os.path.join(folder, "socket")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a child sets its own
     with open(os.path.join(folder, "server.log"), "wb") as log:
@@ -59,7 +62,10 @@ def forkserver():
         time.sleep(0.05)
     if not os.path.exists(path):
         server.kill()
-        pytest.fail(f"the fork server did not start: {open(os.path.join(folder, 'server.log')).read()[-3000:]}")
+        server.wait()
+        log = open(os.path.join(folder, "server.log")).read()[-3000:]
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"the fork server did not start: {log}")
     os.environ[fs.ENV] = path
     yield path
     del os.environ[fs.ENV]
