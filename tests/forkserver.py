@@ -35,7 +35,9 @@ ENV = "AMP_TEST_FORKSERVER"  # the server's socket
 SITE_PATH = []  # the server's sys.path without its script's folder
 PARENT_ENV = "AMP_TEST_LAUNCHER_PARENT"
 # Read once, while torch loads (or at its first kernel): a caller that sets them needs a real process.
-LOAD_TIME_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS", "KMP_AFFINITY")
+# (The debugging ones too: TORCH_DISTRIBUTED_DEBUG=DETAIL set for one torchrun would be silently dropped.)
+LOAD_TIME_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS", "KMP_AFFINITY",
+                       "TORCH_DISTRIBUTED_DEBUG", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL")
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
