@@ -45,9 +45,13 @@ PYTHON = [sys.executable, FORKSERVER]
 
 @pytest.fixture(scope="session")
 def forkserver():
-    """A fork server for this test process's PYTHON commands, while the session lasts."""
+    """A fork server for this test process's PYTHON commands, while the session lasts.
+    AMP_TEST_FORKSERVER=off: none, each command a plain `python` (to rule the server out)."""
     import forkserver as fs
 
+    if os.environ.get(fs.ENV) == "off":
+        yield None
+        return
     folder = tempfile.mkdtemp(prefix="amp-forkserver-")
     if len(os.path.join(folder, "socket.new").encode()) > 107:  # a socket's path is limited to 107 bytes: a long $TMPDIR
         os.rmdir(folder)

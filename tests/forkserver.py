@@ -14,7 +14,10 @@ That command is the launcher: a light process (no torch) that stands for the chi
 to it (SIGINT, SIGTERM, ...) are passed on to the child; when the child ends, the launcher ends
 the same way (its exit code, or killed by the same signal); when the launcher is SIGKILLed, the
 server SIGKILLs the child at once. Without a server (no $AMP_TEST_FORKSERVER, or none answers)
-the launcher simply becomes `python SCRIPT ARGS`.
+the launcher simply becomes `python SCRIPT ARGS`; `AMP_TEST_FORKSERVER=off python -m pytest ...`
+runs the tests so, with no server at all (slower: to tell whether a failure is the server's).
+In `ps` a child has the server's command line (`forkserver.py --serve SOCKET`) and the server as
+its parent; the test's own process is the launcher (`forkserver.py SCRIPT ARGS`).
 
 What differs from a fresh process, and why it does not matter to the tests:
 - the child's parent is the server, not the launcher: a test probe that signals its parent
@@ -74,7 +77,7 @@ def receive_message(sock, with_fds=0):
 # --------------------------------------------------------------------------- the launcher
 def launch(args):
     """Run `args` (SCRIPT ARGS or -m MODULE ARGS) in a child of the server; end as it ended."""
-    path = os.environ.get(ENV) if script_or_module(args) else None
+    path = os.environ.get(ENV) if script_or_module(args) and os.environ.get(ENV) != "off" else None
     # Inherited ignored (as in `cmd &` from a script): the child starts with them ignored, as a fresh
     # Python would, but they are still passed on: the program may handle them (main.py does SIGINT).
     ignored = [signum for signum in RELAYED_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN]
@@ -97,6 +100,7 @@ def launch(args):
             signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         for signum in pending:
             os.kill(os.getpid(), signum)
+        os.environ.pop(PARENT_ENV, None)  # (one inherited from a forked torchrun agent names the agent's parent)
         os.execv(sys.executable, [sys.executable, *flags, *args])
     child = reply["pid"]
     for signum in pending:
