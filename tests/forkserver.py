@@ -25,7 +25,9 @@ What differs from a fresh process, and why it does not matter to the tests:
 - variables read only while torch loads are the server's: the child applies OMP_NUM_THREADS
   (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
   launcher starts a real process) when other such variables differ from its own;
-- a warning issued while the modules imported is not issued again (importing them issues none).
+- a warning issued while the modules imported is not issued again (importing them issues none);
+- every child has the server's hash seed (a fresh process draws its own): an order that hangs on
+  a set of strings is the same in every child, not different run to run.
 """
 import json
 import os
@@ -37,10 +39,12 @@ import sys
 ENV = "AMP_TEST_FORKSERVER"  # the server's socket
 SITE_PATH = []  # the server's sys.path without its script's folder
 PARENT_ENV = "AMP_TEST_LAUNCHER_PARENT"
-# Read once, while torch loads (or at its first kernel): a caller that sets them needs a real process.
-# (The debugging ones too: TORCH_DISTRIBUTED_DEBUG=DETAIL set for one torchrun would be silently dropped.)
+# Read once, as Python starts or torch loads (or at its first kernel): a caller that sets them other
+# than the server has them needs a real process. (The debugging ones too: PYTHONFAULTHANDLER=1 or
+# TORCH_DISTRIBUTED_DEBUG=DETAIL set for one child would be silently dropped.)
 LOAD_TIME_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS", "KMP_AFFINITY",
-                       "TORCH_DISTRIBUTED_DEBUG", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL")
+                       "TORCH_DISTRIBUTED_DEBUG", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL",
+                       "PYTHONPATH", "PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONFAULTHANDLER", "PYTHONDEVMODE")
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -108,6 +112,7 @@ def launch(args):
     for signum in RELAYED_SIGNALS:
         signal.signal(signum, lambda signum, frame: relay(child, signum))
     status = receive_message(sock)
+    sock.close()  # (else Python's ResourceWarning at exit, shown under PYTHONWARNINGS=default, joins the child's stderr)
     if status is None:  # the server died
         sys.exit(1)
     code = status["returncode"]
