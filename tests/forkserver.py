@@ -22,7 +22,7 @@ its parent; the test's own process is the launcher (`forkserver.py SCRIPT ARGS`)
 What differs from a fresh process, and why it does not matter to the tests:
 - the child's parent is the server, not the launcher: a test probe that signals its parent
   (tests/ddp_probe.py) reads $AMP_TEST_LAUNCHER_PARENT, the launcher's parent;
-- variables read only while torch loads are the server's: the child applies OMP_NUM_THREADS
+- variables read only as Python starts or torch loads are the server's: the child applies OMP_NUM_THREADS
   (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
   launcher starts a real process) when other such variables differ from its own;
 - a warning issued while the modules imported is not issued again (importing them issues none);
