@@ -45,10 +45,17 @@ PYTHON = [sys.executable, FORKSERVER]
 
 @pytest.fixture(scope="session")
 def forkserver():
-    """A fork server for this test process's PYTHON commands, while the session lasts."""
+    """A fork server for this test process's PYTHON commands, while the session lasts.
+    AMP_TEST_FORKSERVER=off: none, each command a plain `python` (to rule the server out)."""
     import forkserver as fs
 
-    folder = tempfile.mkdtemp(prefix="amp-forkserver-")  # (a short path: a socket's is limited to 107 bytes)
+    if os.environ.get(fs.ENV) == "off":
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="amp-forkserver-")
+    if len(os.path.join(folder, "socket.new").encode()) > 107:  # (a socket's path's limit: a long $TMPDIR)
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix="amp-forkserver-", dir="/tmp")
     path = os.path.join(folder, "socket")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a child sets its own
     # A session of its own: a Ctrl-C to pytest's process group reaches the children through their
@@ -61,6 +68,7 @@ def forkserver():
         time.sleep(0.05)
     if not os.path.exists(path):
         server.kill()
+        server.wait()
         log = open(os.path.join(folder, "server.log")).read()[-3000:]
         shutil.rmtree(folder, ignore_errors=True)
         pytest.fail(f"the fork server did not start: {log}")

@@ -14,13 +14,16 @@ That command is the launcher: a light process (no torch) that stands for the chi
 to it (SIGINT, SIGTERM, ...) are passed on to the child; when the child ends, the launcher ends
 the same way (its exit code, or killed by the same signal); when the launcher is SIGKILLed, the
 server SIGKILLs the child at once. Without a server (no $AMP_TEST_FORKSERVER, or none answers)
-the launcher simply becomes `python SCRIPT ARGS`.
+the launcher simply becomes `python SCRIPT ARGS`; `AMP_TEST_FORKSERVER=off python -m pytest ...`
+runs the tests so, with no server at all (slower: to tell whether a failure is the server's).
+In `ps` a child has the server's command line (`forkserver.py --serve SOCKET`) and the server as
+its parent; the test's own process is the launcher (`forkserver.py SCRIPT ARGS`).
 
 What differs from a fresh process, and why it does not matter to the tests:
 - the child's parent is the server, not the launcher: a test probe that signals its parent
   (tests/ddp_probe.py) reads $AMP_TEST_LAUNCHER_PARENT, the launcher's parent;
-- variables read only while torch loads are the server's: the child applies OMP_NUM_THREADS
-  (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
+- variables read only as Python starts or torch loads are the server's: the child applies
+  OMP_NUM_THREADS (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
   launcher starts a real process) when other such variables differ from its own, or when the
   launcher's interpreter started differently (flags, PYTHON* variables, path, encodings, umask);
 - a warning issued while the modules imported is not issued again (importing them issues none);
@@ -38,8 +41,11 @@ import sys
 ENV = "AMP_TEST_FORKSERVER"  # the server's socket
 SITE_PATH = []  # the server's sys.path without its script's folder
 PARENT_ENV = "AMP_TEST_LAUNCHER_PARENT"
-# Read once, while torch loads (or at its first kernel): a caller that sets them needs a real process.
-LOAD_TIME_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS", "KMP_AFFINITY")
+# Read once, as torch loads (or at its first kernel): a caller that sets them other than the server
+# has them needs a real process. (The debugging ones too: TORCH_DISTRIBUTED_DEBUG=DETAIL set for one
+# child would be silently dropped. PYTHON* variables: see interpreter().)
+LOAD_TIME_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS", "KMP_AFFINITY",
+                       "TORCH_DISTRIBUTED_DEBUG", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL")
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -76,10 +82,10 @@ def receive_message(sock, with_fds=0):
 # --------------------------------------------------------------------------- the launcher
 def launch(args):
     """Run `args` (SCRIPT ARGS or -m MODULE ARGS) in a child of the server; end as it ended."""
-    path = os.environ.get(ENV) if script_or_module(args) else None
+    path = os.environ.get(ENV) if script_or_module(args) and os.environ.get(ENV) != "off" else None
     ignored = [signum for signum in RELAYED_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN]  # (inherited)
-    # Every one, the inherited-ignored too (a background job's SIGINT): the child starts with those
-    # ignored, as a fresh Python would, but may install a handler (main.py does).
+    # Every one, the inherited-ignored too (as in `cmd &` from a script): the child starts with those
+    # ignored, as a fresh Python would, but may install a handler (main.py does, for SIGINT).
     pending = []  # signals that came before the child's pid: passed on once it is known
     for signum in RELAYED_SIGNALS:
         signal.signal(signum, lambda signum, frame: pending.append(signum))
@@ -102,6 +108,7 @@ def launch(args):
             signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
         for signum in pending:
             os.kill(os.getpid(), signum)
+        os.environ.pop(PARENT_ENV, None)  # (one inherited from a forked torchrun agent names the agent's parent)
         os.execv(sys.executable, [sys.executable, *flags, *args])
     child = reply["pid"]
     for signum in RELAYED_SIGNALS:  # first: a signal from here on is relayed, not pending
@@ -109,7 +116,7 @@ def launch(args):
     for signum in pending:
         relay(child, signum)
     status = receive_message(sock)
-    sock.close()  # (left open, -X dev would warn of it on the caller's stderr)
+    sock.close()  # (else a ResourceWarning at exit, shown under PYTHONWARNINGS=default, joins the child's stderr)
     if status is None:  # the server died
         sys.exit(1)
     code = status["returncode"]
@@ -191,7 +198,8 @@ def serve(path):
                     continue
                 request, fds = message
                 env = request.get("env", {})
-                if any(env.get(name) != value for name, value in loaded.items()) or request.get("interpreter") != started_as:
+                differs = any(env.get(name) != value for name, value in loaded.items())
+                if differs or request.get("interpreter") != started_as:
                     try:
                         send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
                     except OSError:  # (the launcher is gone)
@@ -263,10 +271,10 @@ def become(request):
     multiprocessing.process.ORIGINAL_DIR = request["cwd"]  # spawn's children find a relative script from there
     os.environ.clear()
     os.environ.update(request["env"])
-    loaded_level = request["server_loglevel"]
-    if os.environ.get("LOGLEVEL", "WARNING") != loaded_level:  # torchrun's loggers took the server's
+    loaded_level = logging.getLevelName(request["server_loglevel"])
+    if os.environ.get("LOGLEVEL", "WARNING") != request["server_loglevel"]:  # torchrun's loggers took the server's
         for name, logger in logging.Logger.manager.loggerDict.items():
-            if name.startswith("torch.distributed") and getattr(logger, "level", None) == logging.getLevelName(loaded_level):
+            if name.startswith("torch.distributed") and getattr(logger, "level", None) == loaded_level:
                 logger.setLevel(os.environ.get("LOGLEVEL", "WARNING"))
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:  # (read by OpenMP as torch loaded: in the server, which has none set)

@@ -50,11 +50,11 @@ def reference(demo_data, tmp_path_factory):
     return finished_run(ckdir, "ref")
 
 
-def checkpoint_writes(run_dir):
-    """The temporary files of the checkpoint writes in progress in `run_dir`, or cut by a kill
-    (SIGKILL leaves them; the next start deletes them)."""
+def checkpoint_writes(run_dir, files=("last.pt", "best.pt")):
+    """The temporary files of the checkpoint writes (of `files`) in progress in `run_dir`, or cut
+    by a kill (SIGKILL leaves them; the next start deletes them)."""
     names = os.listdir(run_dir) if run_dir.is_dir() else []
-    return {n for n in names if n.startswith((".last.pt.", ".best.pt.")) and n.endswith(".tmp")}
+    return {n for n in names if n.startswith(tuple(f".{f}." for f in files)) and n.endswith(".tmp")}
 
 
 def wait_until_training(run_dir, proc, timeout=120):
@@ -65,10 +65,10 @@ def wait_until_training(run_dir, proc, timeout=120):
         time.sleep(0.001)
 
 
-def wait_for_checkpoint_write(run_dir, proc, timeout=60):
-    """Block until a checkpoint write of `proc`'s has begun (a new temporary file)."""
-    before, deadline = checkpoint_writes(run_dir), time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline and not checkpoint_writes(run_dir) - before:
+def wait_for_checkpoint_write(run_dir, proc, files=("last.pt", "best.pt"), timeout=60):
+    """Block until a checkpoint write (of `files`) of `proc`'s has begun (a new temporary file)."""
+    before, deadline = checkpoint_writes(run_dir, files), time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not checkpoint_writes(run_dir, files) - before:
         time.sleep(0.001)
 
 
@@ -80,12 +80,13 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
         stale = checkpoint_writes(run_dir)  # cut by the last kill (this start deletes them)
         proc = subprocess.Popen(cli(demo_data, tmp_path, "cut", *flags), env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # Four kills, every other one in a checkpoint write; more (up to eight) if a kill meant
-        # for a write came after it had ended (a few MB: milliseconds).
+        # Four kills, every other one in a write of last.pt (the file a resume reads: its write
+        # must be atomic); more (up to eight) if a kill meant for a write came after it had ended
+        # (a few MB: milliseconds).
         if kills < 4 or (mid_save_kills < 2 and kills < 8):
             wait_until_training(run_dir, proc)
-            if kills % 2 == 0:  # in a checkpoint write
-                wait_for_checkpoint_write(run_dir, proc)
+            if kills % 2 == 0:  # in a write of last.pt
+                wait_for_checkpoint_write(run_dir, proc, files=("last.pt",))
             else:  # anywhere in the next half second of training
                 time.sleep(rng.uniform(0, 0.5))
             if proc.poll() is None:
@@ -93,7 +94,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
                 proc.wait()
                 kills += 1
                 # A write that ends renames its temporary file; only a kill leaves one behind.
-                mid_save_kills += bool(checkpoint_writes(run_dir) - stale)
+                mid_save_kills += bool(checkpoint_writes(run_dir, files=("last.pt",)) - stale)
         stderr = proc.communicate(timeout=300)[1].decode()
         if proc.returncode == 0:
             break
@@ -106,7 +107,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
     sessions = json.loads((run_dir / "config.json").read_text())["sessions"]
     assert len(sessions) == kills + 1 and sessions[0]["from"] == "start"  # one start, then only resumes
     diff = assert_same_run(reference, finished_run(tmp_path, "cut"))
-    print(f"\n{kills} SIGKILLs ({mid_save_kills} during a checkpoint write), max weight difference {diff}")
+    print(f"\n{kills} SIGKILLs ({mid_save_kills} during a write of last.pt), max weight difference {diff}")
 
 
 def test_sigterm_and_sigint_save_then_resume_equals_uninterrupted(demo_data, tmp_path, reference):

@@ -67,7 +67,8 @@ def test_a_signal_to_the_launcher_reaches_the_script(script, signum):
     proc.send_signal(signum)
     proc.communicate(timeout=30)
     # As a fresh python: exit 143 from the handler, death by KeyboardInterrupt's SIGINT, or killed.
-    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: -signal.SIGINT, signal.SIGKILL: -signal.SIGKILL}[signum]
+    expected = {signal.SIGTERM: 143, signal.SIGINT: -signal.SIGINT, signal.SIGKILL: -signal.SIGKILL}
+    assert proc.returncode == expected[signum]
     deadline = time.monotonic() + 5
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:  # (the server reaps it)
         time.sleep(0.01)
