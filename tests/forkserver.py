@@ -271,6 +271,9 @@ def become(request):
     multiprocessing.process.ORIGINAL_DIR = request["cwd"]  # spawn's children find a relative script from there
     os.environ.clear()
     os.environ.update(request["env"])
+    import tempfile
+
+    tempfile.tempdir = None  # (the server's imports fixed it from the server's $TMPDIR)
     loaded_level = logging.getLevelName(request["server_loglevel"])
     if os.environ.get("LOGLEVEL", "WARNING") != request["server_loglevel"]:  # torchrun's loggers took the server's
         for name, logger in logging.Logger.manager.loggerDict.items():

@@ -30,7 +30,8 @@ if what == "wait":  # until a signal; SIGTERM is handled (as main.py's GracefulS
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     print(os.getpid(), flush=True)
     time.sleep(60)
-print(sys.argv[2:], os.getcwd(), os.environ.get("CASE"), os.path.basename(sys.path[0]))
+import tempfile
+print(sys.argv[2:], os.getcwd(), os.environ.get("CASE"), os.path.basename(sys.path[0]), tempfile.gettempdir())
 """
 
 
@@ -53,9 +54,10 @@ def last_line(text):
 
 @pytest.mark.parametrize("what", ["exit3", "message", "bug", "ctrl_c", "ok"])
 def test_exit_code_and_output_are_those_of_a_fresh_python(script, tmp_path, what):
-    served, plain = both(script, what, "--flag", "x y", cwd=tmp_path, env={**os.environ, "CASE": what})
+    env = {**os.environ, "CASE": what, "TMPDIR": str(tmp_path)}
+    served, plain = both(script, what, "--flag", "x y", cwd=tmp_path, env=env)
     assert served.returncode == plain.returncode
-    assert served.stdout == plain.stdout  # arguments, working folder, environment, sys.path[0]
+    assert served.stdout == plain.stdout  # arguments, working folder, environment, sys.path[0], temporary folder
     assert served.stderr.splitlines()[0] == "err" and last_line(served.stderr) == last_line(plain.stderr)
 
 
