@@ -24,7 +24,7 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 
 # pytest-xdist hands out whole files (--dist loadfile), in collection order: the files that take
 # longest go first, so that the short ones fill in at the end instead of one long file running
-# alone. The order of their serial times on a 2-core CPU; files not named keep theirs, after these.
+# alone. The order of their measured times on a 2-core CPU; files not named keep theirs, after these.
 SLOWEST_FILES_FIRST = ["test_every_flag.py", "test_off_path.py", "test_elastic.py", "test_tricks.py", "test_ddp.py",
                        "test_train.py", "test_float16.py", "test_export.py", "test_robustness.py", "test_zoo.py",
                        "test_telemetry_report.py", "test_new_user.py", "test_mix_ema.py", "test_benchmark.py",
@@ -34,6 +34,7 @@ SLOWEST_FILES_FIRST = ["test_every_flag.py", "test_off_path.py", "test_elastic.p
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
 
 # `python` for the tests that start scripts in processes of their own (`[*PYTHON, "main.py", ...]`,
 # `[*PYTHON, "-m", "torch.distributed.run", ...]`, and torchrun's script `[FORKSERVER, "main.py"]`).
