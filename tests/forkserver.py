@@ -189,25 +189,10 @@ def serve(path):
         for key, _ in selector.select(timeout=0.02):
             if key.fileobj is listener:
                 connection, _ = listener.accept()
-                try:
-                    message = receive_message(connection, with_fds=3)
-                except (OSError, ValueError):  # a launcher gone mid-request (or not a launcher): not the server's end
-                    message = None
+                message = read_request(connection, loaded, started_as)
                 if message is None:
-                    connection.close()
                     continue
                 request, fds = message
-                env = request.get("env", {})
-                differs = any(env.get(name) != value for name, value in loaded.items())
-                if differs or request.get("interpreter") != started_as:
-                    try:
-                        send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
-                    except OSError:  # (the launcher is gone)
-                        pass
-                    connection.close()
-                    for fd in fds:
-                        os.close(fd)
-                    continue
                 sys.stdout.flush()
                 sys.stderr.flush()
                 request["server_loglevel"] = os.environ.get("LOGLEVEL", "WARNING")
@@ -235,22 +220,52 @@ def serve(path):
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
                     children.pop(pid).close()
-        while children:  # report the children that ended
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            connection = children.pop(pid, None)
-            if connection is None:
-                continue
-            selector.unregister(connection)
-            try:
-                send_message(connection, {"returncode": os.waitstatus_to_exitcode(status)})
-            except OSError:
-                pass
-            connection.close()
+        report_ended(children, selector)
+
+
+def read_request(connection, loaded, started_as):
+    """(the request, its standard streams' descriptors) of a launcher the server can serve; None
+    (the connection closed, any refusal sent) for one it cannot."""
+    try:
+        message = receive_message(connection, with_fds=3)
+    except (OSError, ValueError):  # a launcher gone mid-request (or not a launcher): not the server's end
+        message = None
+    if message is None:
+        connection.close()
+        return None
+    request, fds = message
+    env = request.get("env", {})
+    differs = any(env.get(name) != value for name, value in loaded.items())
+    if differs or request.get("interpreter") != started_as:
+        try:
+            send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
+        except OSError:  # (the launcher is gone)
+            pass
+        connection.close()
+        for fd in fds:
+            os.close(fd)
+        return None
+    return request, fds
+
+
+def report_ended(children, selector):
+    """Tell the launchers of the children that ended how each ended."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        connection = children.pop(pid, None)
+        if connection is None:
+            continue
+        selector.unregister(connection)
+        try:
+            send_message(connection, {"returncode": os.waitstatus_to_exitcode(status)})
+        except OSError:
+            pass
+        connection.close()
 
 
 def become(request):
