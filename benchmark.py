@@ -1,5 +1,6 @@
 """--benchmark: what AMP buys on this machine. Times training steps of the configured model in
 FP32 and AMP, NCHW and channels_last, on synthetic data; with --data, the input pipeline too."""
+
 import argparse
 import os
 import statistics
@@ -8,12 +9,11 @@ import time
 import torch
 
 from config import bf16_supported
-from hardware import describe, summary, tf32_on
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
+from hardware import describe, device_name, summary, tf32_on
+from metrics import ClassificationMeter, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
 from model import build_model
 from step import HOST_SYNC_OPTIMIZERS, AmpUpdate, autocast_for, batch_seeds, build_optimizer, training_step
-from hardware import device_name
-from metrics import ClassificationMeter, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
 from utils import atomic_write_json
 
 WARMUP_STEPS = 3  # untimed steps first: oneDNN/cuDNN plans, the allocator, torch.compile
@@ -48,7 +48,9 @@ class TrainingSteps:
         self.memory_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         torch.manual_seed(0)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = build_model(NUM_CLASSES, pretrained=False, name=cfg.model).to(device, memory_format=memory_format).train()
+        model = (
+            build_model(NUM_CLASSES, pretrained=False, name=cfg.model).to(device, memory_format=memory_format).train()
+        )
         self.model = torch.compile(model) if compiled else model
         optimizer = build_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
@@ -56,8 +58,9 @@ class TrainingSteps:
         self.meter = ClassificationMeter(NUM_CLASSES, device)
         self.health = StepHealth(model, scaler, device)
         self.transform = DeviceTransform(device, channels_last)
-        self.autocast = autocast_for(argparse.Namespace(device=cfg.device, amp=dtype is not None,
-                                                        amp_dtype=dtype or "float32"))
+        self.autocast = autocast_for(
+            argparse.Namespace(device=cfg.device, amp=dtype is not None, amp_dtype=dtype or "float32")
+        )
         self.images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
         self.targets = torch.randint(0, NUM_CLASSES, (cfg.batch_size,))
         if device.type == "cuda":
@@ -116,8 +119,12 @@ def benchmark_rows(cfg, modes):
     """One row per (mode, memory format[, compiled]): images/s and ms/step of the median of
     cfg.benchmark_steps timed steps, and the peak memory. The rows take their timed steps in
     turn, one each, so a slow spell of a shared machine slows them all alike."""
-    variants = [(mode, channels_last, compiled) for mode in modes for channels_last in (False, True)
-                for compiled in ((False, True) if cfg.compile else (False,))]
+    variants = [
+        (mode, channels_last, compiled)
+        for mode in modes
+        for channels_last in (False, True)
+        for compiled in ((False, True) if cfg.compile else (False,))
+    ]
     progress = Progress(getattr(cfg, "progress", True))
     rows, peaks = [], []
     for k, variant in enumerate(variants, 1):
@@ -127,8 +134,10 @@ def benchmark_rows(cfg, modes):
         peaks.append(row.peak_mem_mb())
         rows.append(row)
         left = seconds_left([r.last_seconds for r in rows], len(variants) - k, cfg.benchmark_steps)
-        progress.say(f"  row {k}/{len(variants)} ({row.name()}) warmed up: {row.last_seconds:.2f} s a step; "
-                     f"about {left:.0f} s left")
+        progress.say(
+            f"  row {k}/{len(variants)} ({row.name()}) warmed up: {row.last_seconds:.2f} s a step; "
+            f"about {left:.0f} s left"
+        )
     times = [[] for _ in rows]
     for n in range(cfg.benchmark_steps):
         for row, row_times in zip(rows, times):
@@ -138,28 +147,34 @@ def benchmark_rows(cfg, modes):
     results = []
     for row, row_times, peak in zip(rows, times, peaks):
         seconds = statistics.median(row_times)
-        results.append({
-            "mode": row.mode,
-            "channels_last": row.channels_last,
-            "compiled": row.compiled,
-            "images_per_sec": cfg.batch_size / seconds,
-            "ms_per_step": 1000 * seconds,
-            "peak_mem_mb": peak,
-        })
+        results.append(
+            {
+                "mode": row.mode,
+                "channels_last": row.channels_last,
+                "compiled": row.compiled,
+                "images_per_sec": cfg.batch_size / seconds,
+                "ms_per_step": 1000 * seconds,
+                "peak_mem_mb": peak,
+            }
+        )
     return results
 
 
 def format_table(rows, tf32=False):
     """The rows as a markdown table; `tf32`: the FP32 rows ran in TF32 (--fp32_math tf32 on CUDA)."""
     base = next((r for r in rows if r["mode"] == "fp32" and not r["channels_last"] and not r["compiled"]), rows[0])
-    lines = ["| mode | memory format | images/s | ms/step | peak memory | speedup vs FP32 NCHW |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | memory format | images/s | ms/step | peak memory | speedup vs FP32 NCHW |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         memory = "n/a (CPU)" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MB"
         fmt = "channels_last" if r["channels_last"] else "NCHW"
         mode = r["mode"] + (" (tf32)" if tf32 and r["mode"] == "fp32" else "") + (" + compile" if r["compiled"] else "")
-        lines.append(f"| {mode} | {fmt} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {memory} | "
-                     f"{r['images_per_sec'] / base['images_per_sec']:.2f}x |")
+        lines.append(
+            f"| {mode} | {fmt} | {r['images_per_sec']:.1f} | {r['ms_per_step']:.1f} | {memory} | "
+            f"{r['images_per_sec'] / base['images_per_sec']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -221,15 +236,21 @@ def run(cfg):
     train_set = build_datasets(cfg, cfg.progress)[0] if cfg.data else None
     modes = supported_modes(cfg.device, cfg.amp_dtype)
     torch.backends.cudnn.benchmark = not cfg.deterministic  # as training does: the fastest cuDNN kernels
-    print(f"benchmark: {cfg.model} training steps ({cfg.optimizer}), batch {cfg.batch_size}, "
-          f"{cfg.image_size}x{cfg.image_size} px, on {device_name(cfg.device)} ({summary(cfg.device)}); each step as training takes it "
-          f"(flip and normalization on the device, forward, backward, optimizer step, the loss/accuracy meter and "
-          f"the step-health counts); the median of {cfg.benchmark_steps} steps a row, the rows stepping in turn, "
-          f"after {WARMUP_STEPS} warm-up steps; peak memory of one step after them", flush=True)
+    print(
+        f"benchmark: {cfg.model} training steps ({cfg.optimizer}), batch {cfg.batch_size}, "
+        f"{cfg.image_size}x{cfg.image_size} px, on {device_name(cfg.device)} ({summary(cfg.device)}); each step as training takes it "
+        f"(flip and normalization on the device, forward, backward, optimizer step, the loss/accuracy meter and "
+        f"the step-health counts); the median of {cfg.benchmark_steps} steps a row, the rows stepping in turn, "
+        f"after {WARMUP_STEPS} warm-up steps; peak memory of one step after them",
+        flush=True,
+    )
     if cfg.optimizer in HOST_SYNC_OPTIMIZERS and "amp_float16" in modes and torch.device(cfg.device).type == "cuda":
-        print(f"note: with --optimizer {cfg.optimizer} GradScaler reads its inf/NaN flag back to the host at every "
-              f"amp_float16 step, a wait for the GPU (no fused kernel skips the step on the device); the amp_float16 "
-              f"rows' times include it: compare them with --optimizer adam's", flush=True)
+        print(
+            f"note: with --optimizer {cfg.optimizer} GradScaler reads its inf/NaN flag back to the host at every "
+            f"amp_float16 step, a wait for the GPU (no fused kernel skips the step on the device); the amp_float16 "
+            f"rows' times include it: compare them with --optimizer adam's",
+            flush=True,
+        )
     rows = benchmark_rows(cfg, modes)
     print(format_table(rows, tf32_on(cfg)))
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
@@ -239,14 +260,16 @@ def run(cfg):
     if cfg.data:
         fastest = max(rows, key=lambda r: r["images_per_sec"])
         print("\n| data loading workers | images/s |\n|---|---|", flush=True)  # each row as soon as it is timed
-        pipeline = time_input_pipeline(cfg, train_set, on_row=lambda p: print(
-            f"| {p['workers']} | {p['images_per_sec']:.0f} |", flush=True))
+        pipeline = time_input_pipeline(
+            cfg, train_set, on_row=lambda p: print(f"| {p['workers']} | {p['images_per_sec']:.0f} |", flush=True)
+        )
         best = max(pipeline, key=lambda p: p["images_per_sec"])
         verdict = "can" if best["images_per_sec"] >= fastest["images_per_sec"] else "cannot"
         source = "from --cache" if best["workers"] == "cache" else f"with {best['workers']} workers"
         advice = "" if verdict == "can" or cfg.cache else "; try --cache"
-        print(f"the input pipeline {verdict} feed the fastest training mode ({fastest['mode']}, "
-              f"{fastest['images_per_sec']:.0f} images/s): best {best['images_per_sec']:.0f} images/s {source}{advice}")
+        print(
+            f"the input pipeline {verdict} feed the fastest training mode ({fastest['mode']}, "
+            f"{fastest['images_per_sec']:.0f} images/s): best {best['images_per_sec']:.0f} images/s {source}{advice}"
+        )
         atomic_write_json(os.path.join(run_dir, "benchmark_data.json"), pipeline)
     return 0
-

@@ -1,6 +1,7 @@
 """A run's checkpoints: where a run stands (RunState), what a checkpoint holds and how a run goes
 on from one (Checkpoints: the one place the saved keys are named), loading one safely, and
 stopping into one on Ctrl-C or SIGTERM (GracefulStop)."""
+
 import os
 import signal
 import sys
@@ -103,9 +104,14 @@ class Checkpoints:
         match_parameter_layouts(self.optimizer)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
-        state = RunState(epoch=checkpoint["epoch"], batch_in_epoch=checkpoint["batch_in_epoch"],
-                         epoch_state=checkpoint["epoch_state"], best_val_acc=checkpoint["best_val_acc"],
-                         history=list(checkpoint["history"]), total_train_seconds=checkpoint["total_train_seconds"])
+        state = RunState(
+            epoch=checkpoint["epoch"],
+            batch_in_epoch=checkpoint["batch_in_epoch"],
+            epoch_state=checkpoint["epoch_state"],
+            best_val_acc=checkpoint["best_val_acc"],
+            history=list(checkpoint["history"]),
+            total_train_seconds=checkpoint["total_train_seconds"],
+        )
         if not state.batch_in_epoch:
             # At an epoch's end the position is this session's steps per epoch times the epochs
             # done: under another number of processes an epoch may take more or fewer steps.
@@ -117,15 +123,21 @@ class Checkpoints:
         """One line for a checkpoint this session cannot go on from."""
         name = checkpoint["config"].get("checkpoint_name", "the run")
         if checkpoint["class_names"] != self.class_names:
-            raise UserError(f"--resume: the run was trained on classes {checkpoint['class_names']}, "
-                            f"but the data now has {self.class_names}")
+            raise UserError(
+                f"--resume: the run was trained on classes {checkpoint['class_names']}, "
+                f"but the data now has {self.class_names}"
+            )
         saved_world = checkpoint.get("world_size", 1)
         if checkpoint["batch_in_epoch"] and saved_world != world_size():
-            raise UserError(f"--resume: {name} was saved in the middle of an epoch by {saved_world} process(es); "
-                            f"continue it with {saved_world}, not {world_size()}")
+            raise UserError(
+                f"--resume: {name} was saved in the middle of an epoch by {saved_world} process(es); "
+                f"continue it with {saved_world}, not {world_size()}"
+            )
         if self.ema is not None and "ema" not in checkpoint:
-            raise UserError(f"--resume: the checkpoint of {name} has no EMA weights for its --ema_decay; it was not "
-                            "written by a run of this template with that flag")
+            raise UserError(
+                f"--resume: the checkpoint of {name} has no EMA weights for its --ema_decay; it was not "
+                "written by a run of this template with that flag"
+            )
 
 
 def match_parameter_layouts(optimizer):
@@ -213,8 +225,10 @@ class GracefulStop:
         """The one line a stop prints: what was saved, and the command that goes on from it."""
         name = signal.Signals(self.signal).name
         launcher = "python main.py" if world_size() == 1 else "torchrun [the same options] main.py"
-        return (f"{name}: saved {saved} ({position}); continue with: {launcher} --checkpoint_dir {cfg.checkpoint_dir} "
-                f"--checkpoint_name {cfg.checkpoint_name} --resume")
+        return (
+            f"{name}: saved {saved} ({position}); continue with: {launcher} --checkpoint_dir {cfg.checkpoint_dir} "
+            f"--checkpoint_name {cfg.checkpoint_name} --resume"
+        )
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -224,8 +238,16 @@ class GracefulStop:
         if not is_main_process():
             return
         if self.finishing:
-            print(f"\n{signal.Signals(signum).name}: training is done and saved; finishing {self.finishing} "
-                  "first (press Ctrl-C again to stop now; --resume then runs the test)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: training is done and saved; finishing {self.finishing} "
+                "first (press Ctrl-C again to stop now; --resume then runs the test)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            print(f"\n{signal.Signals(signum).name}: stopping after the current step "
-                  "(press Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after the current step "
+                "(press Ctrl-C again to exit at once)",
+                file=sys.stderr,
+                flush=True,
+            )

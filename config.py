@@ -3,6 +3,7 @@
 Parsing the flags and the checks of their values need no torch (parse_flags): main.py runs them
 before torch loads, which takes seconds, so a typo or --help answers at once. The checks that
 need torch (the device, the model) import it where they run."""
+
 import argparse
 import math
 import os
@@ -38,24 +39,68 @@ CPU_BENCHMARK_SETTINGS = dict(batch_size=32, image_size=128)
 # How this session runs, not what the run is: a resumed (or evaluated) run takes these from this
 # session's flags and defaults, never from the saved run (so --compile or --cache can be dropped).
 SESSION_SETTINGS = {
-    "device", "num_workers", "log_interval", "progress", "deterministic", "cache", "compile", "benchmark_steps",
-    "dist_timeout", "save_every_minutes",
+    "device",
+    "num_workers",
+    "log_interval",
+    "progress",
+    "deterministic",
+    "cache",
+    "compile",
+    "benchmark_steps",
+    "dist_timeout",
+    "save_every_minutes",
 }
 # A resumed run keeps its saved settings; a flag may change these and SESSION_SETTINGS, no others.
-RESUMABLE_OVERRIDES = SESSION_SETTINGS | {"data_dir", "checkpoint_dir", "save_every_steps", "channels_last",
-                                          "tensorboard"}
+RESUMABLE_OVERRIDES = SESSION_SETTINGS | {
+    "data_dir",
+    "checkpoint_dir",
+    "save_every_steps",
+    "channels_last",
+    "tensorboard",
+}
 # --evaluate and --predict also take the run's saved settings; these may differ from them (none
 # changes the model's answers).
-EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {"batch_size", "predict_dir", "predictions_file", "pretrained",
-                                            "pretrained_path", "skip_bad_images", "fp32_math", "calibration_images"}
+EVALUATE_OVERRIDES = RESUMABLE_OVERRIDES | {
+    "batch_size",
+    "predict_dir",
+    "predictions_file",
+    "pretrained",
+    "pretrained_path",
+    "skip_bad_images",
+    "fp32_math",
+    "calibration_images",
+}
 # Flags of training alone: --benchmark times steps on synthetic data and reads none of them.
 TRAINING_ONLY_FLAGS = {
-    "epochs", "learning_rate", "weight_decay", "warmup_epochs", "min_lr", "clip_grad_norm", "accum_steps",
-    "val_fraction", "skip_bad_images", "pretrained", "pretrained_path", "save_every_steps", "save_every_minutes", "amp",
+    "epochs",
+    "learning_rate",
+    "weight_decay",
+    "warmup_epochs",
+    "min_lr",
+    "clip_grad_norm",
+    "accum_steps",
+    "val_fraction",
+    "skip_bad_images",
+    "pretrained",
+    "pretrained_path",
+    "save_every_steps",
+    "save_every_minutes",
+    "amp",
     "sync_bn",
-    "tensorboard", "lr_schedule", "lr_milestones", "lr_gamma", "label_smoothing", "zero_init_residual",
-    "random_crop", "vflip", "auto_augment", "random_erase",
-    "mixup_alpha", "cutmix_alpha", "ema_decay", "precise_bn",
+    "tensorboard",
+    "lr_schedule",
+    "lr_milestones",
+    "lr_gamma",
+    "label_smoothing",
+    "zero_init_residual",
+    "random_crop",
+    "vflip",
+    "auto_augment",
+    "random_erase",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "ema_decay",
+    "precise_bn",
 }
 # What a run saved before a flag existed did, where that is not the flag's default now.
 SETTINGS_OF_OLDER_RUNS = {"precise_bn": 0}
@@ -93,122 +138,280 @@ def build_parser():
     p = _Parser(
         prog="main.py",
         description="Train a torchvision model (ResNet-18 by default) on an image-folder dataset in FP32 or with "
-                    "automatic mixed precision.",
+        "automatic mixed precision.",
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default="data", help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/")
-    g.add_argument("--demo", action="store_true", help="generate a small six-class dataset in data/demo and train a short CPU-sized run on it: "
-                        "64 px, batch 32, 8 epochs, lr 1e-3, 1 warmup epoch, random init, run name demo (demo_amp "
-                        "with --amp); flags you give win")
+    g.add_argument(
+        "--data_dir", default="data", help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/"
+    )
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate a small six-class dataset in data/demo and train a short CPU-sized run on it: "
+        "64 px, batch 32, 8 epochs, lr 1e-3, 1 warmup epoch, random init, run name demo (demo_amp "
+        "with --amp); flags you give win",
+    )
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
-    g.add_argument("--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation")
-    g.add_argument("--test_fraction", type=float, default=None, metavar="F",
-                   help="for a data folder without a test split (class folders directly in it, or a training split "
-                        "alone): hold out this stratified share of the images as the test split, seeded by --seed "
-                        "(default: off)")
-    g.add_argument("--random_crop", type=int, default=None, metavar="C",
-                   help="train on a random C x C crop of each resized image (C <= --image_size); validation, test "
-                        "and --predict take its center C x C crop (default: off)")
+    g.add_argument(
+        "--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation"
+    )
+    g.add_argument(
+        "--test_fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="for a data folder without a test split (class folders directly in it, or a training split "
+        "alone): hold out this stratified share of the images as the test split, seeded by --seed "
+        "(default: off)",
+    )
+    g.add_argument(
+        "--random_crop",
+        type=int,
+        default=None,
+        metavar="C",
+        help="train on a random C x C crop of each resized image (C <= --image_size); validation, test "
+        "and --predict take its center C x C crop (default: off)",
+    )
     g.add_argument("--vflip", action="store_true", help="also flip training images vertically at random (p=0.5)")
-    g.add_argument("--auto_augment", choices=AUTO_AUGMENT_POLICIES, default=None,
-                   help="an augmentation policy on the training images: RandAugment, TrivialAugmentWide or "
-                        "AutoAugment's ImageNet policy (default: off)")
-    g.add_argument("--random_erase", type=float, default=0.0, metavar="P",
-                   help="erase a random rectangle of each training image (to black) with probability P, after the "
-                        "other augmentations")
-    g.add_argument("--skip_bad_images", action="store_true", help="decode every image once before training and leave out the unreadable ones (listed in train.log)")
+    g.add_argument(
+        "--auto_augment",
+        choices=AUTO_AUGMENT_POLICIES,
+        default=None,
+        help="an augmentation policy on the training images: RandAugment, TrivialAugmentWide or "
+        "AutoAugment's ImageNet policy (default: off)",
+    )
+    g.add_argument(
+        "--random_erase",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="erase a random rectangle of each training image (to black) with probability P, after the "
+        "other augmentations",
+    )
+    g.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="decode every image once before training and leave out the unreadable ones (listed in train.log)",
+    )
     # Under torchrun the node's processes share its CPUs.
     cpus_per_process = max((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
-    g.add_argument("--num_workers", type=int, default=min(8, cpus_per_process), help="data-loading processes per training process (0: load in the main process)")
+    g.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(8, cpus_per_process),
+        help="data-loading processes per training process (0: load in the main process)",
+    )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                   help="the torchvision classification model to train, by its name in torchvision.models.list_models() "
-                        "(resnet50, efficientnet_b2, regnet_y_1_6gf, mobilenet_v3_large, convnext_tiny, vit_b_16, ...); "
-                        "its classifier head is replaced for the dataset's classes")
-    g.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights")
-    g.add_argument("--pretrained_path", default=None, help="start from this weights file instead of the torch hub's ImageNet weights: an ImageNet "
-                        "file of --model, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
-                        "when its classes differ)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help="the torchvision classification model to train, by its name in torchvision.models.list_models() "
+        "(resnet50, efficientnet_b2, regnet_y_1_6gf, mobilenet_v3_large, convnext_tiny, vit_b_16, ...); "
+        "its classifier head is replaced for the dataset's classes",
+    )
+    g.add_argument(
+        "--no_pretrained", dest="pretrained", action="store_false", help="random init instead of ImageNet weights"
+    )
+    g.add_argument(
+        "--pretrained_path",
+        default=None,
+        help="start from this weights file instead of the torch hub's ImageNet weights: an ImageNet "
+        "file of --model, or a best.pt/last.pt of an earlier run to fine-tune it (the head is replaced "
+        "when its classes differ)",
+    )
 
-    g.add_argument("--zero_init_residual", action="store_true",
-                   help="zero the last BatchNorm weight (gamma) of each ResNet residual block (resnet, resnext and "
-                        "wide_resnet models), so each block starts as the identity (after loading pretrained weights too)")
+    g.add_argument(
+        "--zero_init_residual",
+        action="store_true",
+        help="zero the last BatchNorm weight (gamma) of each ResNet residual block (resnet, resnext and "
+        "wide_resnet models), so each block starts as the identity (after loading pretrained weights too)",
+    )
 
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
-    g.add_argument("--batch_size", type=int, default=256, help="images per optimizer step (per micro-batch with --accum_steps), over all processes under torchrun")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
-                   help="adam, adamw (decoupled weight decay) and sgd run PyTorch's fused kernels, radam its foreach one")
+    g.add_argument(
+        "--batch_size",
+        type=int,
+        default=256,
+        help="images per optimizer step (per micro-batch with --accum_steps), over all processes under torchrun",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adam",
+        help="adam, adamw (decoupled weight decay) and sgd run PyTorch's fused kernels, radam its foreach one",
+    )
     g.add_argument("--learning_rate", type=float, default=1e-4, help="the peak LR, reached at the end of warmup")
-    g.add_argument("--weight_decay", type=float, default=1e-4,
-                   help="weight decay: an L2 penalty in the gradient (adam, sgd, radam), decoupled with adamw")
-    g.add_argument("--no_bias_decay", action="store_true",
-                   help="no weight decay on biases and normalization weights (every parameter of one dimension or less)")
+    g.add_argument(
+        "--weight_decay",
+        type=float,
+        default=1e-4,
+        help="weight decay: an L2 penalty in the gradient (adam, sgd, radam), decoupled with adamw",
+    )
+    g.add_argument(
+        "--no_bias_decay",
+        action="store_true",
+        help="no weight decay on biases and normalization weights (every parameter of one dimension or less)",
+    )
     g.add_argument("--momentum", type=float, default=0.9, help="with --optimizer sgd: its momentum")
     g.add_argument("--nesterov", action="store_true", help="with --optimizer sgd: Nesterov momentum")
-    g.add_argument("--warmup_epochs", type=int, default=None, help="linear warmup length, below --epochs (default: epochs // 10)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="with --lr_schedule cosine: the LR of the last step, where the cosine ends")
-    g.add_argument("--lr_schedule", choices=SCHEDULES, default="cosine",
-                   help="after the warmup: cosine down to --min_lr, step decay at --lr_milestones, or constant")
-    g.add_argument("--lr_milestones", type=int, nargs="+", default=None, metavar="EPOCH",
-                   help="with --lr_schedule step: the epochs (increasing, after the warmup, below --epochs) after "
-                        "which the LR is multiplied by --lr_gamma, e.g. 30 60 90")
-    g.add_argument("--lr_gamma", type=float, default=0.1, help="with --lr_schedule step: the LR's factor at each milestone")
-    g.add_argument("--label_smoothing", type=float, default=0.0, metavar="EPS",
-                   help="label smoothing of the training loss (cross-entropy's own), 0 <= EPS < 1; validation and "
-                        "test losses stay plain cross-entropy, comparable across runs")
-    g.add_argument("--mixup_alpha", type=float, default=0.0, metavar="A",
-                   help="mixup on the training batches: each image blended with another, by a share drawn from "
-                        "Beta(A, A), its target the two classes' shares (default: 0, off)")
-    g.add_argument("--cutmix_alpha", type=float, default=0.0, metavar="B",
-                   help="cutmix on the training batches: a box of another image pasted in, its area drawn from "
-                        "Beta(B, B), its target the two classes' shares of the image (default: 0, off; with "
-                        "--mixup_alpha, each batch gets one of the two at random)")
-    g.add_argument("--ema_decay", type=float, default=None, metavar="D",
-                   help="also keep an exponential moving average of the weights and BatchNorm statistics, updated "
-                        "after every optimizer step (ema = D * ema + (1 - D) * weights, 0 < D < 1), validated every "
-                        "epoch; best.pt holds whichever validated better (default: off)")
-    g.add_argument("--precise_bn", type=int, default=None, metavar="N",
-                   help="precise BatchNorm: recompute the BatchNorm running statistics over N training batches "
-                        "before each validation (default: on, over up to 100 batches, where the model's BatchNorm "
-                        "momentum cannot have converged in the run's training batches, as MobileNetV3's 0.01 on a "
-                        "short run; else off; 0: off)")
-    g.add_argument("--clip_grad_norm", type=float, default=None, help="clip the gradient norm to this value (after unscaling; default: off)")
+    g.add_argument(
+        "--warmup_epochs", type=int, default=None, help="linear warmup length, below --epochs (default: epochs // 10)"
+    )
+    g.add_argument(
+        "--min_lr",
+        type=float,
+        default=0.0,
+        help="with --lr_schedule cosine: the LR of the last step, where the cosine ends",
+    )
+    g.add_argument(
+        "--lr_schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="after the warmup: cosine down to --min_lr, step decay at --lr_milestones, or constant",
+    )
+    g.add_argument(
+        "--lr_milestones",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="EPOCH",
+        help="with --lr_schedule step: the epochs (increasing, after the warmup, below --epochs) after "
+        "which the LR is multiplied by --lr_gamma, e.g. 30 60 90",
+    )
+    g.add_argument(
+        "--lr_gamma", type=float, default=0.1, help="with --lr_schedule step: the LR's factor at each milestone"
+    )
+    g.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="label smoothing of the training loss (cross-entropy's own), 0 <= EPS < 1; validation and "
+        "test losses stay plain cross-entropy, comparable across runs",
+    )
+    g.add_argument(
+        "--mixup_alpha",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="mixup on the training batches: each image blended with another, by a share drawn from "
+        "Beta(A, A), its target the two classes' shares (default: 0, off)",
+    )
+    g.add_argument(
+        "--cutmix_alpha",
+        type=float,
+        default=0.0,
+        metavar="B",
+        help="cutmix on the training batches: a box of another image pasted in, its area drawn from "
+        "Beta(B, B), its target the two classes' shares of the image (default: 0, off; with "
+        "--mixup_alpha, each batch gets one of the two at random)",
+    )
+    g.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        metavar="D",
+        help="also keep an exponential moving average of the weights and BatchNorm statistics, updated "
+        "after every optimizer step (ema = D * ema + (1 - D) * weights, 0 < D < 1), validated every "
+        "epoch; best.pt holds whichever validated better (default: off)",
+    )
+    g.add_argument(
+        "--precise_bn",
+        type=int,
+        default=None,
+        metavar="N",
+        help="precise BatchNorm: recompute the BatchNorm running statistics over N training batches "
+        "before each validation (default: on, over up to 100 batches, where the model's BatchNorm "
+        "momentum cannot have converged in the run's training batches, as MobileNetV3's 0.01 on a "
+        "short run; else off; 0: off)",
+    )
+    g.add_argument(
+        "--clip_grad_norm",
+        type=float,
+        default=None,
+        help="clip the gradient norm to this value (after unscaling; default: off)",
+    )
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    g.add_argument("--seed", type=int, default=42, help="fixes the init, the validation split, the batch order, the flips and augmentations, "
-                        "mixup/cutmix and dropout")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only, so a resumed run ends with the same weights as an uninterrupted one")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="fixes the init, the validation split, the batch order, the flips and augmentations, "
+        "mixup/cutmix and dropout",
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms only, so a resumed run ends with the same weights as an uninterrupted one",
+    )
 
     g = p.add_argument_group("precision and device")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--amp", action="store_true", help="automatic mixed precision: autocast (+ GradScaler for float16); float16 on CUDA, bfloat16 on the CPU")
-    g.add_argument("--amp_dtype", choices=AMP_DTYPES, default=None,
-                   help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU; float16 on the "
-                        "CPU runs CUDA's recipe, GradScaler included, slowly); with --benchmark: float16 adds its rows "
-                        "on the CPU")
-    g.add_argument("--fp32_math", choices=FP32_MATHS, default="ieee",
-                   help="how CUDA GPUs compute in FP32 (the FP32 run, and what autocast leaves in FP32): ieee, true "
-                        "float32; or tf32, TensorFloat-32 matrix products and convolutions (compute capability 8.0 "
-                        "and up: faster, 10-bit mantissa), shown as 'FP32 (tf32)'. The CPU computes IEEE FP32 either way")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="automatic mixed precision: autocast (+ GradScaler for float16); float16 on CUDA, bfloat16 on the CPU",
+    )
+    g.add_argument(
+        "--amp_dtype",
+        choices=AMP_DTYPES,
+        default=None,
+        help="with --amp: the autocast dtype (default: float16 on CUDA, bfloat16 on the CPU; float16 on the "
+        "CPU runs CUDA's recipe, GradScaler included, slowly); with --benchmark: float16 adds its rows "
+        "on the CPU",
+    )
+    g.add_argument(
+        "--fp32_math",
+        choices=FP32_MATHS,
+        default="ieee",
+        help="how CUDA GPUs compute in FP32 (the FP32 run, and what autocast leaves in FP32): ieee, true "
+        "float32; or tf32, TensorFloat-32 matrix products and convolutions (compute capability 8.0 "
+        "and up: faster, 10-bit mantissa), shown as 'FP32 (tf32)'. The CPU computes IEEE FP32 either way",
+    )
 
     g = p.add_argument_group("speed")
-    g.add_argument("--channels_last", dest="channels_last", action="store_true", default=True,
-                   help="NHWC memory format: faster convolutions for tensor cores and oneDNN (see --benchmark); on by default")
-    g.add_argument("--no_channels_last", dest="channels_last", action="store_false", help="keep NCHW (turns --channels_last off)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, see docs/benchmarks.md)")
+    g.add_argument(
+        "--channels_last",
+        dest="channels_last",
+        action="store_true",
+        default=True,
+        help="NHWC memory format: faster convolutions for tensor cores and oneDNN (see --benchmark); on by default",
+    )
+    g.add_argument(
+        "--no_channels_last", dest="channels_last", action="store_false", help="keep NCHW (turns --channels_last off)"
+    )
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow start, see docs/benchmarks.md)"
+    )
     g.add_argument("--cache", action="store_true", help="decode every image once and keep the uint8 pixels in RAM")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time training steps in FP32 and AMP, NCHW and channels_last, on synthetic data; no dataset "
-                        "needed (on the CPU at batch 32, 128 px unless --batch_size/--image_size are given); writes "
-                        "CHECKPOINT_DIR/benchmark/benchmark.json (--checkpoint_name for another folder)")
+    g.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="time training steps in FP32 and AMP, NCHW and channels_last, on synthetic data; no dataset "
+        "needed (on the CPU at batch 32, 128 px unless --batch_size/--image_size are given); writes "
+        "CHECKPOINT_DIR/benchmark/benchmark.json (--checkpoint_name for another folder)",
+    )
     g.add_argument("--data", action="store_true", help="with --benchmark: also time the input pipeline on the dataset")
-    g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)")
+    g.add_argument(
+        "--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)"
+    )
 
     g = p.add_argument_group("distributed (when started by torchrun)")
-    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over the global batch, not each GPU's share (torchrun on CUDA GPUs)")
-    g.add_argument("--dist_timeout", type=float, default=600, help="seconds a process waits for the others in a collective before the run fails")
+    g.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="SyncBatchNorm: BatchNorm statistics over the global batch, not each GPU's share (torchrun on CUDA GPUs)",
+    )
+    g.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=600,
+        help="seconds a process waits for the others in a collective before the run fails",
+    )
 
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint_name", default="baseline", help="run name: outputs go to CHECKPOINT_DIR/NAME/")
@@ -216,36 +419,79 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--evaluate", action="store_true", help="test an existing run's best.pt and print its test accuracy")
-    g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N optimizer steps within an epoch (0: only at epoch ends)")
-    g.add_argument("--save_every_minutes", type=float, default=None, metavar="M",
-                   help="also write last.pt within an epoch once M minutes have passed since the last one, checked "
-                        "every --log_interval steps by rank 0's clock, so a torchrun restart loses at most about M "
-                        "minutes (default: 10 when torchrun may restart the job, --max-restarts above 0; else off; "
-                        "0: off)")
-    g.add_argument("--predict", action="store_true",
-                   help="label the unlabeled images (DATA_DIR/seg_pred) with the run's best.pt into NAME/predictions.csv")
-    g.add_argument("--predict_dir", default=None, help="with --predict: the folder of images to label (default: DATA_DIR/seg_pred)")
-    g.add_argument("--predictions_file", default=None, metavar="PATH",
-                   help="with --predict: write the CSV here (default: CHECKPOINT_DIR/NAME/predictions.csv)")
-    g.add_argument("--export", action="store_true",
-                   help="ship the run's best.pt: NAME/model.onnx (uint8 RGB images in, normalization inside, dynamic "
-                        "batch, class names and preprocessing in its metadata) checked against PyTorch on the test "
-                        "split, NAME/model.int8.onnx (static INT8), and what each precision costs and buys "
-                        "(NAME/inference.json, inference.md)")
-    g.add_argument("--calibration_images", type=int, default=256, metavar="N",
-                   help="with --export: the training images that calibrate the INT8 model's activation ranges")
-    g.add_argument("--compare", nargs="+", default=None, metavar="NAME",
-                   help="print and save a comparison of finished runs: tables (.md), numbers (.json) and charts "
-                        "(.png) in CHECKPOINT_DIR, named compare_A_vs_B (see --compare_name); everything is relative "
-                        "to the first run, with 95%% intervals and a verdict")
-    g.add_argument("--compare_name", default=None, metavar="NAME",
-                   help="with --compare: write CHECKPOINT_DIR/NAME.md, NAME.json and NAME.png (default: compare_ and "
-                        "the run names joined by _vs_)")
-    g.add_argument("--log_interval", type=int, default=20,
-                   help="optimizer steps between progress-bar updates (and TensorBoard's per-step points)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also log to CHECKPOINT_DIR/NAME/tensorboard/: per-step loss, LR, loss scale, gradient norm, "
-                        "images/s; per-epoch metrics; the test accuracy and settings (see tensorboard --logdir)")
+    g.add_argument(
+        "--save_every_steps",
+        type=int,
+        default=0,
+        help="also write last.pt every N optimizer steps within an epoch (0: only at epoch ends)",
+    )
+    g.add_argument(
+        "--save_every_minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="also write last.pt within an epoch once M minutes have passed since the last one, checked "
+        "every --log_interval steps by rank 0's clock, so a torchrun restart loses at most about M "
+        "minutes (default: 10 when torchrun may restart the job, --max-restarts above 0; else off; "
+        "0: off)",
+    )
+    g.add_argument(
+        "--predict",
+        action="store_true",
+        help="label the unlabeled images (DATA_DIR/seg_pred) with the run's best.pt into NAME/predictions.csv",
+    )
+    g.add_argument(
+        "--predict_dir", default=None, help="with --predict: the folder of images to label (default: DATA_DIR/seg_pred)"
+    )
+    g.add_argument(
+        "--predictions_file",
+        default=None,
+        metavar="PATH",
+        help="with --predict: write the CSV here (default: CHECKPOINT_DIR/NAME/predictions.csv)",
+    )
+    g.add_argument(
+        "--export",
+        action="store_true",
+        help="ship the run's best.pt: NAME/model.onnx (uint8 RGB images in, normalization inside, dynamic "
+        "batch, class names and preprocessing in its metadata) checked against PyTorch on the test "
+        "split, NAME/model.int8.onnx (static INT8), and what each precision costs and buys "
+        "(NAME/inference.json, inference.md)",
+    )
+    g.add_argument(
+        "--calibration_images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="with --export: the training images that calibrate the INT8 model's activation ranges",
+    )
+    g.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="print and save a comparison of finished runs: tables (.md), numbers (.json) and charts "
+        "(.png) in CHECKPOINT_DIR, named compare_A_vs_B (see --compare_name); everything is relative "
+        "to the first run, with 95%% intervals and a verdict",
+    )
+    g.add_argument(
+        "--compare_name",
+        default=None,
+        metavar="NAME",
+        help="with --compare: write CHECKPOINT_DIR/NAME.md, NAME.json and NAME.png (default: compare_ and "
+        "the run names joined by _vs_)",
+    )
+    g.add_argument(
+        "--log_interval",
+        type=int,
+        default=20,
+        help="optimizer steps between progress-bar updates (and TensorBoard's per-step points)",
+    )
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to CHECKPOINT_DIR/NAME/tensorboard/: per-step loss, LR, loss scale, gradient norm, "
+        "images/s; per-epoch metrics; the test accuracy and settings (see tensorboard --logdir)",
+    )
     g.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -268,6 +514,7 @@ def resolve_device(name):
     import torch
 
     from distributed import launched_by_torchrun, local_rank
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -281,11 +528,15 @@ def resolve_device(name):
             raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
         if launched_by_torchrun():
             if device.index is not None:
-                raise UserError(f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
-                                "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
+                raise UserError(
+                    f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                    "pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)"
+                )
             if local_rank() >= torch.cuda.device_count():
-                raise UserError(f"torchrun started more processes on this node than it has GPUs "
-                                f"({torch.cuda.device_count()}); lower --nproc_per_node")
+                raise UserError(
+                    f"torchrun started more processes on this node than it has GPUs "
+                    f"({torch.cuda.device_count()}); lower --nproc_per_node"
+                )
             device = torch.device("cuda", local_rank())
     elif device.type != "cpu":
         raise UserError(f"--device {name}: only cpu and cuda are supported")
@@ -309,12 +560,29 @@ def validate(cfg):
 
 def check_values(cfg):
     """The checks of the settings' own values, which need no torch (see parse_flags)."""
-    for name in ("batch_size", "epochs", "image_size", "accum_steps", "log_interval", "benchmark_steps",
-                 "calibration_images"):
+    for name in (
+        "batch_size",
+        "epochs",
+        "image_size",
+        "accum_steps",
+        "log_interval",
+        "benchmark_steps",
+        "calibration_images",
+    ):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "weight_decay", "min_lr", "val_fraction", "clip_grad_norm", "dist_timeout", "momentum",
-                 "lr_gamma", "label_smoothing", "test_fraction"):
+    for name in (
+        "learning_rate",
+        "weight_decay",
+        "min_lr",
+        "val_fraction",
+        "clip_grad_norm",
+        "dist_timeout",
+        "momentum",
+        "lr_gamma",
+        "label_smoothing",
+        "test_fraction",
+    ):
         value = getattr(cfg, name, None)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} must be a finite number, got {value}")
@@ -333,8 +601,10 @@ def check_values(cfg):
     if getattr(cfg, "test_fraction", None) is not None and not 0 < cfg.test_fraction < 1:
         raise UserError(f"--test_fraction must be between 0 and 1 (exclusive), got {cfg.test_fraction}")
     if not 0 <= cfg.warmup_epochs < cfg.epochs:
-        raise UserError(f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
-                        f"got {cfg.warmup_epochs}")
+        raise UserError(
+            f"--warmup_epochs must be at least 0 and below --epochs ({cfg.epochs}) so the LR can decay, "
+            f"got {cfg.warmup_epochs}"
+        )
     check_schedule(cfg)
     check_augmentation(cfg)
     check_regularization(cfg)
@@ -426,12 +696,19 @@ def check_schedule(cfg):
     # A drop after the last epoch would never apply. (A resumed run may have one, from before
     # this check: it changes nothing, so the run goes on.)
     first, last = max(cfg.warmup_epochs, 1), cfg.epochs - (0 if getattr(cfg, "resume", False) else 1)
-    fitting = ("none fits this run: train more --epochs" if first > last else
-               f"use epoch {first}" if first == last else f"use epochs from {first} to {last}")
+    fitting = (
+        "none fits this run: train more --epochs"
+        if first > last
+        else f"use epoch {first}"
+        if first == last
+        else f"use epochs from {first} to {last}"
+    )
     for m in milestones:
         if m > last:
-            raise UserError(f"--lr_milestones {m} would never apply: the LR drops after epoch {m}, and the run ends "
-                            f"after epoch {cfg.epochs} (--epochs {cfg.epochs}); {fitting}")
+            raise UserError(
+                f"--lr_milestones {m} would never apply: the LR drops after epoch {m}, and the run ends "
+                f"after epoch {cfg.epochs} (--epochs {cfg.epochs}); {fitting}"
+            )
         if m < first:
             after = f"the warmup (--warmup_epochs {cfg.warmup_epochs})" if cfg.warmup_epochs else "epoch 0"
             raise UserError(f"--lr_milestones {m} must come after {after}: {fitting}")
@@ -479,13 +756,17 @@ def check_batch_split(cfg):
 
     processes = launched_world_size()
     if cfg.batch_size % processes:
-        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
-                        f"{processes} processes torchrun started; change one of them")
+        raise UserError(
+            f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
+            f"{processes} processes torchrun started; change one of them"
+        )
     if cfg.batch_size // processes == 1 and input_size(cfg) <= 32:
         where = "" if processes == 1 else f" over {processes} processes"
         size = f"--random_crop {cfg.random_crop}" if cfg.random_crop else f"--image_size {cfg.image_size}"
-        raise UserError(f"--batch_size {cfg.batch_size}{where} gives BatchNorm one image at a time, which it cannot "
-                        f"train on at {size}; use at least 2 images per process")
+        raise UserError(
+            f"--batch_size {cfg.batch_size}{where} gives BatchNorm one image at a time, which it cannot "
+            f"train on at {size}; use at least 2 images per process"
+        )
 
 
 def check_flag_combinations(cfg, explicit):
@@ -500,8 +781,9 @@ def check_flag_combinations(cfg, explicit):
     if cfg.compare:
         ignored = sorted(explicit - COMPARE_FLAGS)
         if ignored:
-            raise UserError(f"--compare only reads finished runs (under --checkpoint_dir); --{ignored[0]} does "
-                            "nothing with it")
+            raise UserError(
+                f"--compare only reads finished runs (under --checkpoint_dir); --{ignored[0]} does nothing with it"
+            )
         twice = next((name for i, name in enumerate(cfg.compare) if name in cfg.compare[:i]), None)
         if twice is not None:  # a run counted twice would make a seed group of one run, sd 0
             raise UserError(f"--compare names {twice} twice; name each run once")
@@ -509,25 +791,41 @@ def check_flag_combinations(cfg, explicit):
         ignored = sorted(explicit & TRAINING_ONLY_FLAGS)
         if ignored:
             extra = " (it times FP32 and AMP anyway)" if ignored[0] == "amp" else ""
-            raise UserError(f"--benchmark times training steps on synthetic data; "
-                            f"{NEGATED_FLAGS.get(ignored[0], '--' + ignored[0])} does nothing with it{extra}")
-    for flag, needs in (("amp_dtype", ("amp", "benchmark")), ("data", ("benchmark",)), ("predict_dir", ("predict",)),
-                        ("predictions_file", ("predict",)), ("benchmark_steps", ("benchmark",)),
-                        ("compare_name", ("compare",)), ("calibration_images", ("export",))):
+            raise UserError(
+                f"--benchmark times training steps on synthetic data; "
+                f"{NEGATED_FLAGS.get(ignored[0], '--' + ignored[0])} does nothing with it{extra}"
+            )
+    for flag, needs in (
+        ("amp_dtype", ("amp", "benchmark")),
+        ("data", ("benchmark",)),
+        ("predict_dir", ("predict",)),
+        ("predictions_file", ("predict",)),
+        ("benchmark_steps", ("benchmark",)),
+        ("compare_name", ("compare",)),
+        ("calibration_images", ("export",)),
+    ):
         if flag in explicit and not any(getattr(cfg, mode) for mode in needs):
             raise UserError(f"--{flag} is only used with {' or '.join(f'--{mode}' for mode in needs)}")
     if cfg.tensorboard and any(getattr(cfg, mode) for mode in SAVED_RUN_MODES):
         raise UserError("--tensorboard logs training; --evaluate, --predict and --export train nothing")
     if "pretrained_path" in explicit and not cfg.pretrained:
-        raise UserError("--pretrained_path gives weights to start from, --no_pretrained says to start from random "
-                        "weights; drop one of them")
-    for flag, setting, value in (("momentum", "optimizer", "sgd"), ("nesterov", "optimizer", "sgd"),
-                                 ("min_lr", "lr_schedule", "cosine"), ("lr_milestones", "lr_schedule", "step"),
-                                 ("lr_gamma", "lr_schedule", "step")):
+        raise UserError(
+            "--pretrained_path gives weights to start from, --no_pretrained says to start from random "
+            "weights; drop one of them"
+        )
+    for flag, setting, value in (
+        ("momentum", "optimizer", "sgd"),
+        ("nesterov", "optimizer", "sgd"),
+        ("min_lr", "lr_schedule", "cosine"),
+        ("lr_milestones", "lr_schedule", "step"),
+        ("lr_gamma", "lr_schedule", "step"),
+    ):
         if flag in explicit and getattr(cfg, setting) != value:
             raise UserError(f"--{flag} is only used with --{setting} {value}, not --{setting} {getattr(cfg, setting)}")
     if "no_bias_decay" in explicit and cfg.weight_decay == 0:
-        raise UserError("--no_bias_decay exempts biases from weight decay, but --weight_decay 0 has none; drop one of them")
+        raise UserError(
+            "--no_bias_decay exempts biases from weight decay, but --weight_decay 0 has none; drop one of them"
+        )
 
 
 def resolve(cfg):
@@ -607,8 +905,8 @@ def merge_saved(saved, cfg, explicit, overrides):
             mode = next(f"--{m}" for m in MODE_FLAGS if getattr(cfg, m))
             raise UserError(
                 f"{mode}: run {cfg.checkpoint_name!r} was trained {as_flag(name, getattr(merged, name))}, "
-                f"not {as_flag(name, value)}; drop the flag" +
-                (" to continue it, or start a new run under another --checkpoint_name" if cfg.resume else "")
+                f"not {as_flag(name, value)}; drop the flag"
+                + (" to continue it, or start a new run under another --checkpoint_name" if cfg.resume else "")
             )
     for name in (*MODE_FLAGS, "overwrite", *SESSION_SETTINGS):
         setattr(merged, name, getattr(cfg, name))  # (the device: where this session runs)
@@ -631,8 +929,13 @@ def merge_evaluated(saved, cfg, explicit):
     """The config of --evaluate, --predict or --export on a saved run (see merge_saved)."""
     merged = merge_saved(saved, cfg, explicit, EVALUATE_OVERRIDES)
     trained_on_gpu = str(saved.get("device", "")).startswith("cuda")
-    if merged.amp and merged.device == "cpu" and merged.amp_dtype == "float16" and trained_on_gpu \
-            and "amp_dtype" not in explicit:
+    if (
+        merged.amp
+        and merged.device == "cpu"
+        and merged.amp_dtype == "float16"
+        and trained_on_gpu
+        and "amp_dtype" not in explicit
+    ):
         merged.amp_dtype = "bfloat16"  # float16 autocast is slow on most CPUs; bfloat16 has its range
     check_precision(merged)
     if merged.evaluate:  # (--predict runs in one process)

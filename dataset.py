@@ -2,6 +2,7 @@
 the loaders (or the test loader alone), augment the training images (uint8, seeded per sample),
 and turn uint8 batches into normalized model inputs on the device. (The generated demo dataset
 is demo.py's.)"""
+
 import logging
 import math
 import multiprocessing
@@ -16,6 +17,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still decode
 # JPEGs 1.8x faster than PIL here, and load_image_uint8 falls back to PIL without them.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
@@ -129,12 +131,17 @@ class VisibleImageFolder(ImageFolder):
     """ImageFolder leaving out hidden folders (no `.ipynb_checkpoints` class) and hidden files."""
 
     def __init__(self, root, transform):
-        super().__init__(root, transform=transform, loader=load_image_uint8,
-                         is_valid_file=lambda path: is_visible_image(os.path.relpath(path, root)))
+        super().__init__(
+            root,
+            transform=transform,
+            loader=load_image_uint8,
+            is_valid_file=lambda path: is_visible_image(os.path.relpath(path, root)),
+        )
 
     def find_classes(self, directory):
-        classes = sorted(entry.name for entry in os.scandir(directory)
-                         if entry.is_dir() and not entry.name.startswith("."))
+        classes = sorted(
+            entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith(".")
+        )
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: index for index, name in enumerate(classes)}
@@ -168,8 +175,13 @@ def split_folders(cfg, splits):
 
 def class_folders(data_dir):
     """The folders directly in `data_dir` that hold images directly, as class folders do."""
-    return sorted(entry.name for entry in os.scandir(data_dir) if entry.is_dir() and not entry.name.startswith(".")
-                  and any(is_visible_image(name) for name in os.listdir(entry.path)))
+    return sorted(
+        entry.name
+        for entry in os.scandir(data_dir)
+        if entry.is_dir()
+        and not entry.name.startswith(".")
+        and any(is_visible_image(name) for name in os.listdir(entry.path))
+    )
 
 
 def missing_split(data_dir, split, splits):
@@ -178,13 +190,19 @@ def missing_split(data_dir, split, splits):
     classes = class_folders(data_dir)
     if classes:
         shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-        return (f"{data_dir} holds {len(classes)} class folder(s) ({shown}) but no training and test split: move "
-                f"them into {data_dir}/train/<class>/ and {data_dir}/test/<class>/, or pass --test_fraction F (e.g. "
-                "0.2) to hold out a stratified test split of their images, seeded by --seed like the validation split")
+        return (
+            f"{data_dir} holds {len(classes)} class folder(s) ({shown}) but no training and test split: move "
+            f"them into {data_dir}/train/<class>/ and {data_dir}/test/<class>/, or pass --test_fraction F (e.g. "
+            "0.2) to hold out a stratified test split of their images, seeded by --seed like the validation split"
+        )
     if split == "test" and find_split_dir(data_dir, "train") is not None:
-        return (f"no test split found in {data_dir}: {expected_layout(data_dir, splits)}; or pass --test_fraction F "
-                "to hold out a stratified test split of the training images")
-    return f"no {'training' if split == 'train' else split} split found in {data_dir}: {expected_layout(data_dir, splits)}"
+        return (
+            f"no test split found in {data_dir}: {expected_layout(data_dir, splits)}; or pass --test_fraction F "
+            "to hold out a stratified test split of the training images"
+        )
+    return (
+        f"no {'training' if split == 'train' else split} split found in {data_dir}: {expected_layout(data_dir, splits)}"
+    )
 
 
 def held_out_source(cfg):
@@ -195,8 +213,10 @@ def held_out_source(cfg):
         raise UserError(f"--data_dir {data_dir} {not_a_folder(data_dir)}: {expected_layout(data_dir)}")
     test_root = find_split_dir(data_dir, "test")
     if test_root is not None:
-        raise UserError(f"--test_fraction holds a test split out of the training images, but {data_dir} has one "
-                        f"({test_root}); drop --test_fraction to test on it")
+        raise UserError(
+            f"--test_fraction holds a test split out of the training images, but {data_dir} has one "
+            f"({test_root}); drop --test_fraction to test on it"
+        )
     return image_folder(find_split_dir(data_dir, "train") or data_dir, cfg.image_size)
 
 
@@ -209,8 +229,9 @@ class UnlabeledImages(Dataset):
         self.root = root
         self.resize = ResizeUint8(image_size)
         self.image_size = image_size
-        files = (os.path.relpath(os.path.join(folder, name), root)
-                 for folder, _, names in os.walk(root) for name in names)
+        files = (
+            os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root) for name in names
+        )
         self.files = sorted(file for file in files if is_visible_image(file))
 
     def __len__(self):
@@ -619,7 +640,9 @@ def check_images(folders, cfg, progress=False):
     if bad and not cfg.skip_bad_images:
         path, reason = next(iter(bad.items()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"unreadable image {path}: {reason}{more}; remove it, or pass --skip_bad_images to leave such files out")
+        raise UserError(
+            f"unreadable image {path}: {reason}{more}; remove it, or pass --skip_bad_images to leave such files out"
+        )
     if bad:
         log.info(f"--skip_bad_images: left out {len(bad)} unreadable image(s):")
         for path, reason in bad.items():
@@ -642,8 +665,10 @@ def truncated_warning(paths):
     truncated = [p for p in paths if looks_truncated(p)]
     if not truncated:
         return ""
-    return (f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
-            "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones")
+    return (
+        f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {truncated[0]}; they load with the "
+        "missing part gray. --skip_bad_images decodes every image and leaves out the broken ones"
+    )
 
 
 def check_unlabeled_images(images, cfg, progress=False):
@@ -688,11 +713,18 @@ def build_datasets(cfg, progress=False):
         raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
     train_idx, val_idx = stratified_split([full_train.targets[i] for i in pool], cfg.val_fraction, cfg.seed)
     if not val_idx:
-        held_out = (f" once --test_fraction {cfg.test_fraction} held its test split out"
-                    if getattr(cfg, "test_fraction", None) else "")
+        held_out = (
+            f" once --test_fraction {cfg.test_fraction} held its test split out"
+            if getattr(cfg, "test_fraction", None)
+            else ""
+        )
         raise UserError(f"{full_train.root} is too small for a validation split of {cfg.val_fraction}{held_out}")
-    return (Subset(full_train, [pool[i] for i in train_idx]), Subset(full_train, [pool[i] for i in val_idx]), test,
-            full_train.classes)
+    return (
+        Subset(full_train, [pool[i] for i in train_idx]),
+        Subset(full_train, [pool[i] for i in val_idx]),
+        test,
+        full_train.classes,
+    )
 
 
 def per_rank_batch(cfg, world_size):
@@ -713,11 +745,14 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     progress = getattr(cfg, "progress", False) and rank == 0
     train_set, val_set, test_set, class_names = build_datasets(cfg, progress)
     if getattr(cfg, "cache", False):
-        train_set, val_set, test_set = (cache_dataset(d, cfg.num_workers, progress) for d in (train_set, val_set, test_set))
+        train_set, val_set, test_set = (
+            cache_dataset(d, cfg.num_workers, progress) for d in (train_set, val_set, test_set)
+        )
         size = human_bytes(sum(d.nbytes() for d in (train_set, val_set, test_set)))
         logging.getLogger("amp").info(
             f"--cache: {len(train_set)} train, {len(val_set)} val and {len(test_set)} test images decoded "
-            f"into {size} of RAM")
+            f"into {size} of RAM"
+        )
     batch = per_rank_batch(cfg, world_size)
     # BatchNorm cannot train on a batch of one image (and under DDP, without --sync_bn, each
     # rank's batch is its own): give every rank at least two samples, and drop a last batch

@@ -1,5 +1,6 @@
 """The demo dataset: six classes of generated pictures (stripes, checkerboards, circles, ...)
 written in the Kaggle layout, so the template runs end to end without a download."""
+
 import os
 
 import numpy as np
@@ -8,12 +9,12 @@ from PIL import Image, ImageDraw
 
 from utils import UserError
 
-
 DEMO_CLASSES = ("checkerboard", "circles", "diagonal", "horizontal_stripes", "squares", "vertical_stripes")
 
 
 def _demo_image(kind, generator, size):
     """A procedural picture: the pattern gives the class; colours, phase, scale and noise vary."""
+
     def rand(lo, hi):
         return lo + (hi - lo) * torch.rand((), generator=generator).item()
 
@@ -69,8 +70,10 @@ def make_demo_dataset(root, train_per_class=100, test_per_class=30, size=150, se
         return False
     foreign = foreign_entries(root)
     if foreign:  # never write generated pictures into the user's own data
-        raise UserError(f"--demo writes its generated dataset to --data_dir {root}, which holds other things "
-                        f"({foreign[0]}); give an empty or new folder, or leave --data_dir out (data/demo)")
+        raise UserError(
+            f"--demo writes its generated dataset to --data_dir {root}, which holds other things "
+            f"({foreign[0]}); give an empty or new folder, or leave --data_dir out (data/demo)"
+        )
     generator = torch.Generator().manual_seed(seed)
     for split, per_class in (("seg_train", train_per_class), ("seg_test", test_per_class)):
         for kind in DEMO_CLASSES:
@@ -85,4 +88,3 @@ def make_demo_dataset(root, train_per_class=100, test_per_class=30, size=150, se
         _demo_image(kind, generator, size).save(os.path.join(pred, f"{i:04d}.jpg"), quality=90)
     open(done_marker, "w").close()
     return True
-

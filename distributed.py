@@ -2,6 +2,7 @@
 joining and leaving the process group, wrapping the model, the collectives a run needs, and
 rank-0 work and failures that all ranks agree on. In a single process every helper here is a
 no-op or returns what one process would, so the rest of the code reads the same either way."""
+
 import contextlib
 import hashlib
 import os
@@ -134,8 +135,9 @@ def init_distributed(device, timeout_seconds):
     if agent_shares_store():
         job_store = agent_store(timeout)
         if job_store is None:  # (meeting in some other store would bring back the stale entries)
-            raise RuntimeError(f"torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-                               "does not answer")
+            raise RuntimeError(
+                f"torchrun's store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} does not answer"
+            )
         store, _attempt = _join_attempt(job_store, process_rank, timeout)
     else:  # (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 hosts a new store each attempt, so no
         # restart finds its job's token or counts as one, and its run folder is refused as usual)
@@ -378,8 +380,10 @@ def _look_for_token(folder, token):
     deadline = time.monotonic() + SHARED_FOLDER_WAIT
     while not token_visible(os.path.join(folder, token)):
         if time.monotonic() >= deadline:
-            raise UserError(f"the checkpoint folder {folder} is not shared with rank {rank()}'s node "
-                            f"({socket.gethostname()}): it cannot see the file rank 0 wrote there. Under torchrun "
-                            "every node needs the same --checkpoint_dir (a shared file system), since a restart "
-                            "may put rank 0, which writes and reads the checkpoints, on any node")
+            raise UserError(
+                f"the checkpoint folder {folder} is not shared with rank {rank()}'s node "
+                f"({socket.gethostname()}): it cannot see the file rank 0 wrote there. Under torchrun "
+                "every node needs the same --checkpoint_dir (a shared file system), since a restart "
+                "may put rank 0, which writes and reads the checkpoints, on any node"
+            )
         time.sleep(0.2)

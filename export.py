@@ -3,6 +3,7 @@ itself, has a dynamic batch dimension and carries what a deployer needs in its m
 checked against PyTorch on the run's test split before it is written, quantized to INT8
 (onnxruntime's static quantization, QDQ, per-channel weights, calibrated on training images),
 and each precision is measured (inference.py). Nothing is written until everything succeeded."""
+
 import copy
 import json
 import os
@@ -55,28 +56,41 @@ def export_run(model, best, cfg):
     check_file_limit(model, cfg.model)
     train_set, _, test_set, class_names = build_datasets(cfg)
     if list(class_names) != list(best["class_names"]):
-        raise UserError(f"the classes in {cfg.data_dir} ({', '.join(class_names)}) differ from the run's "
-                        f"({', '.join(best['class_names'])})")
+        raise UserError(
+            f"the classes in {cfg.data_dir} ({', '.join(class_names)}) differ from the run's "
+            f"({', '.join(best['class_names'])})"
+        )
     test_loader = evaluation_loader(test_set, cfg, cfg.device, 0, 1)
-    clock = Clock(f"exporting {cfg.checkpoint_name} ({cfg.model}, epoch {best['epoch']}, "
-                  f"{best.get('weights', 'raw')} weights) to ONNX")
+    clock = Clock(
+        f"exporting {cfg.checkpoint_name} ({cfg.model}, epoch {best['epoch']}, "
+        f"{best.get('weights', 'raw')} weights) to ONNX"
+    )
     fp32 = export_onnx(model, cfg, metadata(cfg, best))
     clock.lap("checking it against PyTorch on the test split")
     onnx_fp32 = inference.OnnxRunner(fp32, "fp32")
-    results = {("pytorch", "fp32"): inference.evaluate_runner(inference.PyTorchRunner(model, cfg), test_loader),
-               ("onnxruntime", "fp32"): inference.evaluate_runner(onnx_fp32, test_loader)}
+    results = {
+        ("pytorch", "fp32"): inference.evaluate_runner(inference.PyTorchRunner(model, cfg), test_loader),
+        ("onnxruntime", "fp32"): inference.evaluate_runner(onnx_fp32, test_loader),
+    }
     parity = inference.agreement(results["onnxruntime", "fp32"], results["pytorch", "fp32"])
     check_parity(parity, cfg)
     calibration = calibration_batches(train_set, cfg)
-    clock.lap(f"parity: onnxruntime FP32 gives PyTorch FP32's top-1 on {parity['agreement']:.2f}% of "
-              f"{len(results['pytorch', 'fp32']['targets'])} test images, largest logit difference "
-              f"{parity['max_abs_logit_diff']:.2e}; quantizing to INT8 (static, QDQ, per-channel weights) on "
-              f"{sum(len(b) for b in calibration)} training images")
+    clock.lap(
+        f"parity: onnxruntime FP32 gives PyTorch FP32's top-1 on {parity['agreement']:.2f}% of "
+        f"{len(results['pytorch', 'fp32']['targets'])} test images, largest logit difference "
+        f"{parity['max_abs_logit_diff']:.2e}; quantizing to INT8 (static, QDQ, per-channel weights) on "
+        f"{sum(len(b) for b in calibration)} training images"
+    )
     int8 = quantize_int8(fp32, calibration, metadata(cfg, best, precision="int8", calibration=calibration))
     clock.lap("measuring each precision")
     report = inference.measure(model, cfg, [onnx_fp32, inference.OnnxRunner(int8, "int8")], test_loader, results)
-    report.update(run=cfg.checkpoint_name, model=cfg.model, epoch=best["epoch"],
-                  weights=best.get("weights", "raw"), calibration_images=sum(len(b) for b in calibration))
+    report.update(
+        run=cfg.checkpoint_name,
+        model=cfg.model,
+        epoch=best["epoch"],
+        weights=best.get("weights", "raw"),
+        calibration_images=sum(len(b) for b in calibration),
+    )
     write_files(run_dir, fp32, int8, report)
     clock.lap("done")
     print(inference_markdown(report) + f"\nwrote {', '.join(os.path.join(run_dir, f) for f in EXPORT_FILES)}")
@@ -92,10 +106,12 @@ def int8_warning(report):
     row = next(r for r in report["rows"] if r["precision"] == "int8")
     if row["agreement"] >= INT8_MIN_AGREEMENT:
         return ""
-    return (f"warning: model.int8.onnx gives FP32's top-1 on only {row['agreement']:.2f}% of the test images "
-            f"(test accuracy {row['test_acc']:.2f}%, FP32 {report['rows'][0]['test_acc']:.2f}%): do not ship it as it "
-            f"is; try another --calibration_images (this export used {report['calibration_images']}), or ship "
-            "model.onnx")
+    return (
+        f"warning: model.int8.onnx gives FP32's top-1 on only {row['agreement']:.2f}% of the test images "
+        f"(test accuracy {row['test_acc']:.2f}%, FP32 {report['rows'][0]['test_acc']:.2f}%): do not ship it as it "
+        f"is; try another --calibration_images (this export used {report['calibration_images']}), or ship "
+        "model.onnx"
+    )
 
 
 class Clock:
@@ -125,8 +141,10 @@ def check_file_limit(model, name):
     """A model whose float32 weights do not fit in one ONNX file is refused before exporting."""
     size = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
     if size >= ONNX_FILE_LIMIT:
-        raise UserError(f"--model {name} cannot be exported to one ONNX file: its float32 weights take "
-                        f"{size / 1e6:,.0f} MB, and one ONNX file holds at most {ONNX_FILE_LIMIT / 1e6:,.0f} MB")
+        raise UserError(
+            f"--model {name} cannot be exported to one ONNX file: its float32 weights take "
+            f"{size / 1e6:,.0f} MB, and one ONNX file holds at most {ONNX_FILE_LIMIT / 1e6:,.0f} MB"
+        )
 
 
 def metadata(cfg, best, precision="fp32", calibration=()):
@@ -145,8 +163,8 @@ def metadata(cfg, best, precision="fp32", calibration=()):
         "mean": json.dumps(list(IMAGENET_MEAN)),
         "std": json.dumps(list(IMAGENET_STD)),
         "preprocessing": f"decode to RGB, resize to {cfg.image_size} x {cfg.image_size} (bilinear, antialiased as "
-                         f"PIL's){crop}; feed uint8 [batch, 3, {size}, {size}]. The graph divides by 255 and "
-                         "normalizes with mean and std itself",
+        f"PIL's){crop}; feed uint8 [batch, 3, {size}, {size}]. The graph divides by 255 and "
+        "normalizes with mean and std itself",
         "output": "logits [batch, classes] in class_names order (softmax gives probabilities)",
         "precision": precision,
         "model": cfg.model,
@@ -168,13 +186,20 @@ def export_onnx(model, cfg, props):
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     try:
         program = torch.onnx.export(
-            deployable, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, verbose=False)
+            deployable,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+            verbose=False,
+        )
         program.model.metadata_props.update(props)
         return program.model_proto.SerializeToString()
     except Exception as exc:  # the exporter raises many kinds: name it, in one line
-        raise UserError(f"--model {cfg.model} cannot be exported to ONNX: {type(exc).__name__}: "
-                        f"{first_line(exc)}") from None
+        raise UserError(
+            f"--model {cfg.model} cannot be exported to ONNX: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
 
 
 def first_line(exc, limit=300):
@@ -190,7 +215,8 @@ def check_parity(parity, cfg):
         raise RunStopped(
             f"error: the ONNX export of {cfg.checkpoint_name} ({cfg.model}) disagrees with PyTorch: the same top-1 on "
             f"{parity['agreement']:.2f}% of the test images (at least {MIN_AGREEMENT}% needed), largest logit "
-            f"difference {parity['max_abs_logit_diff']:.3g}; nothing was written")
+            f"difference {parity['max_abs_logit_diff']:.3g}; nothing was written"
+        )
 
 
 # --------------------------------------------------------------------------- INT8
@@ -221,8 +247,15 @@ def quantize_int8(fp32, calibration, props):
         with open(source, "wb") as f:
             f.write(fp32)
         quant_pre_process(source, prepared)
-        quantize_static(prepared, quantized, _Batches(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            prepared,
+            quantized,
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         model = onnx.load(quantized)
     onnx.helper.set_model_props(model, props)  # (the quantizer keeps some, adds its own: ours replace them)
     # The pre-processing declares every domain onnxruntime knows; keep those the nodes use (all standard ONNX).
@@ -238,8 +271,12 @@ def write_files(run_dir, fp32, int8, report):
     """The four files together: all written to temporary files first, then renamed into place, so
     a failed write leaves the earlier export's files as they were (not a new model.onnx beside an
     old model.int8.onnx)."""
-    files = {ONNX_FILE: fp32, INT8_FILE: int8, "inference.json": (json.dumps(report, indent=2) + "\n").encode(),
-             "inference.md": inference_markdown(report).encode()}
+    files = {
+        ONNX_FILE: fp32,
+        INT8_FILE: int8,
+        "inference.json": (json.dumps(report, indent=2) + "\n").encode(),
+        "inference.md": inference_markdown(report).encode(),
+    }
     try:
         atomic_write_files(run_dir, files)
     except OSError as exc:

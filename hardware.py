@@ -1,6 +1,7 @@
 """What the device computes natively: whether the AMP dtype (bfloat16, float16) runs on the
 device's own instructions or is emulated (then AMP is slower than FP32, not faster), and the
 FP32 math (IEEE or TF32) a CUDA run uses."""
+
 import functools
 import os
 import platform
@@ -37,8 +38,16 @@ ATEN_WITHOUT_AVX512 = {"DEFAULT", "NO AVX", "AVX2"}
 # oneDNN (the CPU convolutions) uses a dtype's instructions only when ONEDNN_MAX_CPU_ISA allows them.
 ONEDNN_BELOW = {
     "bfloat16": {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"},
-    "float16": {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-                "AVX512_CORE_BF16"},
+    "float16": {
+        "SSE41",
+        "AVX",
+        "AVX2",
+        "AVX2_VNNI",
+        "AVX2_VNNI_2",
+        "AVX512_CORE",
+        "AVX512_CORE_VNNI",
+        "AVX512_CORE_BF16",
+    },
 }
 # CUDA: bfloat16 tensor cores from compute capability 8.0 (Ampere), float16 ones from 7.0 (Volta).
 CUDA_NATIVE_FROM = {"bfloat16": (8, 0), "float16": (7, 0)}
@@ -129,14 +138,21 @@ def emulation_warning(device, dtype):
     if dtype is None or cap.native is not False:
         return ""
     if torch.device(device).type == "cuda":
-        return (f"warning: {cap.name} ({cap.capability}) has no {dtype} tensor cores (they start at compute capability "
-                f"{'.'.join(map(str, CUDA_NATIVE_FROM[dtype]))}): --amp will run no faster than FP32, likely slower; "
-                "drop --amp here, or use a newer GPU")
+        return (
+            f"warning: {cap.name} ({cap.capability}) has no {dtype} tensor cores (they start at compute capability "
+            f"{'.'.join(map(str, CUDA_NATIVE_FROM[dtype]))}): --amp will run no faster than FP32, likely slower; "
+            "drop --amp here, or use a newer GPU"
+        )
     other = "float16" if dtype == "bfloat16" else "bfloat16"
-    instead = ("use --amp alone (bfloat16 is native here)" if dtype == "float16" and describe(device, other).native
-               else "drop --amp (FP32 is faster here), or run AMP on a GPU or a CPU with AVX512-BF16 or AMX")
-    return (f"warning: {dtype} is emulated on this CPU ({cap.name}, {cap.capability}): --amp will run slower "
-            f"than FP32, not faster; {instead}")
+    instead = (
+        "use --amp alone (bfloat16 is native here)"
+        if dtype == "float16" and describe(device, other).native
+        else "drop --amp (FP32 is faster here), or run AMP on a GPU or a CPU with AVX512-BF16 or AMX"
+    )
+    return (
+        f"warning: {dtype} is emulated on this CPU ({cap.name}, {cap.capability}): --amp will run slower "
+        f"than FP32, not faster; {instead}"
+    )
 
 
 def summary(device):

@@ -2,6 +2,7 @@
 PyTorch (FP32, and bf16/fp16 autocast where the device computes them natively) and onnxruntime
 (the FP32 and INT8 files); per row the size, test accuracy, agreement with PyTorch FP32's top-1,
 the latency of one image and the images/s of batches of 32."""
+
 import os
 import time
 
@@ -20,8 +21,10 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # (--amp_dtype's)
 # The CPU features that compute each dtype natively (/proc/cpuinfo's names).
 NATIVE_CPU_FEATURES = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
-ONNX_FP16_SKIPPED = ("onnxruntime's CPU provider has no FP16 convolution kernels on x86: it runs an FP16 file's "
-                     "convolutions in FP32 between inserted casts, so FP16 would measure FP32 plus casts")
+ONNX_FP16_SKIPPED = (
+    "onnxruntime's CPU provider has no FP16 convolution kernels on x86: it runs an FP16 file's "
+    "convolutions in FP32 between inserted casts, so FP16 would measure FP32 plus casts"
+)
 
 
 class PyTorchRunner:
@@ -39,8 +42,9 @@ class PyTorchRunner:
 
     @torch.inference_mode()
     def __call__(self, images):
-        with torch.autocast(self.device_type, dtype=AUTOCAST_DTYPES.get(self.precision),
-                            enabled=self.precision != "fp32"):
+        with torch.autocast(
+            self.device_type, dtype=AUTOCAST_DTYPES.get(self.precision), enabled=self.precision != "fp32"
+        ):
             logits = self.model(self.transform(images))
         return logits.float().cpu().numpy()  # (on CUDA this waits for the GPU)
 
@@ -75,8 +79,10 @@ def evaluate_runner(runner, loader):
 def agreement(result, reference):
     """% of images whose top-1 is the reference's, and the largest absolute logit difference."""
     same = result["logits"].argmax(1) == reference["logits"].argmax(1)
-    return {"agreement": 100.0 * float(same.mean()),
-            "max_abs_logit_diff": float(np.abs(result["logits"] - reference["logits"]).max())}
+    return {
+        "agreement": 100.0 * float(same.mean()),
+        "max_abs_logit_diff": float(np.abs(result["logits"] - reference["logits"]).max()),
+    }
 
 
 def accuracy(result):
@@ -118,9 +124,14 @@ def time_runners(runners, single, batch):
     batch in host memory to logits in host memory."""
     latency = interleaved_seconds(runners, single, LATENCY_WARMUP, LATENCY_RUNS)
     throughput = interleaved_seconds(runners, batch, THROUGHPUT_WARMUP, THROUGHPUT_RUNS)
-    return [{"latency_ms_p50": float(np.percentile(one, 50) * 1000),
-             "latency_ms_p95": float(np.percentile(one, 95) * 1000),
-             "images_per_sec": len(batch) / float(np.median(batches))} for one, batches in zip(latency, throughput)]
+    return [
+        {
+            "latency_ms_p50": float(np.percentile(one, 50) * 1000),
+            "latency_ms_p95": float(np.percentile(one, 95) * 1000),
+            "images_per_sec": len(batch) / float(np.median(batches)),
+        }
+        for one, batches in zip(latency, throughput)
+    ]
 
 
 # --------------------------------------------------------------------------- the device
@@ -154,8 +165,9 @@ def native_dtypes(device):
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         return [dtype for dtype, native in (("bf16", bf16), ("fp16", True)) if native]
     flags = cpu_flags()
-    return [dtype for dtype, features in NATIVE_CPU_FEATURES.items()
-            if flags & set(features) and _onednn_supports(dtype)]
+    return [
+        dtype for dtype, features in NATIVE_CPU_FEATURES.items() if flags & set(features) and _onednn_supports(dtype)
+    ]
 
 
 def pytorch_capability(device):
@@ -176,8 +188,11 @@ def onnxruntime_capability():
     honour ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA."""
     flags = cpu_flags()
     isa = "AVX512" if "avx512bw" in flags else "AVX2" if "avx2" in flags else "SSE/other"
-    int8 = [name for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
-            if flag in flags]
+    int8 = [
+        name
+        for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
+        if flag in flags
+    ]
     return f"{isa}; int8 dot products: {', '.join(int8) if int8 else 'no VNNI (three instructions per VNNI one)'}"
 
 
@@ -197,26 +212,49 @@ def measure(model, cfg, onnx_runners, loader, results):
     reduced, native = amp_dtype(cfg), native_dtypes(cfg.device)
     runners = [PyTorchRunner(model, cfg, p) for p in ("fp32", reduced) if p == "fp32" or p in native] + onnx_runners
     single, batch = timing_batches(loader)
-    devices = {"pytorch": (device_name(cfg.device), pytorch_capability(cfg.device)),
-               "onnxruntime": (cpu_name(), onnxruntime_capability())}
+    devices = {
+        "pytorch": (device_name(cfg.device), pytorch_capability(cfg.device)),
+        "onnxruntime": (cpu_name(), onnxruntime_capability()),
+    }
     reference, rows = results["pytorch", "fp32"], []
     for runner, timing in zip(runners, time_runners(runners, single, batch)):
         result = results.get((runner.runtime, runner.precision)) or evaluate_runner(runner, loader)
         device, capability = devices[runner.runtime]
-        rows.append({"precision": runner.precision, "runtime": runner.runtime, "size_mb": runner.size / 1e6,
-                     "test_acc": accuracy(result), **agreement(result, reference), **timing,
-                     "device": device, "capability": capability})
-    return {"rows": rows, "skipped": skipped_rows(cfg, reduced, native, devices["pytorch"]),
-            "device": devices["pytorch"][0], "capability": devices["pytorch"][1],
-            "onnxruntime_device": devices["onnxruntime"][0], "onnxruntime_capability": devices["onnxruntime"][1],
-            "run_precision": precision_name(cfg), "input_size": cfg.random_crop or cfg.image_size,
-            "test_images": int(len(reference["targets"])), "threads": torch.get_num_threads(),
-            "timing": {"latency_runs": LATENCY_RUNS, "latency_warmup": LATENCY_WARMUP,
-                       "throughput_batch": THROUGHPUT_BATCH, "throughput_runs": THROUGHPUT_RUNS,
-                       "throughput_warmup": THROUGHPUT_WARMUP},
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-            # How busy the machine was as the timing ended (this process's threads included).
-            "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+        rows.append(
+            {
+                "precision": runner.precision,
+                "runtime": runner.runtime,
+                "size_mb": runner.size / 1e6,
+                "test_acc": accuracy(result),
+                **agreement(result, reference),
+                **timing,
+                "device": device,
+                "capability": capability,
+            }
+        )
+    return {
+        "rows": rows,
+        "skipped": skipped_rows(cfg, reduced, native, devices["pytorch"]),
+        "device": devices["pytorch"][0],
+        "capability": devices["pytorch"][1],
+        "onnxruntime_device": devices["onnxruntime"][0],
+        "onnxruntime_capability": devices["onnxruntime"][1],
+        "run_precision": precision_name(cfg),
+        "input_size": cfg.random_crop or cfg.image_size,
+        "test_images": int(len(reference["targets"])),
+        "threads": torch.get_num_threads(),
+        "timing": {
+            "latency_runs": LATENCY_RUNS,
+            "latency_warmup": LATENCY_WARMUP,
+            "throughput_batch": THROUGHPUT_BATCH,
+            "throughput_runs": THROUGHPUT_RUNS,
+            "throughput_warmup": THROUGHPUT_WARMUP,
+        },
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        # How busy the machine was as the timing ended (this process's threads included).
+        "load_average": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+    }
 
 
 def skipped_rows(cfg, reduced, native, pytorch_device):
@@ -226,8 +264,11 @@ def skipped_rows(cfg, reduced, native, pytorch_device):
     for dtype in AUTOCAST_DTYPES:
         if dtype != reduced:
             where = "CUDA" if torch.device(cfg.device).type == "cuda" else "a CPU"
-            why = (f"the run trained with --amp_dtype {cfg.amp_dtype}" if cfg.amp else
-                   f"--amp on {where} means {AMP_DTYPE_NAMES[reduced]}")
+            why = (
+                f"the run trained with --amp_dtype {cfg.amp_dtype}"
+                if cfg.amp
+                else f"--amp on {where} means {AMP_DTYPE_NAMES[reduced]}"
+            )
             why = f"not this run's AMP dtype: {why}"
         elif dtype not in native:
             why = f"{device} does not compute {dtype} natively ({capability}): autocast would emulate it"

@@ -1,5 +1,6 @@
 """Entry point: parse the flags, build data, model, optimizer and schedule, hand them to the Trainer;
 or --evaluate, --predict, --export, --compare or --benchmark an existing run or this machine."""
+
 import hashlib
 import os
 import shutil
@@ -35,6 +36,7 @@ import torch
 
 import benchmark
 import config
+from checkpoint import GracefulStop, load_checkpoint
 from dataset import (
     DeviceTransform,
     build_loaders,
@@ -46,25 +48,6 @@ from dataset import (
     truncated_warning,
 )
 from demo import make_demo_dataset
-from hardware import apply_fp32_math, emulation_warning
-from hardware import record as hardware_record
-from model import build_model, precise_bn_batches
-from report import (
-    compare_runs,
-    comparison_report,
-    inference_section,
-    load_finished_run,
-    per_class_report,
-    plot_comparison,
-    summary_writer_class,
-    write_predictions,
-    write_test_predictions,
-)
-from scheduler import WarmupLR
-from checkpoint import GracefulStop, load_checkpoint
-from step import autocast_for, build_optimizer, precision_name
-from trainer import Trainer
-from trainer import evaluate as evaluate_model
 from distributed import (
     PeerError,
     check_shared_folder,
@@ -80,8 +63,25 @@ from distributed import (
     world_size,
     wrap_ddp,
 )
-from hardware import device_name
+from hardware import apply_fp32_math, device_name, emulation_warning
+from hardware import record as hardware_record
 from metrics import ImagePredictions
+from model import build_model, precise_bn_batches
+from report import (
+    compare_runs,
+    comparison_report,
+    inference_section,
+    load_finished_run,
+    per_class_report,
+    plot_comparison,
+    summary_writer_class,
+    write_predictions,
+    write_test_predictions,
+)
+from scheduler import WarmupLR
+from step import autocast_for, build_optimizer, precision_name
+from trainer import Trainer
+from trainer import evaluate as evaluate_model
 from utils import (
     UserError,
     atomic_write_json,
@@ -97,8 +97,17 @@ from utils import (
 )
 
 # Files a run writes; --overwrite removes these and nothing else.
-RUN_FILES = ("best.pt", "last.pt", "results.json", "config.json", "train.log", "curves.png", "confusion.png",
-             "predictions.csv", "test_predictions.csv")
+RUN_FILES = (
+    "best.pt",
+    "last.pt",
+    "results.json",
+    "config.json",
+    "train.log",
+    "curves.png",
+    "confusion.png",
+    "predictions.csv",
+    "test_predictions.csv",
+)
 # Written by --export (export.EXPORT_FILES); a fresh run removes them too, as they were not its model.
 EXPORT_FILES = ("model.onnx", "model.int8.onnx", "inference.json", "inference.md")
 # A folder with any of these holds a run that trained (config.json alone: one that never started).
@@ -141,25 +150,38 @@ def train(cfg, checkpoint=None, restarted=False):
     apply_fp32_math(cfg)
     if cfg.tensorboard:  # missing tensorboard: one line on every rank now, not a crash when rank 0 opens it
         on_all_ranks(summary_writer_class)
-    train_loader, val_loader, test_loader, class_names = on_all_ranks(build_loaders, cfg, cfg.device, rank(), world_size())
+    train_loader, val_loader, test_loader, class_names = on_all_ranks(
+        build_loaders, cfg, cfg.device, rank(), world_size()
+    )
     seed_everything(cfg.seed, cfg.deterministic)  # here, so the init depends on the seed alone
     # Under DDP only rank 0 needs (or downloads) the ImageNet weights: DDP copies its
     # parameters and buffers to the other ranks when it wraps the model.
     pretrained = cfg.pretrained and checkpoint is None and is_main_process()
     # (A resumed run's weights come from its checkpoint: nothing to zero.)
     zero_residual = cfg.zero_init_residual and checkpoint is None
-    model = on_all_ranks(build_model, len(class_names), pretrained, cfg.pretrained_path, class_names, zero_residual,
-                         cfg.model, cfg.learning_rate)
+    model = on_all_ranks(
+        build_model,
+        len(class_names),
+        pretrained,
+        cfg.pretrained_path,
+        class_names,
+        zero_residual,
+        cfg.model,
+        cfg.learning_rate,
+    )
     model.to(cfg.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # --precise_bn, decided once (config.json keeps the number, so a resumed run keeps it)
-    cfg.precise_bn, precise_bn_note = precise_bn_batches(model, cfg.model, cfg.precise_bn, len(train_loader),
-                                                         cfg.epochs)
+    cfg.precise_bn, precise_bn_note = precise_bn_batches(
+        model, cfg.model, cfg.precise_bn, len(train_loader), cfg.epochs
+    )
     train_model = model
     if torch.distributed.is_initialized():
         train_model = wrap_ddp(model, cfg.device, getattr(cfg, "sync_bn", False))
         model = train_model.module  # saved and evaluated: no `module.` prefix
-        logger.info(f"DistributedDataParallel: {world_size()} processes ({torch.distributed.get_backend()}), "
-                    f"{cfg.batch_size // world_size()} images each per micro-batch")
+        logger.info(
+            f"DistributedDataParallel: {world_size()} processes ({torch.distributed.get_backend()}), "
+            f"{cfg.batch_size // world_size()} images each per micro-batch"
+        )
     optimizer = build_optimizer(model, cfg)
     # cuDNN tries its algorithms once per input shape and keeps the fastest (not deterministic).
     torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -168,16 +190,19 @@ def train(cfg, checkpoint=None, restarted=False):
     scheduler = build_scheduler(optimizer, cfg, -(-len(train_loader) // cfg.accum_steps))
     loaders = (train_loader, val_loader, test_loader)
     stop = GracefulStop()
-    trainer = Trainer(model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger,
-                      train_model=train_model, stop=stop)
+    trainer = Trainer(
+        model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=train_model, stop=stop
+    )
     if checkpoint is not None:
         trainer.restore(checkpoint)
     from_main_process(start_run_dir, run_dir, checkpoint is None)
     log_to_file(logger, os.path.join(run_dir, "train.log"))
     restart = f"torchrun restart {torchrun_attempt()}: " if restarted else ""
     if checkpoint is not None:
-        logger.info(f"{restart}resuming {cfg.checkpoint_name}{' from last.pt' if restart else ''}: "
-                    f"{trainer.position()} (step {scheduler.last_epoch})")
+        logger.info(
+            f"{restart}resuming {cfg.checkpoint_name}{' from last.pt' if restart else ''}: "
+            f"{trainer.position()} (step {scheduler.last_epoch})"
+        )
     elif restart:
         logger.info(f"{restart}{cfg.checkpoint_name} failed before its first checkpoint: starting it again")
     if is_main_process():
@@ -203,8 +228,13 @@ def write_run_config(run_dir, cfg, position):
     the sessions before it (a config.json from before "sessions" existed gives the first)."""
     path = os.path.join(run_dir, "config.json")
     device = {"device_name": device_name(cfg.device), **hardware_record(cfg.device, cfg.amp_dtype if cfg.amp else None)}
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": position, "world_size": world_size(),
-               **device, **{name: getattr(cfg, name) for name in sorted(config.RESUMABLE_OVERRIDES)}}
+    session = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "from": position,
+        "world_size": world_size(),
+        **device,
+        **{name: getattr(cfg, name) for name in sorted(config.RESUMABLE_OVERRIDES)},
+    }
     if torchrun_job_id() is not None:  # (how a restart of the job knows the folder is its own)
         session["torchrun_job_id"] = torchrun_job_id()
     sessions = []
@@ -252,10 +282,12 @@ def finished_run_note(run_dir, checkpoint, name):
     if not results.get("finished") or results.get("test_acc") is None:
         return ""  # stopped during its final test: --resume runs the test
     epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
-    return (f"{name} is finished: it trained its {epochs} and was tested "
-            f"(test accuracy {results['test_acc']:.2f}%), so there is nothing to resume. Re-test it with "
-            f"--evaluate, or train it further as a new run that starts from its weights: --checkpoint_name NEW "
-            f"--pretrained_path {os.path.join(run_dir, 'best.pt')} --epochs N (with a lower --learning_rate)")
+    return (
+        f"{name} is finished: it trained its {epochs} and was tested "
+        f"(test accuracy {results['test_acc']:.2f}%), so there is nothing to resume. Re-test it with "
+        f"--evaluate, or train it further as a new run that starts from its weights: --checkpoint_name NEW "
+        f"--pretrained_path {os.path.join(run_dir, 'best.pt')} --epochs N (with a lower --learning_rate)"
+    )
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch):
@@ -290,8 +322,9 @@ def load_trained(path, cfg):
             train_it = "python main.py --demo" + (" --amp" if name == "demo_amp" else "")
         else:
             train_it = f"python main.py --demo --checkpoint_name {name}"
-        raise UserError(f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with "
-                        "--checkpoint_name")
+        raise UserError(
+            f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with --checkpoint_name"
+        )
     return load_checkpoint(path)
 
 
@@ -311,12 +344,21 @@ def evaluate(best, cfg):
     if list(class_names) != list(best["class_names"]):
         raise UserError(f"the test classes {class_names} differ from the run's {best['class_names']}")
     predictions = ImagePredictions(loader_files(test_loader))
-    test = evaluate_model(model, test_loader, DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg),
-                          len(class_names), predictions, "testing" if cfg.progress and is_main_process() else "")
+    test = evaluate_model(
+        model,
+        test_loader,
+        DeviceTransform(cfg.device, cfg.channels_last),
+        autocast_for(cfg),
+        len(class_names),
+        predictions,
+        "testing" if cfg.progress and is_main_process() else "",
+    )
     rows = predictions.rows()  # (a collective: every rank)
     if is_main_process():
-        print(f"{cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, {precision_name(cfg)}): "
-              f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}")
+        print(
+            f"{cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, {precision_name(cfg)}): "
+            f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}"
+        )
         print(per_class_report(test["confusion"], class_names))
         path = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "test_predictions.csv")
         try:
@@ -337,12 +379,18 @@ def predict(best, cfg):
     """Label the unlabeled images with a run's best.pt into predictions.csv (or --predictions_file)."""
     root = cfg.predict_dir or find_split_dir(cfg.data_dir, "pred")
     if root is None:
-        raise UserError(f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
-                        f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR")
+        raise UserError(
+            f"no unlabeled images found: expected {cfg.data_dir}/seg_pred/seg_pred/*.jpg "
+            f"(or {cfg.data_dir}/seg_pred/*.jpg), or pass --predict_dir DIR"
+        )
     apply_fp32_math(cfg)
     loader, unreadable, warning = build_predict_loader(root, cfg, cfg.device)  # (as training checks its images)
     model = best_model(best, cfg)
-    transform, autocast, class_names = DeviceTransform(cfg.device, cfg.channels_last), autocast_for(cfg), best["class_names"]
+    transform, autocast, class_names = (
+        DeviceTransform(cfg.device, cfg.channels_last),
+        autocast_for(cfg),
+        best["class_names"],
+    )
     model.eval()
     rows = []
     for images, files, errors in progress_bar(loader, "labeling" if cfg.progress else ""):
@@ -356,9 +404,11 @@ def predict(best, cfg):
         rows += [(files[i], class_names[k], p) for i, k, p in zip(readable, label.tolist(), confidence.tolist())]
     path = cfg.predictions_file or os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
     if not rows:  # an empty CSV would replace earlier predictions with nothing
-        raise UserError(f"none of the {len(unreadable)} image file(s) in {root} could be read "
-                        f"(first: {unreadable[0]}); " + (f"{path} is unchanged" if os.path.exists(path)
-                                                         else "no predictions were written"))
+        raise UserError(
+            f"none of the {len(unreadable)} image file(s) in {root} could be read "
+            f"(first: {unreadable[0]}); "
+            + (f"{path} is unchanged" if os.path.exists(path) else "no predictions were written")
+        )
     for error in unreadable:
         print(f"skipped: {error}", file=sys.stderr)
     if warning:  # about the files that were labeled: one that could not be read was skipped, not grayed
@@ -370,8 +420,10 @@ def predict(best, cfg):
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     skipped = f" ({len(unreadable)} unreadable file(s) skipped)" if unreadable else ""
-    print(f"wrote {len(rows)} predictions of {cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, "
-          f"{precision_name(cfg)}) for {root} to {path}{skipped}")
+    print(
+        f"wrote {len(rows)} predictions of {cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, "
+        f"{precision_name(cfg)}) for {root} to {path}{skipped}"
+    )
     return 0
 
 
@@ -380,8 +432,10 @@ def export(best, cfg):
     try:
         from export import export_run  # onnx, onnxruntime and onnxscript: needed by --export alone
     except ImportError as exc:
-        raise UserError(f"--export needs the onnx, onnxruntime and onnxscript packages ({exc.name or exc} is "
-                        "missing): pip install -r requirements.txt") from None
+        raise UserError(
+            f"--export needs the onnx, onnxruntime and onnxscript packages ({exc.name or exc} is "
+            "missing): pip install -r requirements.txt"
+        ) from None
     return export_run(best_model(best, cfg), best, cfg)
 
 
@@ -396,13 +450,15 @@ def compare(cfg):
     replaced = any(os.path.exists(path) for path in paths)
     if replaced and not is_comparison(paths[1]):  # (e.g. --compare_name README: checkpoints/README.md)
         taken = next(path for path in paths if os.path.exists(path))
-        raise UserError(f"{taken} exists and is not a comparison written by --compare; "
-                        "pass another --compare_name")
+        raise UserError(f"{taken} exists and is not a comparison written by --compare; pass another --compare_name")
     atomic_write_text(paths[0], text)
     atomic_write_json(paths[1], comparison)
     plot_comparison(runs, paths[2], comparison)
-    print(text + f"\nwrote {paths[0]}, {paths[1]} and {paths[2]}" +
-          (" (replacing the earlier comparison of that name)" if replaced else ""))
+    print(
+        text
+        + f"\nwrote {paths[0]}, {paths[1]} and {paths[2]}"
+        + (" (replacing the earlier comparison of that name)" if replaced else "")
+    )
     return 0
 
 

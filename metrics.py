@@ -1,6 +1,7 @@
 """What a run measures: loss, accuracy and the confusion matrix (kept on the device, summed over
 processes), the health of the optimizer steps (skipped steps, bad streaks, gradient norms, the
 divergence check), wall time that waits for the GPU, peak GPU memory, and the device's name."""
+
 import contextlib
 import os
 import time
@@ -43,8 +44,10 @@ class ClassificationMeter:
 
     def state_dict(self):
         """The sums over all processes (a collective under DDP)."""
-        return {"loss_sum": all_reduce_sum(self.loss_sum.clone()).cpu(),
-                "confusion": all_reduce_sum(self.confusion.clone()).cpu()}
+        return {
+            "loss_sum": all_reduce_sum(self.loss_sum.clone()).cpu(),
+            "confusion": all_reduce_sum(self.confusion.clone()).cpu(),
+        }
 
     def load_state_dict(self, state):
         """Rank 0 takes the saved sums and the other ranks start from zero, so they count once."""
@@ -86,8 +89,10 @@ class ImagePredictions:
         values = torch.cat(self.batches).cpu().tolist() if self.batches else []
         if len(values) != len(self.files):
             raise RuntimeError(f"{len(values)} predictions for {len(self.files)} files")
-        mine = [(file, int(true), int(predicted), confidence) for file, (true, predicted, confidence)
-                in zip(self.files, values)]
+        mine = [
+            (file, int(true), int(predicted), confidence)
+            for file, (true, predicted, confidence) in zip(self.files, values)
+        ]
         return sorted(dict((row[0], row) for row in all_gather_lists(mine)).values())
 
 
@@ -254,12 +259,20 @@ class StepHealth:
         weights_ok = bool(torch.stack(torch._foreach_norm(state, float("inf"))).isfinite().all())
         if bad_steps < MAX_BAD_STEPS and weights_ok:
             return
-        what = "the weights are no longer finite" if not weights_ok else (
-            f"the loss was not finite (or GradScaler skipped the update) for {bad_steps} steps in a row")
+        what = (
+            "the weights are no longer finite"
+            if not weights_ok
+            else (f"the loss was not finite (or GradScaler skipped the update) for {bad_steps} steps in a row")
+        )
         hint = " or --amp --amp_dtype bfloat16" if suggest_bfloat16 else ""
-        kept = (f"The last good checkpoint, {last_checkpoint}, is untouched" if os.path.exists(last_checkpoint)
-                else "No checkpoint was written: the weights were never finite at a save")
-        raise agreed_failure(RunStopped(f"training diverged: {what} ({where}); try a lower --learning_rate{hint}. {kept}"))
+        kept = (
+            f"The last good checkpoint, {last_checkpoint}, is untouched"
+            if os.path.exists(last_checkpoint)
+            else "No checkpoint was written: the weights were never finite at a save"
+        )
+        raise agreed_failure(
+            RunStopped(f"training diverged: {what} ({where}); try a lower --learning_rate{hint}. {kept}")
+        )
 
     def start_epoch(self, epoch_state=None):
         """This epoch's counts from zero, or from where a mid-epoch checkpoint cut the epoch."""
@@ -281,8 +294,12 @@ class StepHealth:
         """The epoch's history fields: the loss scale at its end, steps skipped, mean and max
         gradient norm."""
         grad_norm_mean, grad_norm_max = self.grad_norms.compute()
-        return {"loss_scale": self.loss_scale(), "skipped_steps": int(self.epoch_skipped),
-                "grad_norm_mean": grad_norm_mean, "grad_norm_max": grad_norm_max}
+        return {
+            "loss_scale": self.loss_scale(),
+            "skipped_steps": int(self.epoch_skipped),
+            "grad_norm_mean": grad_norm_mean,
+            "grad_norm_max": grad_norm_max,
+        }
 
     def state_dict(self):
         return {"skipped_steps": int(self.skipped_steps), "bad_streak": int(self.bad_streak)}

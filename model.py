@@ -1,5 +1,6 @@
 """The model: any classification model of torchvision by its name (ResNet-18 by default), with
 ImageNet (or an earlier run's) weights when asked, and a head for our classes."""
+
 import bisect
 import contextlib
 import difflib
@@ -23,14 +24,17 @@ DEFAULT_MODEL = "resnet18"
 # get_model(name, num_classes=N, aux_logits=False)); transform_input rescales our
 # ImageNet-normalized input to the [-1, 1] their ImageNet weights learned on (what torchvision's
 # builders set with those weights); init_weights: the init it has now, without its warning.
-BUILD_KWARGS = {name: dict(aux_logits=False, transform_input=True, init_weights=True)
-                for name in ("googlenet", "inception_v3")}
+BUILD_KWARGS = {
+    name: dict(aux_logits=False, transform_input=True, init_weights=True) for name in ("googlenet", "inception_v3")
+}
 # Keys of those auxiliary classifiers in the ImageNet files: left out when loading.
 AUXILIARY_KEYS = re.compile(r"^(aux1|aux2|AuxLogits)\.")
 # DenseNet's ImageNet files name its layers' parts norm.1, conv.2, ...: now norm1, conv2 (as
 # torchvision's builder renames them).
-DENSENET_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
-                                 r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+DENSENET_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 # ImageNet's image size, which every classification model of torchvision takes.
 REFERENCE_SIZE = 224
 
@@ -132,8 +136,10 @@ def default_weights(name):
     """torchvision's DEFAULT (ImageNet) weights of `name`, from its weights API."""
     weights = getattr(torchvision.models.get_model_weights(name), "DEFAULT", None)
     if weights is None:
-        raise UserError(f"torchvision has no pretrained weights for --model {name}; pass --no_pretrained to train "
-                        "it from scratch, or --pretrained_path FILE")
+        raise UserError(
+            f"torchvision has no pretrained weights for --model {name}; pass --no_pretrained to train "
+            "it from scratch, or --pretrained_path FILE"
+        )
     return weights
 
 
@@ -145,8 +151,10 @@ def check_default_weights_fit(name):
     built = getattr(empty_model(name, 2), "image_size", None)  # (a ViT's fixed size; None for the rest)
     trained = weights.meta.get("min_size", (0, 0))[0]
     if built is not None and trained != built:
-        raise UserError(f"torchvision's DEFAULT ImageNet weights of --model {name} are for {trained} x {trained} "
-                        f"images, but it is built for {built} x {built} here; pass --no_pretrained or --pretrained_path FILE")
+        raise UserError(
+            f"torchvision's DEFAULT ImageNet weights of --model {name} are for {trained} x {trained} "
+            f"images, but it is built for {built} x {built} here; pass --no_pretrained or --pretrained_path FILE"
+        )
 
 
 def cached_weights_path(name=DEFAULT_MODEL):
@@ -228,15 +236,21 @@ def load_weights(model, state, optional=()):
     that may be missing; returns why it does not fit, in one line ('' if it loaded). The keys
     are compared after the model's own load hooks, which rename those of older files (ViT's)."""
     expected = model.state_dict()
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if shapes:  # (load_state_dict would fail)
         missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not OPTIONAL_KEYS.search(k) and k not in optional]
-    parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-             for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes)) if keys]
+    parts = [
+        f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes))
+        if keys
+    ]
     return "; ".join(parts)
 
 
@@ -263,13 +277,22 @@ def zero_init_residual(model, name=None):
     if gammas:
         log.info(f"--zero_init_residual: zeroed the last BatchNorm weight of {len(gammas)} residual blocks")
     else:
-        log.info(f"--zero_init_residual: {name or type(model).__name__} has no ResNet residual blocks (BasicBlock, "
-                 "Bottleneck: the resnet, resnext and wide_resnet models), the only ones it zeroes; nothing to zero")
+        log.info(
+            f"--zero_init_residual: {name or type(model).__name__} has no ResNet residual blocks (BasicBlock, "
+            "Bottleneck: the resnet, resnext and wide_resnet models), the only ones it zeroes; nothing to zero"
+        )
     return model
 
 
-def build_model(num_classes, pretrained=True, pretrained_path=None, class_names=None, zero_residual=False,
-                name=DEFAULT_MODEL, learning_rate=None):
+def build_model(
+    num_classes,
+    pretrained=True,
+    pretrained_path=None,
+    class_names=None,
+    zero_residual=False,
+    name=DEFAULT_MODEL,
+    learning_rate=None,
+):
     """torchvision's model `name` with a `num_classes` head; its state dict loads into a plain
     `torchvision.models.get_model(name, num_classes=num_classes)` (with BUILD_KWARGS).
 
@@ -287,8 +310,9 @@ def load_model(name, num_classes, pretrained, pretrained_path, class_names, lear
     if not pretrained:
         return new_model(name, num_classes)
     source = pretrained_path or cached_weights_path(name)
-    state, file_classes, file_model, file_lr = (load_weights_file(pretrained_path) if pretrained_path
-                                                else (imagenet_state_dict(name), None, None, None))
+    state, file_classes, file_model, file_lr = (
+        load_weights_file(pretrained_path) if pretrained_path else (imagenet_state_dict(name), None, None, None)
+    )
     state = renamed_legacy_keys(unwrapped(state))
     heads = head_keys(name)
     head = state.get(heads[0])
@@ -299,19 +323,24 @@ def load_model(name, num_classes, pretrained, pretrained_path, class_names, lear
     except (RuntimeError, ValueError) as exc:  # a load hook's complaint (MNASNet's about a file's version)
         problem = str(exc).splitlines()[0]
     if problem and file_model not in (None, name):
-        raise UserError(f"{source} holds a --model {file_model} run's weights, which do not fit --model {name}; "
-                        f"pass --model {file_model} to fine-tune it")
+        raise UserError(
+            f"{source} holds a --model {file_model} run's weights, which do not fit --model {name}; "
+            f"pass --model {file_model} to fine-tune it"
+        )
     if problem:
         raise UserError(f"the weights in {source} do not fit --model {name}: {problem}")
     if file_classes is not None and list(file_classes) == list(class_names or []) and head is not None:
-        logging.getLogger("amp").info(f"--pretrained_path: starting from {pretrained_path} with its head "
-                                      f"(the same {len(file_classes)} classes){fine_tuning_advice(file_lr, learning_rate)}")
+        logging.getLogger("amp").info(
+            f"--pretrained_path: starting from {pretrained_path} with its head "
+            f"(the same {len(file_classes)} classes){fine_tuning_advice(file_lr, learning_rate)}"
+        )
         return model
     if file_classes is not None:
         logging.getLogger("amp").info(
             f"--pretrained_path: fine-tuning {pretrained_path}; its head for {len(file_classes)} classes "
             f"({', '.join(file_classes)}) is replaced by a new one for this data's {num_classes}"
-            f"{fine_tuning_advice(file_lr, learning_rate)}")
+            f"{fine_tuning_advice(file_lr, learning_rate)}"
+        )
     return replace_head(model, name, num_classes)
 
 
@@ -322,9 +351,11 @@ def fine_tuning_advice(trained_lr, learning_rate):
     (validation accuracy fell from 77% to 56% in one epoch, issue 22)."""
     if trained_lr is None or learning_rate is None or learning_rate < trained_lr / 2:
         return ""
-    return (f"; this run warms its LR up to --learning_rate {learning_rate:g} again (the earlier run peaked at "
-            f"{trained_lr:g}), which can undo much of what the weights learned in the first epochs: to fine-tune, "
-            f"pass a lower --learning_rate (e.g. {learning_rate / 10:g}) and a short --warmup_epochs (0 or 1)")
+    return (
+        f"; this run warms its LR up to --learning_rate {learning_rate:g} again (the earlier run peaked at "
+        f"{trained_lr:g}), which can undo much of what the weights learned in the first epochs: to fine-tune, "
+        f"pass a lower --learning_rate (e.g. {learning_rate / 10:g}) and a short --warmup_epochs (0 or 1)"
+    )
 
 
 # --------------------------------------------------------------------------- precise BatchNorm
@@ -365,17 +396,21 @@ def precise_bn_batches(model, name, requested, batches_per_epoch, epochs):
     if requested:  # (more than an epoch has: the epoch's, as dataset.training_inputs takes them)
         used = min(requested, batches_per_epoch)
         capped = f" (all of an epoch's: it has {batches_per_epoch})" if requested > batches_per_epoch else ""
-        return requested, (f"--precise_bn {requested}: BatchNorm statistics recomputed over {used} training "
-                           f"batches{capped} before each validation")
+        return requested, (
+            f"--precise_bn {requested}: BatchNorm statistics recomputed over {used} training "
+            f"batches{capped} before each validation"
+        )
     slowest = unconverged_batchnorm(model, epochs * batches_per_epoch)
     if slowest is None:
         return 0, ""
     batches = min(AUTO_PRECISE_BN_BATCHES, batches_per_epoch)
     momentum, share = slowest
-    return batches, (f"precise BatchNorm is on: {name}'s BatchNorm momentum {momentum:.2g} would leave {share:.0%} of "
-                     f"its initial statistics in them after this run's {epochs * batches_per_epoch} training batches, "
-                     f"so they are recomputed over {batches} training batches before each validation "
-                     "(--precise_bn 0: off)")
+    return batches, (
+        f"precise BatchNorm is on: {name}'s BatchNorm momentum {momentum:.2g} would leave {share:.0%} of "
+        f"its initial statistics in them after this run's {epochs * batches_per_epoch} training batches, "
+        f"so they are recomputed over {batches} training batches before each validation "
+        "(--precise_bn 0: off)"
+    )
 
 
 @torch.no_grad()
@@ -389,8 +424,9 @@ def recompute_batchnorm_statistics(models, inputs, autocast):
     are put back; if no batch completes, so are the statistics."""
     layers = [bn for model in models for bn in batchnorm_layers(model)]
     modes = [(module, module.training) for model in models for module in model.modules()]
-    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
-             for bn in layers]
+    saved = [
+        (bn.momentum, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in layers
+    ]
     for model in models:
         model.eval()
     for bn in layers:

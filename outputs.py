@@ -1,14 +1,23 @@
 """What a run writes as it trains, besides its checkpoints: results.json, curves.png and
 confusion.png, TensorBoard's scalars, and the lines it prints for each epoch and the test. Rank 0
 writes; a disk that refuses stops every rank with one line."""
+
 import os
 import time
 
 from distributed import from_main_process, is_main_process, world_size
 from hardware import device_name
 from hardware import record as hardware_record
-from report import TensorBoardLog, comparison_table, per_class_accuracy, per_class_report, plot_confusion, plot_curves
-from report import memory_note, write_test_predictions
+from report import (
+    TensorBoardLog,
+    comparison_table,
+    memory_note,
+    per_class_accuracy,
+    per_class_report,
+    plot_confusion,
+    plot_curves,
+    write_test_predictions,
+)
 from step import HOST_SYNC_OPTIMIZERS, precision_name
 from utils import RunStopped, atomic_write_json
 
@@ -32,18 +41,24 @@ class RunOutputs:
         self.log.info(
             f"training {cfg.checkpoint_name}: {sizes[0]} train / {sizes[1]} val / {sizes[2]} test images, "
             f"{len(self.class_names)} classes, on {device_name(self.device)} ({precision_name(cfg)}), "
-            f"{plural(steps_per_epoch, 'step')} x {plural(cfg.epochs, 'epoch')}")
+            f"{plural(steps_per_epoch, 'step')} x {plural(cfg.epochs, 'epoch')}"
+        )
         if float16_scaler and self.device.type == "cpu":
-            self.log.info("warning: float16 + GradScaler on the CPU runs CUDA's AMP recipe to check it, and is slow on "
-                          "most CPUs; --amp alone gives the fast bfloat16 there")
+            self.log.info(
+                "warning: float16 + GradScaler on the CPU runs CUDA's AMP recipe to check it, and is slow on "
+                "most CPUs; --amp alone gives the fast bfloat16 there"
+            )
         optimizer = getattr(cfg, "optimizer", "adam")
         if float16_scaler and self.device.type == "cuda" and optimizer in HOST_SYNC_OPTIMIZERS:
-            self.log.info(f"note: with --optimizer {optimizer} GradScaler reads its inf/NaN flag back to the host "
-                          "at every step: the host waits for the GPU each step (adam, adamw and sgd skip on the device)")
+            self.log.info(
+                f"note: with --optimizer {optimizer} GradScaler reads its inf/NaN flag back to the host "
+                "at every step: the host waits for the GPU each step (adam, adamw and sgd skip on the device)"
+            )
 
     def write(self, path, write, note=""):
         """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
         with one line (ending in `note`; files already written stay as they are)."""
+
         def guarded():
             try:
                 write()
@@ -97,8 +112,14 @@ class RunOutputs:
         best.pt `best`), the test's lines, confusion.png, and TensorBoard's last points."""
         confusion = test["confusion"]  # rows are true classes
         results = self.write_results(
-            state, skipped_steps, test_acc=test["acc"], test_loss=test["loss"], best_epoch=best["epoch"], **ema,
-            per_class_acc=per_class_accuracy(confusion, self.class_names), confusion_matrix=confusion.tolist(),
+            state,
+            skipped_steps,
+            test_acc=test["acc"],
+            test_loss=test["loss"],
+            best_epoch=best["epoch"],
+            **ema,
+            per_class_acc=per_class_accuracy(confusion, self.class_names),
+            confusion_matrix=confusion.tolist(),
         )
         which = ", EMA weights" if best.get("weights") == "ema" else ""
         self.log.info(f"test accuracy of the best-validation model (epoch {best['epoch']}{which}): {test['acc']:.2f}%")
@@ -122,7 +143,9 @@ class RunOutputs:
         series: events a killed session wrote after the checkpoint's step are purged."""
         if not getattr(self.cfg, "tensorboard", False) or not is_main_process():
             return
-        self.tensorboard = TensorBoardLog(os.path.join(self.run_dir, "tensorboard"), purge_step=step + 1 if step else None)
+        self.tensorboard = TensorBoardLog(
+            os.path.join(self.run_dir, "tensorboard"), purge_step=step + 1 if step else None
+        )
 
     def start_rate(self, images_so_far):
         """images/s of the first logged step of an epoch counts from here; `images_so_far()` is
@@ -141,18 +164,39 @@ class RunOutputs:
         self.last_logged = (now, images_so_far)
         # (The meter's count covers every process; it restarts each epoch, and then gives no rate.)
         rate = (images_so_far - images_then) / (now - then) if images_so_far > images_then else None
-        self.tensorboard.scalars(step, {"step/loss": float(loss.detach()), "step/lr": lr,
-                                        "step/loss_scale": health.loss_scale(),
-                                        "step/grad_norm": float(outcome.grad_norm), "step/images_per_sec": rate})
+        self.tensorboard.scalars(
+            step,
+            {
+                "step/loss": float(loss.detach()),
+                "step/lr": lr,
+                "step/loss_scale": health.loss_scale(),
+                "step/grad_norm": float(outcome.grad_norm),
+                "step/images_per_sec": rate,
+            },
+        )
 
     def log_epoch(self, step, record):
         """The epoch's numbers, at the optimizer step it ended on (one x axis for every series)."""
         if self.tensorboard is None:
             return
-        self.tensorboard.scalars(step, {
-            f"epoch/{key}": record[key]
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema", "seconds",
-                        "peak_mem_mb", "steady_peak_mem_mb") if key in record})
+        self.tensorboard.scalars(
+            step,
+            {
+                f"epoch/{key}": record[key]
+                for key in (
+                    "train_loss",
+                    "train_acc",
+                    "val_loss",
+                    "val_acc",
+                    "val_loss_ema",
+                    "val_acc_ema",
+                    "seconds",
+                    "peak_mem_mb",
+                    "steady_peak_mem_mb",
+                )
+                if key in record
+            },
+        )
         self.tensorboard.flush()
 
     def log_test(self, step, metrics):

@@ -1,11 +1,13 @@
 """Reporting: turn runs' results into the comparison table, the learning-curve (with the gradient
 norm and float16's loss scale), comparison and confusion-matrix pictures, per-class accuracies
 and the predictions CSV; write and read a run's TensorBoard event files."""
+
 import csv
 import io
 import os
 
 import numpy as np
+
 # Figure (not pyplot) draws with the Agg canvas: no display needed and no global figure state,
 # so a picture redrawn every epoch of a long run leaks nothing.
 from matplotlib.figure import Figure
@@ -14,8 +16,17 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 import verdicts
 from utils import UserError, atomic_savefig, atomic_write_text, load_json
 
-TABLE_COLUMNS = ("run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
-                 "images/s")
+TABLE_COLUMNS = (
+    "run",
+    "device",
+    "precision",
+    "test acc (%)",
+    "peak GPU memory",
+    "s/epoch",
+    "epochs",
+    "total time",
+    "images/s",
+)
 RELATIVE_COLUMNS = ("speedup", "memory saving")
 # After the others, so scripts that read the table by position still find them where they were.
 SETTING_COLUMNS = ("model", "image size", "batch size", "dataset")
@@ -29,11 +40,33 @@ DEFAULT_MODEL = "resnet18"  # the only model before --model; configs written the
 # not in an epoch's seconds but are in the total time.) The config's
 # device ("cuda") and its copies of results.json's device fields give way to results.json's.
 NOT_COMPARED = {
-    "amp", "amp_dtype", "fp32_math", "precision", "checkpoint_name", "checkpoint_dir", "num_workers", "progress",
-    "resume", "evaluate", "predict", "predict_dir", "compare", "compare_name", "overwrite", "dist_timeout",
-    "cache", "benchmark", "benchmark_steps", "data", "demo", "predictions_file",
-    "device_name", "amp_dtype_native", "sessions",
-    "export", "calibration_images",
+    "amp",
+    "amp_dtype",
+    "fp32_math",
+    "precision",
+    "checkpoint_name",
+    "checkpoint_dir",
+    "num_workers",
+    "progress",
+    "resume",
+    "evaluate",
+    "predict",
+    "predict_dir",
+    "compare",
+    "compare_name",
+    "overwrite",
+    "dist_timeout",
+    "cache",
+    "benchmark",
+    "benchmark_steps",
+    "data",
+    "demo",
+    "predictions_file",
+    "device_name",
+    "amp_dtype_native",
+    "sessions",
+    "export",
+    "calibration_images",
 }
 
 
@@ -105,10 +138,14 @@ def memory_note(runs):
     if all(peak_memory(r) is None for r in runs):
         return ""
     if memory_key(runs) == STEADY_PEAK:
-        return ("Peak GPU memory: the steady-state training peak (epochs after each session's first; "
-                "results.json's steady_peak_mem_mb).")
-    return ("Peak GPU memory: the overall training peak (results.json's peak_mem_mb), cuDNN's autotuning in each "
-            "session's first epoch included: not every run has a steady-state peak (steady_peak_mem_mb).")
+        return (
+            "Peak GPU memory: the steady-state training peak (epochs after each session's first; "
+            "results.json's steady_peak_mem_mb)."
+        )
+    return (
+        "Peak GPU memory: the overall training peak (results.json's peak_mem_mb), cuDNN's autotuning in each "
+        "session's first epoch included: not every run has a steady-state peak (steady_peak_mem_mb)."
+    )
 
 
 def throughput(run):
@@ -163,8 +200,12 @@ def setting_cells(config):
     if config is None:
         return [UNKNOWN] * len(SETTING_COLUMNS)
     crop = f" (crop {config['random_crop']})" if config.get("random_crop") else ""  # (the size the model saw)
-    return [str(config.get("model", DEFAULT_MODEL)), f"{config.get('image_size', UNKNOWN)}{crop}",
-            str(config.get("batch_size", UNKNOWN)), dataset_name(config.get("data_dir"))]
+    return [
+        str(config.get("model", DEFAULT_MODEL)),
+        f"{config.get('image_size', UNKNOWN)}{crop}",
+        str(config.get("batch_size", UNKNOWN)),
+        dataset_name(config.get("data_dir")),
+    ]
 
 
 def dataset_name(data_dir):
@@ -225,25 +266,35 @@ def comparison_report(runs, comparison=None):
     if note:  # under the table, whose column it explains
         text += f"\n{note}\n"
     if len(runs) > 1:
-        text += (f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {first}. s/epoch and "
-                 "images/s are of the steady epochs: each session's first epoch (a run's first, the first after a "
-                 "--resume) is left out when that leaves any; checkpoint writes are left out too.\n")
+        text += (
+            f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {first}. s/epoch and "
+            "images/s are of the steady epochs: each session's first epoch (a run's first, the first after a "
+            "--resume) is left out when that leaves any; checkpoint writes are left out too.\n"
+        )
         text += "\n" + against_first_table(comparison["runs"], first)
     if _has_seed_groups(comparison):
         text += "\n" + seed_groups_table(comparison["groups"])
     text += "\n" + devices_lines(runs)
     differences = setting_differences(runs)
-    seeds = [d for d in differences if d.startswith("seed: ")] if _has_seed_groups(comparison) else []  # (the groups handle the seeds)
+    seeds = (
+        [d for d in differences if d.startswith("seed: ")] if _has_seed_groups(comparison) else []
+    )  # (the groups handle the seeds)
     differences = [d for d in differences if d not in seeds]
     if differences:
-        text += ("\nwarning: these runs differ in more than precision; speedup and accuracy differences are not "
-                 "AMP's alone:\n" + "".join(f"- {difference}\n" for difference in differences))
+        text += (
+            "\nwarning: these runs differ in more than precision; speedup and accuracy differences are not "
+            "AMP's alone:\n" + "".join(f"- {difference}\n" for difference in differences)
+        )
     if seeds:
-        text += f"\nnote: the runs differ in --seed ({seeds[0][len('seed: '):]}); the seed groups compare like with like\n"
+        text += (
+            f"\nnote: the runs differ in --seed ({seeds[0][len('seed: ') :]}); the seed groups compare like with like\n"
+        )
     unknown = [r["run"] for r in runs if r.get("config") is None]
     if unknown and len(runs) > 1:
-        text += (f"\nnote: no readable config.json for {', '.join(unknown)}; settings shown as {UNKNOWN} are "
-                 "unknown and were not compared\n")
+        text += (
+            f"\nnote: no readable config.json for {', '.join(unknown)}; settings shown as {UNKNOWN} are "
+            "unknown and were not compared\n"
+        )
     return text
 
 
@@ -258,10 +309,16 @@ def compare_runs(runs):
 def run_entry(run, first):
     """A run's numbers; `vs_first` (None for the first run): see paired_against and speedup_against."""
     entry = {
-        "name": run["run"], "precision": run["precision"], "device": run["device"],
-        "device_capability": run.get("device_capability"), "amp_dtype_native": run.get("amp_dtype_native"),
-        "seed": (run.get("config") or {}).get("seed"), "test_acc": run["test_acc"],
-        "images_per_sec": throughput(run), "steady_epochs": len(steady_epochs(run)), "vs_first": None,
+        "name": run["run"],
+        "precision": run["precision"],
+        "device": run["device"],
+        "device_capability": run.get("device_capability"),
+        "amp_dtype_native": run.get("amp_dtype_native"),
+        "seed": (run.get("config") or {}).get("seed"),
+        "test_acc": run["test_acc"],
+        "images_per_sec": throughput(run),
+        "steady_epochs": len(steady_epochs(run)),
+        "vs_first": None,
     }
     if first is not None:
         entry["vs_first"] = {**paired_against(first, run), **speedup_against(first, run)}
@@ -274,12 +331,23 @@ def paired_against(first, run):
     predictions only the difference, and why the rest is unavailable."""
     correct, unavailable = paired_correctness(first, run)
     if correct is None:
-        return {"acc_diff": run["test_acc"] - first["test_acc"], "acc_diff_ci95": None, "mcnemar_p": None,
-                "verdict": None, "unavailable": unavailable}
+        return {
+            "acc_diff": run["test_acc"] - first["test_acc"],
+            "acc_diff_ci95": None,
+            "mcnemar_p": None,
+            "verdict": None,
+            "unavailable": unavailable,
+        }
     paired = verdicts.paired_accuracy(*correct)
-    return {"acc_diff": paired.acc_diff, "acc_diff_ci95": list(paired.ci95), "mcnemar_p": paired.mcnemar_p,
-            "verdict": paired.verdict, "images": paired.images, "only_first_right": paired.only_first,
-            "only_this_right": paired.only_this}
+    return {
+        "acc_diff": paired.acc_diff,
+        "acc_diff_ci95": list(paired.ci95),
+        "mcnemar_p": paired.mcnemar_p,
+        "verdict": paired.verdict,
+        "images": paired.images,
+        "only_first_right": paired.only_first,
+        "only_this_right": paired.only_this,
+    }
 
 
 def paired_correctness(first, run):
@@ -290,8 +358,10 @@ def paired_correctness(first, run):
             return None, f"{r['run']} has no test_predictions.csv (older runs: --evaluate writes it)"
         acc = 100.0 * sum(true == predicted for true, predicted in predictions.values()) / max(len(predictions), 1)
         if abs(acc - r["test_acc"]) > 1e-6:
-            return None, (f"{r['run']}'s test_predictions.csv gives {acc:.2f}%, not its test_acc {r['test_acc']:.2f}% "
-                          "(rewritten by --evaluate with other settings?)")
+            return None, (
+                f"{r['run']}'s test_predictions.csv gives {acc:.2f}%, not its test_acc {r['test_acc']:.2f}% "
+                "(rewritten by --evaluate with other settings?)"
+            )
     a, b = first["test_predictions"], run["test_predictions"]
     if set(a) != set(b) or any(a[file][0] != b[file][0] for file in a):
         return None, f"{first['run']} and {run['run']} were tested on different images"
@@ -307,8 +377,10 @@ def speedup_against(first, run):
     """Images/s over the first run's (steady epochs), with a 95% interval from the epochs' spread."""
     reference, speed = throughput(first), throughput(run)
     interval = verdicts.speedup_interval(epoch_rates(first), epoch_rates(run))
-    return {"speedup": speed / reference if speed and reference else None,
-            "speedup_ci95": list(interval) if interval else None}
+    return {
+        "speedup": speed / reference if speed and reference else None,
+        "speedup_ci95": list(interval) if interval else None,
+    }
 
 
 def group_entries(runs):
@@ -316,21 +388,37 @@ def group_entries(runs):
     without a config.json is a group of its own), in the order of their first run."""
     groups = {}
     for r in runs:
-        key = (r["run"],) if r.get("config") is None else (r["precision"], repr(sorted(
-            (name, repr(value)) for name, value in compared_settings(r).items() if name != "seed")))
+        key = (
+            (r["run"],)
+            if r.get("config") is None
+            else (
+                r["precision"],
+                repr(sorted((name, repr(value)) for name, value in compared_settings(r).items() if name != "seed")),
+            )
+        )
         groups.setdefault(key, []).append(r)
     # Each group's [(seed, test acc)] and [(seed, images/s)]: what the group differences pair.
-    values = [([(_seed(r), r["test_acc"]) for r in members], [(_seed(r), throughput(r)) for r in members if throughput(r)])
-              for members in groups.values()]
+    values = [
+        ([(_seed(r), r["test_acc"]) for r in members], [(_seed(r), throughput(r)) for r in members if throughput(r)])
+        for members in groups.values()
+    ]
     entries = []
     for members, (accuracy, speed) in zip(groups.values(), values):
         acc_mean, acc_sd = verdicts.mean_and_sd(v for _, v in accuracy)
         speed_mean, speed_sd = verdicts.mean_and_sd(v for _, v in speed) if speed else (None, None)
-        entries.append({"runs": [r["run"] for r in members], "precision": members[0]["precision"],
-                        "seeds": [seed for seed, _ in accuracy], "n": len(members),
-                        "test_acc_mean": acc_mean, "test_acc_sd": acc_sd,
-                        "images_per_sec_mean": speed_mean, "images_per_sec_sd": speed_sd,
-                        "vs_first": None if not entries else group_against(values[0], values[len(entries)])})
+        entries.append(
+            {
+                "runs": [r["run"] for r in members],
+                "precision": members[0]["precision"],
+                "seeds": [seed for seed, _ in accuracy],
+                "n": len(members),
+                "test_acc_mean": acc_mean,
+                "test_acc_sd": acc_sd,
+                "images_per_sec_mean": speed_mean,
+                "images_per_sec_sd": speed_sd,
+                "vs_first": None if not entries else group_against(values[0], values[len(entries)]),
+            }
+        )
     return entries
 
 
@@ -346,8 +434,9 @@ def group_against(first, group):
     entry = {"acc_diff": acc_diff, "acc_diff_ci95": list(acc_interval) if acc_interval else None, "pairing": pairing}
     if first[1] and group[1]:
         speed_diff, speed_interval, _ = verdicts.group_difference(first[1], group[1])
-        entry.update(images_per_sec_diff=speed_diff,
-                     images_per_sec_diff_ci95=list(speed_interval) if speed_interval else None)
+        entry.update(
+            images_per_sec_diff=speed_diff, images_per_sec_diff_ci95=list(speed_interval) if speed_interval else None
+        )
     return entry
 
 
@@ -362,53 +451,84 @@ def _interval(interval, fmt="{:+.2f}", unit=""):
 
 def against_first_table(entries, first):
     """Each run against the first: the markdown table and what its columns mean."""
-    lines = [f"Against {first}, image by image (95% intervals):", "",
-             f"| run | test acc diff (points) | 95% CI | only {first} right | only this right | McNemar p | verdict | "
-             "speedup | 95% CI |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Against {first}, image by image (95% intervals):",
+        "",
+        f"| run | test acc diff (points) | 95% CI | only {first} right | only this right | McNemar p | verdict | "
+        "speedup | 95% CI |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for e in entries[1:]:
         v = e["vs_first"]
-        speed = ("n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
-                 _interval(v["speedup_ci95"], "{:.2f}", "x"))
+        speed = ("n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x", _interval(v["speedup_ci95"], "{:.2f}", "x"))
         if v["verdict"] is None:
             paired = ["n/a"] * 4 + ["unavailable"]
             notes.append(f"- {e['name']}: paired statistics unavailable: {v['unavailable']}")
         else:
-            paired = [_interval(v["acc_diff_ci95"]), str(v["only_first_right"]), str(v["only_this_right"]),
-                      f"{v['mcnemar_p']:.3g}", v["verdict"]]
+            paired = [
+                _interval(v["acc_diff_ci95"]),
+                str(v["only_first_right"]),
+                str(v["only_this_right"]),
+                f"{v['mcnemar_p']:.3g}",
+                v["verdict"],
+            ]
         lines.append(f"| {e['name']} | {v['acc_diff']:+.2f} | " + " | ".join([*paired, *speed]) + " |")
-    lines += ["", f"test acc diff: the run's test accuracy minus {first}'s, with Newcombe's interval for paired "
-              "proportions; only ... right: test images one of the two got right and the other wrong; McNemar p: "
-              "the exact two-sided test on those images; verdict: same within noise when p >= 0.05, else better "
-              f"or worse. speedup: images/s over {first}'s, its interval from the spread of the steady epochs' "
-              "images/s (Welch, on their logarithms): how steady this machine was, not what another would do.", *notes]
+    lines += [
+        "",
+        f"test acc diff: the run's test accuracy minus {first}'s, with Newcombe's interval for paired "
+        "proportions; only ... right: test images one of the two got right and the other wrong; McNemar p: "
+        "the exact two-sided test on those images; verdict: same within noise when p >= 0.05, else better "
+        f"or worse. speedup: images/s over {first}'s, its interval from the spread of the steady epochs' "
+        "images/s (Welch, on their logarithms): how steady this machine was, not what another would do.",
+        *notes,
+    ]
     return "\n".join(lines) + "\n"
 
 
 def seed_groups_table(groups):
     """The seed groups, the first one the reference: mean +- sd, n, and the differences."""
     first = ", ".join(groups[0]["runs"])
-    lines = ["Seed groups (runs whose settings differ only in --seed), against the first:", "",
-             "| runs | precision | n | seeds | test acc (%) mean ± sd | images/s mean ± sd | test acc diff (points) | "
-             "95% CI | images/s diff | 95% CI | paired by |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Seed groups (runs whose settings differ only in --seed), against the first:",
+        "",
+        "| runs | precision | n | seeds | test acc (%) mean ± sd | images/s mean ± sd | test acc diff (points) | "
+        "95% CI | images/s diff | 95% CI | paired by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for g in groups:
         acc = f"{g['test_acc_mean']:.2f} ± " + ("n/a" if g["test_acc_sd"] is None else f"{g['test_acc_sd']:.2f}")
-        speed = "n/a" if g["images_per_sec_mean"] is None else (
-            f"{_number(g['images_per_sec_mean'])} ± " + ("n/a" if g["images_per_sec_sd"] is None else _number(g["images_per_sec_sd"])))
+        speed = (
+            "n/a"
+            if g["images_per_sec_mean"] is None
+            else (
+                f"{_number(g['images_per_sec_mean'])} ± "
+                + ("n/a" if g["images_per_sec_sd"] is None else _number(g["images_per_sec_sd"]))
+            )
+        )
         v = g["vs_first"]
         if v is None:
             diffs = ["(reference)", "", "", "", ""]
         else:
             speed_diff = v.get("images_per_sec_diff")
-            diffs = [f"{v['acc_diff']:+.2f}", _interval(v["acc_diff_ci95"]),
-                     "n/a" if speed_diff is None else "+" * (speed_diff >= 0) + _number(speed_diff),
-                     _interval(v.get("images_per_sec_diff_ci95"), "{:+.1f}"),
-                     {"seed": "seed", "none": "unpaired (Welch)", None: "n/a (n < 2)"}[v["pairing"]]]
+            diffs = [
+                f"{v['acc_diff']:+.2f}",
+                _interval(v["acc_diff_ci95"]),
+                "n/a" if speed_diff is None else "+" * (speed_diff >= 0) + _number(speed_diff),
+                _interval(v.get("images_per_sec_diff_ci95"), "{:+.1f}"),
+                {"seed": "seed", "none": "unpaired (Welch)", None: "n/a (n < 2)"}[v["pairing"]],
+            ]
         seeds = " ".join(str(seed) for seed in g["seeds"])
-        lines.append(f"| {', '.join(g['runs'])} | {g['precision']} | {g['n']} | {seeds} | {acc} | {speed} | "
-                     + " | ".join(diffs) + " |")
-    lines += ["", f"sd: the sample standard deviation over the group's runs; the intervals: a t-interval of the "
-              f"difference from {first}, paired by seed over the seeds both groups ran (two or more), else Welch's."]
+        lines.append(
+            f"| {', '.join(g['runs'])} | {g['precision']} | {g['n']} | {seeds} | {acc} | {speed} | "
+            + " | ".join(diffs)
+            + " |"
+        )
+    lines += [
+        "",
+        f"sd: the sample standard deviation over the group's runs; the intervals: a t-interval of the "
+        f"difference from {first}, paired by seed over the seeds both groups ran (two or more), else Welch's.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -422,8 +542,10 @@ def devices_lines(runs):
     text = ("Device: " + lines[0][2:] if len(lines) == 1 else "Devices:\n" + "\n".join(lines)) + "\n"
     emulated = [r["run"] for r in runs if r.get("amp") and r.get("amp_dtype_native") is False]
     if emulated:
-        text += (f"\nwarning: {', '.join(emulated)} ran AMP in a dtype its device emulates: slower than FP32 there, "
-                 "so its speed says nothing about AMP on hardware that has it\n")
+        text += (
+            f"\nwarning: {', '.join(emulated)} ran AMP in a dtype its device emulates: slower than FP32 there, "
+            "so its speed says nothing about AMP on hardware that has it\n"
+        )
     return text
 
 
@@ -433,9 +555,7 @@ def per_class_accuracy(confusion, class_names):
     None for a class without test images."""
     matrix = np.asarray(confusion)
     totals = matrix.sum(axis=1)
-    return {
-        name: (100.0 * matrix[i, i] / totals[i] if totals[i] else None) for i, name in enumerate(class_names)
-    }
+    return {name: (100.0 * matrix[i, i] / totals[i] if totals[i] else None) for i, name in enumerate(class_names)}
 
 
 def per_class_report(confusion, class_names):
@@ -500,8 +620,10 @@ def _values(history, key):
 
 def _loss_and_accuracy_panels(loss_ax, acc_ax, history, epochs):
     """Train and validation loss, and train and validation accuracy."""
-    for ax, key, name, ylabel in ((loss_ax, "loss", "loss", "cross-entropy loss"),
-                                  (acc_ax, "acc", "accuracy", "accuracy (%)")):
+    for ax, key, name, ylabel in (
+        (loss_ax, "loss", "loss", "cross-entropy loss"),
+        (acc_ax, "acc", "accuracy", "accuracy (%)"),
+    ):
         ax.plot(epochs, [e[f"train_{key}"] for e in history], marker="o", markersize=3, label="train")
         ax.plot(epochs, [e[f"val_{key}"] for e in history], marker="o", markersize=3, label="validation")
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
@@ -542,8 +664,9 @@ def _loss_scale_panel(ax, history, epochs):
     it skipped for inf/NaN gradients in that epoch (bars, on their own axis)."""
     skipped = [e.get("skipped_steps") or 0 for e in history]
     bars_ax = ax.twinx()
-    bars = bars_ax.bar(epochs, skipped, width=0.5, color="tab:orange", alpha=0.45,
-                       label=f"skipped steps ({sum(skipped)} in all)")
+    bars = bars_ax.bar(
+        epochs, skipped, width=0.5, color="tab:orange", alpha=0.45, label=f"skipped steps ({sum(skipped)} in all)"
+    )
     bars_ax.set_ylabel("skipped optimizer steps")
     bars_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     # Both axes leave the top third free for the legend (the bars' axis runs 0..1 when none were skipped).
@@ -551,8 +674,9 @@ def _loss_scale_panel(ax, history, epochs):
     ax.set_zorder(bars_ax.get_zorder() + 1)  # the scale's line in front of the bars ...
     ax.patch.set_visible(False)  # ... without hiding them
     scales = _values(history, "loss_scale")
-    (line,) = ax.plot(epochs, scales, marker="o", markersize=3, color="tab:blue",
-                      label="loss scale at the end of the epoch")
+    (line,) = ax.plot(
+        epochs, scales, marker="o", markersize=3, color="tab:blue", label="loss scale at the end of the epoch"
+    )
     ax.set_yscale("log", base=2)
     positive = [s for s in scales if s > 0]  # a scale halved to float32's 0 has no place on a log axis
     if positive:
@@ -578,8 +702,7 @@ def comparison_figure(runs, comparison=None):
     bars = len(runs) - 1 + (len(comparison["groups"]) - 1 if against and _has_seed_groups(comparison) else 0)
     bars_height = 1.2 + 0.4 * bars  # inches: the error-bar row grows with its rows
     figure = Figure(figsize=(11, 4 + bars_height if against else 4), layout="constrained")
-    axes = figure.subplots(2 if against else 1, 2, squeeze=False,
-                           height_ratios=[4, bars_height] if against else None)
+    axes = figure.subplots(2 if against else 1, 2, squeeze=False, height_ratios=[4, bars_height] if against else None)
     by_epoch, by_time = axes[0]
     by_time.sharey(by_epoch)
     for r in runs:
@@ -609,17 +732,34 @@ def _error_bar_panels(acc_ax, speed_ax, comparison):
     """Test accuracy difference (points) and speedup against the first run, a row per run (and
     per seed group of two or more runs), each with its 95% interval; a hollow point has none."""
     first = comparison["runs"][0]["name"]
-    rows = [(e["name"], e["vs_first"]["acc_diff"], e["vs_first"]["acc_diff_ci95"], e["vs_first"]["speedup"],
-             e["vs_first"]["speedup_ci95"]) for e in comparison["runs"][1:]]
+    rows = [
+        (
+            e["name"],
+            e["vs_first"]["acc_diff"],
+            e["vs_first"]["acc_diff_ci95"],
+            e["vs_first"]["speedup"],
+            e["vs_first"]["speedup_ci95"],
+        )
+        for e in comparison["runs"][1:]
+    ]
     if _has_seed_groups(comparison):
         # (a group's difference is from the first group, not the first run: its label says so)
-        rows += [(f"group {', '.join(g['runs'])} (n={g['n']}) vs the first group", g["vs_first"]["acc_diff"],
-                  g["vs_first"]["acc_diff_ci95"], None, None) for g in comparison["groups"][1:]]
+        rows += [
+            (
+                f"group {', '.join(g['runs'])} (n={g['n']}) vs the first group",
+                g["vs_first"]["acc_diff"],
+                g["vs_first"]["acc_diff_ci95"],
+                None,
+                None,
+            )
+            for g in comparison["groups"][1:]
+        ]
     labels = [row[0] for row in rows]
     positions = np.arange(len(rows))[::-1]  # the first row on top
     for ax, value_at, interval_at, reference, xlabel in (
-            (acc_ax, 1, 2, 0.0, f"test accuracy minus {first}'s (points)"),
-            (speed_ax, 3, 4, 1.0, f"speedup over {first} (images/s ratio)")):
+        (acc_ax, 1, 2, 0.0, f"test accuracy minus {first}'s (points)"),
+        (speed_ax, 3, 4, 1.0, f"speedup over {first} (images/s ratio)"),
+    ):
         for y, row in zip(positions, rows):
             value, interval = row[value_at], row[interval_at]
             if value is None:
@@ -628,8 +768,14 @@ def _error_bar_panels(acc_ax, speed_ax, comparison):
                 ax.plot([value], [y], marker="o", markerfacecolor="white", color="tab:blue")
             else:
                 # (max: an interval of no width can land a rounding error beside its value)
-                ax.errorbar([value], [y], xerr=[[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]],
-                            fmt="o", capsize=4, color="tab:blue")
+                ax.errorbar(
+                    [value],
+                    [y],
+                    xerr=[[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]],
+                    fmt="o",
+                    capsize=4,
+                    color="tab:blue",
+                )
         ax.axvline(reference, color="gray", linestyle="--", linewidth=1)
         ax.set_yticks(positions, labels)
         ax.set_ylim(-0.7, len(rows) - 0.3)
@@ -654,8 +800,7 @@ def plot_confusion(confusion, class_names, path, title):
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if share[i, j] > 60 else "black")
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color="white" if share[i, j] > 60 else "black")
     atomic_savefig(figure, path)
 
 
@@ -693,6 +838,7 @@ class TensorBoardLog:
         SummaryWriter.add_hparams, which writes them to a new timestamped subfolder (a second run
         in TensorBoard's list), they go into this run's own event file."""
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
         summaries = hparams_summaries({name: _hparam_value(value) for name, value in hparams.items()}, metrics)
         file_writer = self.writer._get_file_writer()  # what add_hparams writes with, in its subfolder
         for summary in summaries:  # the experiment, the session start and the session end
@@ -718,10 +864,12 @@ def read_tensorboard_scalars(log_dir):
     """{tag: [(step, value), ...]} of the scalars in `log_dir`'s event files, as TensorBoard shows
     them: every event kept (no sampling), and those purged by a resumed run left out."""
     from tensorboard.backend.event_processing.event_accumulator import DEFAULT_SIZE_GUIDANCE, EventAccumulator
+
     accumulator = EventAccumulator(str(log_dir), size_guidance={kind: 0 for kind in DEFAULT_SIZE_GUIDANCE})
     accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
 
 
 # --------------------------------------------------------------------------- predictions
@@ -766,15 +914,32 @@ def read_test_predictions(path):
 
 
 # --------------------------------------------------------------------------- inference (--export)
-INFERENCE_COLUMNS = ("precision", "runtime", "size (MB)", "test acc (%)", "agreement (%)", "max logit diff",
-                     "latency p50 (ms)", "latency p95 (ms)", "images/s (batch 32)")
+INFERENCE_COLUMNS = (
+    "precision",
+    "runtime",
+    "size (MB)",
+    "test acc (%)",
+    "agreement (%)",
+    "max logit diff",
+    "latency p50 (ms)",
+    "latency p95 (ms)",
+    "images/s (batch 32)",
+)
 
 
 def inference_cells(row):
     """A row of inference.json as the cells of INFERENCE_COLUMNS."""
-    return [row["precision"], row["runtime"], f"{row['size_mb']:.1f}", f"{row['test_acc']:.2f}",
-            f"{row['agreement']:.2f}", f"{row['max_abs_logit_diff']:.2g}", f"{row['latency_ms_p50']:.2f}",
-            f"{row['latency_ms_p95']:.2f}", f"{row['images_per_sec']:.0f}"]
+    return [
+        row["precision"],
+        row["runtime"],
+        f"{row['size_mb']:.1f}",
+        f"{row['test_acc']:.2f}",
+        f"{row['agreement']:.2f}",
+        f"{row['max_abs_logit_diff']:.2g}",
+        f"{row['latency_ms_p50']:.2f}",
+        f"{row['latency_ms_p95']:.2f}",
+        f"{row['images_per_sec']:.0f}",
+    ]
 
 
 def _markdown_table(columns, rows):
@@ -805,9 +970,12 @@ def inference_markdown(report):
         f"{timing['throughput_warmup']} warm-up batches; the rows take turns, run by run, so a passing load "
         "falls on all of them. One measurement: on a shared or busy machine the times "
         f"vary from run to run (1-minute load average {report['load_average']} on {report['cpus']} CPUs as the "
-        "timing ended, this process's threads included" +
-        ("; busier than its cores, so read the times as upper bounds)." if report["load_average"] > 1.5 * report["cpus"]
-         else ")."),
+        "timing ended, this process's threads included"
+        + (
+            "; busier than its cores, so read the times as upper bounds)."
+            if report["load_average"] > 1.5 * report["cpus"]
+            else ")."
+        ),
     ]
     lines += ["", "Not measured:"] + [f"- {s['precision']} on {s['runtime']}: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
@@ -828,8 +996,12 @@ def inference_section(checkpoint_dir, names):
     reports = {name: load_inference(checkpoint_dir, name) for name in names}
     if not any(reports.values()):
         return ""
-    rows = [[name, *inference_cells(row), row.get("device", UNKNOWN)]
-            for name, report in reports.items() if report for row in report["rows"]]
+    rows = [
+        [name, *inference_cells(row), row.get("device", UNKNOWN)]
+        for name, report in reports.items()
+        if report
+        for row in report["rows"]
+    ]
     text = "\nInference (each run's inference.json, written by --export; times from each run's own machine):\n\n"
     text += _markdown_table(("run", *INFERENCE_COLUMNS, "device"), rows) + "\n"
     missing = [name for name, report in reports.items() if not report]

@@ -1,5 +1,6 @@
 """The learning-rate schedule, per optimizer step: a linear warmup, then a cosine down to min_lr
 (the default), step decay at milestones, or a constant LR."""
+
 import math
 import warnings
 
@@ -62,8 +63,17 @@ class WarmupLR(LRScheduler):
     # The schedule's shape: set by this session, never by a loaded state (see load_state_dict).
     SHAPE = ("schedule", "total_steps", "warmup_steps", "min_lr", "milestones", "gamma")
 
-    def __init__(self, optimizer, total_steps, warmup_steps, min_lr=0.0, last_epoch=-1, schedule="cosine",
-                 milestones=(), gamma=0.1):
+    def __init__(
+        self,
+        optimizer,
+        total_steps,
+        warmup_steps,
+        min_lr=0.0,
+        last_epoch=-1,
+        schedule="cosine",
+        milestones=(),
+        gamma=0.1,
+    ):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown LR schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
         self.schedule = schedule
@@ -75,8 +85,9 @@ class WarmupLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _lr(self, step, base_lr):
-        return lr_at_step(step, base_lr, self.schedule, self.total_steps, self.warmup_steps, self.min_lr,
-                          self.milestones, self.gamma)
+        return lr_at_step(
+            step, base_lr, self.schedule, self.total_steps, self.warmup_steps, self.min_lr, self.milestones, self.gamma
+        )
 
     def get_lr(self):
         return [self._lr(self.last_epoch, base_lr) for base_lr in self.base_lrs]

@@ -2,6 +2,7 @@
 GradScaler (AmpUpdate), and what a step may add: gradient accumulation, mixup/cutmix (BatchMix),
 the weights' moving average (WeightEMA), and the optimizer itself. Read this file first: it is the
 whole AMP story; trainer.py only loops over batches and calls it."""
+
 import copy
 from functools import partial
 from typing import NamedTuple
@@ -119,8 +120,10 @@ class SkippedStepGuard:
 
     def __init__(self, model, enabled):
         buffers = [b for b in model.buffers() if b.numel()] if enabled else []
-        self.groups = [self._flat_group([b for b in buffers if b.dtype == dtype])
-                       for dtype in dict.fromkeys(b.dtype for b in buffers)]
+        self.groups = [
+            self._flat_group([b for b in buffers if b.dtype == dtype])
+            for dtype in dict.fromkeys(b.dtype for b in buffers)
+        ]
 
     @staticmethod
     def _flat_group(buffers):
@@ -145,7 +148,7 @@ def _views(flat, tensors):
     """Views of consecutive slices of `flat`, shaped like `tensors`."""
     views, offset = [], 0
     for t in tensors:
-        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
     return views
 
@@ -177,9 +180,11 @@ class BatchSeeds(NamedTuple):
 
 
 def batch_seeds(seed, epoch, batch, rank):
-    return BatchSeeds(flip=derived_seed(seed, epoch, batch, rank),
-                      mix=derived_seed(seed, epoch, batch, rank, MIX_SEED_TAG),
-                      forward=derived_seed(seed, epoch, batch, rank, FORWARD_SEED_TAG))
+    return BatchSeeds(
+        flip=derived_seed(seed, epoch, batch, rank),
+        mix=derived_seed(seed, epoch, batch, rank, MIX_SEED_TAG),
+        forward=derived_seed(seed, epoch, batch, rank, FORWARD_SEED_TAG),
+    )
 
 
 # ---------------------------------------------------------------------- what a step may add
@@ -237,7 +242,9 @@ class WeightEMA(torch.nn.Module):
     def update_parameters(self, model):
         first = bool(self.n_averaged == 0)
         lerped, copied = ([], []), ([], [])  # (EMA tensors, the model's)
-        for ema, now in zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]):
+        for ema, now in zip(
+            [*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]
+        ):
             ema_list, model_list = lerped if ema.is_floating_point() and not first else copied
             ema_list.append(ema)
             model_list.append(now.detach())
@@ -255,8 +262,10 @@ def parameter_groups(model, no_bias_decay=False):
     if not no_bias_decay:
         return model.parameters()
     params = list(model.parameters())
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
 
 
 # Optimizers that GradScaler steps through `_maybe_opt_step`, which reads the inf/NaN flag with

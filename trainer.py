@@ -1,6 +1,7 @@
 """Training: the Trainer runs the epochs (train, validate, save) and then tests the best weights.
 One optimizer step is step.py's; what a checkpoint holds is checkpoint.py's; the steps' health
 checks are metrics.py's; the files a run writes as it goes are outputs.py's."""
+
 import math
 import os
 import time
@@ -11,8 +12,8 @@ from tqdm import tqdm
 from checkpoint import Checkpoints, GracefulStop, RunState, SaveTimer, load_checkpoint
 from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
-from model import recompute_batchnorm_statistics
 from metrics import ClassificationMeter, EpochClock, ImagePredictions, PeakMemory, StepHealth
+from model import recompute_batchnorm_statistics
 from outputs import RunOutputs
 from step import (
     AmpUpdate,
@@ -33,8 +34,9 @@ class Trainer:
     wrap it (DistributedDataParallel, torch.compile) and is what the training step calls. With
     --ema_decay, `ema` averages the plain module (see WeightEMA)."""
 
-    def __init__(self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None,
-                 stop=None):
+    def __init__(
+        self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None, stop=None
+    ):
         self.model = model
         self.train_model = model if train_model is None else train_model  # (a compiled module has no truth value)
         self.optimizer = optimizer
@@ -102,8 +104,14 @@ class Trainer:
         num_batches = start + len(self.train_loader)
         meter, clock = self.start_epoch()
         self.outputs.start_rate(meter.count)  # (rank 0 holds a resumed epoch's count)
-        bar = tqdm(initial=start, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and is_main_process()) or None, dynamic_ncols=True)
+        bar = tqdm(
+            initial=start,
+            total=num_batches,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (cfg.progress and is_main_process()) or None,
+            dynamic_ncols=True,
+        )
         for i, (images, targets) in enumerate(self.train_loader, start=start):
             seeds = batch_seeds(cfg.seed, epoch, i, rank())
             images = self.transform(images, flip_seed=seeds.flip)
@@ -116,8 +124,16 @@ class Trainer:
                 self.health.before_step()
             torch.manual_seed(seeds.forward)  # dropout, stochastic depth: drawn again alike on resume
             with gradient_sync(self.train_model, group.last):
-                loss, logits, outcome = training_step(self.train_model, images, targets, self.autocast, self.update,
-                                                      group.size, group.last, self.label_smoothing)
+                loss, logits, outcome = training_step(
+                    self.train_model,
+                    images,
+                    targets,
+                    self.autocast,
+                    self.update,
+                    group.size,
+                    group.last,
+                    self.label_smoothing,
+                )
             meter.update(loss, logits, labels)
             bar.update()
             self.health.record(loss, outcome)  # (puts a skipped step's BatchNorm statistics back)
@@ -151,7 +167,9 @@ class Trainer:
         --precise_bn those statistics are first recomputed over training batches (model.py)."""
         if getattr(self.cfg, "precise_bn", 0):
             inputs = training_inputs(self.train_loader, self.transform, self.cfg, self.state.epoch, rank())
-            recompute_batchnorm_statistics([self.model, *([self.ema.module] if self.ema else [])], inputs, self.autocast)
+            recompute_batchnorm_statistics(
+                [self.model, *([self.ema.module] if self.ema else [])], inputs, self.autocast
+            )
         broadcast_buffers(self.model)
         val = self.evaluate(self.val_loader)
         numbers = {"val_loss": val["loss"], "val_acc": val["acc"]}
@@ -175,8 +193,9 @@ class Trainer:
             self.ema.load_state_dict(best["ema"])
             ema_test = test if best["weights"] == "ema" else self.evaluate(self.test_loader, self.ema.module)
             ema = dict(best_weights=best["weights"], test_acc_ema=ema_test["acc"], test_loss_ema=ema_test["loss"])
-        return self.outputs.test_done(self.state, int(self.health.skipped_steps), best, test, ema,
-                                      self.scheduler.last_epoch)
+        return self.outputs.test_done(
+            self.state, int(self.health.skipped_steps), best, test, ema, self.scheduler.last_epoch
+        )
 
     def evaluate(self, loader, model=None, predictions=None):
         """`model` (default: the raw weights) over `loader` (each image's prediction into `predictions`)."""
@@ -192,7 +211,9 @@ class Trainer:
         step = self.scheduler.last_epoch
         self.check_not_diverged()
         stats = meter.compute()
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(
+            loss=f"{stats['loss']:.4f}", acc=f"{stats['acc']:.2f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}"
+        )
         # (The LR this step trained with: the optimizer already holds the next.)
         self.outputs.log_step(step, stats["count"], loss, self.scheduler.lr_at(step - 1), self.health, outcome)
 
@@ -205,8 +226,12 @@ class Trainer:
         if not (self.stop.requested(agree=due) or (every and step % every == 0) or timed):
             return
         with clock.writing():  # not in the epoch's training seconds
-            self.state.epoch_state = {"meter": meter.state_dict(), "seconds": clock.elapsed(),
-                                      "checkpoint_seconds": clock.checkpoint_seconds, **self.health.epoch_state()}
+            self.state.epoch_state = {
+                "meter": meter.state_dict(),
+                "seconds": clock.elapsed(),
+                "checkpoint_seconds": clock.checkpoint_seconds,
+                **self.health.epoch_state(),
+            }
             self.save_checkpoint("last.pt")
         self.exit_if_signalled(agree=False)  # (on the agreement just made)
 
@@ -221,7 +246,9 @@ class Trainer:
         self.check_not_diverged()
         self.outputs.flush()  # every TensorBoard event up to this checkpoint is on disk before it
         path = os.path.join(self.run_dir, name)
-        self.outputs.write(path, lambda: atomic_torch_save(self.checkpoint(name), path), f"; the previous {name} is intact")
+        self.outputs.write(
+            path, lambda: atomic_torch_save(self.checkpoint(name), path), f"; the previous {name} is intact"
+        )
         if name == "last.pt":
             self.save_timer.restart()
 
@@ -231,8 +258,11 @@ class Trainer:
 
     def check_not_diverged(self):
         bfloat16 = self.cfg.amp and self.cfg.amp_dtype == "bfloat16"
-        self.health.check(f"epoch {self.state.epoch + 1}, step {self.scheduler.last_epoch}",
-                          os.path.join(self.run_dir, "last.pt"), suggest_bfloat16=not bfloat16)
+        self.health.check(
+            f"epoch {self.state.epoch + 1}, step {self.scheduler.last_epoch}",
+            os.path.join(self.run_dir, "last.pt"),
+            suggest_bfloat16=not bfloat16,
+        )
 
     def exit_if_signalled(self, agree=True):
         if self.stop.requested(agree):
@@ -273,4 +303,3 @@ def evaluate(model, loader, transform, autocast, num_classes, predictions=None, 
         if predictions is not None:
             predictions.update(logits, targets)
     return meter.compute()
-

@@ -2,6 +2,7 @@
 seeding, atomic file writes and safe loading, and the run's log (console and train.log).
 (torch is imported by the two functions that use it: config.py reads the flags with this
 file's UserError before torch loads.)"""
+
 import json
 import logging
 import logging.handlers
@@ -155,9 +156,9 @@ def progress_bar(iterable, description, total=None):
     validation and test, precise BatchNorm. It disappears when done."""
     from tqdm import tqdm  # (here: config.py reads the flags before anything heavy loads)
 
-    return tqdm(iterable, desc=description, total=total, leave=False, disable=not description or None,
-                dynamic_ncols=True)
-
+    return tqdm(
+        iterable, desc=description, total=total, leave=False, disable=not description or None, dynamic_ncols=True
+    )
 
 
 class _ConsoleHandler(logging.StreamHandler):

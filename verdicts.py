@@ -3,6 +3,7 @@ same images: the accuracy difference with Newcombe's paired interval and McNemar
 Runs that differ only in --seed: a group's mean and standard deviation, and a t-interval for the
 difference between two groups. The speedup: an interval from the spread of the epochs' speed.
 scipy.stats gives the distributions; nothing here is a hand-written quantile."""
+
 import math
 import statistics
 from typing import NamedTuple
@@ -118,7 +119,7 @@ def welch_interval(a, b):
     se = math.sqrt(va + vb)
     if se == 0:
         return diff, diff
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return t_interval(diff, se, df)
 
 

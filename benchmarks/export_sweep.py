@@ -9,6 +9,7 @@ batches). One model per subprocess (a crash or a hang is that model's result), o
     python benchmarks/export_sweep.py resnet18 vit_b_16        # some
     python benchmarks/export_sweep.py --table sweep.jsonl      # the markdown table of a finished sweep
 """
+
 import argparse
 import json
 import os
@@ -32,8 +33,9 @@ def sweep_one(name, int8):
 
     torch.manual_seed(0)
     size = next(s for s in (32, 64, 96, 128, REFERENCE_SIZE) if not image_size_problem(name, s))
-    cfg = argparse.Namespace(model=name, image_size=size, random_crop=None, checkpoint_name="sweep", device="cpu",
-                             channels_last=False)
+    cfg = argparse.Namespace(
+        model=name, image_size=size, random_crop=None, checkpoint_name="sweep", device="cpu", channels_last=False
+    )
     best = {"class_names": ["a", "b", "c"], "epoch": 0, "weights": "raw"}
     result = {"model": name, "size": size}
     model = new_model(name, 3).eval()
@@ -64,11 +66,16 @@ def sweep_one(name, int8):
 
 
 def table(lines):
-    rows = ["| model | px | export | s | max rel. logit diff | ONNX MB | INT8 | INT8 MB |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | px | export | s | max rel. logit diff | ONNX MB | INT8 | INT8 MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in lines:
-        rows.append(f"| {r['model']} | {r.get('size', '')} | {r['export']} | {r.get('export_seconds', '')} | "
-                    f"{r.get('max_relative_logit_diff', float('nan')):.1e} | {r.get('onnx_mb', '')} | "
-                    f"{r.get('int8', '')} | {r.get('int8_mb', '')} |")
+        rows.append(
+            f"| {r['model']} | {r.get('size', '')} | {r['export']} | {r.get('export_seconds', '')} | "
+            f"{r.get('max_relative_logit_diff', float('nan')):.1e} | {r.get('onnx_mb', '')} | "
+            f"{r.get('int8', '')} | {r.get('int8_mb', '')} |"
+        )
     return "\n".join(rows)
 
 
@@ -89,14 +96,22 @@ def main(argv=None):
             print(table([json.loads(line) for line in f if line.strip()]))
         return 0
     import torchvision
+
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     for name in names:
         try:
-            done = subprocess.run([sys.executable, __file__, "--one", name, *(["--int8"] if args.int8 else [])],
-                                  capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", name, *(["--int8"] if args.int8 else [])],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            result = json.loads(lines[-1]) if lines else {
-                "model": name, "export": f"crashed (exit {done.returncode}): {done.stderr.strip()[-300:]}"}
+            result = (
+                json.loads(lines[-1])
+                if lines
+                else {"model": name, "export": f"crashed (exit {done.returncode}): {done.stderr.strip()[-300:]}"}
+            )
         except subprocess.TimeoutExpired:
             result = {"model": name, "export": f"timed out after {args.timeout:.0f} s"}
         print(json.dumps(result), flush=True)

@@ -8,6 +8,7 @@ inner step as oneDNN's (vpmaddubsw, vpmaddwd, vpaddd where VNNI has one vpdpbusd
 
     python benchmarks/int8_isa.py
 """
+
 import argparse
 import os
 import statistics
@@ -16,8 +17,12 @@ import sys
 import time
 
 ISAS = ("AVX2", "AVX512_CORE", "AVX512_CORE_VNNI", "ALL")
-NAMES = {"AVX2": "AVX2 (no VNNI)", "AVX512_CORE": "AVX-512, no VNNI", "AVX512_CORE_VNNI": "AVX-512 VNNI",
-         "ALL": "all this CPU has"}
+NAMES = {
+    "AVX2": "AVX2 (no VNNI)",
+    "AVX512_CORE": "AVX-512, no VNNI",
+    "AVX512_CORE_VNNI": "AVX-512 VNNI",
+    "ALL": "all this CPU has",
+}
 
 
 def time_one(batch=32, channels=128, side=16, rounds=30):
@@ -41,7 +46,7 @@ def time_one(batch=32, channels=128, side=16, rounds=30):
             for _ in range(3):
                 call()
         for r in range(rounds):
-            for name in (list(calls) if r % 2 else list(calls)[::-1]):
+            for name in list(calls) if r % 2 else list(calls)[::-1]:
                 start = time.perf_counter()
                 calls[name]()
                 seconds[name].append(time.perf_counter() - start)

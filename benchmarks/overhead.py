@@ -5,6 +5,7 @@ timed side by side in one process, alternating so both see the same machine.
     python benchmarks/overhead.py                      # ResNet-18, batch 32, 128 px, AMP bf16 on the CPU
     python benchmarks/overhead.py --device cuda --batch_size 256 --image_size 256
 """
+
 import argparse
 import logging
 import os
@@ -18,20 +19,36 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD, CachedImages, EpochSampler, make_loader  # noqa: E402
+from metrics import Stopwatch  # noqa: E402
 from model import build_model  # noqa: E402
 from scheduler import WarmupCosineLR  # noqa: E402
 from step import build_optimizer  # noqa: E402
 from trainer import Trainer  # noqa: E402
-from metrics import Stopwatch  # noqa: E402
 from utils import derived_seed  # noqa: E402
 
 
 def make_cfg(args):
     return argparse.Namespace(
-        device=args.device, amp=not args.fp32, amp_dtype=args.amp_dtype, channels_last=not args.nchw,
-        batch_size=args.batch_size, image_size=args.image_size, accum_steps=1, clip_grad_norm=None,
-        epochs=args.rounds + 1, warmup_epochs=0, learning_rate=1e-4, weight_decay=1e-4, min_lr=0.0, seed=0,
-        num_workers=0, log_interval=20, progress=False, save_every_steps=0, checkpoint_dir="", checkpoint_name="overhead",
+        device=args.device,
+        amp=not args.fp32,
+        amp_dtype=args.amp_dtype,
+        channels_last=not args.nchw,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        accum_steps=1,
+        clip_grad_norm=None,
+        epochs=args.rounds + 1,
+        warmup_epochs=0,
+        learning_rate=1e-4,
+        weight_decay=1e-4,
+        min_lr=0.0,
+        seed=0,
+        num_workers=0,
+        log_interval=20,
+        progress=False,
+        save_every_steps=0,
+        checkpoint_dir="",
+        checkpoint_name="overhead",
     )
 
 
@@ -85,8 +102,9 @@ def in_memory_loader(args, cfg):
     """--steps batches of random uint8 images in RAM (no decoding: the step alone is timed)."""
     n = args.steps * args.batch_size
     images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    return make_loader(CachedImages(images, torch.randint(0, 6, (n,))), EpochSampler(n, True, 0), args.batch_size,
-                       cfg, cfg.device)
+    return make_loader(
+        CachedImages(images, torch.randint(0, 6, (n,))), EpochSampler(n, True, 0), args.batch_size, cfg, cfg.device
+    )
 
 
 def time_alternating(loops, rounds, device):
@@ -95,7 +113,7 @@ def time_alternating(loops, rounds, device):
     first, second = loops
     seconds = {name: [] for name in loops}
     for r in range(rounds):
-        for name in ((first, second) if r % 2 == 0 else (second, first)):
+        for name in (first, second) if r % 2 == 0 else (second, first):
             watch = Stopwatch(device)
             loops[name](r)
             seconds[name].append(watch.stop())
@@ -104,8 +122,10 @@ def time_alternating(loops, rounds, device):
 
 def setting_line(args, cfg):
     precision = "FP32" if args.fp32 else f"AMP {args.amp_dtype}"
-    return (f"ResNet-18, batch {args.batch_size}, {args.image_size} px, {precision}, "
-            f"{'NCHW' if args.nchw else 'channels_last'}, {cfg.device}: {args.steps} steps x {args.rounds} rounds")
+    return (
+        f"ResNet-18, batch {args.batch_size}, {args.image_size} px, {precision}, "
+        f"{'NCHW' if args.nchw else 'channels_last'}, {cfg.device}: {args.steps} steps x {args.rounds} rounds"
+    )
 
 
 def main(argv=None):
@@ -116,7 +136,9 @@ def main(argv=None):
     model_t, optimizer_t, scheduler_t = build(cfg, loader)
     logger = logging.getLogger("overhead")
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model_t, optimizer_t, scheduler_t, (loader, loader, loader), cfg, run_dir, list("abcdef"), logger)
+        trainer = Trainer(
+            model_t, optimizer_t, scheduler_t, (loader, loader, loader), cfg, run_dir, list("abcdef"), logger
+        )
         model_b, optimizer_b, _ = build(cfg, loader)
         bare_epoch(model_b, optimizer_b, loader, cfg, 0)  # warm up both (allocator, oneDNN/cuDNN plans)
         trainer.train_one_epoch(0)
@@ -126,8 +148,9 @@ def main(argv=None):
     rate = {k: n / statistics.median(v) for k, v in timings.items()}
     ratio = rate["trainer"] / rate["bare"]
     print(setting_line(args, cfg))
-    print(f"bare loop: {rate['bare']:.1f} images/s, Trainer: {rate['trainer']:.1f} images/s, "
-          f"Trainer / bare = {ratio:.3f}")
+    print(
+        f"bare loop: {rate['bare']:.1f} images/s, Trainer: {rate['trainer']:.1f} images/s, Trainer / bare = {ratio:.3f}"
+    )
     return ratio
 
 

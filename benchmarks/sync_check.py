@@ -10,6 +10,7 @@ for optimizers without a fused kernel (step.HOST_SYNC_OPTIMIZERS).
     python benchmarks/sync_check.py                  # on a GPU; a line per case
     python benchmarks/sync_check.py --device cpu     # runs the same steps; nothing to check on a CPU
 """
+
 import argparse
 import logging
 import os
@@ -66,9 +67,29 @@ def check(flags, device="cuda", steps=20, log_interval=10, batch_size=8, image_s
     """Train `steps` optimizer steps with `flags` (after as many unchecked ones). Returns
     {"steps", "log_reads" (the --log_interval reads allowed), "sync" (None, or where the first
     synchronizing call outside them was made)}."""
-    cfg, _ = parse_config(["--device", device, "--batch_size", str(batch_size), "--image_size", str(image_size),
-                           "--epochs", "2", "--warmup_epochs", "0", "--no_pretrained", "--num_workers", "0",
-                           "--no_progress", "--log_interval", str(log_interval), "--learning_rate", "1e-3", *flags])
+    cfg, _ = parse_config(
+        [
+            "--device",
+            device,
+            "--batch_size",
+            str(batch_size),
+            "--image_size",
+            str(image_size),
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "0",
+            "--no_pretrained",
+            "--num_workers",
+            "0",
+            "--no_progress",
+            "--log_interval",
+            str(log_interval),
+            "--learning_rate",
+            "1e-3",
+            *flags,
+        ]
+    )
     device = torch.device(cfg.device)
     torch.backends.cudnn.benchmark = True  # as training does
     n = steps * batch_size
@@ -83,8 +104,16 @@ def check(flags, device="cuda", steps=20, log_interval=10, batch_size=8, image_s
     scheduler = WarmupCosineLR(optimizer, total_steps=2 * steps, warmup_steps=0)
     log_reads = []
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model, optimizer, scheduler, (loader, loader, loader), cfg, run_dir, list("abcdef"),
-                          logging.getLogger("sync_check"))
+        trainer = Trainer(
+            model,
+            optimizer,
+            scheduler,
+            (loader, loader, loader),
+            cfg,
+            run_dir,
+            list("abcdef"),
+            logging.getLogger("sync_check"),
+        )
         trainer.train_one_epoch(0)  # warm-up, unchecked
         trainer.train_loader = CheckedLoader(loader, device)
         log_progress = trainer.log_progress
@@ -140,8 +169,9 @@ def report_lines(results, device):
         seen = f"synchronized at {r['sync']}" if r["sync"] else "no sync"
         verdict = "ok" if r["ok"] else "FAILED"
         expected = " (expected: GradScaler's .item())" if r["expected_sync"] else ""
-        lines.append(f"- {name}: {r['steps']} steps, {r['log_reads']} --log_interval reads allowed, "
-                     f"{seen}{expected}: {verdict}")
+        lines.append(
+            f"- {name}: {r['steps']} steps, {r['log_reads']} --log_interval reads allowed, {seen}{expected}: {verdict}"
+        )
     return lines
 
 

@@ -8,6 +8,7 @@ is the softmax probability of the label).
 Everything the model needs is in the file's metadata: the class names and the preprocessing
 (decode to RGB, resize to `resize` x `resize`, center-crop to `crop` x `crop`, uint8 NCHW; the
 graph divides by 255 and normalizes with `mean` and `std` itself)."""
+
 import argparse
 import csv
 import io
@@ -55,7 +56,7 @@ class OnnxClassifier:
                 image = image.convert("RGB")
             image = image.resize((self.resize, self.resize), Image.BILINEAR)  # antialiased, as training's resize
         top = int(round((self.resize - self.crop) / 2.0))  # torchvision's CenterCrop
-        pixels = np.asarray(image)[top:top + self.crop, top:top + self.crop]
+        pixels = np.asarray(image)[top : top + self.crop, top : top + self.crop]
         return pixels.transpose(2, 0, 1)
 
     def predict(self, images):
@@ -141,8 +142,11 @@ def main(argv=None):
             print(f"skipped: {error}", file=sys.stderr)
         truncated = [file for file, *_ in rows if looks_truncated(os.path.join(args.folder, file))]
         if truncated:  # labeled all the same, as main.py --predict does
-            print(f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {os.path.join(args.folder, truncated[0])}; "
-                  "they were labeled with the missing part gray", file=sys.stderr)
+            print(
+                f"warning: {len(truncated)} JPEG(s) look truncated, e.g. {os.path.join(args.folder, truncated[0])}; "
+                "they were labeled with the missing part gray",
+                file=sys.stderr,
+            )
         try:
             write_csv(args.out, rows)
         except OSError as exc:

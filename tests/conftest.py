@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated datasets in temporary folders and a way to run the CLI."""
+
 import json
 import os
 import shutil
@@ -25,10 +26,24 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _workers)))
 # pytest-xdist hands out whole files (--dist loadfile), in collection order: the files that take
 # longest go first, so that the short ones fill in at the end instead of one long file running
 # alone. The order of their measured times on a 2-core CPU; files not named keep theirs, after these.
-SLOWEST_FILES_FIRST = ["test_every_flag.py", "test_off_path.py", "test_elastic.py", "test_tricks.py", "test_ddp.py",
-                       "test_train.py", "test_float16.py", "test_export.py", "test_robustness.py", "test_zoo.py",
-                       "test_telemetry_report.py", "test_new_user.py", "test_mix_ema.py", "test_benchmark.py",
-                       "test_faults.py", "test_report.py"]
+SLOWEST_FILES_FIRST = [
+    "test_every_flag.py",
+    "test_off_path.py",
+    "test_elastic.py",
+    "test_tricks.py",
+    "test_ddp.py",
+    "test_train.py",
+    "test_float16.py",
+    "test_export.py",
+    "test_robustness.py",
+    "test_zoo.py",
+    "test_telemetry_report.py",
+    "test_new_user.py",
+    "test_mix_ema.py",
+    "test_benchmark.py",
+    "test_faults.py",
+    "test_report.py",
+]
 
 
 def pytest_collection_modifyitems(items):
@@ -62,8 +77,14 @@ def forkserver():
     # A session of its own: a Ctrl-C to pytest's process group reaches the children through their
     # launchers only (once), and does not take the server down under them (the teardown stops it).
     with open(os.path.join(folder, "server.log"), "wb") as log:
-        server = subprocess.Popen([sys.executable, FORKSERVER, "--serve", path], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, FORKSERVER, "--serve", path],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 300
     while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -82,8 +103,20 @@ def forkserver():
 
 
 # Small and fast: 32 px images, random init, no worker processes, no progress bars.
-FAST = ["--image_size", "32", "--batch_size", "16", "--no_pretrained", "--num_workers", "0", "--no_progress",
-        "--device", "cpu", "--learning_rate", "2e-3"]
+FAST = [
+    "--image_size",
+    "32",
+    "--batch_size",
+    "16",
+    "--no_pretrained",
+    "--num_workers",
+    "0",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--learning_rate",
+    "2e-3",
+]
 
 
 # For runs whose point is not the model (the AMP machinery, checkpoints and signals, resuming, the
@@ -177,3 +210,15 @@ def crash_in_epoch(monkeypatch, epoch_to_crash):
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch):
+    """An empty $TORCH_HOME, and a proxy on a closed loopback port so that any download fails
+    at once instead of reaching the network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    return tmp_path / "torch_home"

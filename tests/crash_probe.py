@@ -5,6 +5,7 @@
   epoch's last step was checkpointed, before the epoch's last.pt);
 - PROBE_KILL_AFTER_STEP=N: the process SIGKILLs itself right after optimizer step N (and its
   checkpoint, if one was due): a kill at a known place, for bit-exact resume tests."""
+
 import os
 import signal
 import sys

@@ -13,6 +13,7 @@ PROBE_AGREEMENTS_DIR every rank writes agreements_rank<R>.json as it exits: [opt
 
 It also holds `helpers_worker`, a process of the two-process test of the distributed helpers.
 """
+
 import io
 import json
 import os
@@ -27,8 +28,8 @@ def install_hooks():
     import torch
 
     import trainer
-    from scheduler import WarmupCosineLR
     from distributed import is_main_process, rank
+    from scheduler import WarmupCosineLR
 
     agreements_dir = os.environ.get("PROBE_AGREEMENTS_DIR")
     dump_dir = os.environ.get("PROBE_DUMP_DIR")
@@ -134,7 +135,8 @@ def helpers_worker(rank, store, out_dir):
         "main_bug": lambda: distributed.from_main_process(fail, ValueError("boom")),
         "all_result": lambda: distributed.on_all_ranks(lambda: distributed.rank()),
         "rank1_user_error": lambda: distributed.on_all_ranks(
-            lambda: distributed.rank() == 1 and fail(UserError("data missing on this node"))),
+            lambda: distributed.rank() == 1 and fail(UserError("data missing on this node"))
+        ),
         "signal_on_rank1": lambda: stop_seen_by(1),
         "no_signal": lambda: stop_seen_by(None),
         "agreed_only_when_asked": agreed_only_when_asked,

@@ -14,6 +14,7 @@ PROBE_FIRST_MARK       a file: the first attempt is the one that finds it missin
 PROBE_UNSHARED_RANK    that rank looks for rank 0's token in a folder of its own, as a node that
                        does not share the checkpoint folder would
 """
+
 import os
 import signal
 import sys
@@ -49,7 +50,11 @@ def install_hooks():
         def sleeping_save_if_due(self, *args):
             save_if_due_then(self, *args)
             deadline = time.monotonic() + 60
-            while self.scheduler.last_epoch == int(sleep_step) and self.stop.signal is None and time.monotonic() < deadline:
+            while (
+                self.scheduler.last_epoch == int(sleep_step)
+                and self.stop.signal is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.1)  # until torchrun's agent stops it (SIGTERM), as it would a long step
 
         trainer.Trainer.save_if_due = sleeping_save_if_due

@@ -31,6 +31,7 @@ What differs from a fresh process, and why it does not matter to the tests:
 - the child is in the server's session, not the launcher's process group: signal the launcher;
 - a SIGKILLed launcher's child is killed by the server a moment (~1-20 ms) after, not with it.
 """
+
 import json
 import os
 import signal
@@ -44,8 +45,15 @@ PARENT_ENV = "AMP_TEST_LAUNCHER_PARENT"
 # Read once, as torch loads (or at its first kernel): a caller that sets them other than the server
 # has them needs a real process. (The debugging ones too: TORCH_DISTRIBUTED_DEBUG=DETAIL set for one
 # child would be silently dropped. PYTHON* variables: see interpreter().)
-LOAD_TIME_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_NUM_THREADS", "KMP_AFFINITY",
-                       "TORCH_DISTRIBUTED_DEBUG", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL")
+LOAD_TIME_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_NUM_THREADS",
+    "KMP_AFFINITY",
+    "TORCH_DISTRIBUTED_DEBUG",
+    "TORCH_LOGS",
+    "TORCH_CPP_LOG_LEVEL",
+)
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -93,8 +101,14 @@ def launch(args):
     try:
         sock.connect(path)
         env = {**os.environ, PARENT_ENV: str(os.getppid())}
-        request = {"args": args, "cwd": os.getcwd(), "env": env, "unbuffered": unbuffered(), "ignored": ignored,
-                   "interpreter": interpreter()}
+        request = {
+            "args": args,
+            "cwd": os.getcwd(),
+            "env": env,
+            "unbuffered": unbuffered(),
+            "ignored": ignored,
+            "interpreter": interpreter(),
+        }
         send_message(sock, request, fds=(0, 1, 2))
         reply = receive_message(sock)
     except (OSError, TypeError):  # no server: a process of its own, as without the launcher
@@ -140,8 +154,20 @@ def interpreter():
     os.umask(umask)
     python_env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") and k != "PYTHONUNBUFFERED"}
     streams = [(s.encoding, s.errors) if s else None for s in (sys.stdin, sys.stdout, sys.stderr)]
-    return json.loads(json.dumps([list(sys.flags), sys.warnoptions, sys._xoptions, sys.path[1:], python_env,
-                                  sys.getfilesystemencoding(), streams, umask]))
+    return json.loads(
+        json.dumps(
+            [
+                list(sys.flags),
+                sys.warnoptions,
+                sys._xoptions,
+                sys.path[1:],
+                python_env,
+                sys.getfilesystemencoding(),
+                streams,
+                umask,
+            ]
+        )
+    )
 
 
 def relay(child, signum):
@@ -163,8 +189,9 @@ def serve(path):
     started_as = interpreter()  # (a child gets this, whatever its launcher's)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
-    import main  # noqa: F401  (and with it torch, torchvision and the project)
     import torch.distributed.launcher.api  # noqa: F401  (torchrun's agent, but for run.py: runpy runs that)
+
+    import main  # noqa: F401  (and with it torch, torchvision and the project)
 
     loaded = {name: os.environ.get(name) for name in LOAD_TIME_VARIABLES}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -306,8 +333,13 @@ def become(request):
         raw.name = f"<{name}>"  # (as Python names them: in its messages, e.g. a failed final flush)
         stream = raw if unbuffered and fd else (io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw))
         line_buffering = fd == 2 or (fd == 1 and os.isatty(1))
-        new = io.TextIOWrapper(stream, encoding=old.encoding, errors=old.errors, line_buffering=line_buffering,
-                               write_through=unbuffered and fd != 0)
+        new = io.TextIOWrapper(
+            stream,
+            encoding=old.encoding,
+            errors=old.errors,
+            line_buffering=line_buffering,
+            write_through=unbuffered and fd != 0,
+        )
         new.mode = "r" if fd == 0 else "w"
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)

@@ -2,15 +2,16 @@
 --random_erase) run on uint8 images in the data loading, seeded per sample so that every
 replay (another loader, worker count, --cache, a resumed epoch, a rank's share) sees the same
 images; evaluation and prediction take the center crop."""
+
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
 from torchvision.transforms.v2 import functional as TF
 
 import config
-from conftest import FAST
 from dataset import Transformed, build_loaders, build_predict_loader, build_test_loader
 from utils import UserError
 
@@ -112,7 +113,7 @@ def test_random_crop_trains_on_crops_and_evaluates_the_center(demo_data, plain):
     assert crops.shape[1:] == (3, 20, 20)
     offsets = [crop_offset(c, r) for c, r in zip(crops, resized)]
     assert None not in offsets and len(set(offsets)) > 1  # windows of the resized images, at random places
-    other_epoch = [train.dataset[(index, 2)][0] for index, _ in list(train.sampler)[:len(crops)]]
+    other_epoch = [train.dataset[(index, 2)][0] for index, _ in list(train.sampler)[: len(crops)]]
     assert any(not torch.equal(a, b) for a, b in zip(other_epoch, crops))  # the same images, another epoch: other crops
     # Validation and test: the center crop of the resized image, in order.
     uncropped = build_loaders(settings(demo_data), "cpu")
@@ -128,7 +129,9 @@ def test_predict_takes_the_center_crop_even_of_an_unreadable_file(demo_data, tmp
     folder = tmp_path / "pictures"
     shutil.copytree(Path(demo_data) / "seg_test" / "seg_test" / "red", folder)
     (folder / "broken.jpg").write_bytes(b"not a JPEG")
-    images, files, errors = next(iter(build_predict_loader(str(folder), settings(demo_data, "--random_crop", "20"), "cpu")[0]))
+    images, files, errors = next(
+        iter(build_predict_loader(str(folder), settings(demo_data, "--random_crop", "20"), "cpu")[0])
+    )
     assert images.shape[1:] == (3, 20, 20)  # the unreadable file's black placeholder too
     assert "broken.jpg" in files and any(errors)
 
@@ -155,16 +158,19 @@ def test_random_erase_1_erases_a_black_rectangle_in_every_image(demo_data, plain
             assert torch.equal(image[:, ~rectangle], source[:, ~rectangle])  # and nothing outside it changed
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--random_crop", "40"], "--random_crop must be between 1 and --image_size (32), got 40"),
-    (["--random_crop", "0"], "--random_crop must be between 1 and --image_size (32), got 0"),
-    (["--random_erase", "1.5"], "--random_erase is a probability: between 0 and 1, got 1.5"),
-    (["--random_erase", "-0.1"], "--random_erase is a probability: between 0 and 1, got -0.1"),
-    (["--random_erase", "nan"], "--random_erase is a probability: between 0 and 1, got nan"),
-    (["--auto_augment", "augmix"], "argument --auto_augment: invalid choice: 'augmix'"),
-    # BatchNorm's one-image batches are judged at the model's input size: the crop's.
-    (["--batch_size", "1", "--image_size", "64", "--random_crop", "32"], "train on at --random_crop 32"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--random_crop", "40"], "--random_crop must be between 1 and --image_size (32), got 40"),
+        (["--random_crop", "0"], "--random_crop must be between 1 and --image_size (32), got 0"),
+        (["--random_erase", "1.5"], "--random_erase is a probability: between 0 and 1, got 1.5"),
+        (["--random_erase", "-0.1"], "--random_erase is a probability: between 0 and 1, got -0.1"),
+        (["--random_erase", "nan"], "--random_erase is a probability: between 0 and 1, got nan"),
+        (["--auto_augment", "augmix"], "argument --auto_augment: invalid choice: 'augmix'"),
+        # BatchNorm's one-image batches are judged at the model's input size: the crop's.
+        (["--batch_size", "1", "--image_size", "64", "--random_crop", "32"], "train on at --random_crop 32"),
+    ],
+)
 def test_bad_values_are_refused_with_one_line(demo_data, flags, message):
     with pytest.raises(UserError) as error:
         settings(demo_data, *flags)

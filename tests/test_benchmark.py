@@ -1,5 +1,6 @@
 """--benchmark and the fast paths: a well-formed benchmark.json, and channels_last, --cache and
 the device-side transforms change speed only, never the numbers."""
+
 import json
 import os
 import sys
@@ -8,34 +9,62 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FAST, ROOT, SMALL_MODEL, assert_user_error, read_results
 from torchvision.models import resnet18
 
-from conftest import FAST, ROOT, SMALL_MODEL, assert_user_error, read_results
 import benchmark
 import main as main_module
 from dataset import build_loaders
-from hardware import describe
-from hardware import device_name
+from hardware import describe, device_name
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 ROW_KEYS = {"mode", "channels_last", "images_per_sec", "ms_per_step", "peak_mem_mb"}
-SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "1",
-                   "--num_workers", "0", "--checkpoint_name", "bench", *SMALL_MODEL]
+SMALL_BENCHMARK = [
+    "--benchmark",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+    "--image_size",
+    "32",
+    "--benchmark_steps",
+    "1",
+    "--num_workers",
+    "0",
+    "--checkpoint_name",
+    "bench",
+    *SMALL_MODEL,
+]
 
 
 def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
     code, out, err = run_cli(*SMALL_BENCHMARK, "--data", "--data_dir", demo_data, "--optimizer", "radam")
     assert code == 0, err
     # The header says what a timed step holds: what a training step does, the meter included.
-    assert "shufflenet_v2_x0_5 training steps (radam)" in out and "the loss/accuracy meter and the step-health counts" in out
+    assert (
+        "shufflenet_v2_x0_5 training steps (radam)" in out
+        and "the loss/accuracy meter and the step-health counts" in out
+    )
     record = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
     rows = record.pop("rows")
-    assert record == {"device": device_name("cpu"), "device_capability": describe("cpu").capability,
-                      "torch": torch.__version__, "fp32_math": "ieee", "model": "shufflenet_v2_x0_5", "optimizer": "radam",
-                      "batch_size": 2, "image_size": 32, "benchmark_steps": 1}
+    assert record == {
+        "device": device_name("cpu"),
+        "device_capability": describe("cpu").capability,
+        "torch": torch.__version__,
+        "fp32_math": "ieee",
+        "model": "shufflenet_v2_x0_5",
+        "optimizer": "radam",
+        "batch_size": 2,
+        "image_size": 32,
+        "benchmark_steps": 1,
+    }
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
-        ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]  # no float16 on a CPU
+        ("fp32", False),
+        ("fp32", True),
+        ("amp_bfloat16", False),
+        ("amp_bfloat16", True),
+    ]  # no float16 on a CPU
     for r in rows:
         assert ROW_KEYS <= set(r)
         assert r["images_per_sec"] > 0 and r["ms_per_step"] > 0 and r["peak_mem_mb"] is None
@@ -90,8 +119,9 @@ def test_channels_last_gives_the_same_outputs():
 
 
 def test_cache_gives_the_same_batches(demo_data):
-    cfg = dict(data_dir=demo_data, image_size=24, val_fraction=0.2, seed=3, batch_size=8, num_workers=0,
-               skip_bad_images=False)
+    cfg = dict(
+        data_dir=demo_data, image_size=24, val_fraction=0.2, seed=3, batch_size=8, num_workers=0, skip_bad_images=False
+    )
     plain = build_loaders(Namespace(**cfg, cache=False), "cpu")
     cached = build_loaders(Namespace(**cfg, cache=True), "cpu")
     assert plain[3] == cached[3]
@@ -110,7 +140,17 @@ def test_cached_training_equals_plain_training(run_cli, demo_data, tmp_path):
     code, out, err = run_cli(*flags, "--checkpoint_name", "cached", "--cache")
     assert code == 0, err
     assert "--cache: 48 train, 12 val and 24 test images decoded" in out
-    strip = lambda r: [{k: v for k, v in e.items() if k not in ("seconds", "checkpoint_seconds", "images_per_sec", "first_in_session")} for e in r["epochs"]]  # noqa: E731
+
+    def strip(r):
+        return [
+            {
+                k: v
+                for k, v in e.items()
+                if k not in ("seconds", "checkpoint_seconds", "images_per_sec", "first_in_session")
+            }
+            for e in r["epochs"]
+        ]
+
     plain, cached = read_results(tmp_path / "checkpoints" / "plain"), read_results(tmp_path / "checkpoints" / "cached")
     assert strip(plain) == strip(cached) and plain["test_acc"] == cached["test_acc"]
 
@@ -136,9 +176,30 @@ def test_gpu_report_script_runs_on_the_cpu(tmp_path):
     def run_in_process(flags):  # saves the start-up of three interpreters; the subprocess is one line
         assert main_module.main(flags) == 0
 
-    report = gpu_report.main(["--device", "cpu", "--batch_size", "4", "--image_size", "32", "--images", "48", *SMALL_MODEL,
-                              "--workers", "0", "--benchmark_steps", "1", "--epochs", "1",
-                              "--workdir", str(tmp_path), "--out", str(tmp_path / "report.md")], run=run_in_process)
+    report = gpu_report.main(
+        [
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--image_size",
+            "32",
+            "--images",
+            "48",
+            *SMALL_MODEL,
+            "--workers",
+            "0",
+            "--benchmark_steps",
+            "1",
+            "--epochs",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "report.md"),
+        ],
+        run=run_in_process,
+    )
     assert "shufflenet_v2_x0_5, batch 4, 32 px" in report  # the header names what was timed
     assert "| amp_bfloat16 | channels_last |" in report and "| amp_cache | 1 | 48 |" in report
     assert "an epoch of 48 images in at most 3 s" in report

@@ -1,8 +1,8 @@
 """User errors from the command line: one line on stderr, exit code 2, nothing damaged."""
+
 import os
 
 import pytest
-
 from conftest import FAST, SMALL_MODEL, assert_user_error
 
 
@@ -16,15 +16,18 @@ def test_checkpoint_name_must_be_plain(run_cli, demo_data, name):
     assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", name, *FAST), "--checkpoint_name")
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--batch_size", "0"], "--batch_size"),
-    (["--epochs", "-1"], "--epochs"),
-    (["--learning_rate", "0"], "--learning_rate"),
-    (["--val_fraction", "1.5"], "--val_fraction"),
-    (["--warmup_epochs", "9", "--epochs", "3"], "--warmup_epochs"),
-    (["--amp_dtype", "int8"], "--amp_dtype"),
-    (["--epochs", "many"], "--epochs"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--batch_size", "0"], "--batch_size"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--learning_rate", "0"], "--learning_rate"),
+        (["--val_fraction", "1.5"], "--val_fraction"),
+        (["--warmup_epochs", "9", "--epochs", "3"], "--warmup_epochs"),
+        (["--amp_dtype", "int8"], "--amp_dtype"),
+        (["--epochs", "many"], "--epochs"),
+    ],
+)
 def test_bad_flag_values(run_cli, demo_data, flags, needle):
     assert_user_error(run_cli("--data_dir", demo_data, *FAST, *flags), needle)
 
@@ -40,11 +43,16 @@ def test_existing_run_is_never_silently_replaced(run_cli, demo_data, tmp_path):
 
 
 def test_evaluate_or_resume_without_a_run(run_cli, demo_data, tmp_path):
-    assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--evaluate", *FAST), "best.pt",
-                      "train the run first (python main.py --checkpoint_name ghost)")
+    assert_user_error(
+        run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--evaluate", *FAST),
+        "best.pt",
+        "train the run first (python main.py --checkpoint_name ghost)",
+    )
     # --demo --evaluate before --demo: the command that trains it
-    assert_user_error(run_cli("--demo", "--evaluate", "--data_dir", tmp_path / "demo_data", "--device", "cpu"),
-                      "train the run first (python main.py --demo)")
+    assert_user_error(
+        run_cli("--demo", "--evaluate", "--data_dir", tmp_path / "demo_data", "--device", "cpu"),
+        "train the run first (python main.py --demo)",
+    )
     assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--resume", *FAST), "last.pt")
 
 
@@ -55,8 +63,20 @@ def test_help_lists_every_flag_with_its_default(capsys):
         main.main(["--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--amp", "--amp_dtype", "--batch_size", "--epochs", "--learning_rate", "--checkpoint_name",
-                 "--resume", "--evaluate", "--demo", "--clip_grad_norm", "--accum_steps", "--device"):
+    for flag in (
+        "--amp",
+        "--amp_dtype",
+        "--batch_size",
+        "--epochs",
+        "--learning_rate",
+        "--checkpoint_name",
+        "--resume",
+        "--evaluate",
+        "--demo",
+        "--clip_grad_norm",
+        "--accum_steps",
+        "--device",
+    ):
         assert flag in text
     assert "(default: 256)" in text and "(default: 120)" in text and "(default: 0.0001)" in text
 
@@ -83,18 +103,22 @@ def main_without_torch(*args):
     from conftest import ROOT
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
-    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--epochs_typo", "3"], "unrecognized arguments: --epochs_typo 3"),
-    (["--epochs", "many"], "--epochs"),
-    (["--lr_schedule", "cosin"], "--lr_schedule"),
-    (["--batch_size", "0"], "--batch_size must be a positive integer"),
-    (["--warmup_epochs", "9", "--epochs", "3"], "--warmup_epochs"),
-    (["--resume", "--evaluate"], "cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--epochs_typo", "3"], "unrecognized arguments: --epochs_typo 3"),
+        (["--epochs", "many"], "--epochs"),
+        (["--lr_schedule", "cosin"], "--lr_schedule"),
+        (["--batch_size", "0"], "--batch_size must be a positive integer"),
+        (["--warmup_epochs", "9", "--epochs", "3"], "--warmup_epochs"),
+        (["--resume", "--evaluate"], "cannot be combined"),
+    ],
+)
 def test_a_flag_mistake_answers_before_torch_loads(args, needle):
     result = main_without_torch(*args)
     assert result.returncode == 2, result.stderr

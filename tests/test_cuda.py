@@ -1,11 +1,11 @@
 """The CUDA paths (float16 + GradScaler, bfloat16, peak memory, a loop that never waits for the
 GPU): run only where a GPU exists."""
+
 import os
 import sys
 
 import pytest
 import torch
-
 from conftest import FAST, ROOT, read_results
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -18,8 +18,9 @@ CUDA = [f if f != "cpu" else "cuda" for f in FAST]
 def test_amp_on_cuda_learns_and_reports_memory(demo_data, run_cli, tmp_path, dtype):
     if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         pytest.skip("no bfloat16 on this GPU")
-    code, _, err = run_cli("--data_dir", demo_data, "--checkpoint_name", dtype, "--epochs", "4", *CUDA,
-                           "--amp", "--amp_dtype", dtype)
+    code, _, err = run_cli(
+        "--data_dir", demo_data, "--checkpoint_name", dtype, "--epochs", "4", *CUDA, "--amp", "--amp_dtype", dtype
+    )
     assert code == 0, err
     results = read_results(tmp_path / "checkpoints" / dtype)
     assert results["amp_dtype"] == dtype

@@ -1,4 +1,5 @@
 """Finding the data, splitting it, decoding odd images, and what the model sees."""
+
 import os
 from argparse import Namespace
 from collections import Counter
@@ -37,8 +38,17 @@ def make_layout(root, nested, classes=("cat", "dog", "owl"), n=10):
 
 
 def cfg(data_dir, **kw):
-    return Namespace(**{"data_dir": str(data_dir), "image_size": 16, "val_fraction": 0.2, "seed": 42,
-                        "skip_bad_images": False, "num_workers": 0, **kw})
+    return Namespace(
+        **{
+            "data_dir": str(data_dir),
+            "image_size": 16,
+            "val_fraction": 0.2,
+            "seed": 42,
+            "skip_bad_images": False,
+            "num_workers": 0,
+            **kw,
+        }
+    )
 
 
 @pytest.mark.parametrize("nested", [True, False])

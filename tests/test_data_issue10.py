@@ -1,5 +1,6 @@
 """Issue 10's data items: 16-bit PNGs, tiny DDP shares, hidden folders, clear messages, and a
 test loader that needs only the test split."""
+
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import cfg, make_layout, write_images
 from torchvision.io import ImageReadMode, decode_image
 
 from dataset import (
@@ -23,7 +25,6 @@ from dataset import (
     human_bytes,
     load_image_uint8,
 )
-from test_data import cfg, make_layout, write_images
 from utils import UserError
 
 
@@ -37,7 +38,9 @@ def write_png16(path, pixels):
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+        )
 
 
 def png16_with_known_values(path, size=6):
@@ -86,8 +89,9 @@ def test_16_bit_and_8_bit_images_batch_together(tmp_path):
 @pytest.mark.parametrize("size,world_size", [(3, 8), (1, 4), (7, 2), (10, 3), (8, 4)])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_training_pads_every_rank_to_the_same_share(size, world_size, shuffle):
-    shares = [list(EpochSampler(size, shuffle, seed=1, rank=r, world_size=world_size, pad=True))
-              for r in range(world_size)]
+    shares = [
+        list(EpochSampler(size, shuffle, seed=1, rank=r, world_size=world_size, pad=True)) for r in range(world_size)
+    ]
     assert len({len(share) for share in shares}) == 1 and len(shares[0]) > 0
     assert len(shares[0]) == -(-size // world_size)  # padded no further than needed
     assert {i for share in shares for i in share} == set(range(size))  # every image is used
@@ -183,7 +187,7 @@ def test_skip_bad_images_reasons_are_one_clean_line(tmp_path):
     paths = broken_files(tmp_path)
     reasons = find_bad_images(paths + [str(tmp_path / "0.jpg"), str(tmp_path / "0.png")], decode=True)
     assert sorted(reasons) == sorted(paths)
-    for path, reason in reasons.items():
+    for reason in reasons.values():
         assert reason.startswith("not a decodable image (") and reason.endswith(")"), reason
         for junk in ("csrc", ".cpp", "Exception raised from", "frame #", "\n"):
             assert junk not in reason, reason
@@ -192,12 +196,15 @@ def test_skip_bad_images_reasons_are_one_clean_line(tmp_path):
 
 
 def test_error_summary_drops_cpp_locations_and_stack_frames():
-    compact = RuntimeError("decode_jpeg, /__w/vision/vision/pytorch/vision/torchvision/csrc/io/image/cpu/"
-                           "decode_jpeg.cpp:171, Image is incomplete or truncated")
+    compact = RuntimeError(
+        "decode_jpeg, /__w/vision/vision/pytorch/vision/torchvision/csrc/io/image/cpu/"
+        "decode_jpeg.cpp:171, Image is incomplete or truncated"
+    )
     with_frames = RuntimeError(
         "Unsupported image file. Only jpeg, png, webp and gif are currently supported.\n"
         "Exception raised from decode_image at /pytorch/vision/torchvision/csrc/io/image/cpu/decode_image.cpp:67 "
-        "(most recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x96 (0x7f in libc10.so)\n")
+        "(most recent call first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x96 (0x7f in libc10.so)\n"
+    )
     assert error_summary(compact) == "Image is incomplete or truncated"
     assert error_summary(with_frames) == "Unsupported image file"
     assert error_summary(OSError("cannot identify image file 'a.bmp'")) == "cannot identify image file 'a.bmp'"
@@ -211,7 +218,9 @@ def test_missing_data_dir_says_it_does_not_exist(tmp_path):
     assert "seg_train/seg_train/<class>" in str(error.value) and "--demo" in str(error.value)
     assert "\n" not in str(error.value)
     os.makedirs(missing)
-    with pytest.raises(UserError, match=f"no training split found in {missing}: expected .*seg_train/seg_train/<class>"):
+    with pytest.raises(
+        UserError, match=f"no training split found in {missing}: expected .*seg_train/seg_train/<class>"
+    ):
         build_datasets(cfg(missing))
 
 

@@ -3,12 +3,12 @@ on a tiny dataset. One two-epoch run (with AMP, accumulation, clipping, mixup an
 weights) serves several tests;
 tests/ddp_probe.py is main.py plus hooks that let every rank dump its weights, send torchrun a
 SIGTERM, or crash a rank. Each torchrun start costs seconds, so there are few of them."""
+
 import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -16,17 +16,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import FAST, FORKSERVER, PYTHON, ROOT, SMALL_MODEL, make_colour_dataset, read_results
 from torch import nn
 from torchvision.models import resnet18
 
 import config
-import main as main_module
 import distributed
-from conftest import FAST, FORKSERVER, PYTHON, ROOT, SMALL_MODEL, make_colour_dataset, read_results
+import main as main_module
 from dataset import EpochSampler, build_loaders
+from distributed import wrap_ddp
 from scheduler import WarmupCosineLR
 from trainer import Trainer
-from distributed import wrap_ddp
 from utils import UserError, setup_logging
 
 pytestmark = pytest.mark.usefixtures("forkserver")  # torchrun and its workers are forked from it
@@ -35,8 +35,22 @@ PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
 MAIN = os.path.join(ROOT, "main.py")
 # 45 train / 15 val / 21 test images: odd counts, so a rank's shard is padded (train) or one
 # image shorter (val, test); the global batch of 16 is 8 a rank.
-DDP_FLAGS = [*FAST, "--epochs", "2", "--val_fraction", "0.25", "--amp", "--accum_steps", "2", "--clip_grad_norm", "1",
-             "--mixup_alpha", "0.2", "--ema_decay", "0.5"]
+DDP_FLAGS = [
+    *FAST,
+    "--epochs",
+    "2",
+    "--val_fraction",
+    "0.25",
+    "--amp",
+    "--accum_steps",
+    "2",
+    "--clip_grad_norm",
+    "1",
+    "--mixup_alpha",
+    "0.2",
+    "--ema_decay",
+    "0.5",
+]
 RUN_FILES = set(main_module.RUN_FILES) - {"predictions.csv"}  # written by --predict only
 TIME_LIMIT = 60  # seconds a failed two-process start may take, well past its normal ~15 s
 
@@ -47,8 +61,14 @@ def torchrun(script, *flags, env=None, timeout=180):
     # One thread a process: two ranks on two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     started = time.monotonic()
-    proc = subprocess.run([*TORCHRUN, FORKSERVER, script, *map(str, flags)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*TORCHRUN, FORKSERVER, script, *map(str, flags)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, time.monotonic() - started
 
 
@@ -71,7 +91,14 @@ def ddp_run(ddp_data, tmp_path_factory):
     run.dir = run.checkpoints / run.name
     run.dumps.mkdir()
     run.proc, run.seconds = torchrun(
-        PROBE, "--data_dir", ddp_data, "--checkpoint_dir", run.checkpoints, "--checkpoint_name", run.name, *DDP_FLAGS,
+        PROBE,
+        "--data_dir",
+        ddp_data,
+        "--checkpoint_dir",
+        run.checkpoints,
+        "--checkpoint_name",
+        run.name,
+        *DDP_FLAGS,
         env={"PROBE_DUMP_DIR": str(run.dumps)},
     )
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
@@ -128,11 +155,21 @@ def test_ddp_test_accuracy_equals_single_process_evaluate(ddp_run, run_cli):
     gathered = read_test_predictions(ddp_run.dir)
     assert len(gathered) == len({file for file, _, _ in gathered}) == 21
     assert 100 * sum(true == predicted for _, true, predicted in gathered) / 21 == pytest.approx(results["test_acc"])
-    code, out, err = run_cli("--data_dir", ddp_run.data, "--checkpoint_name", ddp_run.name, "--evaluate", *FAST,
-                             checkpoint_dir=ddp_run.checkpoints)
+    code, out, err = run_cli(
+        "--data_dir",
+        ddp_run.data,
+        "--checkpoint_name",
+        ddp_run.name,
+        "--evaluate",
+        *FAST,
+        checkpoint_dir=ddp_run.checkpoints,
+    )
     assert code == 0, err
-    assert (f"test accuracy {results['test_acc']:.2f}% on 21 images, test loss {results['test_loss']:.4f}"
-            in out), (out, results["test_acc"], results["test_loss"])
+    assert f"test accuracy {results['test_acc']:.2f}% on 21 images, test loss {results['test_loss']:.4f}" in out, (
+        out,
+        results["test_acc"],
+        results["test_loss"],
+    )
     assert read_test_predictions(ddp_run.dir) == gathered  # one process, the same answers image by image
 
 
@@ -170,8 +207,24 @@ def test_ddp_ranks_agree_on_stopping_once_per_log_interval_at_the_same_step(ddp_
     # 45 train images, 2 a rank and micro-batch: 11 optimizer steps an epoch (each rank's odd 23rd
     # image is dropped). The stop agreement (a collective) comes every --log_interval 4 steps and
     # at the epoch's last, by the global step: 4, 8, 11, and again at the epoch's end.
-    flags = ["--data_dir", ddp_data, "--checkpoint_dir", tmp_path / "ck", "--checkpoint_name", "agree", *FAST,
-             *SMALL_MODEL, "--epochs", "1", "--val_fraction", "0.25", "--batch_size", "4", "--log_interval", "4"]
+    flags = [
+        "--data_dir",
+        ddp_data,
+        "--checkpoint_dir",
+        tmp_path / "ck",
+        "--checkpoint_name",
+        "agree",
+        *FAST,
+        *SMALL_MODEL,
+        "--epochs",
+        "1",
+        "--val_fraction",
+        "0.25",
+        "--batch_size",
+        "4",
+        "--log_interval",
+        "4",
+    ]
     stopped, resumed = tmp_path / "stopped", tmp_path / "resumed"
     stopped.mkdir(), resumed.mkdir()
     proc, _ = torchrun(PROBE, *flags, env={"PROBE_SIGTERM_STEP": "5", "PROBE_AGREEMENTS_DIR": str(stopped)})
@@ -198,8 +251,9 @@ def test_ddp_failure_on_one_rank_at_start_up_stops_every_rank(demo_data, tmp_pat
     # Only rank 0 reads the ImageNet weights; rank 1 would wait for them in DDP's first broadcast.
     missing = tmp_path / "missing.pth"
     pretrained = [flag for flag in FAST if flag != "--no_pretrained"]
-    proc, seconds = torchrun(MAIN, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *pretrained,
-                             "--pretrained_path", missing)
+    proc, seconds = torchrun(
+        MAIN, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *pretrained, "--pretrained_path", missing
+    )
     assert proc.returncode != 0 and seconds < TIME_LIMIT
     assert proc.stderr.count("error: rank") == 1  # said once, by the rank that hit it
     assert f"error: rank 0: weights file not found: {missing}" in proc.stderr
@@ -208,8 +262,9 @@ def test_ddp_failure_on_one_rank_at_start_up_stops_every_rank(demo_data, tmp_pat
 
 def test_ddp_crash_mid_training_brings_the_group_down(demo_data, tmp_path):
     # Rank 1 dies as training starts while rank 0 waits for it in the first gradient all-reduce.
-    proc, seconds = torchrun(PROBE, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *FAST,
-                             env={"PROBE_CRASH_RANK": "1"})
+    proc, seconds = torchrun(
+        PROBE, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *FAST, env={"PROBE_CRASH_RANK": "1"}
+    )
     assert proc.returncode != 0 and seconds < TIME_LIMIT
     assert "RuntimeError: probe: rank 1 crashed" in proc.stderr
 
@@ -227,7 +282,9 @@ def test_distributed_helpers_share_results_and_errors(tmp_path):
         assert seen["main_bug"]["error"] == "ValueError: boom" and seen["main_bug"]["exit_code"] == 1
         assert seen["rank1_user_error"]["error"] == "data missing on this node"
         assert seen["rank1_user_error"]["exit_code"] == 2
-    assert rank0["main_user_error"]["printed"] == "error: no checkpoint here\n" and not rank1["main_user_error"]["printed"]
+    assert (
+        rank0["main_user_error"]["printed"] == "error: no checkpoint here\n" and not rank1["main_user_error"]["printed"]
+    )
     assert "ValueError: boom" in rank0["main_bug"]["printed"] and not rank1["main_bug"]["printed"]
     # on_all_ranks: each rank's own result; one rank's error raised on every rank, printed by it.
     assert (rank0["all_result"]["result"], rank1["all_result"]["result"]) == (0, 1)
@@ -254,8 +311,14 @@ def test_no_gradient_all_reduce_on_accumulating_micro_batches(demo_data, tmp_pat
     cfg = config.parse_config(["--data_dir", demo_data, *FAST, "--epochs", "1", "--accum_steps", "2"])[0]
     train_loader, val_loader, test_loader, class_names = build_loaders(cfg, "cpu")
     assert len(train_loader) == 3  # micro-batches: 2 (accumulated, then synced) + 1 (synced)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, len(class_names)))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, len(class_names)),
+    )
     ddp = wrap_ddp(model, "cpu")
     all_reduces = []
 
@@ -268,15 +331,26 @@ def test_no_gradient_all_reduce_on_accumulating_micro_batches(demo_data, tmp_pat
     ddp.register_comm_hook(None, counting_hook)
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = WarmupCosineLR(optimizer, total_steps=2, warmup_steps=0)
-    trainer = Trainer(model, optimizer, scheduler, (train_loader, val_loader, test_loader), cfg, str(tmp_path),
-                      class_names, setup_logging(), train_model=ddp)
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        (train_loader, val_loader, test_loader),
+        cfg,
+        str(tmp_path),
+        class_names,
+        setup_logging(),
+        train_model=ddp,
+    )
     trainer.train_one_epoch(0)
     assert scheduler.last_epoch == 2 and len(all_reduces) == 2  # one all-reduce per optimizer step, not 3
 
 
 def test_sync_bn_converts_batchnorm_and_keeps_a_plain_state_dict(monkeypatch):
     # DDP takes SyncBatchNorm on GPUs only: stand in for it to see what wrap_ddp gives it.
-    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, device_ids: SimpleNamespace(module=module))
+    monkeypatch.setattr(
+        distributed, "DistributedDataParallel", lambda module, device_ids: SimpleNamespace(module=module)
+    )
     wrapped = wrap_ddp(resnet18(num_classes=3), "cpu", sync_bn=True)
     norms = [m for m in wrapped.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(norms) == 20 and all(isinstance(m, nn.SyncBatchNorm) for m in norms)

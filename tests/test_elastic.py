@@ -6,12 +6,12 @@ processes trains; a checkpoint folder a rank cannot see stops the job in one lin
 One uninterrupted two-process run is the reference every test compares its weights with. The
 runs are tiny (ShuffleNetV2 x0.5, 32 px, 30 training images, batch 8: 4 steps an epoch, FP32,
 --deterministic); tests/elastic_probe.py plants the faults."""
+
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import FORKSERVER, PYTHON, ROOT, make_colour_dataset
 
 pytestmark = pytest.mark.usefixtures("forkserver")  # torchrun and its workers are forked from it
@@ -27,9 +26,27 @@ pytestmark = pytest.mark.usefixtures("forkserver")  # torchrun and its workers a
 TORCHRUN = [*PYTHON, "-m", "torch.distributed.run"]
 PROBE = os.path.join(ROOT, "tests", "elastic_probe.py")
 MAIN = os.path.join(ROOT, "main.py")
-FLAGS = ["--image_size", "32", "--batch_size", "8", "--no_pretrained", "--num_workers", "0", "--no_progress",
-         "--device", "cpu", "--model", "shufflenet_v2_x0_5", "--epochs", "2", "--deterministic",
-         "--save_every_steps", "2", "--checkpoint_name", "elastic"]
+FLAGS = [
+    "--image_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--no_pretrained",
+    "--num_workers",
+    "0",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--model",
+    "shufflenet_v2_x0_5",
+    "--epochs",
+    "2",
+    "--deterministic",
+    "--save_every_steps",
+    "2",
+    "--checkpoint_name",
+    "elastic",
+]
 TIME_LIMIT = 120  # seconds a job may take here (they take ~10-25 s); a hang fails the test
 
 
@@ -37,8 +54,15 @@ def start(launcher, script, data, checkpoints, env=None):
     """A torchrun job in its own process group (so that a hung one can be killed whole)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     argv = [*TORCHRUN, *launcher, FORKSERVER, script, "--data_dir", data, "--checkpoint_dir", checkpoints, *FLAGS]
-    return subprocess.Popen(list(map(str, argv)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        list(map(str, argv)),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(*procs):
@@ -131,8 +155,20 @@ def test_a_restart_never_takes_over_an_earlier_jobs_run_of_the_same_rdzv_id(data
     # job is refused at its first start (not --resume); its restart must not take the folder
     # for its own and resume the earlier job's run.
     def job(script, max_restarts, env=None):
-        launcher = ["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
-                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "same"]
+        launcher = [
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            str(max_restarts),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            "--rdzv-id",
+            "same",
+        ]
         return finish(start(launcher, script, data, tmp_path, env))[0]
 
     code, _, _ = job(PROBE, 0, env={"PROBE_KILL_AFTER_STEP": "3"})
@@ -148,11 +184,21 @@ def test_a_restart_never_takes_over_an_earlier_jobs_run_of_the_same_rdzv_id(data
 
 def test_two_nodes_train_what_one_node_with_two_processes_trains(data, reference, tmp_path):
     # Two torchrun agents, one process each, meet at a c10d rendezvous as two machines would.
-    launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "elastic_two_nodes"]
+    launcher = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        "elastic_two_nodes",
+    ]
     nodes = [start(launcher, MAIN, data, tmp_path) for _ in range(2)]
     results = finish(*nodes)
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
     assert "".join(out for _, out, _ in results).count("DistributedDataParallel: 2 processes (gloo)") == 1
     assert_same_weights(tmp_path / "elastic", reference.weights)
@@ -163,13 +209,29 @@ def test_two_nodes_restart_together_when_only_one_counts_the_restart(data, refer
     # collective (a long step). Rank 1's agent counts a restart; rank 0's agent restarts its worker
     # for the new round without counting one (a membership change): TORCHELASTIC_RESTART_COUNT is
     # 1 on one node and 0 on the other. The restarted workers must still meet and resume.
-    launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "elastic_uncounted"]
-    faults = {"PROBE_KILL_AFTER_STEP": "3", "PROBE_SLEEP_AFTER_STEP": "3", "PROBE_FIRST_MARK": str(tmp_path / "mark"),
-              "LOGLEVEL": "INFO"}  # (torchrun's agents say why they restart)
+    launcher = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--max-restarts",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        "elastic_uncounted",
+    ]
+    faults = {
+        "PROBE_KILL_AFTER_STEP": "3",
+        "PROBE_SLEEP_AFTER_STEP": "3",
+        "PROBE_FIRST_MARK": str(tmp_path / "mark"),
+        "LOGLEVEL": "INFO",
+    }  # (torchrun's agents say why they restart)
     checkpoints = tmp_path / "checkpoints"
     results = finish(*[start(launcher, PROBE, data, checkpoints, faults) for _ in range(2)])
-    for code, out, err in results:
+    for code, _out, err in results:
         assert code == 0, err[-3000:]
     agents = "".join(err for _, _, err in results)
     # One agent restarted for the failure (counted), the other for the new round (not counted).
@@ -185,16 +247,27 @@ def test_a_checkpoint_folder_a_rank_cannot_see_is_refused_in_one_line(data, tmp_
     code, out, err = standalone(PROBE, data, tmp_path, env={"PROBE_UNSHARED_RANK": "1"})
     assert code != 0 and "exitcode  : 2" in err, err[-3000:]  # (torchrun itself exits 1)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: rank 1: the checkpoint folder {tmp_path} is not shared with rank 1's node "
-                      f"({socket.gethostname()}): it cannot see the file rank 0 wrote there. Under torchrun every "
-                      "node needs the same --checkpoint_dir (a shared file system), since a restart may put rank 0, "
-                      "which writes and reads the checkpoints, on any node"], err[-3000:]
+    assert errors == [
+        f"error: rank 1: the checkpoint folder {tmp_path} is not shared with rank 1's node "
+        f"({socket.gethostname()}): it cannot see the file rank 0 wrote there. Under torchrun every "
+        "node needs the same --checkpoint_dir (a shared file system), since a restart may put rank 0, "
+        "which writes and reads the checkpoints, on any node"
+    ], err[-3000:]
     assert "[rank0]:" not in err and "[rank1]:" not in err  # no worker's traceback: both left quietly
     assert os.listdir(tmp_path) == []  # nothing written (the token is gone again)
 
 
-@pytest.mark.parametrize("text", ['{"sessions": "x"}', '{"sessions": {"a": 1}}', '{"sessions": []}', "[1]", "{",
-                                  '{"sessions": [{"started": "earlier, without torchrun"}]}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"sessions": "x"}',
+        '{"sessions": {"a": 1}}',
+        '{"sessions": []}',
+        "[1]",
+        "{",
+        '{"sessions": [{"started": "earlier, without torchrun"}]}',
+    ],
+)
 def test_a_restart_takes_a_config_json_it_cannot_read_for_another_runs(tmp_path, monkeypatch, text):
     # Not this job's run (refused as usual, one line), never a traceback on a restart.
     import main
@@ -210,12 +283,19 @@ def test_a_restart_takes_a_config_json_it_cannot_read_for_another_runs(tmp_path,
 def job_store():
     """A store like the one torchrun's agent keeps for a job, and the environment it gives workers."""
     import torch.distributed as dist
+
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
 
 
 def as_torchrun_worker(monkeypatch, store, rank=0):
-    for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+    for name, value in {
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+    }.items():
         monkeypatch.setenv(name, value)
 
 
@@ -229,8 +309,10 @@ def test_an_error_is_printed_once_a_job_by_whichever_rank_hits_it_first(monkeypa
         monkeypatch.setenv("RANK", str(rank))
         distributed.print_error(UserError("--epochs must be at least 1"))
     distributed.print_error(UserError("no training images at /data (on this node)"))  # rank 1's own
-    assert capsys.readouterr().err.splitlines() == ["error: rank 0: --epochs must be at least 1",
-                                                    "error: rank 1: no training images at /data (on this node)"]
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 0: --epochs must be at least 1",
+        "error: rank 1: no training images at /data (on this node)",
+    ]
     # Nothing answers at the store's address (the agent is gone): every line is printed, at once.
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     started = time.monotonic()

@@ -31,6 +31,7 @@ argv strings may hold placeholders, filled in when the case runs:
   {tmp}       the test's own temporary folder (checkpoints go to {tmp}/checkpoints)
 Checks get `(run, shared)`: the finished `Run` and `shared.base` / `shared.demo`, the shared runs.
 """
+
 import contextlib
 import csv
 import io
@@ -39,20 +40,20 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import torchvision
+from conftest import FAST, FEW_TIMING_RUNS, ROOT, SMALL_MODEL, assert_user_error, make_colour_dataset
 
 import config
 import dataset
 import inference
 import main as main_module
 import trainer
-from conftest import FAST, FEW_TIMING_RUNS, ROOT, SMALL_MODEL, assert_user_error, make_colour_dataset
 from hardware import describe
 from report import read_tensorboard_scalars
 
@@ -114,7 +115,9 @@ def spies(spy):
         return before
 
     def save_checkpoint(self, name):
-        spy.checkpoint_writes.append((name, self.state.epoch, self.state.batch_in_epoch, torch.are_deterministic_algorithms_enabled()))
+        spy.checkpoint_writes.append(
+            (name, self.state.epoch, self.state.batch_in_epoch, torch.are_deterministic_algorithms_enabled())
+        )
         return real_save(self, name)
 
     def build_model(*args, **kwargs):
@@ -196,8 +199,13 @@ def execute(argv, cwd):
     """main.main(argv) in this process, in `cwd` (so no default path like data/ or checkpoints/
     can reach the repository), stdout/stderr captured, the spies on."""
     spy, out, err = Spy(), io.StringIO(), io.StringIO()
-    with spies(spy), global_torch_state_kept(), contextlib.chdir(cwd), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        spies(spy),
+        global_torch_state_kept(),
+        contextlib.chdir(cwd),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         code = main_module.main(argv)
     run = Run(argv, code, out.getvalue(), err.getvalue(), spy)
     if (run.dir / "results.json").exists():
@@ -286,8 +294,17 @@ def pictures(tmp_path_factory):
     return root
 
 
-BASE_ARGV = ["--data_dir", "{colours}", "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--epochs", "1",
-             *FAST]
+BASE_ARGV = [
+    "--data_dir",
+    "{colours}",
+    "--checkpoint_dir",
+    "{base}",
+    "--checkpoint_name",
+    "base",
+    "--epochs",
+    "1",
+    *FAST,
+]
 
 
 @pytest.fixture(scope="module")
@@ -464,7 +481,11 @@ def check_benchmark(run, shared):
     run.assert_ok()
     rows = json.loads((run.dir / "benchmark.json").read_text())["rows"]
     assert [(r["mode"], r["channels_last"]) for r in rows] == [
-        ("fp32", False), ("fp32", True), ("amp_bfloat16", False), ("amp_bfloat16", True)]
+        ("fp32", False),
+        ("fp32", True),
+        ("amp_bfloat16", False),
+        ("amp_bfloat16", True),
+    ]
     assert "batch 2, 32x32 px" in run.out and "the median of 1 steps" in run.out  # --benchmark_steps 1
     assert describe("cpu").capability in run.out  # the header names what the CPU computes natively
     assert ("bfloat16 native" if describe("cpu", "bfloat16").native else "bfloat16 emulated") in run.out
@@ -517,7 +538,10 @@ def check_export(run, shared):
     report = json.loads((run.dir / "inference.json").read_text())
     assert report["calibration_images"] == 8 and "on 8 training images" in run.out  # --calibration_images
     assert {(row["precision"], row["runtime"]) for row in report["rows"]} >= {
-        ("fp32", "pytorch"), ("fp32", "onnxruntime"), ("int8", "onnxruntime")}
+        ("fp32", "pytorch"),
+        ("fp32", "onnxruntime"),
+        ("int8", "onnxruntime"),
+    }
     assert report["test_images"] == 180 and report["run"] == "demo"  # --demo: the demo run and its test split
     assert next(r for r in report["rows"] if r["runtime"] == "onnxruntime")["agreement"] >= 99.9
 
@@ -653,7 +677,8 @@ def check_ema_decay(run, shared):
     results, base = run.results_at_exit, shared.base.results_at_exit
     ours = results["epochs"][0]
     assert (ours["train_loss"], ours["val_loss"]) == pytest.approx(
-        (base["epochs"][0]["train_loss"], base["epochs"][0]["val_loss"]), rel=1e-5)
+        (base["epochs"][0]["train_loss"], base["epochs"][0]["val_loss"]), rel=1e-5
+    )
     assert 0 <= ours["val_acc_ema"] <= 100 and ours["val_loss_ema"] != ours["val_loss"]
     assert f"EMA acc {ours['val_acc_ema']:.2f}" in run.out and 0 <= results["test_acc_ema"] <= 100
     last, best = run.checkpoint("last.pt"), run.checkpoint("best.pt")
@@ -682,107 +707,399 @@ def assert_refused(run, *flags):
 def check_augmentation(run, shared):
     run.assert_ok()
     cfg = run.config()
-    assert (cfg["auto_augment"], cfg["random_crop"], cfg["vflip"], cfg["random_erase"]) == ("randaugment", 24, True, 0.25)
+    assert (cfg["auto_augment"], cfg["random_crop"], cfg["vflip"], cfg["random_erase"]) == (
+        "randaugment",
+        24,
+        True,
+        0.25,
+    )
     assert run.results_at_exit["precision"] == "AMP bf16"
     # The base run's data, seed and steps, on other (augmented, cropped) images: other numbers.
     assert run.results_at_exit["epochs"][0]["train_loss"] != shared.base.results_at_exit["epochs"][0]["train_loss"]
     # --evaluate takes the saved crop (the center 24 x 24) and finds the run's own test accuracy.
-    evaluated = execute(["--evaluate", "--checkpoint_dir", run.flag("--checkpoint_dir"), "--checkpoint_name", "augment",
-                         "--data_dir", run.flag("--data_dir"), "--device", "cpu", "--num_workers", "0"],
-                        cwd=Path(run.flag("--checkpoint_dir")).parent)
+    evaluated = execute(
+        [
+            "--evaluate",
+            "--checkpoint_dir",
+            run.flag("--checkpoint_dir"),
+            "--checkpoint_name",
+            "augment",
+            "--data_dir",
+            run.flag("--data_dir"),
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+        ],
+        cwd=Path(run.flag("--checkpoint_dir")).parent,
+    )
     evaluated.assert_ok()
     assert f"test accuracy {run.results_at_exit['test_acc']:.2f}%" in evaluated.out
 
 
 # ----------------------------------------------------------------------------- the registry
 CASES = [
-    Case("base_run", reuse="base_run", check=check_base_run, flags=(
-        "--data_dir", "--checkpoint_dir", "--checkpoint_name", "--image_size", "--batch_size", "--no_pretrained",
-        "--device", "--no_progress")),
-    Case("schedule_accumulation_clipping", check=check_schedule, flags=(
-        "--epochs", "--learning_rate", "--warmup_epochs", "--min_lr", "--weight_decay", "--accum_steps",
-        "--clip_grad_norm", "--num_workers", "--no_channels_last"),
-        argv=[*TRAIN, "--checkpoint_name", "schedule", "--epochs", "2", "--warmup_epochs", "1", "--learning_rate",
-              "0.004", "--min_lr", "0.001", "--weight_decay", "0.05", "--accum_steps", "2", "--clip_grad_norm", "0.5",
-              "--num_workers", "1", "--no_channels_last"]),
+    Case(
+        "base_run",
+        reuse="base_run",
+        check=check_base_run,
+        flags=(
+            "--data_dir",
+            "--checkpoint_dir",
+            "--checkpoint_name",
+            "--image_size",
+            "--batch_size",
+            "--no_pretrained",
+            "--device",
+            "--no_progress",
+        ),
+    ),
+    Case(
+        "schedule_accumulation_clipping",
+        check=check_schedule,
+        flags=(
+            "--epochs",
+            "--learning_rate",
+            "--warmup_epochs",
+            "--min_lr",
+            "--weight_decay",
+            "--accum_steps",
+            "--clip_grad_norm",
+            "--num_workers",
+            "--no_channels_last",
+        ),
+        argv=[
+            *TRAIN,
+            "--checkpoint_name",
+            "schedule",
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--learning_rate",
+            "0.004",
+            "--min_lr",
+            "0.001",
+            "--weight_decay",
+            "0.05",
+            "--accum_steps",
+            "2",
+            "--clip_grad_norm",
+            "0.5",
+            "--num_workers",
+            "1",
+            "--no_channels_last",
+        ],
+    ),
     Case("seed", flags=("--seed",), check=check_seed, argv=[*TRAIN, "--checkpoint_name", "seed7", "--seed", "7"]),
-    Case("val_fraction_cache_log_interval_channels_last", check=check_split_cache_log_interval, flags=(
-        "--val_fraction", "--cache", "--log_interval", "--channels_last"),
-        argv=[*WITH_BARS, "--checkpoint_name", "split", "--val_fraction", "0.5", "--cache", "--log_interval", "1",
-              "--channels_last"]),
-    Case("amp_tensorboard", flags=("--amp", "--amp_dtype", "--tensorboard"), check=check_amp,
-         argv=[*TRAIN, "--checkpoint_name", "amp", "--amp", "--amp_dtype", "bfloat16", "--tensorboard", *SMALL_MODEL]),
-    Case("skip_bad_images_pretrained_path", flags=("--skip_bad_images", "--pretrained_path"),
-         check=check_skip_bad_images_and_pretrained_path,
-         argv=["--data_dir", "{bad_data}", "--checkpoint_dir", "{tmp}/checkpoints", "--checkpoint_name", "weights",
-               "--epochs", "1", *FAST_PRETRAINED, "--skip_bad_images", "--pretrained_path", "{weights}"]),
-    Case("deterministic_save_every_steps_overwrite_dist_timeout", check=check_deterministic_save_every_steps_overwrite,
-         flags=("--deterministic", "--save_every_steps", "--overwrite", "--dist_timeout"),
-         setup=lambda p: write_stale_run(p, "again"),
-         argv=[*TRAIN, "--checkpoint_name", "again", "--deterministic", "--save_every_steps", "2", "--overwrite",
-               "--dist_timeout", "30"]),
-    Case("optimizer_sgd_no_bias_decay", check=check_sgd_no_bias_decay,
-         flags=("--optimizer", "--momentum", "--nesterov", "--no_bias_decay"),
-         argv=[*TRAIN, "--checkpoint_name", "sgd", "--optimizer", "sgd", "--momentum", "0.8", "--nesterov",
-               "--no_bias_decay"]),
-    Case("step_schedule_zero_init_residual", check=check_step_schedule_zero_init_residual,
-         flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
-         argv=[*TRAIN, "--checkpoint_name", "step", "--epochs", "3", "--warmup_epochs", "1", "--lr_schedule", "step",
-               "--lr_milestones", "2", "--lr_gamma", "0.5", "--zero_init_residual"]),
-    Case("test_fraction", flags=("--test_fraction",), check=check_test_fraction, setup=copy_class_folders,
-         argv=["--data_dir", "{tmp}/classes", "--checkpoint_dir", "{tmp}/checkpoints", "--epochs", "1", *FAST,
-               "--checkpoint_name", "held_out", "--test_fraction", "0.5"]),
-    Case("precise_bn", flags=("--precise_bn",), check=check_precise_bn,
-         argv=[*TRAIN, "--checkpoint_name", "precise", "--precise_bn", "1"]),
-    Case("label_smoothing_fp32_math", flags=("--label_smoothing", "--fp32_math"), check=check_label_smoothing,
-         argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1", "--fp32_math", "tf32"]),
-    Case("compile", flags=("--compile",), check=check_compile, argv=[*TRAIN, "--checkpoint_name", "compiled", "--compile"]),
-    Case("benchmark", flags=("--benchmark", "--data", "--benchmark_steps"), check=check_benchmark,
-         argv=["--benchmark", "--data", "--benchmark_steps", "1", "--device", "cpu", "--batch_size", "2",
-               "--image_size", "32", "--data_dir", "{colours}", "--num_workers", "0",
-               "--checkpoint_dir", "{tmp}/checkpoints", "--checkpoint_name", "bench", *SMALL_MODEL]),
-    Case("evaluate", flags=("--evaluate",), check=check_evaluate,
-         argv=["--evaluate", "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--data_dir", "{colours}",
-               "--device", "cpu", "--num_workers", "0"]),
-    Case("predict", flags=("--predict", "--predict_dir"), check=check_predict,
-         argv=["--predict", "--predict_dir", "{pictures}", "--checkpoint_dir", "{base}", "--checkpoint_name", "base",
-               "--device", "cpu", "--num_workers", "0"]),
-    Case("predictions_file", flags=("--predictions_file",), check=check_predictions_file, setup=remove_base_predictions,
-         argv=["--predict", "--predict_dir", "{pictures}", "--predictions_file", "{tmp}/labels.csv",
-               "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--device", "cpu", "--num_workers", "0"]),
-    Case("compare", flags=("--compare",), check=check_compare, argv=["--compare", "base", "--checkpoint_dir", "{base}"]),
-    Case("compare_name", flags=("--compare_name",), check=check_compare_name,
-         argv=["--compare", "base", "--compare_name", "mine", "--checkpoint_dir", "{base}"]),
-    Case("resume", flags=("--resume",), check=check_resume,
-         argv=["--resume", "--checkpoint_dir", "{base}", "--checkpoint_name", "base", "--data_dir", "{colours}",
-               "--device", "cpu", "--num_workers", "0", "--no_progress"]),
+    Case(
+        "val_fraction_cache_log_interval_channels_last",
+        check=check_split_cache_log_interval,
+        flags=("--val_fraction", "--cache", "--log_interval", "--channels_last"),
+        argv=[
+            *WITH_BARS,
+            "--checkpoint_name",
+            "split",
+            "--val_fraction",
+            "0.5",
+            "--cache",
+            "--log_interval",
+            "1",
+            "--channels_last",
+        ],
+    ),
+    Case(
+        "amp_tensorboard",
+        flags=("--amp", "--amp_dtype", "--tensorboard"),
+        check=check_amp,
+        argv=[*TRAIN, "--checkpoint_name", "amp", "--amp", "--amp_dtype", "bfloat16", "--tensorboard", *SMALL_MODEL],
+    ),
+    Case(
+        "skip_bad_images_pretrained_path",
+        flags=("--skip_bad_images", "--pretrained_path"),
+        check=check_skip_bad_images_and_pretrained_path,
+        argv=[
+            "--data_dir",
+            "{bad_data}",
+            "--checkpoint_dir",
+            "{tmp}/checkpoints",
+            "--checkpoint_name",
+            "weights",
+            "--epochs",
+            "1",
+            *FAST_PRETRAINED,
+            "--skip_bad_images",
+            "--pretrained_path",
+            "{weights}",
+        ],
+    ),
+    Case(
+        "deterministic_save_every_steps_overwrite_dist_timeout",
+        check=check_deterministic_save_every_steps_overwrite,
+        flags=("--deterministic", "--save_every_steps", "--overwrite", "--dist_timeout"),
+        setup=lambda p: write_stale_run(p, "again"),
+        argv=[
+            *TRAIN,
+            "--checkpoint_name",
+            "again",
+            "--deterministic",
+            "--save_every_steps",
+            "2",
+            "--overwrite",
+            "--dist_timeout",
+            "30",
+        ],
+    ),
+    Case(
+        "optimizer_sgd_no_bias_decay",
+        check=check_sgd_no_bias_decay,
+        flags=("--optimizer", "--momentum", "--nesterov", "--no_bias_decay"),
+        argv=[
+            *TRAIN,
+            "--checkpoint_name",
+            "sgd",
+            "--optimizer",
+            "sgd",
+            "--momentum",
+            "0.8",
+            "--nesterov",
+            "--no_bias_decay",
+        ],
+    ),
+    Case(
+        "step_schedule_zero_init_residual",
+        check=check_step_schedule_zero_init_residual,
+        flags=("--lr_schedule", "--lr_milestones", "--lr_gamma", "--zero_init_residual"),
+        argv=[
+            *TRAIN,
+            "--checkpoint_name",
+            "step",
+            "--epochs",
+            "3",
+            "--warmup_epochs",
+            "1",
+            "--lr_schedule",
+            "step",
+            "--lr_milestones",
+            "2",
+            "--lr_gamma",
+            "0.5",
+            "--zero_init_residual",
+        ],
+    ),
+    Case(
+        "test_fraction",
+        flags=("--test_fraction",),
+        check=check_test_fraction,
+        setup=copy_class_folders,
+        argv=[
+            "--data_dir",
+            "{tmp}/classes",
+            "--checkpoint_dir",
+            "{tmp}/checkpoints",
+            "--epochs",
+            "1",
+            *FAST,
+            "--checkpoint_name",
+            "held_out",
+            "--test_fraction",
+            "0.5",
+        ],
+    ),
+    Case(
+        "precise_bn",
+        flags=("--precise_bn",),
+        check=check_precise_bn,
+        argv=[*TRAIN, "--checkpoint_name", "precise", "--precise_bn", "1"],
+    ),
+    Case(
+        "label_smoothing_fp32_math",
+        flags=("--label_smoothing", "--fp32_math"),
+        check=check_label_smoothing,
+        argv=[*TRAIN, "--checkpoint_name", "smooth", "--label_smoothing", "0.1", "--fp32_math", "tf32"],
+    ),
+    Case(
+        "compile",
+        flags=("--compile",),
+        check=check_compile,
+        argv=[*TRAIN, "--checkpoint_name", "compiled", "--compile"],
+    ),
+    Case(
+        "benchmark",
+        flags=("--benchmark", "--data", "--benchmark_steps"),
+        check=check_benchmark,
+        argv=[
+            "--benchmark",
+            "--data",
+            "--benchmark_steps",
+            "1",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+            "--image_size",
+            "32",
+            "--data_dir",
+            "{colours}",
+            "--num_workers",
+            "0",
+            "--checkpoint_dir",
+            "{tmp}/checkpoints",
+            "--checkpoint_name",
+            "bench",
+            *SMALL_MODEL,
+        ],
+    ),
+    Case(
+        "evaluate",
+        flags=("--evaluate",),
+        check=check_evaluate,
+        argv=[
+            "--evaluate",
+            "--checkpoint_dir",
+            "{base}",
+            "--checkpoint_name",
+            "base",
+            "--data_dir",
+            "{colours}",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+        ],
+    ),
+    Case(
+        "predict",
+        flags=("--predict", "--predict_dir"),
+        check=check_predict,
+        argv=[
+            "--predict",
+            "--predict_dir",
+            "{pictures}",
+            "--checkpoint_dir",
+            "{base}",
+            "--checkpoint_name",
+            "base",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+        ],
+    ),
+    Case(
+        "predictions_file",
+        flags=("--predictions_file",),
+        check=check_predictions_file,
+        setup=remove_base_predictions,
+        argv=[
+            "--predict",
+            "--predict_dir",
+            "{pictures}",
+            "--predictions_file",
+            "{tmp}/labels.csv",
+            "--checkpoint_dir",
+            "{base}",
+            "--checkpoint_name",
+            "base",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+        ],
+    ),
+    Case(
+        "compare", flags=("--compare",), check=check_compare, argv=["--compare", "base", "--checkpoint_dir", "{base}"]
+    ),
+    Case(
+        "compare_name",
+        flags=("--compare_name",),
+        check=check_compare_name,
+        argv=["--compare", "base", "--compare_name", "mine", "--checkpoint_dir", "{base}"],
+    ),
+    Case(
+        "resume",
+        flags=("--resume",),
+        check=check_resume,
+        argv=[
+            "--resume",
+            "--checkpoint_dir",
+            "{base}",
+            "--checkpoint_name",
+            "base",
+            "--data_dir",
+            "{colours}",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--no_progress",
+        ],
+    ),
     Case("demo", flags=("--demo",), check=check_demo, reuse="demo_run"),
     # No torchrun here: --sync_bn must be refused, not silently ignored.
-    Case("sync_bn_refused_without_torchrun", flags=("--sync_bn",), check=check_refused("--sync_bn"),
-         argv=[*NO_DATA, "--sync_bn"]),
+    Case(
+        "sync_bn_refused_without_torchrun",
+        flags=("--sync_bn",),
+        check=check_refused("--sync_bn"),
+        argv=[*NO_DATA, "--sync_bn"],
+    ),
     # Augmentation (issue 12, item 5): all four in one AMP run, then --evaluate at the crop size.
-    Case("augmentation", flags=("--auto_augment", "--random_crop", "--vflip", "--random_erase"),
-         check=check_augmentation,
-         argv=[*TRAIN, "--checkpoint_name", "augment", "--auto_augment", "randaugment", "--random_crop", "24",
-               "--vflip", "--random_erase", "0.25", "--amp", *SMALL_MODEL]),
+    Case(
+        "augmentation",
+        flags=("--auto_augment", "--random_crop", "--vflip", "--random_erase"),
+        check=check_augmentation,
+        argv=[
+            *TRAIN,
+            "--checkpoint_name",
+            "augment",
+            "--auto_augment",
+            "randaugment",
+            "--random_crop",
+            "24",
+            "--vflip",
+            "--random_erase",
+            "0.25",
+            "--amp",
+            *SMALL_MODEL,
+        ],
+    ),
     # ---- issue 12: --model (the zoo; more in tests/test_zoo.py)
-    Case("model", flags=("--model",), check=check_model,
-         argv=[*TRAIN, "--checkpoint_name", "zoo", "--model", "mobilenet_v3_small"]),
+    Case(
+        "model",
+        flags=("--model",),
+        check=check_model,
+        argv=[*TRAIN, "--checkpoint_name", "zoo", "--model", "mobilenet_v3_small"],
+    ),
     # Mixup, cutmix and the EMA of the weights (issue 12; tests/test_mix_ema.py has the rest).
-    Case("mixup_cutmix", flags=("--mixup_alpha", "--cutmix_alpha"), check=check_mixup_cutmix,
-         argv=[*TRAIN, "--checkpoint_name", "mix", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"]),
+    Case(
+        "mixup_cutmix",
+        flags=("--mixup_alpha", "--cutmix_alpha"),
+        check=check_mixup_cutmix,
+        argv=[*TRAIN, "--checkpoint_name", "mix", "--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"],
+    ),
     Case("export", flags=("--export", "--calibration_images"), check=check_export, reuse="demo_export"),
-    Case("ema_decay", flags=("--ema_decay",), check=check_ema_decay,
-         argv=[*TRAIN, "--checkpoint_name", "ema", "--ema_decay", "0.5"]),
+    Case(
+        "ema_decay",
+        flags=("--ema_decay",),
+        check=check_ema_decay,
+        argv=[*TRAIN, "--checkpoint_name", "ema", "--ema_decay", "0.5"],
+    ),
     # Issue 19: the time-based mid-epoch last.pt (its torchrun default: tests/test_elastic.py).
-    Case("save_every_minutes", flags=("--save_every_minutes",), check=check_save_every_minutes,
-         argv=[*TRAIN, "--checkpoint_name", "timed", "--save_every_minutes", "1e-9", "--log_interval", "1"]),
+    Case(
+        "save_every_minutes",
+        flags=("--save_every_minutes",),
+        check=check_save_every_minutes,
+        argv=[*TRAIN, "--checkpoint_name", "timed", "--save_every_minutes", "1e-9", "--log_interval", "1"],
+    ),
 ]
 
 
 def argv_of(case):
-    return {"base_run": BASE_ARGV, "demo_run": DEMO_ARGV, "demo_export": DEMO_EXPORT_ARGV}[case.reuse] if case.reuse \
+    return (
+        {"base_run": BASE_ARGV, "demo_run": DEMO_ARGV, "demo_export": DEMO_EXPORT_ARGV}[case.reuse]
+        if case.reuse
         else case.argv
+    )
 
 
 def parser_flags():
@@ -792,8 +1109,10 @@ def parser_flags():
 def test_every_parser_flag_has_a_case():
     covered = {flag for case in CASES for flag in case.flags}
     missing = sorted(parser_flags() - covered)
-    assert not missing, (f"flags without a case in CASES: {', '.join(missing)}. Add each to a Case that runs it and "
-                         "checks its effect (see the top of tests/test_every_flag.py)")
+    assert not missing, (
+        f"flags without a case in CASES: {', '.join(missing)}. Add each to a Case that runs it and "
+        "checks its effect (see the top of tests/test_every_flag.py)"
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -880,12 +1199,29 @@ PAIRS = {
     ("--demo", "--resume"): Case("demo_resume", (), ["--demo", "--resume", *DEMO_SMALL], check_demo_resume),
     ("--demo", "--evaluate"): Case("demo_evaluate", (), ["--demo", "--evaluate", *DEMO_SMALL], check_demo_evaluate),
     ("--demo", "--predict"): Case("demo_predict", (), ["--demo", "--predict", *DEMO_SMALL], check_demo_predict),
-    ("--demo", "--benchmark"): Case("demo_benchmark", (), [
-        "--demo", "--benchmark", *DEMO_FOLDERS, *DEMO_SIZES, "--batch_size", "2", "--benchmark_steps", "1", *SMALL_MODEL],
-        check_demo_benchmark),  # (no --epochs: --benchmark trains no epochs)
-    ("--demo", "--overwrite"): Case("demo_overwrite", (), [
-        "--demo", "--overwrite", *DEMO_SMALL, "--checkpoint_dir", "{tmp}/checkpoints", *SMALL_MODEL], check_demo_overwrite,
-        setup=lambda p: write_stale_run(p, "demo")),
+    ("--demo", "--benchmark"): Case(
+        "demo_benchmark",
+        (),
+        [
+            "--demo",
+            "--benchmark",
+            *DEMO_FOLDERS,
+            *DEMO_SIZES,
+            "--batch_size",
+            "2",
+            "--benchmark_steps",
+            "1",
+            *SMALL_MODEL,
+        ],
+        check_demo_benchmark,
+    ),  # (no --epochs: --benchmark trains no epochs)
+    ("--demo", "--overwrite"): Case(
+        "demo_overwrite",
+        (),
+        ["--demo", "--overwrite", *DEMO_SMALL, "--checkpoint_dir", "{tmp}/checkpoints", *SMALL_MODEL],
+        check_demo_overwrite,
+        setup=lambda p: write_stale_run(p, "demo"),
+    ),
 }
 
 
@@ -930,7 +1266,9 @@ def test_mode_pair(pair, request, tmp_path):
 def test_demo_with_amp_is_named_demo_amp_unless_given():
     assert config.parse_config(["--demo", "--device", "cpu"])[0].checkpoint_name == "demo"
     assert config.parse_config(["--demo", "--amp", "--device", "cpu"])[0].checkpoint_name == "demo_amp"
-    assert config.parse_config(["--demo", "--amp", "--device", "cpu", "--checkpoint_name", "x"])[0].checkpoint_name == "x"
+    assert (
+        config.parse_config(["--demo", "--amp", "--device", "cpu", "--checkpoint_name", "x"])[0].checkpoint_name == "x"
+    )
 
 
 # ----------------------------------------------------------------------------- other refusals
@@ -939,61 +1277,120 @@ def test_demo_with_amp_is_named_demo_amp_unless_given():
 REFUSALS = [
     ("amp_dtype without --amp", [*NO_DATA, "--amp_dtype", "bfloat16"], ("--amp_dtype", "--amp")),
     ("--data without --benchmark", [*NO_DATA, "--data"], ("--data", "--benchmark")),
-    ("--pretrained_path with --no_pretrained", [*NO_DATA, "--pretrained_path", "{weights}"],
-     ("--pretrained_path", "--no_pretrained")),
-    ("--compare with training flags", ["--compare", "a", "b", "--epochs", "3", "--checkpoint_dir", "{tmp}/checkpoints"],
-     ("--compare", "--epochs")),
+    (
+        "--pretrained_path with --no_pretrained",
+        [*NO_DATA, "--pretrained_path", "{weights}"],
+        ("--pretrained_path", "--no_pretrained"),
+    ),
+    (
+        "--compare with training flags",
+        ["--compare", "a", "b", "--epochs", "3", "--checkpoint_dir", "{tmp}/checkpoints"],
+        ("--compare", "--epochs"),
+    ),
     ("--predict_dir without --predict", [*NO_DATA, "--predict_dir", "{pictures}"], ("--predict_dir", "--predict")),
-    ("--predictions_file without --predict", [*NO_DATA, "--predictions_file", "{tmp}/p.csv"],
-     ("--predictions_file", "--predict")),
+    (
+        "--predictions_file without --predict",
+        [*NO_DATA, "--predictions_file", "{tmp}/p.csv"],
+        ("--predictions_file", "--predict"),
+    ),
     ("--learning_rate inf", [*NO_DATA, "--learning_rate", "inf"], ("--learning_rate",)),
     ("--learning_rate nan", [*NO_DATA, "--learning_rate", "nan"], ("--learning_rate",)),
     ("--weight_decay nan", [*NO_DATA, "--weight_decay", "nan"], ("--weight_decay",)),
     ("--clip_grad_norm inf", [*NO_DATA, "--clip_grad_norm", "inf"], ("--clip_grad_norm",)),
     ("--val_fraction nan", [*NO_DATA, "--val_fraction", "nan"], ("--val_fraction",)),
-    ("--warmup_epochs equal to --epochs", [*NO_DATA, "--epochs", "2", "--warmup_epochs", "2"],
-     ("--warmup_epochs", "--epochs")),
+    (
+        "--warmup_epochs equal to --epochs",
+        [*NO_DATA, "--epochs", "2", "--warmup_epochs", "2"],
+        ("--warmup_epochs", "--epochs"),
+    ),
     ("--random_crop above --image_size", [*NO_DATA, "--random_crop", "40"], ("--random_crop", "--image_size")),
     ("--random_erase above 1", [*NO_DATA, "--random_erase", "1.5"], ("--random_erase",)),
     ("--auto_augment unknown", [*NO_DATA, "--auto_augment", "augmix"], ("--auto_augment",)),
     ("--model unknown", [*NO_DATA, "--model", "resnet181"], ("--model",)),
     ("--model vit_b_16 at 32 px", [*NO_DATA, "--model", "vit_b_16"], ("--model", "--image_size")),
-    ("--model vit_b_16 on a 64 px crop", [*NO_DATA, "--model", "vit_b_16", "--image_size", "256", "--random_crop", "64"],
-     ("takes 224 x 224 images only", "pass --random_crop 224")),
+    (
+        "--model vit_b_16 on a 64 px crop",
+        [*NO_DATA, "--model", "vit_b_16", "--image_size", "256", "--random_crop", "64"],
+        ("takes 224 x 224 images only", "pass --random_crop 224"),
+    ),
     ("--model ResNet50", [*NO_DATA, "--model", "ResNet50"], ("lowercase", "--model resnet50")),
-    ("--model vit_h_14 with its 518 px ImageNet weights",  # (refused before any download)
-     ["--data_dir", "{tmp}/no_data", "--checkpoint_dir", "{tmp}/checkpoints", "--device", "cpu", "--model", "vit_h_14",
-      "--image_size", "224"], ("DEFAULT ImageNet weights of --model vit_h_14 are for 518 x 518", "--no_pretrained")),
-    ("--lr_milestones at --epochs", [*NO_DATA, "--epochs", "2", "--warmup_epochs", "0", "--lr_schedule", "step",
-                                     "--lr_milestones", "2"], ("--lr_milestones 2 would never apply", "use epoch 1")),
-    pytest.param("--device cuda without a GPU", [*NO_DATA, "--device", "cuda"], ("--device",),
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU"),
-                 id="--device cuda without a GPU"),
+    (
+        "--model vit_h_14 with its 518 px ImageNet weights",  # (refused before any download)
+        [
+            "--data_dir",
+            "{tmp}/no_data",
+            "--checkpoint_dir",
+            "{tmp}/checkpoints",
+            "--device",
+            "cpu",
+            "--model",
+            "vit_h_14",
+            "--image_size",
+            "224",
+        ],
+        ("DEFAULT ImageNet weights of --model vit_h_14 are for 518 x 518", "--no_pretrained"),
+    ),
+    (
+        "--lr_milestones at --epochs",
+        [*NO_DATA, "--epochs", "2", "--warmup_epochs", "0", "--lr_schedule", "step", "--lr_milestones", "2"],
+        ("--lr_milestones 2 would never apply", "use epoch 1"),
+    ),
+    pytest.param(
+        "--device cuda without a GPU",
+        [*NO_DATA, "--device", "cuda"],
+        ("--device",),
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU"),
+        id="--device cuda without a GPU",
+    ),
     ("--mixup_alpha negative", [*NO_DATA, "--mixup_alpha", "-1"], ("--mixup_alpha",)),
     ("--cutmix_alpha nan", [*NO_DATA, "--cutmix_alpha", "nan"], ("--cutmix_alpha",)),
     ("--ema_decay 1", [*NO_DATA, "--ema_decay", "1"], ("--ema_decay",)),
     ("--ema_decay with --benchmark", [*NO_DATA, "--benchmark", "--ema_decay", "0.9"], ("--ema_decay", "--benchmark")),
     ("--compare_name without --compare", [*NO_DATA, "--compare_name", "x"], ("--compare_name", "--compare")),
-    ("--compare_name not a plain name", ["--compare", "a", "--compare_name", "../x", "--checkpoint_dir", "{tmp}/c"],
-     ("--compare_name",)),
-    ("--compare of a run twice", ["--compare", "a", "b", "a", "--checkpoint_dir", "{tmp}/c"],
-     ("--compare names a twice",)),
-    ("--compare_name empty", ["--compare", "a", "--compare_name", "", "--checkpoint_dir", "{tmp}/c"],
-     ("--compare_name ''",)),
+    (
+        "--compare_name not a plain name",
+        ["--compare", "a", "--compare_name", "../x", "--checkpoint_dir", "{tmp}/c"],
+        ("--compare_name",),
+    ),
+    (
+        "--compare of a run twice",
+        ["--compare", "a", "b", "a", "--checkpoint_dir", "{tmp}/c"],
+        ("--compare names a twice",),
+    ),
+    (
+        "--compare_name empty",
+        ["--compare", "a", "--compare_name", "", "--checkpoint_dir", "{tmp}/c"],
+        ("--compare_name ''",),
+    ),
     ("--fp32_math unknown", [*NO_DATA, "--fp32_math", "bf16"], ("--fp32_math",)),
-    ("--calibration_images without --export", [*NO_DATA, "--calibration_images", "8"],
-     ("--calibration_images", "--export")),
+    (
+        "--calibration_images without --export",
+        [*NO_DATA, "--calibration_images", "8"],
+        ("--calibration_images", "--export"),
+    ),
     ("--calibration_images 0", [*NO_DATA, "--export", "--calibration_images", "0"], ("--calibration_images",)),
     ("--tensorboard with --export", [*NO_DATA, "--export", "--tensorboard"], ("--tensorboard", "--export")),
     ("--test_fraction 1", [*NO_DATA, "--test_fraction", "1"], ("--test_fraction must be between 0 and 1",)),
     ("--precise_bn negative", [*NO_DATA, "--precise_bn", "-1"], ("--precise_bn must not be negative",)),
-    ("--precise_bn with --benchmark", ["--data_dir", "{tmp}/no_data", "--checkpoint_dir", "{tmp}/checkpoints", "--device",
-                                       "cpu", "--benchmark", "--precise_bn", "5"], ("--precise_bn", "--benchmark")),
+    (
+        "--precise_bn with --benchmark",
+        [
+            "--data_dir",
+            "{tmp}/no_data",
+            "--checkpoint_dir",
+            "{tmp}/checkpoints",
+            "--device",
+            "cpu",
+            "--benchmark",
+            "--precise_bn",
+            "5",
+        ],
+        ("--precise_bn", "--benchmark"),
+    ),
 ]
 
 
-@pytest.mark.parametrize("what,argv,flags", REFUSALS,
-                         ids=[r[0] if isinstance(r, tuple) else r.id for r in REFUSALS])
+@pytest.mark.parametrize("what,argv,flags", REFUSALS, ids=[r[0] if isinstance(r, tuple) else r.id for r in REFUSALS])
 def test_refused_with_one_line(what, argv, flags, request, tmp_path):
     assert_refused(Placeholders(request, tmp_path).execute(argv), *flags)
 
@@ -1026,8 +1423,10 @@ def help_flags(capsys):
 def assert_same_flags(listed, where):
     in_parser = parser_flags()
     missing, unknown = sorted(in_parser - listed), sorted(listed - in_parser)
-    assert not missing and not unknown, (f"{where} lacks {', '.join(missing) or 'nothing'}; "
-                                         f"{where} lists flags the parser does not have: {', '.join(unknown) or 'none'}")
+    assert not missing and not unknown, (
+        f"{where} lacks {', '.join(missing) or 'nothing'}; "
+        f"{where} lists flags the parser does not have: {', '.join(unknown) or 'none'}"
+    )
 
 
 def test_readme_flag_table_lists_exactly_the_parser_flags():

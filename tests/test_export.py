@@ -4,6 +4,7 @@ and model.int8.onnx (static INT8, QDQ, per-channel weights); inference.json/.md 
 precision and runtime; deploy/predict_onnx.py labels images without PyTorch as --predict does.
 Three families export; a run without best.pt, a model the exporter refuses, a disagreeing export
 and a read-only run folder each stop in one line and leave the folder as it was."""
+
 import argparse
 import contextlib
 import csv
@@ -20,20 +21,44 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import FEW_TIMING_RUNS, ROOT, make_colour_dataset
 
 import export
 import inference
 import main as main_module
 import utils
-from conftest import FEW_TIMING_RUNS, ROOT, make_colour_dataset
 from dataset import DeviceTransform, UnlabeledImages, evaluation_view
 from demo import DEMO_CLASSES, make_demo_dataset
 
-TINY = ["--image_size", "32", "--batch_size", "8", "--no_pretrained", "--num_workers", "0", "--no_progress",
-        "--device", "cpu", "--learning_rate", "2e-3", "--epochs", "1"]
+TINY = [
+    "--image_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--no_pretrained",
+    "--num_workers",
+    "0",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--learning_rate",
+    "2e-3",
+    "--epochs",
+    "1",
+]
 EXPORT = ["--export", "--num_workers", "0", "--calibration_images", "16"]
-ROW_KEYS = {"precision", "runtime", "size_mb", "test_acc", "agreement", "latency_ms_p50", "latency_ms_p95",
-            "images_per_sec", "device", "capability"}
+ROW_KEYS = {
+    "precision",
+    "runtime",
+    "size_mb",
+    "test_acc",
+    "agreement",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "images_per_sec",
+    "device",
+    "capability",
+}
 PREDICT_ONNX = os.path.join(ROOT, "deploy", "predict_onnx.py")
 
 
@@ -55,8 +80,14 @@ def assert_one_line(result, code, *needles):
 
 def listing(folder):
     """{name: bytes} of a run folder's small files and the sizes of its large ones."""
-    return {name: (os.path.getsize(os.path.join(folder, name)) if name.endswith(".pt") else
-                   open(os.path.join(folder, name), "rb").read()) for name in sorted(os.listdir(folder))}
+    return {
+        name: (
+            os.path.getsize(os.path.join(folder, name))
+            if name.endswith(".pt")
+            else open(os.path.join(folder, name), "rb").read()
+        )
+        for name in sorted(os.listdir(folder))
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,8 +108,9 @@ def demo(tmp_path_factory, few_timing_runs):
     data = root / "demo"
     make_demo_dataset(str(data), train_per_class=12, test_per_class=5, size=48)
     runs = root / "checkpoints"
-    code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", "r18", *TINY,
-                         "--random_crop", "28")
+    code, out, err = cli(
+        "--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", "r18", *TINY, "--random_crop", "28"
+    )
     assert code == 0, err
     code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", "r18", *EXPORT)
     assert code == 0, err
@@ -106,8 +138,9 @@ def test_model_onnx_takes_uint8_batches_of_any_size_and_computes_what_pytorch_do
     (images_input,) = session.get_inputs()
     assert images_input.name == "images" and images_input.type == "tensor(uint8)"
     assert images_input.shape == ["batch", 3, 28, 28]  # --random_crop 28: the center crop of the 32 px image
-    pictures = evaluation_view(UnlabeledImages(str(demo["data"] / "seg_pred" / "seg_pred"), 32),
-                               argparse.Namespace(random_crop=28))
+    pictures = evaluation_view(
+        UnlabeledImages(str(demo["data"] / "seg_pred" / "seg_pred"), 32), argparse.Namespace(random_crop=28)
+    )
     model = best_model(demo["run"])
     for size in (1, 5):  # the batch dimension is dynamic
         images = torch.stack([pictures[i][0] for i in range(size)])
@@ -136,9 +169,15 @@ def test_int8_file_is_static_qdq_with_per_channel_weights_and_under_40_percent(d
     ops = {node.op_type for node in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and not ops & {"DynamicQuantizeLinear"}
     weights = {init.name: init for init in model.graph.initializer}
-    per_channel = [node for node in model.graph.node if node.op_type == "DequantizeLinear"
-                   and node.input[0] in weights and weights[node.input[0]].data_type == onnx.TensorProto.INT8
-                   and len(weights[node.input[1]].dims) == 1 and weights[node.input[1]].dims[0] > 1]
+    per_channel = [
+        node
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in weights
+        and weights[node.input[0]].data_type == onnx.TensorProto.INT8
+        and len(weights[node.input[1]].dims) == 1
+        and weights[node.input[1]].dims[0] > 1
+    ]
     assert len(per_channel) >= 20  # every convolution's weights: one scale per output channel
     meta = {prop.key: prop.value for prop in model.metadata_props}
     assert meta["precision"] == "int8" and meta["calibration_images"] == "16"
@@ -152,8 +191,12 @@ def test_inference_json_has_a_row_per_precision_and_runtime(demo):
     report = json.loads((demo["run"] / "inference.json").read_text())
     rows = {(row["precision"], row["runtime"]): row for row in report["rows"]}
     bf16 = "bf16" in inference.native_dtypes("cpu")  # the AMP dtype on a CPU: measured where native
-    assert list(rows) == [("fp32", "pytorch"), *([("bf16", "pytorch")] if bf16 else []), ("fp32", "onnxruntime"),
-                          ("int8", "onnxruntime")]
+    assert list(rows) == [
+        ("fp32", "pytorch"),
+        *([("bf16", "pytorch")] if bf16 else []),
+        ("fp32", "onnxruntime"),
+        ("int8", "onnxruntime"),
+    ]
     for row in rows.values():
         assert ROW_KEYS <= set(row), set(row)
         assert 0 <= row["test_acc"] <= 100 and 0 <= row["agreement"] <= 100
@@ -177,14 +220,40 @@ def test_inference_json_has_a_row_per_precision_and_runtime(demo):
 
 def test_predict_onnx_writes_the_csv_of_predict_without_pytorch(demo, tmp_path):
     pictures = demo["data"] / "seg_pred" / "seg_pred"
-    code, out, err = cli("--predict", "--data_dir", demo["data"], "--checkpoint_dir", demo["runs"],
-                         "--checkpoint_name", "r18", "--num_workers", "0", "--predictions_file", tmp_path / "torch.csv")
+    code, out, err = cli(
+        "--predict",
+        "--data_dir",
+        demo["data"],
+        "--checkpoint_dir",
+        demo["runs"],
+        "--checkpoint_name",
+        "r18",
+        "--num_workers",
+        "0",
+        "--predictions_file",
+        tmp_path / "torch.csv",
+    )
     assert code == 0, err
     # torch, torchvision and onnx cannot be imported by the script: onnxruntime, numpy and Pillow only.
-    blocked = ("import runpy, sys; sys.modules.update(torch=None, torchvision=None, onnx=None); "
-               f"sys.argv = sys.argv[1:]; runpy.run_path({PREDICT_ONNX!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", blocked, PREDICT_ONNX, demo["run"] / "model.onnx", pictures,
-                             "--out", tmp_path / "onnx.csv"], capture_output=True, text=True, timeout=120)
+    blocked = (
+        "import runpy, sys; sys.modules.update(torch=None, torchvision=None, onnx=None); "
+        f"sys.argv = sys.argv[1:]; runpy.run_path({PREDICT_ONNX!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            blocked,
+            PREDICT_ONNX,
+            demo["run"] / "model.onnx",
+            pictures,
+            "--out",
+            tmp_path / "onnx.csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 12 predictions" in result.stdout
     with open(tmp_path / "torch.csv") as a, open(tmp_path / "onnx.csv") as b:
@@ -204,15 +273,21 @@ def test_predict_onnx_refuses_bad_input_in_one_line_and_warns_of_a_truncated_jpe
     whole = next(p for p in sorted(source.rglob("*.jpg")))
     (pictures / "whole.jpg").write_bytes(whole.read_bytes())
     (pictures / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
-    for argv, needle in (([model, str(pictures), "--batch_size", "0"], "--batch_size must be at least 1"),
-                         ([str(tmp_path / "nothing.onnx"), str(pictures)], "no model file at")):
+    for argv, needle in (
+        ([model, str(pictures), "--batch_size", "0"], "--batch_size must be at least 1"),
+        ([str(tmp_path / "nothing.onnx"), str(pictures)], "no model file at"),
+    ):
         assert predict_onnx([*argv, "--out", str(tmp_path / "x.csv")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
     assert predict_onnx([model, str(pictures), "--out", str(tmp_path / "p.csv")]) == 0
     err = capsys.readouterr().err
     assert "warning: 1 JPEG(s) look truncated" in err and "cut.jpg" in err
-    assert [row.split(",")[0] for row in (tmp_path / "p.csv").read_text().splitlines()] == ["file", "cut.jpg", "whole.jpg"]
+    assert [row.split(",")[0] for row in (tmp_path / "p.csv").read_text().splitlines()] == [
+        "file",
+        "cut.jpg",
+        "whole.jpg",
+    ]
 
 
 def test_a_new_run_in_the_folder_removes_the_old_export():
@@ -234,7 +309,9 @@ def test_compare_shows_the_inference_rows(demo):
 def test_other_families_export_pass_parity_and_quantize(name, tmp_path):
     data = make_colour_dataset(tmp_path / "data", train_per_class=5, test_per_class=2)
     runs = tmp_path / "checkpoints"
-    code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", name, "--model", name, *TINY)
+    code, out, err = cli(
+        "--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", name, "--model", name, *TINY
+    )
     assert code == 0, err
     code, out, err = cli("--data_dir", data, "--checkpoint_dir", runs, "--checkpoint_name", name, *EXPORT)
     assert code == 0, err
@@ -242,8 +319,10 @@ def test_other_families_export_pass_parity_and_quantize(name, tmp_path):
     assert rows["fp32", "onnxruntime"]["agreement"] >= export.MIN_AGREEMENT
     assert rows["fp32", "onnxruntime"]["max_abs_logit_diff"] < 1e-3
     assert os.path.getsize(runs / name / "model.int8.onnx") < 0.4 * os.path.getsize(runs / name / "model.onnx")
-    assert onnxruntime.InferenceSession(str(runs / name / "model.onnx")).get_modelmeta().custom_metadata_map[
-        "model"] == name
+    assert (
+        onnxruntime.InferenceSession(str(runs / name / "model.onnx")).get_modelmeta().custom_metadata_map["model"]
+        == name
+    )
 
 
 # --------------------------------------------------------------------------- refusals
@@ -251,20 +330,30 @@ def test_a_run_without_best_pt_is_refused(demo, tmp_path):
     runs, run = copy_of_run(demo, tmp_path, "no_best")
     (run / "best.pt").unlink()
     before = listing(run)
-    assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "no_best", *EXPORT),
-                    2, "no checkpoint at", "best.pt")
+    assert_one_line(
+        cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "no_best", *EXPORT),
+        2,
+        "no checkpoint at",
+        "best.pt",
+    )
     assert listing(run) == before
 
 
 def test_a_model_the_exporter_refuses_is_named_in_one_line_and_nothing_changes(demo, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
-        raise RuntimeError("Failed to convert the exported program to an ONNX model.\nunsupported: aten::frobnicate\n...")
+        raise RuntimeError(
+            "Failed to convert the exported program to an ONNX model.\nunsupported: aten::frobnicate\n..."
+        )
 
     monkeypatch.setattr(torch.onnx, "export", refuse)
     runs, run = copy_of_run(demo, tmp_path, "refused")  # with an earlier export's files
     before = listing(run)
-    assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "refused", *EXPORT),
-                    2, "--model resnet18 cannot be exported to ONNX", "RuntimeError: Failed to convert")
+    assert_one_line(
+        cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "refused", *EXPORT),
+        2,
+        "--model resnet18 cannot be exported to ONNX",
+        "RuntimeError: Failed to convert",
+    )
     assert listing(run) == before  # the earlier model.onnx, model.int8.onnx and inference files, no temporary file
 
 
@@ -272,8 +361,12 @@ def test_a_model_too_large_for_one_onnx_file_is_refused_before_exporting(demo, t
     monkeypatch.setattr(export, "ONNX_FILE_LIMIT", 10_000_000)  # ResNet-18's 44.7 MB, as vit_h_14's 2.5 GB
     runs, run = copy_of_run(demo, tmp_path, "large")
     before = listing(run)
-    assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "large", *EXPORT),
-                    2, "--model resnet18 cannot be exported to one ONNX file", "take 45 MB")
+    assert_one_line(
+        cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "large", *EXPORT),
+        2,
+        "--model resnet18 cannot be exported to one ONNX file",
+        "take 45 MB",
+    )
     assert listing(run) == before
 
 
@@ -285,8 +378,13 @@ def test_an_export_that_disagrees_with_pytorch_is_an_error_not_a_result(demo, tm
     monkeypatch.setattr(export, "export_onnx", lambda *args: exported.SerializeToString())
     runs, run = copy_of_run(demo, tmp_path, "wrong")
     before = listing(run)
-    assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "wrong", *EXPORT),
-                    1, "disagrees with PyTorch", "at least 99.9% needed", "nothing was written")
+    assert_one_line(
+        cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "wrong", *EXPORT),
+        1,
+        "disagrees with PyTorch",
+        "at least 99.9% needed",
+        "nothing was written",
+    )
     assert listing(run) == before
 
 
@@ -327,14 +425,20 @@ def test_a_read_only_run_folder_is_refused_before_any_work(demo, tmp_path):
     with read_only(run):
         with pytest.raises(OSError):
             (run / "probe").write_text("")  # the folder is really read-only
-        assert_one_line(cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "read_only",
-                            *EXPORT), 2, f"cannot write to {run}", "Operation not permitted")
+        assert_one_line(
+            cli("--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "read_only", *EXPORT),
+            2,
+            f"cannot write to {run}",
+            "Operation not permitted",
+        )
     assert listing(run) == before
 
 
 def test_a_badly_calibrated_int8_model_is_named_not_shipped_silently():
-    rows = [{"precision": "fp32", "runtime": "pytorch", "test_acc": 80.0, "agreement": 100.0},
-            {"precision": "int8", "runtime": "onnxruntime", "test_acc": 13.89, "agreement": 13.33}]
+    rows = [
+        {"precision": "fp32", "runtime": "pytorch", "test_acc": 80.0, "agreement": 100.0},
+        {"precision": "int8", "runtime": "onnxruntime", "test_acc": 13.89, "agreement": 13.33},
+    ]
     warning = export.int8_warning({"rows": rows, "calibration_images": 480})
     assert warning.startswith("warning: model.int8.onnx gives FP32's top-1 on only 13.33% of the test images")
     assert "FP32 80.00%" in warning and "--calibration_images" in warning and "used 480" in warning

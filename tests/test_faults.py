@@ -1,5 +1,6 @@
 """A run survives crashes: SIGKILL at random points (also mid-checkpoint-write), SIGINT and
 SIGTERM, each followed by --resume, end with exactly the weights of an uninterrupted run."""
+
 import json
 import os
 import random
@@ -9,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
 
 pytestmark = pytest.mark.usefixtures("forkserver")  # every test here starts main.py processes
@@ -20,9 +20,24 @@ TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_sess
 def cli(data, ckdir, name, *flags):
     # The small model: what is tested is the checkpointing, and ResNet-18's 135 MB at each of a
     # run's 12 saves made these the suite's slowest tests.
-    return [*PYTHON, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
-            "--checkpoint_name", name, *FAST, *SMALL_MODEL, "--deterministic", "--epochs", "3", "--save_every_steps", "1",
-            *flags]
+    return [
+        *PYTHON,
+        os.path.join(ROOT, "main.py"),
+        "--data_dir",
+        data,
+        "--checkpoint_dir",
+        str(ckdir),
+        "--checkpoint_name",
+        name,
+        *FAST,
+        *SMALL_MODEL,
+        "--deterministic",
+        "--epochs",
+        "3",
+        "--save_every_steps",
+        "1",
+        *flags,
+    ]
 
 
 def env():
@@ -61,7 +76,9 @@ def wait_until_training(run_dir, proc, timeout=120):
     """Block until `proc` has written a last.pt of its own (it is past start-up, training)."""
     path, deadline = run_dir / "last.pt", time.monotonic() + timeout
     before = path.stat().st_mtime_ns if path.exists() else 0
-    while proc.poll() is None and time.monotonic() < deadline and not (path.exists() and path.stat().st_mtime_ns > before):
+    while (
+        proc.poll() is None and time.monotonic() < deadline and not (path.exists() and path.stat().st_mtime_ns > before)
+    ):
         time.sleep(0.001)
 
 
@@ -78,8 +95,9 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
     kills, mid_save_kills, flags = 0, 0, []
     while True:
         stale = checkpoint_writes(run_dir)  # cut by the last kill (this start deletes them)
-        proc = subprocess.Popen(cli(demo_data, tmp_path, "cut", *flags), env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cli(demo_data, tmp_path, "cut", *flags), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         # Four kills, every other one in a write of last.pt (the file a resume reads: its write
         # must be atomic); more (up to eight) if a kill meant for a write came after it had ended
         # (a few MB: milliseconds).
@@ -113,11 +131,13 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
 def test_sigterm_and_sigint_save_then_resume_equals_uninterrupted(demo_data, tmp_path, reference):
     run_dir = tmp_path / "sig"
     for signum, flags in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume"])):
-        proc = subprocess.Popen(cli(demo_data, tmp_path, "sig", *flags), env=env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cli(demo_data, tmp_path, "sig", *flags), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         before = os.path.getmtime(run_dir / "last.pt") if (run_dir / "last.pt").exists() else 0
-        while proc.poll() is None and not ((run_dir / "last.pt").exists()
-                                           and os.path.getmtime(run_dir / "last.pt") > before):
+        while proc.poll() is None and not (
+            (run_dir / "last.pt").exists() and os.path.getmtime(run_dir / "last.pt") > before
+        ):
             time.sleep(0.01)  # wait until this process has trained at least one step
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
@@ -131,8 +151,12 @@ def test_sigterm_and_sigint_save_then_resume_equals_uninterrupted(demo_data, tmp
 
 def test_second_ctrl_c_exits_at_once(demo_data, tmp_path):
     # ResNet-18's saves: the small model's first stop (and its save) ends before the second Ctrl-C.
-    proc = subprocess.Popen(cli(demo_data, tmp_path, "twice", "--epochs", "50", "--model", "resnet18"), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli(demo_data, tmp_path, "twice", "--epochs", "50", "--model", "resnet18"),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_until_training(tmp_path / "twice", proc)
     wait_for_checkpoint_write(tmp_path / "twice", proc)  # in the middle of a save: the slowest place to stop
     proc.send_signal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """CUDA's AMP recipe, float16 autocast + GradScaler, checked on the CPU (issue 11): what a user
 relies on when the scaler works, through the real Trainer (and the CLI where files are
 involved), plus the AMP telemetry in results.json and TensorBoard."""
+
 import functools
 import os
 import re
@@ -10,13 +11,13 @@ import time
 
 import pytest
 import torch
+from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
 from torch import nn
 
 import config
 import step
 import trainer
 import utils
-from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
 from dataset import build_loaders
 from report import read_tensorboard_scalars
 from scheduler import WarmupCosineLR, warmup_cosine_lr
@@ -51,25 +52,41 @@ class TinyNet(nn.Sequential):
     """A small conv net; without BatchNorm when the batch composition must not matter."""
 
     def __init__(self, classes, batchnorm=True):
-        super().__init__(nn.Conv2d(3, 8, 3, stride=2), *([nn.BatchNorm2d(8)] if batchnorm else []), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+        super().__init__(
+            nn.Conv2d(3, 8, 3, stride=2),
+            *([nn.BatchNorm2d(8)] if batchnorm else []),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, classes),
+        )
 
 
 def float16_trainer(demo_data, tmp_path, optimizer=None, model=None, flags=()):
-    cfg = config.parse_config(["--data_dir", demo_data, *FAST, *FLOAT16, "--epochs", "1",
-                               "--checkpoint_dir", str(tmp_path), *flags])[0]
+    cfg = config.parse_config(
+        ["--data_dir", demo_data, *FAST, *FLOAT16, "--epochs", "1", "--checkpoint_dir", str(tmp_path), *flags]
+    )[0]
     loaders = build_loaders(cfg, "cpu")
     torch.manual_seed(0)
     model = model or TinyNet(len(loaders[3]))
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = WarmupCosineLR(optimizer, total_steps=100, warmup_steps=0)
     os.makedirs(tmp_path / cfg.checkpoint_name, exist_ok=True)
-    return trainer.Trainer(model, optimizer, scheduler, loaders[:3], cfg, str(tmp_path / cfg.checkpoint_name),
-                           loaders[3], utils.setup_logging())
+    return trainer.Trainer(
+        model,
+        optimizer,
+        scheduler,
+        loaders[:3],
+        cfg,
+        str(tmp_path / cfg.checkpoint_name),
+        loaders[3],
+        utils.setup_logging(),
+    )
 
 
-def test_float16_on_the_cpu_trains_with_a_warning_and_reports_the_scaler(run_cli, demo_data, tmp_path,
-                                                                        low_initial_scale):
+def test_float16_on_the_cpu_trains_with_a_warning_and_reports_the_scaler(
+    run_cli, demo_data, tmp_path, low_initial_scale
+):
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST, *FLOAT16, "--checkpoint_name", "f16")
     assert code == 0, err
     assert out.count("warning: float16 + GradScaler on the CPU") == 1
@@ -111,7 +128,9 @@ def test_injected_overflows_skip_exactly_those_updates(demo_data, tmp_path, monk
     assert record["loss_scale"] == 2.0**8 / 4
 
 
-def test_skipped_counts_in_results_equal_the_injected_ones(run_cli, demo_data, tmp_path, monkeypatch, low_initial_scale):
+def test_skipped_counts_in_results_equal_the_injected_ones(
+    run_cli, demo_data, tmp_path, monkeypatch, low_initial_scale
+):
     inf_loss_on(monkeypatch, {0, 2, 4})  # 3 steps an epoch: two in epoch 1, one in epoch 2
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST, *FLOAT16)
     assert code == 0, err
@@ -185,9 +204,29 @@ def test_twenty_skipped_steps_in_a_row_stop_the_run_and_keep_last_pt(run_cli, de
 
 
 def cli(data, ckdir, name, *flags):
-    return [*PYTHON, os.path.join(ROOT, "main.py"), "--data_dir", data, "--checkpoint_dir", str(ckdir),
-            "--checkpoint_name", name, *FAST, *FLOAT16, "--deterministic", "--epochs", "2", "--save_every_steps", "1",
-            "--batch_size", "8", "--log_interval", "1", "--tensorboard", *flags]
+    return [
+        *PYTHON,
+        os.path.join(ROOT, "main.py"),
+        "--data_dir",
+        data,
+        "--checkpoint_dir",
+        str(ckdir),
+        "--checkpoint_name",
+        name,
+        *FAST,
+        *FLOAT16,
+        "--deterministic",
+        "--epochs",
+        "2",
+        "--save_every_steps",
+        "1",
+        "--batch_size",
+        "8",
+        "--log_interval",
+        "1",
+        "--tensorboard",
+        *flags,
+    ]
 
 
 def run_env():
@@ -198,8 +237,9 @@ def run_env():
 def test_sigkill_and_resume_in_float16_equal_the_uninterrupted_run(demo_data, tmp_path):
     subprocess.run(cli(demo_data, tmp_path, "full"), env=run_env(), check=True, capture_output=True, timeout=300)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(cli(demo_data, tmp_path, "cut"), env=run_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli(demo_data, tmp_path, "cut"), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:  # kill it in epoch 2, after some steps
         if (cut / "last.pt").exists() and any(n.endswith(".tmp") for n in os.listdir(cut)):
@@ -231,8 +271,20 @@ def test_sigkill_and_resume_in_float16_equal_the_uninterrupted_run(demo_data, tm
 
 # --------------------------------------------------------------------------- TensorBoard and the benchmark
 def test_tensorboard_holds_the_runs_scalars(run_cli, demo_data, tmp_path):
-    code, out, err = run_cli("--data_dir", demo_data, "--epochs", "2", *FAST, "--tensorboard", "--log_interval", "2",
-                             "--amp", *SMALL_MODEL, "--warmup_epochs", "1")
+    code, out, err = run_cli(
+        "--data_dir",
+        demo_data,
+        "--epochs",
+        "2",
+        *FAST,
+        "--tensorboard",
+        "--log_interval",
+        "2",
+        "--amp",
+        *SMALL_MODEL,
+        "--warmup_epochs",
+        "1",
+    )
     assert code == 0, err
     run_dir = tmp_path / "checkpoints" / "baseline"
     scalars = read_tensorboard_scalars(run_dir / "tensorboard")
@@ -240,22 +292,39 @@ def test_tensorboard_holds_the_runs_scalars(run_cli, demo_data, tmp_path):
     # Per step, every --log_interval steps and at each epoch's end (3 steps an epoch): 2, 3, 4, 6.
     assert [s for s, _ in scalars["step/lr"]] == [2, 3, 4, 6]
     # The LR each logged step trained with: step S is the schedule's step S - 1 (0-based).
-    assert [v for _, v in scalars["step/lr"]] == pytest.approx([warmup_cosine_lr(s - 1, 2e-3, 6, 3) for s in (2, 3, 4, 6)])
+    assert [v for _, v in scalars["step/lr"]] == pytest.approx(
+        [warmup_cosine_lr(s - 1, 2e-3, 6, 3) for s in (2, 3, 4, 6)]
+    )
     assert [s for s, _ in scalars["step/images_per_sec"]] == [2, 3, 4, 6]  # from each epoch's start on
     assert "step/loss_scale" not in scalars  # bfloat16: no scaler
     assert all(v > 0 for _, v in scalars["step/grad_norm"])
     # Per epoch, at the step the epoch ended on, the numbers of results.json.
-    assert scalars["epoch/val_acc"] == [(3, pytest.approx(results["epochs"][0]["val_acc"])),
-                                        (6, pytest.approx(results["epochs"][1]["val_acc"]))]
+    assert scalars["epoch/val_acc"] == [
+        (3, pytest.approx(results["epochs"][0]["val_acc"])),
+        (6, pytest.approx(results["epochs"][1]["val_acc"])),
+    ]
     assert scalars["test/acc"] == [(6, pytest.approx(results["test_acc"]))]
 
 
 def test_benchmark_adds_float16_rows_on_the_cpu_only_when_asked(run_cli, tmp_path):
     import json
 
-    flags = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "1",
-             *SMALL_MODEL]
-    for extra, modes in (([], {"fp32", "amp_bfloat16"}), (["--amp_dtype", "float16"], {"fp32", "amp_float16", "amp_bfloat16"})):
+    flags = [
+        "--benchmark",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--image_size",
+        "32",
+        "--benchmark_steps",
+        "1",
+        *SMALL_MODEL,
+    ]
+    for extra, modes in (
+        ([], {"fp32", "amp_bfloat16"}),
+        (["--amp_dtype", "float16"], {"fp32", "amp_float16", "amp_bfloat16"}),
+    ):
         code, out, err = run_cli(*flags, *extra)
         assert code == 0, err
         rows = json.loads((tmp_path / "checkpoints" / "benchmark" / "benchmark.json").read_text())["rows"]

@@ -1,6 +1,7 @@
 """tests/forkserver.py stands in for `python SCRIPT` in the tests that start processes: a process
 it starts must end, print and answer signals as a fresh `python` does, or those tests would stop
 testing what they say. Each case runs the same small script both ways and compares."""
+
 import os
 import signal
 import subprocess
@@ -8,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import PYTHON
 
 pytestmark = pytest.mark.usefixtures("forkserver")
@@ -44,8 +44,10 @@ def script(tmp_path_factory):
 
 def both(script, *args, **kwargs):
     """(through the server, plain python): each a completed process."""
-    return [subprocess.run([*python, script, *args], capture_output=True, text=True, timeout=60, **kwargs)
-            for python in (PYTHON, [sys.executable])]
+    return [
+        subprocess.run([*python, script, *args], capture_output=True, text=True, timeout=60, **kwargs)
+        for python in (PYTHON, [sys.executable])
+    ]
 
 
 def last_line(text):

@@ -1,6 +1,7 @@
 """What the device computes natively (hardware.py): the answer from faked CPU levels, flags and
 GPUs both ways; the environment variables that imitate an AVX2-only CPU; and the one warning line
 --amp and --demo --amp print early where the AMP dtype is emulated (none where it is native)."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,9 @@ from argparse import Namespace
 
 import pytest
 import torch
+from conftest import FAST, ROOT, SMALL_MODEL
 
 import hardware
-from conftest import FAST, ROOT, SMALL_MODEL
 from demo import make_demo_dataset
 from step import precision_name
 
@@ -31,15 +32,18 @@ def fake_cpu(monkeypatch, aten, flags, onednn=None, machine="x86_64"):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
 
 
-@pytest.mark.parametrize("aten,flags,onednn,bf16,fp16", [
-    ("AVX512", SAPPHIRE_RAPIDS, None, True, True),
-    ("AVX512", COOPER_LAKE, None, True, False),
-    ("AVX2", ZEN3, None, False, False),
-    ("AVX2", SAPPHIRE_RAPIDS, None, False, False),  # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU
-    ("AVX512", SAPPHIRE_RAPIDS, "AVX2", False, False),  # oneDNN's convolutions limited to AVX2
-    ("AVX512", SAPPHIRE_RAPIDS, "AVX512_CORE_BF16", True, False),
-    ("AVX512", None, None, None, None),  # no flags to read: unknown, so no warning
-])
+@pytest.mark.parametrize(
+    "aten,flags,onednn,bf16,fp16",
+    [
+        ("AVX512", SAPPHIRE_RAPIDS, None, True, True),
+        ("AVX512", COOPER_LAKE, None, True, False),
+        ("AVX2", ZEN3, None, False, False),
+        ("AVX2", SAPPHIRE_RAPIDS, None, False, False),  # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU
+        ("AVX512", SAPPHIRE_RAPIDS, "AVX2", False, False),  # oneDNN's convolutions limited to AVX2
+        ("AVX512", SAPPHIRE_RAPIDS, "AVX512_CORE_BF16", True, False),
+        ("AVX512", None, None, None, None),  # no flags to read: unknown, so no warning
+    ],
+)
 def test_cpu_native_answers(monkeypatch, aten, flags, onednn, bf16, fp16):
     fake_cpu(monkeypatch, aten, flags, onednn)
     assert hardware.describe("cpu", "bfloat16").native is bf16
@@ -53,7 +57,8 @@ def test_the_capability_says_why_instructions_go_unused(monkeypatch):
     fake_cpu(monkeypatch, "AVX2", SAPPHIRE_RAPIDS, "AVX2")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     assert hardware.describe("cpu").capability == (
-        "AVX2 (avx512_bf16, amx_bf16, avx512_fp16 unused: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)")
+        "AVX2 (avx512_bf16, amx_bf16, avx512_fp16 unused: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)"
+    )
     fake_cpu(monkeypatch, "AVX2", ZEN3)
     assert hardware.describe("cpu").capability == "AVX2 (no bf16/fp16 instructions)"
     fake_cpu(monkeypatch, "DEFAULT", {"fp", "asimd", "asimdhp", "bf16"}, machine="aarch64")  # ARM's BF16 extension
@@ -71,7 +76,8 @@ def test_cuda_native_answers_from_the_compute_capability(monkeypatch, capability
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
     assert hardware.describe("cuda:0", "bfloat16") == hardware.Capability(
-        "Some GPU", f"compute capability {capability[0]}.{capability[1]}", "bfloat16", bf16)
+        "Some GPU", f"compute capability {capability[0]}.{capability[1]}", "bfloat16", bf16
+    )
     assert hardware.describe("cuda:0", "float16").native is fp16
     warning = hardware.emulation_warning("cuda:0", "float16")
     assert ("no float16 tensor cores" in warning) is (not fp16)
@@ -119,8 +125,22 @@ def small_demo(tmp_path_factory):
 
 def test_amp_warns_early_where_bfloat16_is_emulated_and_goes_on(monkeypatch, run_cli, small_demo, tmp_path):
     fake_cpu(monkeypatch, "AVX2", ZEN3)  # an AVX2-only CPU
-    code, out, err = run_cli("--demo", "--amp", "--data_dir", small_demo, "--epochs", "1", "--image_size", "32",
-                             "--batch_size", "8", "--num_workers", "0", "--no_progress", *SMALL_MODEL)
+    code, out, err = run_cli(
+        "--demo",
+        "--amp",
+        "--data_dir",
+        small_demo,
+        "--epochs",
+        "1",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "8",
+        "--num_workers",
+        "0",
+        "--no_progress",
+        *SMALL_MODEL,
+    )
     assert code == 0, err
     lines = out.splitlines()
     warnings = [i for i, line in enumerate(lines) if "is emulated" in line]
@@ -139,7 +159,9 @@ def test_amp_warns_early_where_bfloat16_is_emulated_and_goes_on(monkeypatch, run
 
 def test_amp_on_a_native_cpu_prints_no_warning(monkeypatch, run_cli, demo_data, tmp_path):
     fake_cpu(monkeypatch, "AVX512", SAPPHIRE_RAPIDS)
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "amp", "--epochs", "1", *FAST, "--amp", *SMALL_MODEL)
+    code, out, err = run_cli(
+        "--data_dir", demo_data, "--checkpoint_name", "amp", "--epochs", "1", *FAST, "--amp", *SMALL_MODEL
+    )
     assert code == 0, err
     assert "warning" not in out and "emulated" not in out
     assert json.loads((tmp_path / "checkpoints" / "amp" / "results.json").read_text())["amp_dtype_native"] is True

@@ -2,18 +2,19 @@
 the counting, the skipped-step guard, the flip mask and the stop agreement keep their results
 while their device work changes; --benchmark times what a training step does; the steady-state
 peak memory. The GPU half of the check is tests/test_cuda.py (benchmarks/sync_check.py)."""
+
 import os
 import signal
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from torchvision.models import resnet18
 
 import benchmark
 import metrics
 from checkpoint import GracefulStop
-from conftest import ROOT
 from dataset import DeviceTransform, flip_mask
 from metrics import ClassificationMeter, PeakMemory
 from step import HOST_SYNC_OPTIMIZERS, SkippedStepGuard, build_optimizer
@@ -37,7 +38,7 @@ def test_meter_counts_equal_bincounts_on_random_batches(num_classes, determinist
         targets = torch.randint(0, num_classes, (batch,), generator=generator)
         logits = torch.randn(batch, num_classes, generator=generator)
         meter.update(torch.tensor(0.5), logits, targets)
-        expected += torch.bincount(targets * num_classes + logits.argmax(dim=1), minlength=num_classes ** 2)
+        expected += torch.bincount(targets * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     assert torch.equal(meter.confusion, expected)
     stats = meter.compute()
     assert stats["count"] == 328 and torch.equal(stats["confusion"], expected.view(num_classes, -1))
@@ -96,8 +97,7 @@ def test_host_sync_optimizers_are_the_ones_torch_steps_through_item():
 
     model = torch.nn.Linear(2, 2)
     for name in OPTIMIZERS:
-        cfg = type("Cfg", (), dict(optimizer=name, learning_rate=0.1, weight_decay=0.0, momentum=0.9,
-                                   nesterov=False))()
+        cfg = type("Cfg", (), dict(optimizer=name, learning_rate=0.1, weight_decay=0.0, momentum=0.9, nesterov=False))()
         optimizer = build_optimizer(model, cfg)
         assert getattr(optimizer, "_step_supports_amp_scaling", False) == (name not in HOST_SYNC_OPTIMIZERS), name
     assert "fused" not in torch.optim.RAdam.__init__.__code__.co_varnames  # none to switch to
@@ -105,8 +105,19 @@ def test_host_sync_optimizers_are_the_ones_torch_steps_through_item():
 
 def test_benchmark_steps_update_the_meter_and_health_like_training():
     # (The header that says so and `--optimizer radam` in benchmark.json: tests/test_benchmark.py.)
-    cfg = type("Cfg", (), dict(device="cpu", model="resnet18", batch_size=2, image_size=32, optimizer="adam",
-                               learning_rate=1e-3, weight_decay=0.0))()
+    cfg = type(
+        "Cfg",
+        (),
+        dict(
+            device="cpu",
+            model="resnet18",
+            batch_size=2,
+            image_size=32,
+            optimizer="adam",
+            learning_rate=1e-3,
+            weight_decay=0.0,
+        ),
+    )()
     row = benchmark.TrainingSteps(cfg, "amp_float16", channels_last=False)  # GradScaler, the guard
     for _ in range(2):
         row.step()
@@ -123,9 +134,11 @@ def test_peak_memory_steady_state_leaves_out_the_sessions_first_epoch(monkeypatc
     for _ in range(3):
         memory.start_epoch()
         numbers.append(memory.epoch_numbers())
-    assert numbers == [{"peak_mem_mb": 5000.0, "steady_peak_mem_mb": None},
-                       {"peak_mem_mb": 3000.0, "steady_peak_mem_mb": 3000.0},
-                       {"peak_mem_mb": 3100.0, "steady_peak_mem_mb": 3100.0}]
+    assert numbers == [
+        {"peak_mem_mb": 5000.0, "steady_peak_mem_mb": None},
+        {"peak_mem_mb": 3000.0, "steady_peak_mem_mb": 3000.0},
+        {"peak_mem_mb": 3100.0, "steady_peak_mem_mb": 3100.0},
+    ]
     monkeypatch.undo()
     cpu = PeakMemory(torch.device("cpu"))
     cpu.start_epoch()
@@ -158,6 +171,8 @@ def test_sync_check_names_where_radams_expected_sync_stopped_its_steps(monkeypat
         return opt_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.amp.GradScaler, "_maybe_opt_step", item_raises_when_checked)
-    result = sync_check.check_all("cpu", cases=["radam_float16"], steps=2, log_interval=2, batch_size=2)["radam_float16"]
+    result = sync_check.check_all("cpu", cases=["radam_float16"], steps=2, log_interval=2, batch_size=2)[
+        "radam_float16"
+    ]
     assert "synchronizing" in result["sync"]  # (the imitation's own line: the last of this project's frames)
     assert (result["steps"], result["log_reads"], result["expected_sync"], result["ok"]) == (0, 0, True, True)

@@ -3,6 +3,7 @@ replay from the seed, the EMA's formula and its place after the float16 skip gua
 accumulation, then tiny real runs of the CLI (48 training images in batches of 16: 3 optimizer
 steps an epoch): a run SIGKILLed mid-epoch (with --auto_augment too) resumes to the uninterrupted run's weights and EMA bit for
 bit, best.pt says which weights it holds and --evaluate reproduces its test accuracy."""
+
 import os
 import shutil
 import signal
@@ -12,16 +13,25 @@ from argparse import Namespace
 import pytest
 import torch
 import torchvision
+from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, assert_user_error, read_results
+from test_float16 import float16_trainer
 
 import trainer
 import utils
-from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, assert_user_error, read_results
 from report import read_tensorboard_scalars
-from test_float16 import float16_trainer
 from step import MIX_SEED_TAG, BatchMix, WeightEMA
 
 # The tricks the resumed run is checked with (a flag added here joins every run of that test).
-RESUMED_TRICKS = ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0", "--ema_decay", "0.6", "--auto_augment", "randaugment"]
+RESUMED_TRICKS = [
+    "--mixup_alpha",
+    "0.4",
+    "--cutmix_alpha",
+    "1.0",
+    "--ema_decay",
+    "0.6",
+    "--auto_augment",
+    "randaugment",
+]
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # each image's class differs from the one before it (rolled in)
 
 
@@ -90,7 +100,13 @@ def test_both_alphas_mix_each_batch_one_way_or_the_other():
 def test_the_training_loop_mixes_each_micro_batch_with_its_own_seed(demo_data, tmp_path, monkeypatch):
     # float16 (GradScaler) + --accum_steps 2 + mixup: 3 micro-batches, 2 optimizer steps.
     t = float16_trainer(demo_data, tmp_path, flags=["--mixup_alpha", "0.4", "--accum_steps", "2", "--ema_decay", "0.9"])
-    seen, real_update, real_step, real_mix, seeds = [], trainer.ClassificationMeter.update, trainer.training_step, t.mix, []
+    seen, real_update, real_step, real_mix, seeds = (
+        [],
+        trainer.ClassificationMeter.update,
+        trainer.training_step,
+        t.mix,
+        [],
+    )
 
     def spy_step(model, images, targets, *args):
         seen.append({"targets": targets})
@@ -105,7 +121,9 @@ def test_the_training_loop_mixes_each_micro_batch_with_its_own_seed(demo_data, t
     t.mix = lambda images, labels, seed: (seeds.append(seed), real_mix(images, labels, seed))[1]
     record = t.train_one_epoch(0)
     assert len(seen) == 3 and t.scheduler.last_epoch == 2 and int(t.ema.n_averaged) == 2
-    assert seeds == [utils.derived_seed(t.cfg.seed, 0, i, 0, MIX_SEED_TAG) for i in range(3)]  # (seed, epoch, batch, rank)
+    assert seeds == [
+        utils.derived_seed(t.cfg.seed, 0, i, 0, MIX_SEED_TAG) for i in range(3)
+    ]  # (seed, epoch, batch, rank)
     for batch in seen:
         targets = batch["targets"]
         torch.testing.assert_close(targets.sum(dim=1), torch.ones(len(targets)))
@@ -165,9 +183,23 @@ def test_a_skipped_float16_step_does_not_poison_the_ema(demo_data, tmp_path):
 def probe(data, tmp_path, name, *flags, kill_after_step=None):
     """A run of main.py (through tests/crash_probe.py) in its own process; with `kill_after_step`
     it SIGKILLs itself right after that optimizer step."""
-    command = [*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", data, "--checkpoint_dir",
-               str(tmp_path / "checkpoints"), "--checkpoint_name", name, *FAST, *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PROBE_KILL_AFTER_STEP": str(kill_after_step)} if kill_after_step else {})}
+    command = [
+        *PYTHON,
+        os.path.join(ROOT, "tests", "crash_probe.py"),
+        "--data_dir",
+        data,
+        "--checkpoint_dir",
+        str(tmp_path / "checkpoints"),
+        "--checkpoint_name",
+        name,
+        *FAST,
+        *flags,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        **({"PROBE_KILL_AFTER_STEP": str(kill_after_step)} if kill_after_step else {}),
+    }
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -177,8 +209,17 @@ def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, 
     # that the resumed run must augment (in two workers), mix and average again exactly as the
     # uninterrupted one did. (Every run in its own process: the same threads, the same bits. The
     # small model: three processes of ResNet-18 made this one of the suite's slowest tests.)
-    flags = ["--epochs", "2", "--deterministic", "--save_every_steps", "2", "--num_workers", "2", *RESUMED_TRICKS,
-             *SMALL_MODEL]
+    flags = [
+        "--epochs",
+        "2",
+        "--deterministic",
+        "--save_every_steps",
+        "2",
+        "--num_workers",
+        "2",
+        *RESUMED_TRICKS,
+        *SMALL_MODEL,
+    ]
     assert probe(demo_data, tmp_path, "full", *flags).returncode == 0
     killed = probe(demo_data, tmp_path, "cut", *flags, kill_after_step=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -207,8 +248,9 @@ def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, 
     assert all(torch.equal(ema_weights[k], v) for k, v in best["model"].items()) == (best["weights"] == "ema")
     torchvision.models.get_model(SMALL_MODEL[1], num_classes=3).load_state_dict(best["model"])  # strict
     assert all(0 <= results[key] <= 100 for key in ("test_acc", "test_acc_ema"))
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "full", "--evaluate", "--device", "cpu",
-                             "--num_workers", "0")
+    code, out, err = run_cli(
+        "--data_dir", demo_data, "--checkpoint_name", "full", "--evaluate", "--device", "cpu", "--num_workers", "0"
+    )
     assert code == 0, err
     assert f"test accuracy {results['test_acc']:.2f}%" in out
     assert ("EMA weights" in out) == (best["weights"] == "ema")
@@ -232,21 +274,25 @@ def test_best_pt_holds_the_ema_when_it_validates_better(run_cli, demo_data, tmp_
         assert torch.equal(value, best["ema"][f"module.{key}"]), key
     assert results["test_acc"] == results["test_acc_ema"]
     assert "test accuracy of the best-validation model (epoch 1, EMA weights)" in out
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "ema", "--evaluate", "--device", "cpu",
-                             "--num_workers", "0")
+    code, out, err = run_cli(
+        "--data_dir", demo_data, "--checkpoint_name", "ema", "--evaluate", "--device", "cpu", "--num_workers", "0"
+    )
     assert code == 0, err
     assert f"ema (epoch 1, EMA weights, FP32): test accuracy {results['test_acc']:.2f}%" in out
     scalars = read_tensorboard_scalars(run_dir(tmp_path, "ema") / "tensorboard")
     assert [v for _, v in scalars["epoch/val_acc_ema"]] == [101.0]
 
 
-@pytest.mark.parametrize("flags,needles", [
-    (["--mixup_alpha", "-0.2"], ("--mixup_alpha", "at least 0")),
-    (["--cutmix_alpha", "inf"], ("--cutmix_alpha", "finite")),
-    (["--ema_decay", "1"], ("--ema_decay", "between 0 and 1")),
-    (["--ema_decay", "0"], ("--ema_decay", "between 0 and 1")),
-    (["--ema_decay", "nan"], ("--ema_decay", "finite")),
-])
+@pytest.mark.parametrize(
+    "flags,needles",
+    [
+        (["--mixup_alpha", "-0.2"], ("--mixup_alpha", "at least 0")),
+        (["--cutmix_alpha", "inf"], ("--cutmix_alpha", "finite")),
+        (["--ema_decay", "1"], ("--ema_decay", "between 0 and 1")),
+        (["--ema_decay", "0"], ("--ema_decay", "between 0 and 1")),
+        (["--ema_decay", "nan"], ("--ema_decay", "finite")),
+    ],
+)
 def test_bad_values_are_refused_in_one_line(run_cli, tmp_path, flags, needles):
     assert_user_error(run_cli("--data_dir", tmp_path / "no_data", *FAST, *flags), *needles)
     assert not (tmp_path / "checkpoints").exists()

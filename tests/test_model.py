@@ -1,4 +1,5 @@
 """ResNet-18 building and the ImageNet weights: from the hub cache, a file, or a clear error."""
+
 import os
 
 import pytest
@@ -7,18 +8,6 @@ from torchvision.models import resnet18
 
 from model import build_model, cached_weights_path
 from utils import UserError
-
-
-@pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch):
-    """An empty $TORCH_HOME, and a proxy on a closed loopback port so that any download fails
-    at once instead of reaching the network."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    return tmp_path / "torch_home"
 
 
 def imagenet_like_state():

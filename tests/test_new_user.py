@@ -2,17 +2,30 @@
 that says so, the same image checks in every mode, fine-tuning advice, and a data folder of class
 folders. (Precise BatchNorm, item 1, is tests/test_precise_bn.py; flags before torch, item 3, is
 tests/test_cli.py.)"""
+
 import os
 
 import pytest
-
 from conftest import FAST, SMALL_MODEL, assert_user_error, read_results
+
 import benchmark
 import main as main_module
 import trainer
 
-SMALL_BENCHMARK = ["--benchmark", "--device", "cpu", "--batch_size", "2", "--image_size", "32", "--benchmark_steps", "2",
-                   "--num_workers", "0", *SMALL_MODEL]
+SMALL_BENCHMARK = [
+    "--benchmark",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+    "--image_size",
+    "32",
+    "--benchmark_steps",
+    "2",
+    "--num_workers",
+    "0",
+    *SMALL_MODEL,
+]
 
 
 # --------------------------------------------------------------------------- item 2: no silent waits
@@ -74,8 +87,17 @@ def labeled_run(demo_data, tmp_path_factory):
     """A finished one-epoch run `done` on the colours, and a folder to label: two good JPEGs and
     one cut short (its header intact, a quarter of its data gone)."""
     root = tmp_path_factory.mktemp("labeled")
-    argv = ["--checkpoint_dir", str(root / "checkpoints"), "--data_dir", demo_data, "--checkpoint_name", "done",
-            "--epochs", "1", *FAST]
+    argv = [
+        "--checkpoint_dir",
+        str(root / "checkpoints"),
+        "--data_dir",
+        demo_data,
+        "--checkpoint_name",
+        "done",
+        "--epochs",
+        "1",
+        *FAST,
+    ]
     assert main_module.main(argv) == 0
     photos = root / "photos"
     photos.mkdir()
@@ -110,8 +132,16 @@ def test_predict_does_not_call_a_skipped_file_truncated(run_cli, labeled_run, tm
     (photos / "0.jpg").write_bytes((labeled_run / "photos" / "0.jpg").read_bytes())
     (photos / "notes.jpg").write_text("not an image")
     (photos / "byte.jpg").write_bytes(b"x")  # too short to look for the end marker in (it was a traceback)
-    code, out, err = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", photos,
-                             "--predictions_file", tmp_path / "p.csv", checkpoint_dir=labeled_run / "checkpoints")
+    code, out, err = run_cli(
+        "--checkpoint_name",
+        "done",
+        "--predict",
+        "--predict_dir",
+        photos,
+        "--predictions_file",
+        tmp_path / "p.csv",
+        checkpoint_dir=labeled_run / "checkpoints",
+    )
     assert code == 0, err
     assert "notes.jpg" in err and "byte.jpg" in err and "skipped: " in err and "look truncated" not in err
     assert [row.split(",")[0] for row in (tmp_path / "p.csv").read_text().splitlines()] == ["file", "0.jpg"]
@@ -120,13 +150,22 @@ def test_predict_does_not_call_a_skipped_file_truncated(run_cli, labeled_run, tm
 # --------------------------------------------------------------------------- item 7: fine-tuning advice
 def test_starting_from_a_run_at_its_own_peak_lr_suggests_a_lower_one(run_cli, labeled_run, demo_data):
     best = labeled_run / "checkpoints" / "done" / "best.pt"  # trained at FAST's --learning_rate 2e-3
-    flags = ["--data_dir", demo_data, "--epochs", "1", *[f for f in FAST if f != "--no_pretrained"],
-             "--pretrained_path", best]
+    flags = [
+        "--data_dir",
+        demo_data,
+        "--epochs",
+        "1",
+        *[f for f in FAST if f != "--no_pretrained"],
+        "--pretrained_path",
+        best,
+    ]
     code, out, err = run_cli(*flags, "--checkpoint_name", "again")
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("--pretrained_path:"))
-    assert line.startswith(f"--pretrained_path: starting from {best} with its head (the same 3 classes); this run "
-                           "warms its LR up to --learning_rate 0.002 again (the earlier run peaked at 0.002)")
+    assert line.startswith(
+        f"--pretrained_path: starting from {best} with its head (the same 3 classes); this run "
+        "warms its LR up to --learning_rate 0.002 again (the earlier run peaked at 0.002)"
+    )
     assert line.endswith("pass a lower --learning_rate (e.g. 0.0002) and a short --warmup_epochs (0 or 1)")
     code, out, err = run_cli(*flags, "--checkpoint_name", "tuned", "--learning_rate", "2e-4")
     assert code == 0, err
@@ -146,8 +185,12 @@ def class_folders_only(demo_data, tmp_path_factory):
 
 def test_class_folders_without_a_split_are_named_with_what_to_do(run_cli, class_folders_only, tmp_path):
     result = run_cli("--data_dir", class_folders_only, "--epochs", "1", *FAST)
-    assert_user_error(result, f"{class_folders_only} holds 3 class folder(s) (blue, green, red) but no training and "
-                              "test split", f"{class_folders_only}/train/<class>/", "--test_fraction F")
+    assert_user_error(
+        result,
+        f"{class_folders_only} holds 3 class folder(s) (blue, green, red) but no training and test split",
+        f"{class_folders_only}/train/<class>/",
+        "--test_fraction F",
+    )
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -160,16 +203,19 @@ def test_test_fraction_holds_out_a_stratified_seeded_test_split(run_cli, class_f
     results = read_results(tmp_path / "checkpoints" / "held_out")
     assert [sum(row) for row in results["confusion_matrix"]] == [5, 5, 5]  # stratified
     # --evaluate holds out the same images again (the run's saved --test_fraction and --seed).
-    code, out, err = run_cli("--checkpoint_name", "held_out", "--evaluate", "--data_dir", class_folders_only,
-                             "--device", "cpu")
+    code, out, err = run_cli(
+        "--checkpoint_name", "held_out", "--evaluate", "--data_dir", class_folders_only, "--device", "cpu"
+    )
     assert code == 0, err
     assert f"test accuracy {results['test_acc']:.2f}% on 15 images" in out
 
 
 def test_a_test_fraction_that_leaves_no_validation_split_says_so(run_cli, class_folders_only):
     # (found by review: the line blamed --val_fraction alone)
-    assert_user_error(run_cli("--data_dir", class_folders_only, "--epochs", "1", *FAST, "--test_fraction", "0.99"),
-                      "too small for a validation split of 0.2 once --test_fraction 0.99 held its test split out")
+    assert_user_error(
+        run_cli("--data_dir", class_folders_only, "--epochs", "1", *FAST, "--test_fraction", "0.99"),
+        "too small for a validation split of 0.2 once --test_fraction 0.99 held its test split out",
+    )
 
 
 def test_the_held_out_split_is_disjoint_and_follows_the_seed(class_folders_only):
@@ -177,8 +223,20 @@ def test_the_held_out_split_is_disjoint_and_follows_the_seed(class_folders_only)
     from dataset import build_datasets
 
     def splits(seed):
-        cfg = config.parse_config(["--data_dir", str(class_folders_only), "--test_fraction", "0.25", "--seed", str(seed),
-                                   "--device", "cpu", "--image_size", "8"])[0]
+        cfg = config.parse_config(
+            [
+                "--data_dir",
+                str(class_folders_only),
+                "--test_fraction",
+                "0.25",
+                "--seed",
+                str(seed),
+                "--device",
+                "cpu",
+                "--image_size",
+                "8",
+            ]
+        )[0]
         train, val, test, _ = build_datasets(cfg)
         return [set(subset.indices) for subset in (train, val, test)]
 
@@ -189,16 +247,28 @@ def test_the_held_out_split_is_disjoint_and_follows_the_seed(class_folders_only)
 
 
 def test_test_fraction_is_refused_where_there_is_a_test_split(run_cli, demo_data):
-    assert_user_error(run_cli("--data_dir", demo_data, "--epochs", "1", *FAST, "--test_fraction", "0.2"),
-                      "--test_fraction holds a test split out of the training images", "has one", "drop --test_fraction")
+    assert_user_error(
+        run_cli("--data_dir", demo_data, "--epochs", "1", *FAST, "--test_fraction", "0.2"),
+        "--test_fraction holds a test split out of the training images",
+        "has one",
+        "drop --test_fraction",
+    )
 
 
 def test_resume_of_a_finished_run_with_more_epochs_says_how_to_train_further(run_cli, labeled_run, demo_data):
     # --resume cannot change --epochs: the answer is the finished run's note, not "drop the flag".
     run_dir = labeled_run / "checkpoints" / "done"
     before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "results.json")}
-    code, out, err = run_cli("--checkpoint_name", "done", "--resume", "--epochs", "5", "--data_dir", demo_data,
-                             checkpoint_dir=labeled_run / "checkpoints")
+    code, out, err = run_cli(
+        "--checkpoint_name",
+        "done",
+        "--resume",
+        "--epochs",
+        "5",
+        "--data_dir",
+        demo_data,
+        checkpoint_dir=labeled_run / "checkpoints",
+    )
     assert code == 0 and err == "", err
     assert "done is finished: it trained its 1 epoch" in out and "--pretrained_path" in out and "--epochs N" in out
     assert before == {name: (run_dir / name).read_bytes() for name in before}

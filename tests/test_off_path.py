@@ -3,6 +3,7 @@ a layout change on resume, float16 overflows and BatchNorm, Ctrl-C at the wrong 
 --predict with nothing readable, non-finite flags, fine-tuning from an earlier run, flags
 that contradict each other, and the small things a new user trips over. Each test failed
 before its fix."""
+
 import functools
 import json
 import math
@@ -16,15 +17,25 @@ from argparse import Namespace
 
 import pytest
 import torch
+from conftest import (
+    FAST,
+    PYTHON,
+    ROOT,
+    SMALL_MODEL,
+    SimulatedCrash,
+    assert_user_error,
+    crash_in_epoch,
+    make_colour_dataset,
+    read_results,
+)
 from torch import nn
 
 import config
+import distributed
 import main as main_module
 import step
 import trainer
-import distributed
 import utils
-from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
 from dataset import build_loaders
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
@@ -69,7 +80,9 @@ def test_torchrun_gives_each_process_the_gpu_of_its_local_rank(two_gpus_under_to
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", torch.device(d)))
     # (torchrun's store, here one in memory: rank 1 of 2)
     monkeypatch.setattr(distributed.dist, "rendezvous", lambda url, **kw: iter([(distributed.dist.HashStore(), 1, 2)]))
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(
+        distributed.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw)
+    )
     monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: None)
     assert distributed.init_distributed(cfg.device, 60)
     assert calls["set_device"] == torch.device("cuda", 1) and calls["backend"] == "nccl"
@@ -93,8 +106,13 @@ def test_resume_with_another_memory_layout_keeps_adams_moments_right(run_cli, de
     resume = ["--data_dir", demo_data, "--resume", "--no_channels_last", "--no_progress"]
     assert run_cli("--checkpoint_name", "fused", *resume)[0] == 0
     # Unfused Adam steps each tensor by its own strides, so it is right whatever the layout.
-    monkeypatch.setattr(main_module, "build_optimizer", lambda model, cfg: torch.optim.Adam(
-        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False))
+    monkeypatch.setattr(
+        main_module,
+        "build_optimizer",
+        lambda model, cfg: torch.optim.Adam(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False
+        ),
+    )
     assert run_cli("--checkpoint_name", "unfused", *resume)[0] == 0
     fused, unfused = (load(tmp_path / "checkpoints" / n / "last.pt")["model"] for n in ("fused", "unfused"))
     for key, value in fused.items():
@@ -105,8 +123,14 @@ def test_resume_with_another_memory_layout_keeps_adams_moments_right(run_cli, de
 # --------------------------------------------------------------------------- 5. float16 overflow and BatchNorm
 class TinyNet(nn.Sequential):
     def __init__(self, classes):
-        super().__init__(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, classes))
+        super().__init__(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, classes),
+        )
 
 
 def float16_trainer(demo_data, tmp_path):
@@ -119,8 +143,16 @@ def float16_trainer(demo_data, tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = WarmupCosineLR(optimizer, total_steps=3, warmup_steps=0)
     os.makedirs(tmp_path / cfg.checkpoint_name, exist_ok=True)
-    return Trainer(model, optimizer, scheduler, loaders[:3], cfg, str(tmp_path / cfg.checkpoint_name), loaders[3],
-                   utils.setup_logging())
+    return Trainer(
+        model,
+        optimizer,
+        scheduler,
+        loaders[:3],
+        cfg,
+        str(tmp_path / cfg.checkpoint_name),
+        loaders[3],
+        utils.setup_logging(),
+    )
 
 
 Trainer = trainer.Trainer
@@ -192,8 +224,17 @@ def finished_run(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     data = shutil.copytree(demo_data, root / "data")
     shutil.copytree(data / "seg_test" / "seg_test" / "red", data / "seg_pred" / "seg_pred")
-    argv = ["--checkpoint_dir", str(root / "checkpoints"), "--data_dir", str(data), "--checkpoint_name", "done",
-            "--epochs", "1", *FAST]
+    argv = [
+        "--checkpoint_dir",
+        str(root / "checkpoints"),
+        "--data_dir",
+        str(data),
+        "--checkpoint_name",
+        "done",
+        "--epochs",
+        "1",
+        *FAST,
+    ]
     assert main_module.main(argv) == 0
     return Namespace(data=str(data), checkpoints=root / "checkpoints", dir=root / "checkpoints" / "done")
 
@@ -208,7 +249,9 @@ def test_predict_with_nothing_readable_keeps_the_earlier_predictions(run_cli, fi
     junk.mkdir()
     (junk / "a.jpg").write_bytes(b"not an image")
     (junk / "b.png").write_bytes(b"")
-    result = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", junk, checkpoint_dir=finished_run.checkpoints)
+    result = run_cli(
+        "--checkpoint_name", "done", "--predict", "--predict_dir", junk, checkpoint_dir=finished_run.checkpoints
+    )
     assert_user_error(result, "none of the 2 image file(s)", "unchanged")
     assert csv_path.read_text() == before
 
@@ -216,17 +259,34 @@ def test_predict_with_nothing_readable_keeps_the_earlier_predictions(run_cli, fi
 def test_predictions_file_labels_several_folders_into_their_own_files(run_cli, finished_run, tmp_path):
     green = os.path.join(finished_run.data, "seg_test", "seg_test", "green")
     out_file = tmp_path / "green.csv"
-    code, out, err = run_cli("--checkpoint_name", "done", "--predict", "--predict_dir", green, "--predictions_file",
-                             out_file, checkpoint_dir=finished_run.checkpoints)
+    code, out, err = run_cli(
+        "--checkpoint_name",
+        "done",
+        "--predict",
+        "--predict_dir",
+        green,
+        "--predictions_file",
+        out_file,
+        checkpoint_dir=finished_run.checkpoints,
+    )
     assert code == 0, err
     rows = out_file.read_text().splitlines()
     assert rows[0] == "file,label,confidence" and len(rows) == 9 and str(out_file) in out
 
 
 # --------------------------------------------------------------------------- 9. non-finite values; the divergence message
-@pytest.mark.parametrize("flag,value", [("--learning_rate", "inf"), ("--learning_rate", "nan"), ("--weight_decay", "nan"),
-                                        ("--min_lr", "nan"), ("--clip_grad_norm", "inf"), ("--val_fraction", "nan"),
-                                        ("--dist_timeout", "inf")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--learning_rate", "inf"),
+        ("--learning_rate", "nan"),
+        ("--weight_decay", "nan"),
+        ("--min_lr", "nan"),
+        ("--clip_grad_norm", "inf"),
+        ("--val_fraction", "nan"),
+        ("--dist_timeout", "inf"),
+    ],
+)
 def test_non_finite_values_are_refused(run_cli, demo_data, flag, value):
     assert_user_error(run_cli("--data_dir", demo_data, *FAST, flag, value), flag, "finite")
 
@@ -246,7 +306,9 @@ def test_divergence_before_any_save_names_no_missing_checkpoint(run_cli, demo_da
 def test_demo_with_amp_gets_its_own_run_name():
     assert config.parse_config(["--demo", "--device", "cpu"])[0].checkpoint_name == "demo"
     assert config.parse_config(["--demo", "--amp", "--device", "cpu"])[0].checkpoint_name == "demo_amp"
-    assert config.parse_config(["--demo", "--amp", "--device", "cpu", "--checkpoint_name", "x"])[0].checkpoint_name == "x"
+    assert (
+        config.parse_config(["--demo", "--amp", "--device", "cpu", "--checkpoint_name", "x"])[0].checkpoint_name == "x"
+    )
 
 
 # --------------------------------------------------------------------------- 11. --evaluate and --predict use the run's data folder
@@ -259,15 +321,18 @@ def test_evaluate_and_predict_use_the_runs_saved_data_dir(finished_run, tmp_path
 
 
 def test_evaluate_refuses_a_setting_that_would_change_the_answers(run_cli, finished_run):
-    result = run_cli("--checkpoint_name", "done", "--evaluate", "--image_size", "64", checkpoint_dir=finished_run.checkpoints)
+    result = run_cli(
+        "--checkpoint_name", "done", "--evaluate", "--image_size", "64", checkpoint_dir=finished_run.checkpoints
+    )
     assert_user_error(result, "--evaluate", "was trained with --image_size 32, not with --image_size 64")
 
 
 def test_evaluate_needs_only_the_test_split(run_cli, finished_run, tmp_path):
     only_test = tmp_path / "only_test"
     shutil.copytree(os.path.join(finished_run.data, "seg_test"), only_test / "seg_test")
-    code, out, err = run_cli("--checkpoint_name", "done", "--evaluate", "--data_dir", only_test,
-                             checkpoint_dir=finished_run.checkpoints)
+    code, out, err = run_cli(
+        "--checkpoint_name", "done", "--evaluate", "--data_dir", only_test, checkpoint_dir=finished_run.checkpoints
+    )
     assert code == 0, err
     assert "on 24 images" in out
 
@@ -278,8 +343,18 @@ def test_pretrained_path_fine_tunes_from_an_earlier_run(run_cli, finished_run, t
     trained_acc = read_results(finished_run.dir)["best_val_acc"]
     # The same classes: the run's head is kept, so it starts where the earlier run ended.
     tiny_lr = ["--learning_rate", "1e-9", "--min_lr", "0"]
-    code, out, err = run_cli("--data_dir", finished_run.data, "--checkpoint_name", "further", "--epochs", "1",
-                             *[f for f in FAST if f != "--no_pretrained"], *tiny_lr, "--pretrained_path", best)
+    code, out, err = run_cli(
+        "--data_dir",
+        finished_run.data,
+        "--checkpoint_name",
+        "further",
+        "--epochs",
+        "1",
+        *[f for f in FAST if f != "--no_pretrained"],
+        *tiny_lr,
+        "--pretrained_path",
+        best,
+    )
     assert code == 0, err
     assert "with its head (the same 3 classes)" in out
     assert read_results(tmp_path / "checkpoints" / "further")["epochs"][0]["val_acc"] == pytest.approx(trained_acc)
@@ -287,24 +362,36 @@ def test_pretrained_path_fine_tunes_from_an_earlier_run(run_cli, finished_run, t
     two = make_colour_dataset(tmp_path / "two", train_per_class=6, test_per_class=2)
     shutil.rmtree(os.path.join(two, "seg_train", "seg_train", "red"))
     shutil.rmtree(os.path.join(two, "seg_test", "seg_test", "red"))
-    code, out, err = run_cli("--data_dir", two, "--checkpoint_name", "tuned", "--epochs", "1",
-                             *[f for f in FAST if f != "--no_pretrained"], "--pretrained_path", best)
+    code, out, err = run_cli(
+        "--data_dir",
+        two,
+        "--checkpoint_name",
+        "tuned",
+        "--epochs",
+        "1",
+        *[f for f in FAST if f != "--no_pretrained"],
+        "--pretrained_path",
+        best,
+    )
     assert code == 0, err
     assert out.count("is replaced by a new one for this data's 2") == 1
     assert load(tmp_path / "checkpoints" / "tuned" / "best.pt")["model"]["fc.weight"].shape == (2, 512)
 
 
 # --------------------------------------------------------------------------- 13. flags that contradict
-@pytest.mark.parametrize("flags,needles", [
-    (["--resume", "--overwrite"], ["--overwrite", "--resume"]),
-    (["--evaluate", "--overwrite"], ["--overwrite", "--evaluate"]),
-    (["--data"], ["--data", "--benchmark"]),
-    (["--amp_dtype", "bfloat16"], ["--amp_dtype", "--amp"]),
-    (["--pretrained_path", "x.pth", "--no_pretrained"], ["--pretrained_path", "--no_pretrained"]),
-    (["--predictions_file", "p.csv"], ["--predictions_file", "--predict"]),
-    (["--warmup_epochs", "3", "--epochs", "3"], ["--warmup_epochs"]),
-    (["--sync_bn"], ["--sync_bn", "torchrun"]),
-])
+@pytest.mark.parametrize(
+    "flags,needles",
+    [
+        (["--resume", "--overwrite"], ["--overwrite", "--resume"]),
+        (["--evaluate", "--overwrite"], ["--overwrite", "--evaluate"]),
+        (["--data"], ["--data", "--benchmark"]),
+        (["--amp_dtype", "bfloat16"], ["--amp_dtype", "--amp"]),
+        (["--pretrained_path", "x.pth", "--no_pretrained"], ["--pretrained_path", "--no_pretrained"]),
+        (["--predictions_file", "p.csv"], ["--predictions_file", "--predict"]),
+        (["--warmup_epochs", "3", "--epochs", "3"], ["--warmup_epochs"]),
+        (["--sync_bn"], ["--sync_bn", "torchrun"]),
+    ],
+)
 def test_contradicting_flags_are_refused(run_cli, demo_data, flags, needles):
     argv = [f for f in FAST if f != "--no_pretrained"] if "--pretrained_path" in flags else FAST
     assert_user_error(run_cli("--data_dir", demo_data, *argv, *flags), *needles)
@@ -367,10 +454,27 @@ def test_ctrl_c_during_start_up_is_one_line(run_cli, demo_data, monkeypatch):
 @pytest.mark.usefixtures("forkserver")
 def test_output_into_a_closed_pipe_is_quiet(demo_data, tmp_path):
     # `| head -1` leaves after the first log line; the next ones find the pipe closed.
-    command = [*PYTHON, "main.py", "--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL,
-               "--epochs", "1"]
-    proc = subprocess.run(" ".join(command) + " | head -1", shell=True, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        *PYTHON,
+        "main.py",
+        "--data_dir",
+        demo_data,
+        "--checkpoint_dir",
+        str(tmp_path),
+        *FAST,
+        *SMALL_MODEL,
+        "--epochs",
+        "1",
+    ]
+    proc = subprocess.run(
+        " ".join(command) + " | head -1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.stdout == "model: shufflenet_v2_x0_5, 0.34M parameters\n"  # the first line alone
     assert proc.stderr == "", proc.stderr
     assert read_results(tmp_path / "baseline")["finished"]  # the run itself went on to the end
@@ -379,13 +483,13 @@ def test_output_into_a_closed_pipe_is_quiet(demo_data, tmp_path):
 # --------------------------------------------------------------------------- 17. small things
 def test_help_shows_one_default_each_and_says_what_is_on():
     text = " ".join(config.build_parser().format_help().split())
-    text = text[text.index("options:"):]  # past the usage line
-    warmup = text[text.index("--warmup_epochs"):text.index("--min_lr")]
+    text = text[text.index("options:") :]  # past the usage line
+    warmup = text[text.index("--warmup_epochs") : text.index("--min_lr")]
     assert warmup.count("default") == 1, warmup
-    amp_dtype = text[text.index("--amp_dtype"):text.index("--fp32_math")]
+    amp_dtype = text[text.index("--amp_dtype") : text.index("--fp32_math")]
     assert amp_dtype.count("default") == 1, amp_dtype
-    assert "on by default" in text[text.index("--channels_last"):text.index("--no_channels_last")]
-    demo = text[text.index("--demo"):text.index("--image_size")]
+    assert "on by default" in text[text.index("--channels_last") : text.index("--no_channels_last")]
+    demo = text[text.index("--demo") : text.index("--image_size")]
     assert "64 px" in demo and "8 epochs" in demo and "demo_amp" in demo
 
 
@@ -480,8 +584,12 @@ def test_a_resume_at_an_epochs_end_goes_on_at_this_sessions_step(run_cli, demo_d
 def test_saved_run_modes_check_the_saved_batch_under_torchrun(monkeypatch):
     for name, value in (("WORLD_SIZE", "3"), ("LOCAL_RANK", "0"), ("RANK", "0")):
         monkeypatch.setenv(name, value)
-    for mode in (["--resume", "--device", "cpu"], ["--evaluate", "--device", "cpu"], ["--predict", "--device", "cpu"],
-                 ["--compare", "a"]):
+    for mode in (
+        ["--resume", "--device", "cpu"],
+        ["--evaluate", "--device", "cpu"],
+        ["--predict", "--device", "cpu"],
+        ["--compare", "a"],
+    ):
         config.parse_config(mode)  # the default batch of 256 is not theirs
     cfg, explicit = config.parse_config(["--resume", "--device", "cpu"])
     saved = {**vars(cfg), "batch_size": 24, "resume": False}
@@ -550,8 +658,10 @@ def corrupt_png(path):
 
 def test_a_corrupt_png_is_an_unreadable_image_not_a_crash(tmp_path):
     corrupt_png(tmp_path / "bad.png")
-    code = ("from dataset import decode_problem, load_image_uint8; import sys; "
-            f"print(decode_problem({str(tmp_path / 'bad.png')!r})); load_image_uint8({str(tmp_path / 'bad.png')!r})")
+    code = (
+        "from dataset import decode_problem, load_image_uint8; import sys; "
+        f"print(decode_problem({str(tmp_path / 'bad.png')!r})); load_image_uint8({str(tmp_path / 'bad.png')!r})"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-500:]  # was -11 (a segfault in libpng)
     assert proc.stdout.startswith("not a decodable image")
@@ -561,18 +671,40 @@ def test_a_corrupt_png_is_an_unreadable_image_not_a_crash(tmp_path):
 def test_a_failed_run_with_worker_processes_exits(demo_data, tmp_path):
     # The workers ignore SIGTERM, which is how Python ends them at exit: a run that failed used to
     # print its traceback and then wait for them forever.
-    probe = [*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), "--data_dir", demo_data,
-             "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1", "--num_workers", "2"]
-    proc = subprocess.run(probe, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_WORKER_BUG": "1"})
+    probe = [
+        *PYTHON,
+        os.path.join(ROOT, "tests", "crash_probe.py"),
+        "--data_dir",
+        demo_data,
+        "--checkpoint_dir",
+        str(tmp_path),
+        *FAST,
+        *SMALL_MODEL,
+        "--epochs",
+        "1",
+        "--num_workers",
+        "2",
+    ]
+    proc = subprocess.run(
+        probe,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PROBE_WORKER_BUG": "1"},
+    )
     assert proc.returncode == 1
     assert "probe: a bug in a data-loading worker" in proc.stderr and "killed by signal" not in proc.stderr
 
 
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     # (--help answers before torch loads: a --compare's flags pass that check, then torch loads)
-    proc = subprocess.Popen([sys.executable, "main.py", "--checkpoint_dir", str(tmp_path), "--compare", "a", "b"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--checkpoint_dir", str(tmp_path), "--compare", "a", "b"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)  # Python is up and the flags checked; torch is still importing
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -600,8 +732,9 @@ def test_evaluate_takes_skip_bad_images(run_cli, finished_run, tmp_path):
     assert "on 24 images" in out
 
 
-@pytest.mark.parametrize("content", ['{"finished": true, "test_acc": 1.0}', '{"finished": true, "test_acc": "x", '
-                                     '"epochs": []}', "[1, 2]"])
+@pytest.mark.parametrize(
+    "content", ['{"finished": true, "test_acc": 1.0}', '{"finished": true, "test_acc": "x", "epochs": []}', "[1, 2]"]
+)
 def test_compare_of_a_broken_results_file_is_one_line(run_cli, tmp_path, content):
     (tmp_path / "checkpoints" / "odd").mkdir(parents=True)
     (tmp_path / "checkpoints" / "odd" / "results.json").write_text(content)
@@ -614,10 +747,15 @@ def test_compare_of_a_run_still_in_its_first_epoch_says_so(run_cli, tmp_path):
     assert_user_error(run_cli("--compare", "young"), "has not finished an epoch", "--resume")
 
 
-@pytest.mark.parametrize("flags,needle", [(["--benchmark", "--epochs", "3"], "--epochs"),
-                                          (["--benchmark", "--amp"], "FP32 and AMP anyway"),
-                                          (["--benchmark", "--no_pretrained"], "--no_pretrained"),
-                                          (["--benchmark_steps", "3"], "--benchmark_steps")])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--benchmark", "--epochs", "3"], "--epochs"),
+        (["--benchmark", "--amp"], "FP32 and AMP anyway"),
+        (["--benchmark", "--no_pretrained"], "--no_pretrained"),
+        (["--benchmark_steps", "3"], "--benchmark_steps"),
+    ],
+)
 def test_flags_the_mode_does_not_read_are_refused(run_cli, flags, needle):
     assert_user_error(run_cli(*flags, "--device", "cpu"), needle)
 
@@ -626,15 +764,37 @@ def test_flags_the_mode_does_not_read_are_refused(run_cli, flags, needle):
 def test_a_kill_between_an_epochs_last_step_and_its_last_pt_writes_no_tensorboard_point_twice(demo_data, tmp_path):
     from report import read_tensorboard_scalars
 
-    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "2",
-             "--tensorboard", "--save_every_steps", "1", "--log_interval", "1"]
+    flags = [
+        "--data_dir",
+        demo_data,
+        "--checkpoint_dir",
+        str(tmp_path),
+        *FAST,
+        *SMALL_MODEL,
+        "--epochs",
+        "2",
+        "--tensorboard",
+        "--save_every_steps",
+        "1",
+        "--log_interval",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), *flags], env={
-        **env, "PROBE_KILL_AT_BEST": "1"}, capture_output=True, timeout=120)
+    killed = subprocess.run(
+        [*PYTHON, os.path.join(ROOT, "tests", "crash_probe.py"), *flags],
+        env={**env, "PROBE_KILL_AT_BEST": "1"},
+        capture_output=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL
     time.sleep(1.1)  # TensorBoard orders a folder's event files by the second they were opened
-    resumed = subprocess.run([*PYTHON, os.path.join(ROOT, "main.py"), *flags, "--resume"], env=env,
-                             capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(
+        [*PYTHON, os.path.join(ROOT, "main.py"), *flags, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     scalars = read_tensorboard_scalars(tmp_path / "baseline" / "tensorboard")
     assert [s for s, _ in scalars["epoch/val_acc"]] == [3, 6]  # each epoch once (was [3, 3, 6])

@@ -2,12 +2,13 @@
 short run (torchvision's MobileNetV3: 0.01) evaluates at chance with its running statistics, and
 well with statistics recomputed over training batches; --precise_bn turns itself on for it, and
 stays off where the statistics have converged (ResNet-18's 0.1 on the demo's 120 batches)."""
+
 import pytest
 import torch
 import torchvision
+from conftest import FAST, read_results
 from torch import nn
 
-from conftest import FAST, read_results
 from model import precise_bn_batches, recompute_batchnorm_statistics, unconverged_batchnorm
 
 MOBILENET = ["--model", "mobilenet_v3_small", "--epochs", "1"]
@@ -20,9 +21,11 @@ def test_precise_batchnorm_is_why_a_short_mobilenet_run_learns_anything(run_cli,
     flags = ["--data_dir", demo_data, *FAST, *MOBILENET]
     code, out, err = run_cli(*flags, "--checkpoint_name", "precise")  # the default: on for this model and run
     assert code == 0, err
-    assert ("precise BatchNorm is on: mobilenet_v3_small's BatchNorm momentum 0.01 would leave 97% of its initial "
-            "statistics in them after this run's 3 training batches, so they are recomputed over 3 training batches "
-            "before each validation (--precise_bn 0: off)") in out
+    assert (
+        "precise BatchNorm is on: mobilenet_v3_small's BatchNorm momentum 0.01 would leave 97% of its initial "
+        "statistics in them after this run's 3 training batches, so they are recomputed over 3 training batches "
+        "before each validation (--precise_bn 0: off)"
+    ) in out
     code, out, err = run_cli(*flags, "--checkpoint_name", "plain", "--precise_bn", "0")
     assert code == 0, err
     assert "precise BatchNorm" not in out
@@ -31,7 +34,10 @@ def test_precise_batchnorm_is_why_a_short_mobilenet_run_learns_anything(run_cli,
     assert precise["test_acc"] >= 60 and precise["epochs"][0]["val_acc"] >= 60
     # The weights trained alike (BatchNorm in training uses each batch's own statistics); only the
     # running statistics differ.
-    a, b = (torch.load(tmp_path / "checkpoints" / name / "last.pt", weights_only=True)["model"] for name in ("precise", "plain"))
+    a, b = (
+        torch.load(tmp_path / "checkpoints" / name / "last.pt", weights_only=True)["model"]
+        for name in ("precise", "plain")
+    )
     differ = sorted(key.rsplit(".", 1)[1] for key in a if not torch.equal(a[key], b[key]))
     assert set(differ) == {"running_mean", "running_var"}
     assert precise["finished"] and read_results(tmp_path / "checkpoints" / "precise")["test_acc"] == precise["test_acc"]
@@ -53,17 +59,20 @@ def test_it_turns_itself_on_only_where_the_statistics_cannot_have_converged():
     # The full recipe (44 batches x 120 epochs) converges MobileNetV3's too; at most 100 batches.
     assert precise_bn_batches(mobilenet, "mobilenet_v3_small", None, 44, 120) == (0, "")
     assert precise_bn_batches(mobilenet, "mobilenet_v3_small", None, 200, 1)[0] == 100
-    assert unconverged_batchnorm(resnet, 30) == (0.1, pytest.approx(0.9 ** 30))
+    assert unconverged_batchnorm(resnet, 30) == (0.1, pytest.approx(0.9**30))
     # Asked for: as asked; 0: off; a model without BatchNorm says so and runs without.
     assert precise_bn_batches(resnet, "resnet18", 7, 15, 8)[0] == 7
     # (review) more batches than an epoch has: the line says how many are really used.
     assert precise_bn_batches(resnet, "resnet18", 1000, 15, 8)[1] == (
         "--precise_bn 1000: BatchNorm statistics recomputed over 15 training batches (all of an epoch's: it has 15) "
-        "before each validation")
+        "before each validation"
+    )
     assert precise_bn_batches(mobilenet, "mobilenet_v3_small", 0, 15, 8) == (0, "")
     assert precise_bn_batches(vit, "vit_b_16", None, 15, 8) == (0, "")
-    assert precise_bn_batches(vit, "vit_b_16", 5, 15, 8) == (0, "--precise_bn: vit_b_16 has no BatchNorm layers; "
-                                                                "nothing to recompute")
+    assert precise_bn_batches(vit, "vit_b_16", 5, 15, 8) == (
+        0,
+        "--precise_bn: vit_b_16 has no BatchNorm layers; nothing to recompute",
+    )
 
 
 class DropoutThenBatchNorm(nn.Module):

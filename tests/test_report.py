@@ -1,5 +1,6 @@
 """The reports, from two tiny runs (FP32 and AMP bf16) trained once for this module: --compare's
 table and chart, the learning curves, per-class results and confusion matrix, --predict's CSV."""
+
 import csv
 import json
 import os
@@ -7,22 +8,45 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import FAST, SMALL_MODEL, assert_user_error, read_results
 from PIL import Image
 
 import main as main_module
 import outputs
 import report
-from conftest import FAST, SMALL_MODEL, assert_user_error, read_results
-from report import comparison_figure, comparison_report, comparison_table, curves_figure, load_finished_run
-from report import memory_note, setting_differences
+from report import (
+    comparison_figure,
+    comparison_report,
+    comparison_table,
+    curves_figure,
+    load_finished_run,
+    memory_note,
+    setting_differences,
+)
 
 RUNS = ("fp32", "amp")
 CLASSES = ["blue", "green", "red"]
 TEST_PER_CLASS = 8  # make_colour_dataset's test split
 TRAIN_IMAGES = 48  # 3 classes x 20, less the 20% validation split
 EPOCHS = 2
-COLUMNS = ["run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
-           "images/s", "speedup", "memory saving", "model", "image size", "batch size", "dataset", "skipped steps"]
+COLUMNS = [
+    "run",
+    "device",
+    "precision",
+    "test acc (%)",
+    "peak GPU memory",
+    "s/epoch",
+    "epochs",
+    "total time",
+    "images/s",
+    "speedup",
+    "memory saving",
+    "model",
+    "image size",
+    "batch size",
+    "dataset",
+    "skipped steps",
+]
 SETTING_COLUMNS = COLUMNS[-5:-1]
 CURVES_DRAWN = []  # (run, epochs shown) each time a curves.png was drawn while runs_dir trained
 
@@ -40,8 +64,19 @@ def runs_dir(demo_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(outputs, "plot_curves", spy)
         for name, extra in (("fp32", []), ("amp", ["--amp"])):
-            argv = ["--checkpoint_dir", str(root), "--data_dir", demo_data, "--checkpoint_name", name,
-                    "--epochs", str(EPOCHS), *FAST, *SMALL_MODEL, *extra]
+            argv = [
+                "--checkpoint_dir",
+                str(root),
+                "--data_dir",
+                demo_data,
+                "--checkpoint_name",
+                name,
+                "--epochs",
+                str(EPOCHS),
+                *FAST,
+                *SMALL_MODEL,
+                *extra,
+            ]
             assert main_module.main(argv) == 0
     return root
 
@@ -95,8 +130,9 @@ def test_compare_table_rows_and_columns_match_the_runs_results(runs_dir, demo_da
     # Against fp32, image by image: both runs' test_predictions.csv pair up over the 24 test images.
     vs_first = json.loads((runs_dir / "compare_fp32_vs_amp.json").read_text())["runs"][1]["vs_first"]
     assert vs_first["images"] == 24 and vs_first["verdict"] in ("same within noise", "better", "worse")
-    assert vs_first["acc_diff"] == pytest.approx(read_results(runs_dir / "amp")["test_acc"] -
-                                                 read_results(runs_dir / "fp32")["test_acc"])
+    assert vs_first["acc_diff"] == pytest.approx(
+        read_results(runs_dir / "amp")["test_acc"] - read_results(runs_dir / "fp32")["test_acc"]
+    )
     assert f"| amp | {vs_first['acc_diff']:+.2f} | {vs_first['acc_diff_ci95'][0]:+.2f} to" in out
 
 
@@ -105,7 +141,9 @@ def test_each_run_keeps_its_test_predictions(runs_dir, demo_data, name):
     with open(runs_dir / name / "test_predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     test_dir = os.path.join(demo_data, "seg_test", "seg_test")
-    assert [r["file"] for r in rows] == sorted(f"{c}/{f}" for c in CLASSES for f in os.listdir(os.path.join(test_dir, c)))
+    assert [r["file"] for r in rows] == sorted(
+        f"{c}/{f}" for c in CLASSES for f in os.listdir(os.path.join(test_dir, c))
+    )
     assert all(r["true_label"] == r["file"].split("/")[0] and r["predicted_label"] in CLASSES for r in rows)
     assert all(1 / len(CLASSES) <= float(r["confidence"]) <= 1 for r in rows)
     matrix = np.zeros((len(CLASSES), len(CLASSES)), dtype=int)  # the results' confusion matrix, image by image
@@ -116,10 +154,24 @@ def test_each_run_keeps_its_test_predictions(runs_dir, demo_data, name):
 
 def gpu_run(name, precision, peak_mb, seconds, images_per_sec):
     """A results.json as a CUDA run writes it, with three epochs."""
-    epochs = [{"epoch": i + 1, "seconds": seconds, "images_per_sec": images_per_sec, "peak_mem_mb": peak_mb - 100 * i,
-               "val_acc": 80.0 + i} for i in range(3)]
-    return {"run": name, "device": "NVIDIA H100 80GB HBM3", "precision": precision, "test_acc": 91.234,
-            "total_train_seconds": 3 * seconds + 1.6, "epochs": epochs}
+    epochs = [
+        {
+            "epoch": i + 1,
+            "seconds": seconds,
+            "images_per_sec": images_per_sec,
+            "peak_mem_mb": peak_mb - 100 * i,
+            "val_acc": 80.0 + i,
+        }
+        for i in range(3)
+    ]
+    return {
+        "run": name,
+        "device": "NVIDIA H100 80GB HBM3",
+        "precision": precision,
+        "test_acc": 91.234,
+        "total_train_seconds": 3 * seconds + 1.6,
+        "epochs": epochs,
+    }
 
 
 def test_speedup_and_memory_saving_are_relative_to_the_first_run():
@@ -160,10 +212,26 @@ def test_compare_uses_the_steady_state_peak_memory_when_every_run_has_it():
 
 
 # The settings of a run as config.json holds them (vars(cfg)), trimmed to a few.
-SETTINGS = dict(data_dir="/data/intel", image_size=64, batch_size=32, epochs=3, learning_rate=1e-4, seed=42,
-                amp=False, amp_dtype="float16", accum_steps=1, channels_last=True, compile=False,
-                checkpoint_dir="checkpoints", num_workers=8, progress=True, compare=None, save_every_steps=0,
-                log_interval=20, tensorboard=False)
+SETTINGS = dict(
+    data_dir="/data/intel",
+    image_size=64,
+    batch_size=32,
+    epochs=3,
+    learning_rate=1e-4,
+    seed=42,
+    amp=False,
+    amp_dtype="float16",
+    accum_steps=1,
+    channels_last=True,
+    compile=False,
+    checkpoint_dir="checkpoints",
+    num_workers=8,
+    progress=True,
+    compare=None,
+    save_every_steps=0,
+    log_interval=20,
+    tensorboard=False,
+)
 
 
 def write_run(root, name, precision="FP32", config=SETTINGS, **changes):
@@ -181,12 +249,17 @@ def write_run(root, name, precision="FP32", config=SETTINGS, **changes):
 
 
 def test_compare_warns_when_runs_differ_in_more_than_precision(tmp_path):
-    runs = [write_run(tmp_path, "a"), write_run(tmp_path, "b", image_size=32, epochs=4, num_workers=2),
-            write_run(tmp_path, "c", "AMP fp16", epochs=4, amp=True)]
+    runs = [
+        write_run(tmp_path, "a"),
+        write_run(tmp_path, "b", image_size=32, epochs=4, num_workers=2),
+        write_run(tmp_path, "c", "AMP fp16", epochs=4, amp=True),
+    ]
     assert setting_differences(runs) == ["image_size: 64 (a, c), 32 (b)", "epochs: 3 (a), 4 (b, c)"]
     report = comparison_report(runs)
-    assert ("warning: these runs differ in more than precision; speedup and accuracy differences are not AMP's "
-            "alone:\n- image_size: 64 (a, c), 32 (b)\n- epochs: 3 (a), 4 (b, c)\n") in report
+    assert (
+        "warning: these runs differ in more than precision; speedup and accuracy differences are not AMP's "
+        "alone:\n- image_size: 64 (a, c), 32 (b)\n- epochs: 3 (a), 4 (b, c)\n"
+    ) in report
     header, rows = table(report)
     assert header == COLUMNS
     assert [dict(zip(header, row))["image size"] for row in rows] == ["64", "32", "64"]
@@ -194,46 +267,71 @@ def test_compare_warns_when_runs_differ_in_more_than_precision(tmp_path):
     header, (row,) = table(comparison_report([cropped]))
     assert dict(zip(header, row))["image size"] == "256 (crop 224)"  # (the crop is what the model saw)
     # The memory note right under the table whose column it explains, then what the ratios are relative to.
-    assert report.startswith(comparison_table(runs) + f"\n\n{memory_note(runs)}\n\nSpeedup (images/s) and memory saving")
+    assert report.startswith(
+        comparison_table(runs) + f"\n\n{memory_note(runs)}\n\nSpeedup (images/s) and memory saving"
+    )
     # Another dataset, model or GPU is named too (full paths in the warning, folder names in the table).
     runs = [write_run(tmp_path / "more", "a"), write_run(tmp_path / "more", "b", data_dir="/data/other/", model="vit")]
     runs[1]["device"] = "NVIDIA A100"
-    assert setting_differences(runs) == ["model: resnet18 (a), vit (b)", "data_dir: /data/intel (a), /data/other/ (b)",
-                                         "device: NVIDIA H100 80GB HBM3 (a), NVIDIA A100 (b)"]
+    assert setting_differences(runs) == [
+        "model: resnet18 (a), vit (b)",
+        "data_dir: /data/intel (a), /data/other/ (b)",
+        "device: NVIDIA H100 80GB HBM3 (a), NVIDIA A100 (b)",
+    ]
     _, rows = table(comparison_table(runs))
     assert [row[-5:-1] for row in rows] == [["resnet18", "64", "32", "intel"], ["vit", "64", "32", "other"]]
 
 
 def test_compare_of_fp32_and_amp_alone_has_no_warning(tmp_path):
-    runs = [write_run(tmp_path, "fp32"), write_run(tmp_path, "amp", "AMP bf16", amp=True, amp_dtype="bfloat16",
-                                                   num_workers=2, checkpoint_dir="elsewhere")]
+    runs = [
+        write_run(tmp_path, "fp32"),
+        write_run(
+            tmp_path, "amp", "AMP bf16", amp=True, amp_dtype="bfloat16", num_workers=2, checkpoint_dir="elsewhere"
+        ),
+    ]
     assert setting_differences(runs) == []
     report = comparison_report(runs)
     assert "warning" not in report and "note" not in report
-    assert report.startswith(comparison_table(runs) + f"\n\n{memory_note(runs)}\n\nSpeedup (images/s) and memory saving (peak GPU memory) are "
-                             "relative to fp32.")
+    assert report.startswith(
+        comparison_table(runs)
+        + f"\n\n{memory_note(runs)}\n\nSpeedup (images/s) and memory saving (peak GPU memory) are "
+        "relative to fp32."
+    )
     # Without per-image predictions (these hand-made runs have none) the paired statistics are unavailable.
     assert "- amp: paired statistics unavailable: fp32 has no test_predictions.csv" in report
     # --save_every_steps, --log_interval and --tensorboard count: their writes fall inside the timed epochs.
-    runs = [write_run(tmp_path / "io", "a"), write_run(tmp_path / "io", "b", save_every_steps=10, log_interval=1,
-                                                       tensorboard=True)]
-    assert setting_differences(runs) == ["save_every_steps: 0 (a), 10 (b)", "log_interval: 20 (a), 1 (b)",
-                                         "tensorboard: False (a), True (b)"]
+    runs = [
+        write_run(tmp_path / "io", "a"),
+        write_run(tmp_path / "io", "b", save_every_steps=10, log_interval=1, tensorboard=True),
+    ]
+    assert setting_differences(runs) == [
+        "save_every_steps: 0 (a), 10 (b)",
+        "log_interval: 20 (a), 1 (b)",
+        "tensorboard: False (a), True (b)",
+    ]
 
 
 def test_compare_shows_the_settings_of_a_run_without_config_as_unknown(tmp_path):
-    runs = [write_run(tmp_path, "new", image_size=128), write_run(tmp_path, "old", config=None),
-            write_run(tmp_path, "broken", config="{not json"), write_run(tmp_path, "odd", config="[1, 2]")]
+    runs = [
+        write_run(tmp_path, "new", image_size=128),
+        write_run(tmp_path, "old", config=None),
+        write_run(tmp_path, "broken", config="{not json"),
+        write_run(tmp_path, "odd", config="[1, 2]"),
+    ]
     assert [r["config"] for r in runs[1:]] == [None, None, None]
     _, rows = table(comparison_table(runs))
     assert [row[-5:-1] for row in rows] == [["resnet18", "128", "32", "intel"]] + [["?"] * 4] * 3
     assert setting_differences(runs) == []  # nothing known differs
     assert setting_differences(runs + [write_run(tmp_path, "small", image_size=64)]) == [
-        "image_size: 128 (new), ? (old, broken, odd), 64 (small)"]
+        "image_size: 128 (new), ? (old, broken, odd), 64 (small)"
+    ]
     assert "note: no readable config.json for old, broken, odd;" in comparison_report(runs)
     # An old config.json, written before a setting existed, leaves that setting unknown.
     old_config = {k: v for k, v in SETTINGS.items() if k != "channels_last"}
-    runs = [write_run(tmp_path / "more", "a", channels_last=False), write_run(tmp_path / "more", "b", config=old_config)]
+    runs = [
+        write_run(tmp_path / "more", "a", channels_last=False),
+        write_run(tmp_path / "more", "b", config=old_config),
+    ]
     assert setting_differences(runs) == []
 
 
@@ -258,8 +356,18 @@ def test_curves_are_redrawn_every_epoch(runs_dir):
 
 @pytest.mark.parametrize("epochs", [1, 2, 30])
 def test_epoch_axes_tick_whole_epochs_only(epochs):
-    history = [{"epoch": i, "train_loss": 1 / i, "val_loss": 1.1 / i, "train_acc": 50 + i, "val_acc": 48 + i,
-                "lr": 1e-3 / i, "seconds": 2.0} for i in range(1, epochs + 1)]
+    history = [
+        {
+            "epoch": i,
+            "train_loss": 1 / i,
+            "val_loss": 1.1 / i,
+            "train_acc": 50 + i,
+            "val_acc": 48 + i,
+            "lr": 1e-3 / i,
+            "seconds": 2.0,
+        }
+        for i in range(1, epochs + 1)
+    ]
     run = {"run": "a", "device": "cpu", "precision": "FP32", "epochs": history}
     axes = curves_figure(history, "a").axes + comparison_figure([run]).axes[:1]  # not the by-time axis
     for ax in axes:
@@ -304,8 +412,9 @@ def test_predict_labels_every_readable_image_once(runs_dir, demo_data, run_cli, 
     shutil.copytree(os.path.join(demo_data, "seg_test", "seg_test"), images)
     (images / "zz_broken.jpg").write_bytes(b"not a jpeg")  # sorts last: the batches stay the test's
     (images / "notes.txt").write_text("not an image")
-    code, out, err = run_cli("--checkpoint_name", name, "--predict", "--predict_dir", images, *FAST,
-                             checkpoint_dir=runs_dir)
+    code, out, err = run_cli(
+        "--checkpoint_name", name, "--predict", "--predict_dir", images, *FAST, checkpoint_dir=runs_dir
+    )
     assert code == 0, err
     assert "zz_broken.jpg" in err and "notes.txt" not in err  # listed, not fatal
     assert "1 unreadable" in out
@@ -333,19 +442,24 @@ def test_predict_finds_seg_pred_and_refuses_what_it_cannot_use(runs_dir, run_cli
     rows = read_predictions(runs_dir / "fp32" / "predictions.csv")[1:]
     assert [file for file, _, _ in rows] == ["0.png", "1.png", "2.png"]
 
-    assert_user_error(run_cli(*flags, "--data_dir", tmp_path / "nothing", checkpoint_dir=runs_dir),
-                      "seg_pred", "--predict_dir")
+    assert_user_error(
+        run_cli(*flags, "--data_dir", tmp_path / "nothing", checkpoint_dir=runs_dir), "seg_pred", "--predict_dir"
+    )
     (tmp_path / "empty").mkdir()
     assert_user_error(run_cli(*flags, "--predict_dir", tmp_path / "empty", checkpoint_dir=runs_dir), "no image files")
-    assert_user_error(run_cli(*flags, "--predict_dir", tmp_path / "empty", "--checkpoint_name", "ghost",
-                              checkpoint_dir=runs_dir), "best.pt")
+    assert_user_error(
+        run_cli(*flags, "--predict_dir", tmp_path / "empty", "--checkpoint_name", "ghost", checkpoint_dir=runs_dir),
+        "best.pt",
+    )
     assert_user_error(run_cli("--predict_dir", data, *FAST, checkpoint_dir=runs_dir), "--predict_dir")
 
 
 def test_images_per_second_leave_out_each_sessions_first_epoch():
     # Epochs 1 and 3 started a session (a run's start, a --resume): their start-up makes them slow.
-    epochs = [{"epoch": i + 1, "seconds": 10.0, "images_per_sec": rate, "first_in_session": first}
-              for i, (rate, first) in enumerate([(20.0, True), (100.0, False), (30.0, True), (100.0, False)])]
+    epochs = [
+        {"epoch": i + 1, "seconds": 10.0, "images_per_sec": rate, "first_in_session": first}
+        for i, (rate, first) in enumerate([(20.0, True), (100.0, False), (30.0, True), (100.0, False)])
+    ]
     assert report.throughput({"epochs": epochs}) == 100.0
     assert report.seconds_per_epoch({"epochs": epochs}) == 10.0
     older = [{k: v for k, v in e.items() if k != "first_in_session"} for e in epochs]  # results.json before the key

@@ -1,5 +1,6 @@
 """Every bad input gets a clear answer: bad images, odd datasets, bad settings, corrupt or
 malicious checkpoints, failed writes and diverging runs. Nothing saved is ever damaged."""
+
 import errno
 import json
 import os
@@ -9,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, make_colour_dataset, read_results
 from PIL import Image
+from test_cli import assert_user_error
 
 import utils
-from conftest import FAST, make_colour_dataset, read_results
-from test_cli import assert_user_error
 
 
 @pytest.fixture
@@ -115,8 +116,16 @@ def test_bfloat16_on_a_gpu_without_it(monkeypatch):
         config.parse_config(["--device", "cuda", "--amp", "--amp_dtype", "bfloat16"])
 
 
-@pytest.mark.parametrize("flags", [["--save_every_steps", "-1"], ["--accum_steps", "0"], ["--clip_grad_norm", "0"],
-                                   ["--val_fraction", "0"], ["--warmup_epochs", "-1"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--save_every_steps", "-1"],
+        ["--accum_steps", "0"],
+        ["--clip_grad_norm", "0"],
+        ["--val_fraction", "0"],
+        ["--warmup_epochs", "-1"],
+    ],
+)
 def test_more_bad_values(run_cli, demo_data, flags):
     assert_user_error(run_cli("--data_dir", demo_data, *FAST, *flags), flags[0])
 

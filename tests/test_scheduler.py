@@ -1,4 +1,5 @@
 """The LR schedule: warmup that trains from the first step, cosine to min_lr, resumable."""
+
 import math
 
 import pytest
@@ -21,7 +22,7 @@ def test_curve_shape(total, warmup):
         assert all(a < b for a, b in zip(lrs[: warmup - 1], lrs[1:warmup]))  # rising
     if total > max(warmup, 1):
         assert lrs[-1] == pytest.approx(min_lr)  # the very last step
-        tail = lrs[max(warmup - 1, 0):]
+        tail = lrs[max(warmup - 1, 0) :]
         assert all(a >= b for a, b in zip(tail, tail[1:]))  # falling after warmup
     assert max(lrs) == pytest.approx(base)
     # Continuous: no jump bigger than a warmup increment or a cosine step.

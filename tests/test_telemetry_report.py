@@ -1,5 +1,6 @@
 """What a float16 run's GradScaler did, as the user sees it: the gradient-norm and loss-scale
 panels of curves.png, the skipped-steps column of --compare, and the TensorBoard event files."""
+
 import os
 import subprocess
 import sys
@@ -20,11 +21,24 @@ TELEMETRY_KEYS = ("loss_scale", "skipped_steps", "grad_norm_mean", "grad_norm_ma
 
 def history(loss_scales, skipped_steps, grad_norms):
     """An epochs list as results.json holds it, one epoch per loss scale; grad_norms: (mean, max)."""
-    return [{"epoch": i, "train_loss": 1.8 / i, "val_loss": 1.9 / i, "train_acc": 40.0 + 10 * i,
-             "val_acc": 38.0 + 9 * i, "lr": 1e-3 * (1 - (i - 1) / 5), "seconds": 3.0, "images_per_sec": 100.0,
-             "peak_mem_mb": None, "loss_scale": scale, "skipped_steps": skipped, "grad_norm_mean": mean,
-             "grad_norm_max": peak}
-            for i, (scale, skipped, (mean, peak)) in enumerate(zip(loss_scales, skipped_steps, grad_norms), 1)]
+    return [
+        {
+            "epoch": i,
+            "train_loss": 1.8 / i,
+            "val_loss": 1.9 / i,
+            "train_acc": 40.0 + 10 * i,
+            "val_acc": 38.0 + 9 * i,
+            "lr": 1e-3 * (1 - (i - 1) / 5),
+            "seconds": 3.0,
+            "images_per_sec": 100.0,
+            "peak_mem_mb": None,
+            "loss_scale": scale,
+            "skipped_steps": skipped,
+            "grad_norm_mean": mean,
+            "grad_norm_max": peak,
+        }
+        for i, (scale, skipped, (mean, peak)) in enumerate(zip(loss_scales, skipped_steps, grad_norms), 1)
+    ]
 
 
 NORMS = [(2.1, 9.5), (1.4, 5.2), (0.9, 3.1), (0.7, 2.0), (0.6, 1.6)]
@@ -120,27 +134,61 @@ def test_a_single_epoch_draws_every_panel_with_one_whole_epoch_tick():
 
 # --------------------------------------------------------------------------- --compare
 # The columns before this issue, which scripts read by name and position.
-EARLIER_COLUMNS = ["run", "device", "precision", "test acc (%)", "peak GPU memory", "s/epoch", "epochs", "total time",
-                   "images/s", "speedup", "memory saving", "model", "image size", "batch size", "dataset"]
+EARLIER_COLUMNS = [
+    "run",
+    "device",
+    "precision",
+    "test acc (%)",
+    "peak GPU memory",
+    "s/epoch",
+    "epochs",
+    "total time",
+    "images/s",
+    "speedup",
+    "memory saving",
+    "model",
+    "image size",
+    "batch size",
+    "dataset",
+]
 
 
 def finished_run(name, precision, **results):
     """A results.json as --compare loads it, with three epochs and no config.json."""
-    epochs = [{"epoch": i, "seconds": 10.0, "images_per_sec": 500.0, "peak_mem_mb": 2048.0, "val_acc": 80.0 + i}
-              for i in range(1, 4)]
-    return {"run": name, "device": "NVIDIA H100 80GB HBM3", "precision": precision, "test_acc": 91.0,
-            "total_train_seconds": 31.0, "epochs": epochs, "config": None, **results}
+    epochs = [
+        {"epoch": i, "seconds": 10.0, "images_per_sec": 500.0, "peak_mem_mb": 2048.0, "val_acc": 80.0 + i}
+        for i in range(1, 4)
+    ]
+    return {
+        "run": name,
+        "device": "NVIDIA H100 80GB HBM3",
+        "precision": precision,
+        "test_acc": 91.0,
+        "total_train_seconds": 31.0,
+        "epochs": epochs,
+        "config": None,
+        **results,
+    }
 
 
 def test_compare_counts_the_skipped_steps_in_a_last_column():
-    runs = [finished_run("fp32", "FP32", skipped_steps=0), finished_run("fp16", "AMP fp16", skipped_steps=37),
-            finished_run("old", "AMP fp16")]  # a results.json without the count
-    header, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
-                     for line in comparison_table(runs).splitlines() if not line.startswith("|---")]
+    runs = [
+        finished_run("fp32", "FP32", skipped_steps=0),
+        finished_run("fp16", "AMP fp16", skipped_steps=37),
+        finished_run("old", "AMP fp16"),
+    ]  # a results.json without the count
+    header, *rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in comparison_table(runs).splitlines()
+        if not line.startswith("|---")
+    ]
     assert header == EARLIER_COLUMNS + ["skipped steps"]  # appended: the others keep their positions
     assert [row[-1] for row in rows] == ["0", "37", "n/a"]
-    header, row = [[cell.strip() for cell in line.strip("|").split("|")]
-                   for line in comparison_table(runs[1:2]).splitlines() if not line.startswith("|---")]
+    header, row = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in comparison_table(runs[1:2]).splitlines()
+        if not line.startswith("|---")
+    ]
     assert header[-1] == "skipped steps" and row[-1] == "37"  # the summary row at the end of training too
 
 
@@ -200,8 +248,10 @@ def test_scalars_keep_the_callers_tags_and_leave_out_none(tmp_path):
     log.scalars(2, {"epoch/train_loss": 0.5, "epoch/peak_mem_mb": None, "epoch/seconds": 3.25})
     log.flush()  # readable before close: TensorBoard shows a run while it trains
     # Values a float32 holds exactly: TensorBoard stores scalars as float32.
-    assert read_tensorboard_scalars(tmp_path) == {"epoch/train_loss": [(1, 0.75), (2, 0.5)],
-                                                  "epoch/seconds": [(1, 3.5), (2, 3.25)]}
+    assert read_tensorboard_scalars(tmp_path) == {
+        "epoch/train_loss": [(1, 0.75), (2, 0.5)],
+        "epoch/seconds": [(1, 3.5), (2, 3.25)],
+    }
     log.close()
 
 
@@ -209,34 +259,53 @@ def hparams_in(log_dir):
     """The HParams plugin's summaries in log_dir's own event files: {tag: HParamsPluginData}."""
     accumulator = EventAccumulator(str(log_dir))
     accumulator.Reload()
-    return {tag: plugin_data_pb2.HParamsPluginData.FromString(content)
-            for tag, content in accumulator.PluginTagToContent("hparams").items()}
+    return {
+        tag: plugin_data_pb2.HParamsPluginData.FromString(content)
+        for tag, content in accumulator.PluginTagToContent("hparams").items()
+    }
 
 
 def test_hparams_go_into_the_runs_own_folder(tmp_path):
     log = TensorBoardLog(tmp_path)
     log.scalars(8, {"step/loss": 0.25})
-    settings = {"learning_rate": 1e-3, "batch_size": 32, "amp": True, "amp_dtype": "float16",
-                "clip_grad_norm": None, "compare": ["a", "b"]}
+    settings = {
+        "learning_rate": 1e-3,
+        "batch_size": 32,
+        "amp": True,
+        "amp_dtype": "float16",
+        "clip_grad_norm": None,
+        "compare": ["a", "b"],
+    }
     log.hparams(8, settings, {"test/acc": 91.5, "best_val_acc": 90.25})
     log.close()
     assert [path.is_file() for path in tmp_path.iterdir()] == [True]  # one event file, no subfolder (run)
-    assert read_tensorboard_scalars(tmp_path) == {"step/loss": [(8, 0.25)], "test/acc": [(8, 91.5)],
-                                                  "best_val_acc": [(8, 90.25)]}
+    assert read_tensorboard_scalars(tmp_path) == {
+        "step/loss": [(8, 0.25)],
+        "test/acc": [(8, 91.5)],
+        "best_val_acc": [(8, 90.25)],
+    }
     summaries = hparams_in(tmp_path)
     assert sorted(summaries) == ["_hparams_/experiment", "_hparams_/session_end_info", "_hparams_/session_start_info"]
     metrics = [info.name.tag for info in summaries["_hparams_/experiment"].experiment.metric_infos]
     assert metrics == ["test/acc", "best_val_acc"]
     values = summaries["_hparams_/session_start_info"].session_start_info.hparams
     shown = {name: getattr(value, value.WhichOneof("kind")) for name, value in values.items()}
-    assert shown == {"learning_rate": 1e-3, "batch_size": 32, "amp": "True", "amp_dtype": "float16",
-                     "clip_grad_norm": "None", "compare": "['a', 'b']"}
+    assert shown == {
+        "learning_rate": 1e-3,
+        "batch_size": 32,
+        "amp": "True",
+        "amp_dtype": "float16",
+        "clip_grad_norm": "None",
+        "compare": "['a', 'b']",
+    }
 
 
 def test_the_report_module_does_not_import_tensorboard():
     # Only a run that asks for TensorBoard pays for importing it (and needs it installed).
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import report; "
-            "print(sorted(name for name in sys.modules if 'tensorboard' in name))")
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); import report; "
+        "print(sorted(name for name in sys.modules if 'tensorboard' in name))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

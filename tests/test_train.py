@@ -1,22 +1,43 @@
 """Training through the real CLI on a tiny generated dataset: FP32 and AMP learn, outputs are
 complete and loadable, resume continues exactly, clip and accumulation do their job."""
+
 import json
 
 import pytest
 import torch
+from conftest import FAST, SMALL_MODEL, read_results
 from torchvision.models import get_model
 
-from conftest import FAST, SMALL_MODEL, read_results
 from scheduler import warmup_cosine_lr
 from step import AmpUpdate
+
 
 class SimulatedCrash(Exception):
     """A crash that main.py does not handle (as a power cut would not be)."""
 
 
-RESULT_KEYS = {"test_acc", "best_val_acc", "total_train_seconds", "device", "amp", "amp_dtype", "skipped_steps", "epochs"}
-EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "checkpoint_seconds", "images_per_sec",
-              "peak_mem_mb"}
+RESULT_KEYS = {
+    "test_acc",
+    "best_val_acc",
+    "total_train_seconds",
+    "device",
+    "amp",
+    "amp_dtype",
+    "skipped_steps",
+    "epochs",
+}
+EPOCH_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "checkpoint_seconds",
+    "images_per_sec",
+    "peak_mem_mb",
+}
 
 
 # The FP32 run trains the default model; the bfloat16 one the small model (see conftest.SMALL_MODEL),
@@ -25,8 +46,16 @@ EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
 def test_training_learns_and_writes_every_output(demo_data, run_cli, tmp_path, amp):
     name = "amp" if amp else "fp32"
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", name, "--epochs", "5", *FAST,
-                             *(["--amp", *SMALL_MODEL, "--learning_rate", "1e-2"] if amp else []))
+    code, out, err = run_cli(
+        "--data_dir",
+        demo_data,
+        "--checkpoint_name",
+        name,
+        "--epochs",
+        "5",
+        *FAST,
+        *(["--amp", *SMALL_MODEL, "--learning_rate", "1e-2"] if amp else []),
+    )
     assert code == 0, err
     run_dir = tmp_path / "checkpoints" / name
     results = read_results(run_dir)
@@ -88,7 +117,10 @@ def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path
     assert "after epoch 2" in out
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["full", "moved"]
     cut = read_results(tmp_path / "checkpoints" / "moved")
-    assert torch.load(tmp_path / "checkpoints" / "moved" / "last.pt", weights_only=True)["config"]["checkpoint_name"] == "moved"
+    assert (
+        torch.load(tmp_path / "checkpoints" / "moved" / "last.pt", weights_only=True)["config"]["checkpoint_name"]
+        == "moved"
+    )
     assert [e["epoch"] for e in cut["epochs"]] == [1, 2, 3, 4]
     for a, b in zip(full["epochs"], cut["epochs"]):
         assert a["lr"] == pytest.approx(b["lr"])
@@ -103,8 +135,20 @@ def test_resume_continues_at_the_right_epoch_and_lr(demo_data, run_cli, tmp_path
 def test_a_stop_after_the_last_partial_batch_of_an_epoch_resumes(demo_data, run_cli, tmp_path, monkeypatch):
     # 48 training images in batches of 20: 20, 20, 8. A stop right after the third batch's save
     # leaves a checkpoint whose epoch has no batches left (skipping 60 of 48 samples).
-    flags = ["--data_dir", demo_data, "--epochs", "2", "--warmup_epochs", "0", *FAST, "--batch_size", "20",
-             "--save_every_steps", "1", *SMALL_MODEL]
+    flags = [
+        "--data_dir",
+        demo_data,
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "0",
+        *FAST,
+        "--batch_size",
+        "20",
+        "--save_every_steps",
+        "1",
+        *SMALL_MODEL,
+    ]
     assert run_cli("--checkpoint_name", "full", *flags)[0] == 0
     import trainer
 
@@ -123,13 +167,26 @@ def test_a_stop_after_the_last_partial_batch_of_an_epoch_resumes(demo_data, run_
     assert code == 0, err
     full, cut = read_results(tmp_path / "checkpoints" / "full"), read_results(tmp_path / "checkpoints" / "cut")
     for a, b in zip(full["epochs"], cut["epochs"], strict=True):
-        assert (a["train_loss"], a["train_acc"], a["val_acc"]) == pytest.approx((b["train_loss"], b["train_acc"], b["val_acc"]))
+        assert (a["train_loss"], a["train_acc"], a["val_acc"]) == pytest.approx(
+            (b["train_loss"], b["train_acc"], b["val_acc"])
+        )
 
 
 def test_lr_schedule_counts_optimizer_steps_with_accumulation(demo_data, run_cli, tmp_path):
     # 48 training images in batches of 16 -> 3 micro-batches -> 2 optimizer steps an epoch.
-    code, _, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "acc", "--epochs", "2", "--warmup_epochs", "1",
-                           "--accum_steps", "2", *FAST)
+    code, _, err = run_cli(
+        "--data_dir",
+        demo_data,
+        "--checkpoint_name",
+        "acc",
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--accum_steps",
+        "2",
+        *FAST,
+    )
     assert code == 0, err
     ckpt = torch.load(tmp_path / "checkpoints" / "acc" / "last.pt", weights_only=True)
     assert ckpt["scheduler"]["last_epoch"] == 4  # 2 epochs x 2 optimizer steps
@@ -173,9 +230,17 @@ def test_clipping_bounds_the_true_gradient_norm(scaled):
 def test_accumulated_micro_batches_equal_one_big_batch():
     model_a, x, y = linear_problem()
     model_b, _, _ = linear_problem()
-    big = sgd_update(model_a, AmpUpdate(torch.optim.SGD(model_a.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False)), [(x, y)])
+    big = sgd_update(
+        model_a,
+        AmpUpdate(torch.optim.SGD(model_a.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False)),
+        [(x, y)],
+    )
     halves = [(x[:4], y[:4]), (x[4:], y[4:])]
-    small = sgd_update(model_b, AmpUpdate(torch.optim.SGD(model_b.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False)), halves)
+    small = sgd_update(
+        model_b,
+        AmpUpdate(torch.optim.SGD(model_b.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False)),
+        halves,
+    )
     torch.testing.assert_close(big, small)
     # and without the update on the first micro-batch nothing moved in between:
     model_c, _, _ = linear_problem()

@@ -2,6 +2,7 @@
 and constant LR schedules, zero-init residual blocks, label smoothing. The pure functions
 first, then tiny real runs of the CLI (48 training images in batches of 16: 3 optimizer steps
 an epoch), then the refusals and benchmarks/study.sh."""
+
 import contextlib
 import json
 import os
@@ -13,6 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import (
+    FAST,
+    FORKSERVER,
+    ROOT,
+    SMALL_MODEL,
+    SimulatedCrash,
+    assert_user_error,
+    crash_in_epoch,
+    read_results,
+)
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -20,7 +31,6 @@ import config
 import main as main_module
 import step
 import utils
-from conftest import FAST, FORKSERVER, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch, read_results
 from model import build_model, residual_gammas, zero_init_residual
 from scheduler import WarmupLR, constant_lr, lr_at_step, step_decay_lr, warmup_cosine_lr
 from step import AmpUpdate, build_optimizer, training_step
@@ -50,7 +60,7 @@ def test_step_decay_drops_by_gamma_at_each_milestone_and_nowhere_else():
     assert [s for s in range(1, 120) if lrs[s] != lrs[s - 1]] == milestones
     # From milestone m on (its step included), the LR is decayed once more.
     for k, m in enumerate(milestones):
-        assert lrs[m - 1] == pytest.approx(0.1 ** k) and lrs[m] == pytest.approx(0.1 ** (k + 1))
+        assert lrs[m - 1] == pytest.approx(0.1**k) and lrs[m] == pytest.approx(0.1 ** (k + 1))
     assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(1e-3)
 
 
@@ -62,13 +72,15 @@ def test_warmup_then_step_decay():
 
 def test_constant_after_warmup():
     assert [lr_at_step(s, 1e-3, "constant", 10, 4) for s in range(10)] == pytest.approx(
-        [2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 7)
+        [2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 7
+    )
     assert constant_lr(0, 1e-3, 0) == 1e-3
 
 
 def test_cosine_stays_the_default_curve():
     assert [lr_at_step(s, 1e-3, "cosine", 50, 5, min_lr=1e-5) for s in range(50)] == [
-        warmup_cosine_lr(s, 1e-3, 50, 5, 1e-5) for s in range(50)]
+        warmup_cosine_lr(s, 1e-3, 50, 5, 1e-5) for s in range(50)
+    ]
     with pytest.raises(ValueError, match="linear"):
         lr_at_step(0, 1.0, "linear", 10, 0)
 
@@ -76,8 +88,9 @@ def test_cosine_stays_the_default_curve():
 def test_the_scheduler_sets_every_groups_lr_and_resumes_at_a_step():
     def make():
         decay, no_decay = nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))
-        optimizer = torch.optim.SGD([{"params": [decay]}, {"params": [no_decay], "weight_decay": 0.0}], lr=0.1,
-                                    weight_decay=1e-4)
+        optimizer = torch.optim.SGD(
+            [{"params": [decay]}, {"params": [no_decay], "weight_decay": 0.0}], lr=0.1, weight_decay=1e-4
+        )
         return optimizer, WarmupLR(optimizer, 12, 2, schedule="step", milestones=[6, 9], gamma=0.1)
 
     expected = [lr_at_step(s, 0.1, "step", 12, 2, milestones=[6, 9], gamma=0.1) for s in range(12)]
@@ -101,8 +114,21 @@ def test_the_scheduler_sets_every_groups_lr_and_resumes_at_a_step():
 
 # --------------------------------------------------------------------------- LR schedules: real runs
 def test_step_decay_and_constant_in_real_runs(run_cli, demo_data, tmp_path):
-    train(run_cli, demo_data, "step", "--epochs", "3", "--warmup_epochs", "0", "--lr_schedule", "step",
-          "--lr_milestones", "1", "2", *SMALL_MODEL)
+    train(
+        run_cli,
+        demo_data,
+        "step",
+        "--epochs",
+        "3",
+        "--warmup_epochs",
+        "0",
+        "--lr_schedule",
+        "step",
+        "--lr_milestones",
+        "1",
+        "2",
+        *SMALL_MODEL,
+    )
     step = run_dir(tmp_path, "step")
     # results.json's LR of each epoch (its first step): the peak, then 0.1x from each milestone epoch on.
     assert [e["lr"] for e in read_results(step)["epochs"]] == pytest.approx([2e-3, 2e-4, 2e-5])
@@ -112,8 +138,18 @@ def test_step_decay_and_constant_in_real_runs(run_cli, demo_data, tmp_path):
     cfg = json.loads((step / "config.json").read_text())
     assert (cfg["lr_schedule"], cfg["lr_milestones"], cfg["lr_gamma"], cfg["min_lr"]) == ("step", [1, 2], 0.1, None)
 
-    train(run_cli, demo_data, "constant", "--epochs", "2", "--warmup_epochs", "1", "--lr_schedule", "constant",
-          *SMALL_MODEL)
+    train(
+        run_cli,
+        demo_data,
+        "constant",
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--lr_schedule",
+        "constant",
+        *SMALL_MODEL,
+    )
     constant = run_dir(tmp_path, "constant")
     assert [e["lr"] for e in read_results(constant)["epochs"]] == pytest.approx([2e-3 / 3, 2e-3])
     assert load(constant / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # a cosine: 0
@@ -164,13 +200,17 @@ def saved_optimizer_kind(group):
     return "adamw" if group["decoupled_weight_decay"] else "adam"
 
 
-@pytest.mark.parametrize("name,implementation,state_keys", [
-    ("adam", "fused", {"step", "exp_avg", "exp_avg_sq"}),
-    ("adamw", "fused", {"step", "exp_avg", "exp_avg_sq"}),
-    ("radam", "foreach", {"step", "exp_avg", "exp_avg_sq"}),
-])
-def test_each_optimizer_trains_and_resumes_its_state(run_cli, demo_data, tmp_path, monkeypatch, name, implementation,
-                                                     state_keys):
+@pytest.mark.parametrize(
+    "name,implementation,state_keys",
+    [
+        ("adam", "fused", {"step", "exp_avg", "exp_avg_sq"}),
+        ("adamw", "fused", {"step", "exp_avg", "exp_avg_sq"}),
+        ("radam", "foreach", {"step", "exp_avg", "exp_avg_sq"}),
+    ],
+)
+def test_each_optimizer_trains_and_resumes_its_state(
+    run_cli, demo_data, tmp_path, monkeypatch, name, implementation, state_keys
+):
     flags = ["--epochs", "2", "--warmup_epochs", "0", "--optimizer", name]
     restore = crash_in_epoch(monkeypatch, 1)
     with pytest.raises(SimulatedCrash):
@@ -189,8 +229,19 @@ def test_each_optimizer_trains_and_resumes_its_state(run_cli, demo_data, tmp_pat
 
 
 def test_sgd_with_no_bias_decay_resumes_as_if_never_stopped(run_cli, demo_data, tmp_path, monkeypatch):
-    flags = ["--epochs", "2", "--warmup_epochs", "0", "--optimizer", "sgd", "--momentum", "0.8", "--nesterov",
-             "--no_bias_decay", "--deterministic"]
+    flags = [
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "0",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0.8",
+        "--nesterov",
+        "--no_bias_decay",
+        "--deterministic",
+    ]
     train(run_cli, demo_data, "full", *flags)
     restore = crash_in_epoch(monkeypatch, 1)
     with pytest.raises(SimulatedCrash):
@@ -200,7 +251,9 @@ def test_sgd_with_no_bias_decay_resumes_as_if_never_stopped(run_cli, demo_data, 
     full, cut = (load(run_dir(tmp_path, name) / "last.pt") for name in ("full", "cut"))
     groups = cut["optimizer"]["param_groups"]
     assert [(g["weight_decay"], len(g["params"]), g["momentum"], g["nesterov"], g["fused"]) for g in groups] == [
-        (1e-4, 21, 0.8, True, True), (0.0, 41, 0.8, True, True)]
+        (1e-4, 21, 0.8, True, True),
+        (0.0, 41, 0.8, True, True),
+    ]
     for key, value in full["model"].items():  # the momentum buffers went on from where they were
         torch.testing.assert_close(cut["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
@@ -209,7 +262,9 @@ def test_sgd_with_no_bias_decay_resumes_as_if_never_stopped(run_cli, demo_data, 
 def test_each_optimizer_skips_a_float16_overflow_and_steps_after_it(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
-    optimizer = build_optimizer(model, the_default_cfg("--optimizer", name, "--no_bias_decay", "--learning_rate", "0.1"))
+    optimizer = build_optimizer(
+        model, the_default_cfg("--optimizer", name, "--no_bias_decay", "--learning_rate", "0.1")
+    )
     update = AmpUpdate(optimizer, torch.amp.GradScaler("cpu"))
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     before = [p.detach().clone() for p in model.parameters()]
@@ -255,8 +310,18 @@ def test_zero_init_residual_after_loading_pretrained_weights(run_cli, demo_data,
 
     monkeypatch.setattr(main_module, "build_model", build_model_spy)
     flags = [flag for flag in FAST if flag != "--no_pretrained"]
-    code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "zero", "--epochs", "1", *flags,
-                             "--pretrained_path", tmp_path / "weights.pth", "--zero_init_residual")
+    code, out, err = run_cli(
+        "--data_dir",
+        demo_data,
+        "--checkpoint_name",
+        "zero",
+        "--epochs",
+        "1",
+        *flags,
+        "--pretrained_path",
+        tmp_path / "weights.pth",
+        "--zero_init_residual",
+    )
     assert code == 0, err
     assert "zeroed the last BatchNorm weight of 8 residual blocks" in out
     (start,) = initial
@@ -271,7 +336,9 @@ def test_zero_init_residual_says_so_when_there_are_no_residual_blocks(capsys):
     before = {key: value.clone() for key, value in model.state_dict().items()}
     zero_init_residual(model)
     out = capsys.readouterr().out
-    assert out.startswith("--zero_init_residual: Sequential has no ResNet residual blocks") and out.endswith("nothing to zero\n")
+    assert out.startswith("--zero_init_residual: Sequential has no ResNet residual blocks") and out.endswith(
+        "nothing to zero\n"
+    )
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
@@ -281,8 +348,16 @@ def test_label_smoothing_raises_the_loss_of_a_perfect_prediction():
     targets = torch.tensor([0, 1])
 
     def loss(eps):
-        return float(training_step(lambda images: logits, None, targets, contextlib.nullcontext,
-                                   lambda loss, step: None, label_smoothing=eps)[0])
+        return float(
+            training_step(
+                lambda images: logits,
+                None,
+                targets,
+                contextlib.nullcontext,
+                lambda loss, step: None,
+                label_smoothing=eps,
+            )[0]
+        )
 
     assert loss(0.0) < 1e-6
     # Smoothed targets put eps/3 on each class: the confident logits now cost 0.1 * (0 + 20 + 20) / 3.
@@ -307,15 +382,31 @@ def test_label_smoothing_is_on_the_training_loss_only(run_cli, demo_data, tmp_pa
 # --------------------------------------------------------------------------- resume and refusals
 def test_a_run_from_before_these_flags_resumes_with_adam_and_the_cosine():
     cfg, explicit = config.parse_config(["--resume", "--device", "cpu"])
-    new = {"optimizer", "momentum", "nesterov", "no_bias_decay", "lr_schedule", "lr_milestones", "lr_gamma",
-           "zero_init_residual", "label_smoothing"}
+    new = {
+        "optimizer",
+        "momentum",
+        "nesterov",
+        "no_bias_decay",
+        "lr_schedule",
+        "lr_milestones",
+        "lr_gamma",
+        "zero_init_residual",
+        "label_smoothing",
+    }
     saved = {key: value for key, value in vars(cfg).items() if key not in new}
     merged = config.merge_resumed(saved, cfg, explicit)
-    assert (merged.optimizer, merged.lr_schedule, merged.momentum, merged.label_smoothing) == ("adam", "cosine", None, 0)
+    assert (merged.optimizer, merged.lr_schedule, merged.momentum, merged.label_smoothing) == (
+        "adam",
+        "cosine",
+        None,
+        0,
+    )
     cfg, explicit = config.parse_config(["--resume", "--device", "cpu", "--optimizer", "sgd"])
     with pytest.raises(utils.UserError, match="trained with --optimizer adam, not with --optimizer sgd"):
         config.merge_resumed(saved, cfg, explicit)
-    cfg, explicit = config.parse_config(["--resume", "--device", "cpu", "--lr_schedule", "step", "--lr_milestones", "20"])
+    cfg, explicit = config.parse_config(
+        ["--resume", "--device", "cpu", "--lr_schedule", "step", "--lr_milestones", "20"]
+    )
     with pytest.raises(utils.UserError, match="trained without --lr_milestones, not with --lr_milestones 20"):
         config.merge_resumed(saved, cfg, explicit)
 
@@ -326,31 +417,48 @@ def test_a_run_saved_with_a_milestone_at_its_last_epoch_still_resumes():
     saved = {**vars(cfg), "epochs": 2, "warmup_epochs": 0, "lr_schedule": "step", "lr_milestones": [2], "lr_gamma": 0.1}
     assert config.merge_resumed(saved, cfg, explicit).lr_milestones == [2]
     with pytest.raises(utils.UserError, match="--lr_milestones 2 would never apply"):
-        config.parse_config(["--device", "cpu", "--epochs", "2", "--warmup_epochs", "0", "--lr_schedule", "step",
-                             "--lr_milestones", "2"])
+        config.parse_config(
+            [
+                "--device",
+                "cpu",
+                "--epochs",
+                "2",
+                "--warmup_epochs",
+                "0",
+                "--lr_schedule",
+                "step",
+                "--lr_milestones",
+                "2",
+            ]
+        )
 
 
-@pytest.mark.parametrize("flags,needles", [
-    (["--optimizer", "lion"], ("--optimizer", "lion")),
-    (["--momentum", "0.5"], ("--momentum", "--optimizer sgd", "not --optimizer adam")),
-    (["--optimizer", "adamw", "--nesterov"], ("--nesterov", "--optimizer sgd")),
-    (["--optimizer", "sgd", "--momentum", "1"], ("--momentum", "below 1")),
-    (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], ("--nesterov", "--momentum")),
-    (["--no_bias_decay", "--weight_decay", "0"], ("--no_bias_decay", "--weight_decay 0")),
-    (["--lr_schedule", "step", "--lr_milestones", "5", "3"], ("--lr_milestones", "increase", "5 3")),
-    (["--lr_schedule", "step", "--epochs", "3", "--lr_milestones", "99"], ("--lr_milestones 99", "--epochs 3")),
-    (["--lr_schedule", "step", "--epochs", "3", "--lr_milestones", "0"], ("--lr_milestones 0", "from 1 to 2")),
-    (["--lr_schedule", "step", "--epochs", "9", "--warmup_epochs", "2", "--lr_milestones", "1"],
-     ("--lr_milestones 1", "--warmup_epochs 2")),
-    (["--lr_schedule", "step"], ("--lr_schedule step", "--lr_milestones")),
-    (["--lr_milestones", "30"], ("--lr_milestones", "--lr_schedule step")),
-    (["--lr_gamma", "0.5"], ("--lr_gamma", "--lr_schedule step")),
-    (["--lr_schedule", "step", "--lr_milestones", "30", "--lr_gamma", "0"], ("--lr_gamma",)),
-    (["--lr_schedule", "constant", "--min_lr", "1e-6"], ("--min_lr", "--lr_schedule cosine")),
-    (["--label_smoothing", "1"], ("--label_smoothing", "below 1")),
-    (["--label_smoothing", "-0.1"], ("--label_smoothing",)),
-    (["--label_smoothing", "nan"], ("--label_smoothing", "finite")),
-])
+@pytest.mark.parametrize(
+    "flags,needles",
+    [
+        (["--optimizer", "lion"], ("--optimizer", "lion")),
+        (["--momentum", "0.5"], ("--momentum", "--optimizer sgd", "not --optimizer adam")),
+        (["--optimizer", "adamw", "--nesterov"], ("--nesterov", "--optimizer sgd")),
+        (["--optimizer", "sgd", "--momentum", "1"], ("--momentum", "below 1")),
+        (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], ("--nesterov", "--momentum")),
+        (["--no_bias_decay", "--weight_decay", "0"], ("--no_bias_decay", "--weight_decay 0")),
+        (["--lr_schedule", "step", "--lr_milestones", "5", "3"], ("--lr_milestones", "increase", "5 3")),
+        (["--lr_schedule", "step", "--epochs", "3", "--lr_milestones", "99"], ("--lr_milestones 99", "--epochs 3")),
+        (["--lr_schedule", "step", "--epochs", "3", "--lr_milestones", "0"], ("--lr_milestones 0", "from 1 to 2")),
+        (
+            ["--lr_schedule", "step", "--epochs", "9", "--warmup_epochs", "2", "--lr_milestones", "1"],
+            ("--lr_milestones 1", "--warmup_epochs 2"),
+        ),
+        (["--lr_schedule", "step"], ("--lr_schedule step", "--lr_milestones")),
+        (["--lr_milestones", "30"], ("--lr_milestones", "--lr_schedule step")),
+        (["--lr_gamma", "0.5"], ("--lr_gamma", "--lr_schedule step")),
+        (["--lr_schedule", "step", "--lr_milestones", "30", "--lr_gamma", "0"], ("--lr_gamma",)),
+        (["--lr_schedule", "constant", "--min_lr", "1e-6"], ("--min_lr", "--lr_schedule cosine")),
+        (["--label_smoothing", "1"], ("--label_smoothing", "below 1")),
+        (["--label_smoothing", "-0.1"], ("--label_smoothing",)),
+        (["--label_smoothing", "nan"], ("--label_smoothing", "finite")),
+    ],
+)
 def test_bad_values_are_refused_in_one_line(run_cli, tmp_path, flags, needles):
     assert_user_error(run_cli("--data_dir", tmp_path / "no_data", *FAST, *flags), *needles)
     assert not (tmp_path / "checkpoints").exists()
@@ -372,31 +480,47 @@ def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tm
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FORKSERVER}" "$@"\n')
     (bin_dir / "python").chmod(0o755)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUNS": "baseline smoothing", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RUNS": "baseline smoothing",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
     flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1"]
     done = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("study_baseline", "study_smoothing")}
+    configs = {
+        name: json.loads((tmp_path / name / "config.json").read_text())
+        for name in ("study_baseline", "study_smoothing")
+    }
     assert (configs["study_baseline"]["lr_schedule"], configs["study_baseline"]["warmup_epochs"]) == ("constant", 0)
     assert (configs["study_smoothing"]["lr_schedule"], configs["study_smoothing"]["label_smoothing"]) == ("cosine", 0.1)
     table = (tmp_path / "compare_study_baseline_vs_study_smoothing.md").read_text()  # in the given --checkpoint_dir
     assert "| study_baseline |" in table and "| study_smoothing |" in table and "- label_smoothing: 0.0" in table
     shutil.rmtree(tmp_path / "study_baseline"), shutil.rmtree(tmp_path / "study_smoothing")
     # SEEDS: each run once per seed, named <run>_s<seed>, and --compare groups the seeds.
-    done = subprocess.run(["bash", script, *flags], env={**env, "RUNS": "cosine", "SEEDS": "1 2"}, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", script, *flags],
+        env={**env, "RUNS": "cosine", "SEEDS": "1 2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert [json.loads((tmp_path / f"study_cosine_s{s}" / "config.json").read_text())["seed"] for s in (1, 2)] == [1, 2]
     assert "| study_cosine_s1, study_cosine_s2 | FP32 | 2 | 1 2 |" in done.stdout  # the seed group
     shutil.rmtree(tmp_path / "study_cosine_s1"), shutil.rmtree(tmp_path / "study_cosine_s2")
-    refused = subprocess.run(["bash", script, *flags, "--seed", "3"], env={**env, "SEEDS": "1 2"}, capture_output=True,
-                             text=True, timeout=60)
+    refused = subprocess.run(
+        ["bash", script, *flags, "--seed", "3"], env={**env, "SEEDS": "1 2"}, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "drop --seed" in refused.stderr
-    refused = subprocess.run(["bash", script, *flags], env={**env, "SEEDS": "1 1"}, capture_output=True, text=True,
-                             timeout=60)
+    refused = subprocess.run(
+        ["bash", script, *flags], env={**env, "SEEDS": "1 1"}, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "SEEDS names 1 twice" in refused.stderr
     # A run it does not know stops it before anything trains.
-    refused = subprocess.run(["bash", script, *flags], env={**env, "RUNS": "cosine typo"}, capture_output=True,
-                             text=True, timeout=60)
+    refused = subprocess.run(
+        ["bash", script, *flags], env={**env, "RUNS": "cosine typo"}, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 2 and "unknown run typo" in refused.stderr
     assert not (tmp_path / "study_cosine").exists()

@@ -2,6 +2,7 @@
 with Newcombe's interval, McNemar's exact p and the verdict words from per-image predictions with
 known discordant counts; a seed group's mean, sd and t-interval against hand-computed values; the
 speedup's interval from the steady epochs; older runs without predictions; the outputs' names."""
+
 import csv
 import json
 import math
@@ -15,8 +16,16 @@ Z = 1.959963984540054  # the standard normal's 97.5% quantile
 T_975_DF2 = 4.302652729749462  # Student's t, 97.5%, 2 degrees of freedom (tables: 4.303)
 T_975_DF1 = 12.706204736174694  # ... 1 degree of freedom (tables: 12.706)
 CLASSES = ("cat", "dog")
-SETTINGS = dict(data_dir="/data/pets", image_size=64, batch_size=32, epochs=4, learning_rate=1e-4, amp=False,
-                model="resnet18", device="cpu")
+SETTINGS = dict(
+    data_dir="/data/pets",
+    image_size=64,
+    batch_size=32,
+    epochs=4,
+    learning_rate=1e-4,
+    amp=False,
+    model="resnet18",
+    device="cpu",
+)
 
 
 def write_run(root, name, correct=None, seed=42, precision="FP32", rates=(100.0, 50.0, 50.0, 50.0), test_acc=None):
@@ -32,14 +41,26 @@ def write_run(root, name, correct=None, seed=42, precision="FP32", rates=(100.0,
                 true = CLASSES[i % 2]
                 writer.writerow((f"{true}/{i:03d}.jpg", true, true if right else CLASSES[1 - i % 2], "0.9000"))
         test_acc = 100.0 * sum(correct) / len(correct)
-    epochs = [{"epoch": i + 1, "seconds": 1000 / rate, "images_per_sec": rate, "peak_mem_mb": None, "val_acc": 50.0}
-              for i, rate in enumerate(rates)]
-    results = {"run": name, "finished": True, "test_acc": test_acc, "device": "Test CPU", "precision": precision,
-               "amp": precision != "FP32", "total_train_seconds": sum(e["seconds"] for e in epochs), "epochs": epochs,
-               "device_capability": "AVX512 (avx512_bf16)", "amp_dtype_native": True if precision != "FP32" else None}
+    epochs = [
+        {"epoch": i + 1, "seconds": 1000 / rate, "images_per_sec": rate, "peak_mem_mb": None, "val_acc": 50.0}
+        for i, rate in enumerate(rates)
+    ]
+    results = {
+        "run": name,
+        "finished": True,
+        "test_acc": test_acc,
+        "device": "Test CPU",
+        "precision": precision,
+        "amp": precision != "FP32",
+        "total_train_seconds": sum(e["seconds"] for e in epochs),
+        "epochs": epochs,
+        "device_capability": "AVX512 (avx512_bf16)",
+        "amp_dtype_native": True if precision != "FP32" else None,
+    }
     (folder / "results.json").write_text(json.dumps(results))
-    (folder / "config.json").write_text(json.dumps({**SETTINGS, "checkpoint_name": name, "seed": seed,
-                                                    "amp": precision != "FP32"}))
+    (folder / "config.json").write_text(
+        json.dumps({**SETTINGS, "checkpoint_name": name, "seed": seed, "amp": precision != "FP32"})
+    )
     return load_finished_run(str(root), name)
 
 
@@ -69,16 +90,19 @@ def newcombe_by_hand(a, b, c, d):
 
 def exact_two_sided(k, n):
     """McNemar's exact p: twice the smaller binomial tail (n discordant images, p = 1/2), at most 1."""
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
-@pytest.mark.parametrize("counts,verdict", [
-    ((25, 5, 9, 1), "same within noise"),  # 5 vs 9 discordant images: p = 0.424
-    ((20, 1, 12, 7), "better"),  # 1 vs 12: p = 0.0034
-    ((20, 12, 1, 7), "worse"),
-    ((30, 0, 0, 10), "same within noise"),  # no discordant image: p = 1
-])
+@pytest.mark.parametrize(
+    "counts,verdict",
+    [
+        ((25, 5, 9, 1), "same within noise"),  # 5 vs 9 discordant images: p = 0.424
+        ((20, 1, 12, 7), "better"),  # 1 vs 12: p = 0.0034
+        ((20, 12, 1, 7), "worse"),
+        ((30, 0, 0, 10), "same within noise"),  # no discordant image: p = 1
+    ],
+)
 def test_paired_difference_interval_mcnemar_and_verdict(tmp_path, counts, verdict):
     first_correct, other_correct = paired(*counts)
     runs = [write_run(tmp_path, "fp32", first_correct), write_run(tmp_path, "amp", other_correct, precision="AMP bf16")]
@@ -100,20 +124,26 @@ def test_the_example_values_by_hand(tmp_path):
     """The first case above, the numbers written out: 40 images, 5 and 9 discordant."""
     runs = [write_run(tmp_path, "a", paired(25, 5, 9, 1)[0]), write_run(tmp_path, "b", paired(25, 5, 9, 1)[1])]
     vs_first = compare_runs(runs)["runs"][1]["vs_first"]
-    assert vs_first["mcnemar_p"] == pytest.approx(2 * (1 + 14 + 91 + 364 + 1001 + 2002) / 2 ** 14)  # 0.42395
+    assert vs_first["mcnemar_p"] == pytest.approx(2 * (1 + 14 + 91 + 364 + 1001 + 2002) / 2**14)  # 0.42395
     assert vs_first["acc_diff"] == pytest.approx(10.0)
     assert vs_first["acc_diff_ci95"] == pytest.approx([-8.43, 27.70], abs=0.005)
 
 
 def test_seed_groups_mean_sd_and_paired_t_interval(tmp_path):
-    fp32 = [write_run(tmp_path, f"fp32_s{s}", seed=s, test_acc=acc, rates=(9.0, r, r, r))
-            for s, acc, r in ((1, 80.0, 100.0), (2, 82.0, 110.0), (3, 84.0, 90.0))]
-    amp = [write_run(tmp_path, f"amp_s{s}", seed=s, precision="AMP bf16", test_acc=acc, rates=(9.0, r, r, r))
-           for s, acc, r in ((1, 81.0, 200.0), (2, 85.0, 210.0), (3, 84.0, 190.0))]
+    fp32 = [
+        write_run(tmp_path, f"fp32_s{s}", seed=s, test_acc=acc, rates=(9.0, r, r, r))
+        for s, acc, r in ((1, 80.0, 100.0), (2, 82.0, 110.0), (3, 84.0, 90.0))
+    ]
+    amp = [
+        write_run(tmp_path, f"amp_s{s}", seed=s, precision="AMP bf16", test_acc=acc, rates=(9.0, r, r, r))
+        for s, acc, r in ((1, 81.0, 200.0), (2, 85.0, 210.0), (3, 84.0, 190.0))
+    ]
     first, second = compare_runs(fp32 + amp)["groups"]
     assert (first["runs"], first["n"], first["seeds"]) == (["fp32_s1", "fp32_s2", "fp32_s3"], 3, [1, 2, 3])
     assert (first["test_acc_mean"], first["test_acc_sd"]) == pytest.approx((82.0, 2.0))
-    assert (first["images_per_sec_mean"], first["images_per_sec_sd"]) == pytest.approx((100.0, 10.0))  # epoch 1 left out
+    assert (first["images_per_sec_mean"], first["images_per_sec_sd"]) == pytest.approx(
+        (100.0, 10.0)
+    )  # epoch 1 left out
     assert (second["test_acc_mean"], second["test_acc_sd"]) == pytest.approx((83 + 1 / 3, math.sqrt(13 / 3)))
     assert first["vs_first"] is None
     # Paired by seed: differences 1, 3, 0; mean 4/3, sd sqrt(7/3), t(0.975, 2) * sd / sqrt(3).
@@ -137,6 +167,7 @@ def test_seed_groups_without_matching_seeds_get_welchs_interval():
     assert (diff, pairing) == (pytest.approx(5.0), "none")
     df = (7 / 3) ** 2 / ((4 / 3) ** 2 / 2 + 1)
     from scipy.stats import t
+
     half = t.ppf(0.975, df) * math.sqrt(7 / 3)
     assert df == pytest.approx(2.882, abs=1e-3) and interval == pytest.approx((5 - half, 5 + half))
     # Two seeds in common: paired over those (diffs 1 and 3: mean 2, sd sqrt(2)); one alone: no interval.
@@ -148,16 +179,21 @@ def test_seed_groups_without_matching_seeds_get_welchs_interval():
 
 def test_speedup_interval_from_the_steady_epochs(tmp_path):
     # Epoch 1 (start-up) is left out: its 5 images/s would halve nothing here.
-    runs = [write_run(tmp_path, "fp32", paired(30, 0, 0, 10)[0], rates=(5.0, 50.0, 52.0, 48.0)),
-            write_run(tmp_path, "amp", paired(30, 0, 0, 10)[1], rates=(5.0, 100.0, 104.0, 96.0), precision="AMP bf16")]
+    runs = [
+        write_run(tmp_path, "fp32", paired(30, 0, 0, 10)[0], rates=(5.0, 50.0, 52.0, 48.0)),
+        write_run(tmp_path, "amp", paired(30, 0, 0, 10)[1], rates=(5.0, 100.0, 104.0, 96.0), precision="AMP bf16"),
+    ]
     vs_first = compare_runs(runs)["runs"][1]["vs_first"]
     assert vs_first["speedup"] == pytest.approx(2.0)  # 3000 images in the same time ratio
     logs_a, logs_b = [math.log(r) for r in (50, 52, 48)], [math.log(r) for r in (100, 104, 96)]
-    se = math.sqrt(sum((x - sum(logs_a) / 3) ** 2 for x in logs_a) / 2 / 3 +
-                   sum((x - sum(logs_b) / 3) ** 2 for x in logs_b) / 2 / 3)
+    se = math.sqrt(
+        sum((x - sum(logs_a) / 3) ** 2 for x in logs_a) / 2 / 3
+        + sum((x - sum(logs_b) / 3) ** 2 for x in logs_b) / 2 / 3
+    )
     center = sum(logs_b) / 3 - sum(logs_a) / 3  # equal variances: Welch's df is 4
-    assert vs_first["speedup_ci95"] == pytest.approx([math.exp(center - 2.7764451051977934 * se),
-                                                      math.exp(center + 2.7764451051977934 * se)])
+    assert vs_first["speedup_ci95"] == pytest.approx(
+        [math.exp(center - 2.7764451051977934 * se), math.exp(center + 2.7764451051977934 * se)]
+    )
     assert "| 2.00x | 1.83x to 2.19x |" in comparison_report(runs)
 
 

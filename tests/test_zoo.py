@@ -4,6 +4,7 @@ torchvision's own model; heads are replaced whatever the model calls them; Image
 from the hub cache, or the run stops in one line offline; unknown names and image sizes a model
 cannot take are refused before any data is read; --evaluate, --resume and --benchmark use the
 run's model."""
+
 import json
 import math
 import os
@@ -12,17 +13,28 @@ import re
 import pytest
 import torch
 import torchvision
+from conftest import SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
 
 import benchmark
 import config
 import utils
-from conftest import SimulatedCrash, assert_user_error, crash_in_epoch, make_colour_dataset, read_results
 from model import DEFAULT_MODEL, build_model, cached_weights_path, head_keys
-from test_model import offline_torch_home  # noqa: F401 (a fixture: an empty $TORCH_HOME, downloads fail at once)
 
 # One epoch of 3 optimizer steps (12 training images in batches of 4) at 32 px, random init.
-SMALL = ["--image_size", "32", "--batch_size", "4", "--no_pretrained", "--num_workers", "0", "--no_progress",
-         "--device", "cpu", "--epochs", "1"]
+SMALL = [
+    "--image_size",
+    "32",
+    "--batch_size",
+    "4",
+    "--no_pretrained",
+    "--num_workers",
+    "0",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--epochs",
+    "1",
+]
 # What torchvision's builder needs besides the class count to take our checkpoints (model.BUILD_KWARGS).
 TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 # (model, its head's layer, extra flags): one model a family, the heads named six ways.
@@ -82,11 +94,14 @@ def test_each_family_trains_and_its_best_pt_loads_into_torchvision(name, head, f
 
 
 # --------------------------------------------------------------------------- heads and weights
-@pytest.mark.parametrize("name,head,file_kwargs", [
-    ("mobilenet_v3_small", "classifier.3", {}),
-    ("squeezenet1_1", "classifier.1", {}),
-    ("googlenet", "fc", {"aux_logits": True, "init_weights": True}),  # the ImageNet file has the auxiliary heads
-])
+@pytest.mark.parametrize(
+    "name,head,file_kwargs",
+    [
+        ("mobilenet_v3_small", "classifier.3", {}),
+        ("squeezenet1_1", "classifier.1", {}),
+        ("googlenet", "fc", {"aux_logits": True, "init_weights": True}),  # the ImageNet file has the auxiliary heads
+    ],
+)
 def test_imagenet_weights_from_the_hub_cache_get_a_new_head(name, head, file_kwargs, offline_torch_home):
     torch.manual_seed(0)
     state = torchvision.models.get_model(name, **file_kwargs).state_dict()  # 1000 classes, as the ImageNet file
@@ -107,7 +122,9 @@ def test_densenets_imagenet_file_with_its_older_layer_names_loads(offline_torch_
     torch.manual_seed(0)
     state = torchvision.models.densenet121().state_dict()
     # The ImageNet file's names: denselayer1.norm.1.weight for denselayer1.norm1.weight.
-    older = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()}
+    older = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()
+    }
     assert "features.denseblock1.denselayer1.norm.1.weight" in older
     os.makedirs(os.path.dirname(cached_weights_path("densenet121")))
     torch.save(older, cached_weights_path("densenet121"))
@@ -163,18 +180,30 @@ def test_resume_and_evaluate_rebuild_the_runs_model(run_cli, tiny_data, tmp_path
     with pytest.raises(SimulatedCrash):
         train(run_cli, tiny_data, "cut", *flags)
     restore()
-    refused = run_cli("--data_dir", tiny_data, "--checkpoint_name", "cut", "--resume", "--model", "resnet18",
-                      "--device", "cpu")
+    refused = run_cli(
+        "--data_dir", tiny_data, "--checkpoint_name", "cut", "--resume", "--model", "resnet18", "--device", "cpu"
+    )
     assert_user_error(refused, "--model mobilenet_v3_small", "not with --model resnet18")
-    code, out, err = run_cli("--data_dir", tiny_data, "--checkpoint_name", "cut", "--resume", "--device", "cpu",
-                             "--num_workers", "0", "--no_progress")
+    code, out, err = run_cli(
+        "--data_dir",
+        tiny_data,
+        "--checkpoint_name",
+        "cut",
+        "--resume",
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--no_progress",
+    )
     assert code == 0, err
     assert "resuming cut: after epoch 1" in out and "model: mobilenet_v3_small" in out
     full, cut = (load(tmp_path / "checkpoints" / name / "last.pt") for name in ("full", "cut"))
     assert full["model"].keys() == cut["model"].keys()
     assert all(torch.equal(value, cut["model"][key]) for key, value in full["model"].items())  # bit for bit
-    code, out, err = run_cli("--data_dir", tiny_data, "--checkpoint_name", "cut", "--evaluate", "--device", "cpu",
-                             "--num_workers", "0")
+    code, out, err = run_cli(
+        "--data_dir", tiny_data, "--checkpoint_name", "cut", "--evaluate", "--device", "cpu", "--num_workers", "0"
+    )
     assert code == 0, err
     assert f"test accuracy {read_results(tmp_path / 'checkpoints' / 'cut')['test_acc']:.2f}%" in out
 
@@ -188,8 +217,11 @@ def test_resume_and_evaluate_rebuild_the_runs_model(run_cli, tiny_data, tmp_path
     tuned = build_model(2, pretrained_path=best, class_names=["a", "b"], name="mobilenet_v3_small").state_dict()
     assert tuned["classifier.3.weight"].shape == (2, 1024)
     assert torch.equal(tuned["features.0.0.weight"], trained["features.0.0.weight"])
-    with pytest.raises(utils.UserError, match=r"holds a --model mobilenet_v3_small run.s weights, which do not fit "
-                                              r"--model shufflenet_v2_x0_5; pass --model mobilenet_v3_small"):
+    with pytest.raises(
+        utils.UserError,
+        match=r"holds a --model mobilenet_v3_small run.s weights, which do not fit "
+        r"--model shufflenet_v2_x0_5; pass --model mobilenet_v3_small",
+    ):
         build_model(3, pretrained_path=best, class_names=classes, name="shufflenet_v2_x0_5")
 
 
@@ -210,8 +242,21 @@ def test_benchmark_times_the_chosen_model(run_cli, tmp_path, monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(benchmark, "build_model", build_model_spy)
-    code, out, err = run_cli("--benchmark", "--model", "squeezenet1_1", "--device", "cpu", "--batch_size", "2",
-                             "--image_size", "32", "--benchmark_steps", "1", "--checkpoint_name", "bench")
+    code, out, err = run_cli(
+        "--benchmark",
+        "--model",
+        "squeezenet1_1",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--image_size",
+        "32",
+        "--benchmark_steps",
+        "1",
+        "--checkpoint_name",
+        "bench",
+    )
     assert code == 0, err
     assert "benchmark: squeezenet1_1 training steps (adam), batch 2, 32x32 px" in out
     assert json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())["model"] == "squeezenet1_1"
