@@ -5,6 +5,7 @@ before torch loads, which takes seconds, so a typo or --help answers at once. Th
 need torch (the device, the model) import it where they run."""
 
 import argparse
+import difflib
 import math
 import os
 import re
@@ -119,29 +120,156 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "radam")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+# Other spellings of flags, the names users of timm's train.py and torchvision's classification
+# reference type for the same setting (every --under_score flag also answers to its --dashed
+# form; see spellings). Only where the meaning is ours: timm's and torchvision's --resume take a
+# checkpoint path, ours is a switch, so they are no alias (UNLIKE_FLAGS says what to type instead).
+# Under torchrun -b/--batch-size is our global batch, where theirs is per GPU (see --batch_size).
+ALIASES = {
+    "--data_dir": ("--data-path",),  # torchvision
+    "--num_workers": ("-j", "--workers"),  # both
+    "--image_size": ("--img-size",),  # timm
+    "--batch_size": ("-b",),  # both
+    "--optimizer": ("--opt",),  # both
+    "--learning_rate": ("--lr",),  # both
+    "--weight_decay": ("--wd",),  # torchvision
+    "--warmup_epochs": ("--lr-warmup-epochs",),  # torchvision (timm's --warmup-epochs is the dashed form)
+    "--min_lr": ("--lr-min",),  # torchvision
+    "--lr_schedule": ("--sched", "--lr-scheduler"),  # timm, torchvision (with our schedules' names)
+    "--lr_milestones": ("--decay-milestones",),  # timm's multistep
+    "--lr_gamma": ("--decay-rate",),  # timm
+    "--label_smoothing": ("--smoothing",),  # timm
+    "--mixup_alpha": ("--mixup",),  # timm
+    "--cutmix_alpha": ("--cutmix",),  # timm
+    "--ema_decay": ("--model-ema-decay",),  # timm (per step, as ours; torchvision rescales its own)
+    "--clip_grad_norm": ("--clip-grad",),  # timm (its default --clip-mode norm)
+    "--accum_steps": ("--grad-accum-steps",),  # timm
+    "--auto_augment": ("--aa",),  # timm (with our policies' names)
+    "--random_erase": ("--reprob",),  # timm
+    "--deterministic": ("--use-deterministic-algorithms",),  # torchvision
+    "--pretrained_path": ("--initial-checkpoint",),  # timm
+    "--checkpoint_dir": ("--output",),  # timm: the root folder, each run in a folder of its own
+    "--checkpoint_name": ("--experiment",),  # timm: the run's folder name
+    "--log_interval": ("--print-freq",),  # torchvision
+}
+# Flags of timm and torchvision that mean something else here, and what to type instead.
+UNLIKE_FLAGS = {
+    "--output-dir": "torchvision's --output-dir is one run's folder: here --checkpoint_dir DIR holds the runs "
+    "and --checkpoint_name NAME names this one's folder",
+    "--test-only": "to test a finished run's best.pt, pass --evaluate with its --checkpoint_name",
+    "--model-ema": "the moving average of the weights is on when --ema_decay D is given, e.g. --ema_decay 0.9998",
+    "--pretrained": "ImageNet weights are on by default; --no_pretrained turns them off",
+    "--weights": "ImageNet weights are on by default; --pretrained_path FILE starts from a weights file",
+    "--lr-step-size": "--lr_schedule step drops the LR at the epochs --lr_milestones lists, e.g. 30 60 90",
+}
+
+
+def spellings(flag):
+    """The option strings of `flag` (its canonical --under_score name, which comes first and
+    names the setting): itself, its --dashed form, and its ALIASES."""
+    dashed = flag.replace("_", "-")
+    return (flag, *([dashed] if dashed != flag else []), *ALIASES.get(flag, ()))
+
+
+class _Group:
+    """An argument group whose flags also answer to their other spellings."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def add_argument(self, flag, **kwargs):
+        return self.group.add_argument(*spellings(flag), **kwargs)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show every flag's default, except on on/off switches where it only confuses."""
+    """Show every flag's default, except on on/off switches where it only confuses; a flag's
+    spellings once each, its value after the last: --learning_rate, --learning-rate, --lr LEARNING_RATE."""
 
     def _get_help_string(self, action):
         if action.nargs == 0 or action.default is None or "default" in action.help:
             return action.help
         return super()._get_help_string(action)
 
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {value}"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        """A bad flag is a user error like any other: one line, exit code 2."""
+        """A bad flag is a user error like any other: one line, exit code 2. (A flag is named by
+        its canonical spelling, not all of them: "argument --auto_augment: invalid choice ...")"""
+        message = re.sub(r"^argument (-[^/:\s]+)(?:/-[^/:\s]+)+:", r"argument \1:", message)
         raise UserError(f"{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise UserError(self.unrecognized(args, extras))
+        return namespace
+
+    def unrecognized(self, argv, extras):
+        """What is wrong with the arguments the parser could not place, in one line: each
+        unknown flag with the flag meant (or what to type instead, UNLIKE_FLAGS), or a value
+        after a switch, which takes none."""
+        actions = {option: action for action in self._actions for option in action.option_strings}
+        flags = [arg.split("=", 1)[0] for arg in extras if arg.startswith("-") and not _is_number(arg)]
+        if flags:
+            return "; ".join(f"unrecognized argument {flag} ({_meant(flag, actions)})" for flag in flags)
+        value = extras[0]
+        switches = [
+            argv[i - 1] for i in range(1, len(argv)) if argv[i] == value and actions.get(argv[i - 1], self).nargs == 0
+        ]
+        if switches:
+            action = actions[switches[0]]
+            return f"{switches[0]} takes no value ({action.help}), got {value!r}"
+        return f"unrecognized argument {value!r} (see --help)"
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _meant(flag, actions):
+    """The flags closest to `flag` by their spelling, as a hint: did you mean --batch_size?"""
+    if flag.replace("_", "-") in UNLIKE_FLAGS:
+        return UNLIKE_FLAGS[flag.replace("_", "-")]
+    typed = flag.lower()
+    # An abbreviation means a flag it begins (up to three of them); else the nearest spelling, if near.
+    abbreviated = [option for option in actions if option.lower() == typed] or [
+        option for option in actions if option.lower().startswith(typed)
+    ]
+    best = {}  # each flag by its spelling nearest to `flag` (the first of equals: the canonical one)
+    for option in abbreviated or actions:
+        score = difflib.SequenceMatcher(None, typed, option.lower()).ratio()
+        action = actions[option]
+        if action not in best or score > best[action][0]:
+            best[action] = (score, option)
+    ranked = sorted(best.values(), key=lambda scored: -scored[0])
+    if not abbreviated:
+        ranked = [(score, option) for score, option in ranked[:1] if score >= 0.75]
+    if not ranked:
+        return "see --help"
+    options = [option for _, option in ranked[:3]]
+    return f"did you mean {' or '.join(options) if len(options) < 3 else ', '.join(options[:2]) + ' or ' + options[2]}?"
 
 
 def build_parser():
     p = _Parser(
         prog="main.py",
+        allow_abbrev=False,  # an abbreviation's meaning would change when a flag is added
         description="Train a torchvision model (ResNet-18 by default) on an image-folder dataset in FP32 or with "
         "automatic mixed precision.",
         formatter_class=_HelpFormatter,
     )
-    g = p.add_argument_group("data")
+    g = _Group(p.add_argument_group("data"))
     g.add_argument(
         "--data_dir", default="data", help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/"
     )
@@ -203,7 +331,7 @@ def build_parser():
         help="data-loading processes per training process (0: load in the main process)",
     )
 
-    g = p.add_argument_group("model")
+    g = _Group(p.add_argument_group("model"))
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -230,7 +358,7 @@ def build_parser():
         "wide_resnet models), so each block starts as the identity (after loading pretrained weights too)",
     )
 
-    g = p.add_argument_group("optimization")
+    g = _Group(p.add_argument_group("optimization"))
     g.add_argument("--epochs", type=int, default=120, help="passes over the training split")
     g.add_argument(
         "--batch_size",
@@ -349,7 +477,7 @@ def build_parser():
         help="deterministic algorithms only, so a resumed run ends with the same weights as an uninterrupted one",
     )
 
-    g = p.add_argument_group("precision and device")
+    g = _Group(p.add_argument_group("precision and device"))
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     g.add_argument(
         "--amp",
@@ -373,7 +501,7 @@ def build_parser():
         "and up: faster, 10-bit mantissa), shown as 'FP32 (tf32)'. The CPU computes IEEE FP32 either way",
     )
 
-    g = p.add_argument_group("speed")
+    g = _Group(p.add_argument_group("speed"))
     g.add_argument(
         "--channels_last",
         dest="channels_last",
@@ -400,7 +528,7 @@ def build_parser():
         "--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (after 3 warm-up steps)"
     )
 
-    g = p.add_argument_group("distributed (when started by torchrun)")
+    g = _Group(p.add_argument_group("distributed (when started by torchrun)"))
     g.add_argument(
         "--sync_bn",
         action="store_true",
@@ -413,7 +541,7 @@ def build_parser():
         help="seconds a process waits for the others in a collective before the run fails",
     )
 
-    g = p.add_argument_group("run")
+    g = _Group(p.add_argument_group("run"))
     g.add_argument("--checkpoint_name", default="baseline", help="run name: outputs go to CHECKPOINT_DIR/NAME/")
     g.add_argument("--checkpoint_dir", default="checkpoints", help="root folder of all runs")
     g.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
@@ -498,7 +626,7 @@ def build_parser():
 
 def explicit_flags(parser, argv):
     """The dests of the flags the user actually typed (so defaults can be told from choices)."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}

@@ -80,7 +80,7 @@ def table(lines):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("models", nargs="*", help="model names (default: every classification model of torchvision)")
     p.add_argument("--out", default="export_sweep.jsonl", help="where to append the JSON lines")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per model")

@@ -35,7 +35,7 @@ def run_main_py(flags):
 
 
 def main(argv=None, run=run_main_py):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--image_size", type=int, default=256)

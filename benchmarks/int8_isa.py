@@ -54,7 +54,7 @@ def time_one(batch=32, channels=128, side=16, rounds=30):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # (a subprocess's own job)
     args = p.parse_args(argv)
     if args.one:

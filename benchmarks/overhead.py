@@ -86,7 +86,7 @@ def bare_epoch(model, optimizer, loader, cfg, epoch):
 
 def timing_parser(description, image_size, rounds):
     """The flags of a side-by-side timing script (this one and ema_cost.py)."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--image_size", type=int, default=image_size)

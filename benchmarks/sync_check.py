@@ -176,7 +176,7 @@ def report_lines(results, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)

@@ -123,7 +123,7 @@ def write_csv(path, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("model", help="a model.onnx written by main.py --export")
     parser.add_argument("folder", help="the folder of images to label (at any depth)")
     parser.add_argument("--out", default="predictions.csv", help="where to write the CSV")

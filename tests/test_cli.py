@@ -111,7 +111,7 @@ def main_without_torch(*args):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--epochs_typo", "3"], "unrecognized arguments: --epochs_typo 3"),
+        (["--epochs_typo", "3"], "unrecognized argument --epochs_typo (did you mean --epochs?)"),
         (["--epochs", "many"], "--epochs"),
         (["--lr_schedule", "cosin"], "--lr_schedule"),
         (["--batch_size", "0"], "--batch_size must be a positive integer"),

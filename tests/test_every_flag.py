@@ -696,7 +696,7 @@ def check_refused(*flags):
 def assert_refused(run, *flags):
     """Refused as a user error: exit 2, one line on stderr naming each flag, nothing written."""
     assert_user_error((run.code, run.out, run.err))
-    assert "unrecognized arguments" not in run.err, run.err
+    assert "unrecognized argument" not in run.err, run.err
     unnamed = [flag for flag in flags if not re.search(re.escape(flag) + r"(?![A-Za-z0-9_])", run.err)]
     assert not unnamed, f"the error does not name {' and '.join(unnamed)}: {run.err}"
     written = Path(run.flag("--checkpoint_dir"))
@@ -1103,7 +1103,8 @@ def argv_of(case):
 
 
 def parser_flags():
-    return {s for action in config.build_parser()._actions for s in action.option_strings} - {"-h", "--help"}
+    """Each flag by its canonical spelling (its other spellings are config.ALIASES', tested in test_cli.py)."""
+    return {action.option_strings[0] for action in config.build_parser()._actions} - {"-h"}
 
 
 def test_every_parser_flag_has_a_case():
@@ -1411,13 +1412,13 @@ def help_flags(capsys):
     with pytest.raises(SystemExit) as exit_:
         main_module.main(["--help"])
     assert exit_.value.code == 0
-    # Option lines are indented by two spaces: "  --data_dir DATA_DIR  help" or "  -h, --help  help";
-    # the option strings end where two spaces start the help.
+    # Option lines are indented by two spaces and start with the flag's canonical spelling, its
+    # others after it: "  --data_dir, --data-dir, --data-path DATA_DIR  help" or "  -h, --help  help".
     flags = set()
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("  -"):
-            flags |= set(re.findall(r"--[A-Za-z0-9_]+", line[2:].split("  ")[0]))
-    return flags - {"--help"}
+            flags.add(re.match(r"-{1,2}[A-Za-z0-9_]+", line[2:]).group())
+    return flags - {"-h"}
 
 
 def assert_same_flags(listed, where):
