@@ -271,7 +271,10 @@ def build_parser():
     )
     g = _Group(p.add_argument_group("data"))
     g.add_argument(
-        "--data_dir", default="data", help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/"
+        "--data_dir",
+        default="data",
+        help="dataset root: seg_train/ and seg_test/ (Kaggle layout) or train/ and test/; a val/ folder "
+        "beside them is the validation split (as torchvision's reference and timm lay out ImageNet)",
     )
     g.add_argument(
         "--demo",
@@ -282,7 +285,10 @@ def build_parser():
     )
     g.add_argument("--image_size", type=int, default=256, help="images are resized to S x S")
     g.add_argument(
-        "--val_fraction", type=float, default=0.2, help="stratified share of the training split used for validation"
+        "--val_fraction",
+        type=float,
+        default=0.2,
+        help="stratified share of the training split used for validation (without a val/ folder: see --data_dir)",
     )
     g.add_argument(
         "--test_fraction",
@@ -724,7 +730,7 @@ def check_values(cfg):
     if (cfg.min_lr or 0) > cfg.learning_rate:
         raise UserError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
     check_optimizer(cfg)
-    if not 0 < cfg.val_fraction < 1:
+    if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:  # (None: a validation folder)
         raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
     if getattr(cfg, "test_fraction", None) is not None and not 0 < cfg.test_fraction < 1:
         raise UserError(f"--test_fraction must be between 0 and 1 (exclusive), got {cfg.test_fraction}")

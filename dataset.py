@@ -39,7 +39,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTEL_URL = "https://www.kaggle.com/datasets/puneet6060/intel-image-classification"
 
 # Folder names tried for each split, in order; Kaggle's zip nests each split in itself.
-SPLIT_NAMES = {"train": ("seg_train", "train"), "test": ("seg_test", "test"), "pred": ("seg_pred", "pred")}
+# A validation folder (torchvision's reference and timm read train/ and val/) is the validation split.
+SPLIT_NAMES = {
+    "train": ("seg_train", "train"),
+    "test": ("seg_test", "test"),
+    "pred": ("seg_pred", "pred"),
+    "val": ("val", "valid", "validation"),
+}
 
 
 # --------------------------------------------------------------------------- finding the data
@@ -194,6 +200,14 @@ def missing_split(data_dir, split, splits):
             f"{data_dir} holds {len(classes)} class folder(s) ({shown}) but no training and test split: move "
             f"them into {data_dir}/train/<class>/ and {data_dir}/test/<class>/, or pass --test_fraction F (e.g. "
             "0.2) to hold out a stratified test split of their images, seeded by --seed like the validation split"
+        )
+    val_root = find_split_dir(data_dir, "val")
+    if split == "test" and find_split_dir(data_dir, "train") is not None and val_root is not None:
+        return (
+            f"no test split found in {data_dir}, only a training split and a validation split ({val_root}, as "
+            "torchvision's reference lays out ImageNet): pass --test_fraction F (e.g. 0.1) to hold out a "
+            f"stratified test split of the training images, or add {data_dir}/test/<class>/ (or rename "
+            f"{val_root} to {data_dir}/test to test on it; validation is then --val_fraction of the training split)"
         )
     if split == "test" and find_split_dir(data_dir, "train") is not None:
         return (
@@ -691,7 +705,9 @@ TEST_SPLIT_STREAM = 0x7E57
 def build_datasets(cfg, progress=False):
     """(train, val, test) datasets and the class names, checked for a usable layout (with
     `progress`, a bar while the images are checked). With --test_fraction the test split is
-    held out of the training images first (stratified, seeded), then validation out of the rest."""
+    held out of the training images first (stratified, seeded), then validation out of the rest;
+    a validation folder (DATA_DIR/val) is the validation split, and the training split is all of
+    the rest."""
     test_fraction = getattr(cfg, "test_fraction", None)
     if test_fraction:
         full_train = held_out_source(cfg)
@@ -703,14 +719,18 @@ def build_datasets(cfg, progress=False):
     else:
         full_train, test = split_folders(cfg, ("train", "test"))
         check_images((full_train, test), cfg, progress)
-        if test.classes != full_train.classes:
-            raise UserError(
-                f"the test classes in {test.root} ({', '.join(test.classes)}) differ from the training "
-                f"classes in {full_train.root} ({', '.join(full_train.classes)})"
-            )
+        check_same_classes("test", test, full_train)
         pool = range(len(full_train))
     if len(full_train.classes) < 2:
         raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
+    val_root = find_split_dir(cfg.data_dir, "val")
+    if val_root is not None:  # its own folder: no share of the training images is split off
+        val = image_folder(val_root, cfg.image_size)
+        check_images((val,), cfg, progress)
+        check_same_classes("validation", val, full_train)
+        return Subset(full_train, list(pool)), val, test, full_train.classes
+    if cfg.val_fraction is None:  # (a run that validated on a validation folder, resumed without it)
+        raise UserError(f"the run validated on a validation folder ({cfg.data_dir}/val), which is not there now")
     train_idx, val_idx = stratified_split([full_train.targets[i] for i in pool], cfg.val_fraction, cfg.seed)
     if not val_idx:
         held_out = (
@@ -725,6 +745,31 @@ def build_datasets(cfg, progress=False):
         test,
         full_train.classes,
     )
+
+
+def check_same_classes(name, split, train):
+    """`split` (an ImageFolder) must have the training split's classes, in its order."""
+    if split.classes != train.classes:
+        raise UserError(
+            f"the {name} classes in {split.root} ({', '.join(split.classes)}) differ from the training "
+            f"classes in {train.root} ({', '.join(train.classes)})"
+        )
+
+
+def use_validation_folder(cfg, explicit):
+    """Where `cfg.data_dir` has a validation folder (train/ and val/, as torchvision's reference
+    and timm lay out ImageNet), build_datasets validates on it: refuse --val_fraction, which would
+    do nothing, and set cfg.val_fraction to None, so config.json says no share of the training
+    images was split off."""
+    val_root = find_split_dir(cfg.data_dir, "val") if os.path.isdir(cfg.data_dir) else None
+    if val_root is None:
+        return
+    if "val_fraction" in explicit:
+        raise UserError(
+            f"--val_fraction splits validation images off the training split, but {cfg.data_dir} has a "
+            f"validation split of its own ({val_root}); drop --val_fraction"
+        )
+    cfg.val_fraction = None
 
 
 def per_rank_batch(cfg, world_size):
@@ -744,6 +789,8 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     """Train, val and test loaders plus the class names, for process `rank` of `world_size`."""
     progress = getattr(cfg, "progress", False) and rank == 0
     train_set, val_set, test_set, class_names = build_datasets(cfg, progress)
+    if isinstance(val_set, ImageFolder):  # (else a share of the training split)
+        logging.getLogger("amp").info(f"validation split: {val_set.root} ({len(val_set)} images)")
     if getattr(cfg, "cache", False):
         train_set, val_set, test_set = (
             cache_dataset(d, cfg.num_workers, progress) for d in (train_set, val_set, test_set)

@@ -46,6 +46,7 @@ from dataset import (
     loader_files,
     stop_loader_workers,
     truncated_warning,
+    use_validation_folder,
 )
 from demo import make_demo_dataset
 from distributed import (
@@ -531,6 +532,7 @@ def run(argv=None):
         return train(cfg, checkpoint, restarted)
     if not restarted:  # (this job's own folder, from before its failure, is not clobbered)
         from_main_process(refuse_to_clobber, cfg)
+    use_validation_folder(cfg, explicit)
     return train(cfg, restarted=restarted)
 
 

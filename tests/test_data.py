@@ -1,6 +1,7 @@
 """Finding the data, splitting it, decoding odd images, and what the model sees."""
 
 import os
+import shutil
 from argparse import Namespace
 from collections import Counter
 
@@ -18,6 +19,7 @@ from dataset import (
     find_split_dir,
     load_image_uint8,
     stratified_split,
+    use_validation_folder,
 )
 from utils import UserError
 
@@ -107,3 +109,74 @@ def test_device_transform_matches_the_reference_transforms():
         assert torch.allclose(got, want, atol=1e-5) or torch.allclose(got, want.flip(-1), atol=1e-5)
     seeds = [DeviceTransform("cpu")(images, flip_seed=s) for s in range(20)]
     assert any(not torch.allclose(s, plain) for s in seeds) and any(torch.allclose(s, plain) for s in seeds)
+
+
+# --------------------------------------------------------------------------- a validation folder (issue 30)
+def make_torchvision_layout(root, splits=("train", "val", "test"), classes=("cat", "dog", "owl")):
+    """train/, val/ (and test/) of class folders, as torchvision's reference and timm read ImageNet."""
+    for split, n in (("train", 10), ("val", 4), ("test", 5)):
+        if split in splits:
+            for c in classes:
+                write_images(os.path.join(root, split, c), n)
+
+
+def test_a_val_folder_is_the_validation_split_and_train_is_all_of_train(tmp_path):
+    make_torchvision_layout(tmp_path)
+    train, val, test, classes = build_datasets(cfg(tmp_path, val_fraction=None))
+    assert classes == ["cat", "dog", "owl"]
+    assert (len(train), len(val), len(test)) == (30, 12, 15)
+    assert os.path.dirname(os.path.dirname(val.samples[0][0])) == str(tmp_path / "val")
+
+
+def test_train_and_val_without_test_say_what_was_found_and_what_to_do(tmp_path):
+    make_torchvision_layout(tmp_path, splits=("train", "val"))
+    with pytest.raises(UserError) as error:
+        build_datasets(cfg(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"no test split found in {tmp_path}, only a training split and a validation split")
+    assert f"({tmp_path}/val," in message and "--test_fraction F" in message and "rename" in message
+    # --test_fraction holds the test split out of train/; val/ still validates
+    train, val, test, _ = build_datasets(cfg(tmp_path, val_fraction=None, test_fraction=0.2))
+    assert (len(train), len(val), len(test)) == (24, 12, 6)
+
+
+def test_val_classes_must_be_the_training_classes(tmp_path):
+    make_torchvision_layout(tmp_path)
+    shutil.rmtree(tmp_path / "val" / "owl")
+    with pytest.raises(UserError, match=r"the validation classes in .*/val \(cat, dog\) differ from the training"):
+        build_datasets(cfg(tmp_path, val_fraction=None))
+
+
+def test_val_fraction_is_refused_beside_a_val_folder_and_recorded_as_unused(tmp_path):
+    make_torchvision_layout(tmp_path)
+    with pytest.raises(UserError, match=r"--val_fraction .* has a validation split of its own .*; drop --val_fraction"):
+        use_validation_folder(cfg(tmp_path), {"val_fraction"})
+    settings = cfg(tmp_path)
+    use_validation_folder(settings, set())
+    assert settings.val_fraction is None  # config.json: no share of train/ was split off
+    kaggle = cfg(tmp_path / "kaggle")
+    make_layout(tmp_path / "kaggle", nested=True)
+    use_validation_folder(kaggle, {"val_fraction"})  # no validation folder: the flag does its job
+    assert kaggle.val_fraction == 0.2 and len(build_datasets(kaggle)[1]) == 6
+
+
+def test_a_run_on_a_torchvision_layout_validates_on_val(run_cli, tmp_path):
+    import json
+
+    from conftest import FAST, SMALL_MODEL, assert_user_error, make_colour_dataset
+
+    data = tmp_path / "imagenet_like"
+    make_colour_dataset(data, train_per_class=6, test_per_class=4)
+    os.rename(data / "seg_train" / "seg_train", data / "train")
+    shutil.copytree(data / "seg_test" / "seg_test", data / "val")
+    os.rename(data / "seg_test" / "seg_test", data / "test")
+    for kaggle in ("seg_train", "seg_test"):
+        os.rmdir(data / kaggle)
+    flags = ["--data-path", data, "--epochs", "1", *FAST, *SMALL_MODEL]
+    assert_user_error(run_cli(*flags, "--val_fraction", "0.1"), "--val_fraction", f"{data}/val")
+    code, out, err = run_cli(*flags)
+    assert code == 0, err
+    run_dir = tmp_path / "checkpoints" / "baseline"
+    assert json.loads((run_dir / "config.json").read_text())["val_fraction"] is None
+    assert f"validation split: {data}/val (12 images)" in (run_dir / "train.log").read_text()
+    shutil.rmtree(run_dir)
