@@ -7,7 +7,7 @@
 #   SEEDS="1 2 3" bash benchmarks/study.sh --demo --amp   # each run with --seed 1, 2 and 3: study_<run>_s<seed>
 #
 # Flags given to the script go to every run, after the run's own (so the last one given wins);
-# a --checkpoint_dir among them is where the table looks too. The first three runs build the
+# a --checkpoint_dir (or --checkpoint-dir, --output) among them is where the table looks too. The first three runs build the
 # schedule up: a constant LR, + linear warmup, + cosine decay (= the default recipe); each later
 # run adds one trick to the default recipe. EMA_DECAY and MODEL choose the EMA's decay (it
 # averages about the last 1 / (1 - D) steps: 0.998 suits the Intel data's ~900 steps in 20
@@ -42,8 +42,8 @@ compare_dir=()
 args=("$@")
 for i in "${!args[@]}"; do
     case ${args[$i]} in
-        --checkpoint_dir) compare_dir=(--checkpoint_dir "${args[$((i + 1))]}") ;;
-        --checkpoint_dir=*) compare_dir=("${args[$i]}") ;;
+        --checkpoint_dir|--checkpoint-dir|--output) compare_dir=(--checkpoint_dir "${args[$((i + 1))]}") ;;
+        --checkpoint_dir=*|--checkpoint-dir=*|--output=*) compare_dir=("--checkpoint_dir=${args[$i]#*=}") ;;
         --seed|--seed=*) if [ -n "$SEEDS" ]; then echo "SEEDS gives the seeds; drop --seed" >&2; exit 2; fi ;;
     esac
 done

@@ -173,20 +173,21 @@ def documented_commands(path):
     blocks (backslash continuations joined, comments dropped) and inline code spans."""
     with open(path) as f:
         lines = f.read().split("\n")
-    found, fenced, pending = [], False, ""
+    found, fenced, pending, first = [], False, "", 0
     for number, line in enumerate(lines, 1):
         if line.lstrip().startswith("```"):
             fenced, pending = not fenced, ""
             continue
         if fenced:
+            first = first if pending else number  # (a command is found at its first line)
             pending += line
             if pending.endswith("\\"):
                 pending = pending[:-1]
                 continue
             candidates, pending = [pending.strip()], ""
         else:
-            candidates = re.findall(r"`([^`]+)`", line)
-        found += [(f"{os.path.relpath(path, ROOT)}:{number}", c) for c in candidates if COMMAND.match(c)]
+            candidates, first = re.findall(r"`([^`]+)`", line), number
+        found += [(f"{os.path.relpath(path, ROOT)}:{first}", c) for c in candidates if COMMAND.match(c)]
     return [(where, arguments(command)) for where, command in found]
 
 
@@ -201,6 +202,29 @@ def arguments(command):
 
 
 COMMANDS = [command for path in DOCS for command in documented_commands(path)]
+
+
+def test_commands_are_read_as_a_shell_would(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Run `python main.py --demo --amp` or `main.py` alone.\n"
+        "```bash\n"
+        "for seed in 1 2; do\n"
+        "    python main.py --checkpoint_name s$seed --seed ${seed}   # a comment --epoch 2\n"
+        "done\n"
+        "OMP_NUM_THREADS=1 python main.py --epochs 3 \\\n"
+        "    --lr 1e-3 && echo done\n"
+        "torchrun --standalone --nproc_per_node 4 main.py --amp\n"
+        "python benchmarks/overhead.py --rounds 4\n"
+        "# python main.py --in-a-comment\n"
+        "```\n"
+    )
+    assert [argv for _, argv in documented_commands(str(page))] == [
+        ["--demo", "--amp"],
+        ["--checkpoint_name", "s1", "--seed", "1"],
+        ["--epochs", "3", "--lr", "1e-3"],
+        ["--amp"],
+    ]
 
 
 def test_the_docs_show_commands_to_check():

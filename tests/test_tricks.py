@@ -486,7 +486,8 @@ def test_the_study_script_runs_the_chosen_ablation_and_compares_it(demo_data, tm
         "RUNS": "baseline smoothing",
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
-    flags = ["--data_dir", demo_data, "--checkpoint_dir", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1"]
+    # (--output: timm's name for --checkpoint_dir, which the script also reads for its table)
+    flags = ["--data_dir", demo_data, "--output", str(tmp_path), *FAST, *SMALL_MODEL, "--epochs", "1"]
     done = subprocess.run(["bash", script, *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     configs = {
