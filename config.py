@@ -221,7 +221,9 @@ class _Parser(argparse.ArgumentParser):
             return "; ".join(f"unrecognized argument {flag} ({_meant(flag, actions)})" for flag in flags)
         value = extras[0]
         switches = [
-            argv[i - 1] for i in range(1, len(argv)) if argv[i] == value and actions.get(argv[i - 1], self).nargs == 0
+            argv[i - 1]
+            for i in range(1, len(argv))
+            if argv[i] == value and argv[i - 1] in actions and actions[argv[i - 1]].nargs == 0
         ]
         if switches:
             action = actions[switches[0]]

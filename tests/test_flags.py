@@ -137,7 +137,8 @@ def test_a_value_after_a_switch_is_named_as_such():
     assert refusal("--resume", "checkpoint.pth") == (
         "--resume takes no value (continue the run from its last.pt), got 'checkpoint.pth'"
     )
-    assert refusal("stray") == "unrecognized argument 'stray' (see --help)"
+    assert refusal("stray") == refusal("--epochs", "3", "stray") == "unrecognized argument 'stray' (see --help)"
+    assert refusal("--epochs", "3", "--amp", "3").startswith("--amp takes no value (automatic mixed precision")
 
 
 def test_a_bad_value_names_the_flag_once():
