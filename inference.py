@@ -11,7 +11,7 @@ import onnxruntime
 import torch
 
 from dataset import DeviceTransform
-from hardware import cpu_flags, cpu_name, describe, device_name, summary
+from hardware import cpu_flags, cpu_name, describe, device_name, summary, tf32_on
 from step import precision_name
 
 # Timing: single images (latency), then batches of 32 (throughput), each after warm-up runs.
@@ -159,6 +159,17 @@ def onnxruntime_capability():
 
 
 # --------------------------------------------------------------------------- the rows
+def fp32_math(cfg):
+    """How PyTorch computes FP32 here under the run's --fp32_math (export.py applies it): "tf32"
+    (CUDA, compute capability 8.0 and up) or "ieee"."""
+    return "tf32" if tf32_on(cfg) else "ieee"
+
+
+def fp32_label(cfg):
+    """PyTorch's FP32 as the rows and the parity line name it: "FP32", or "FP32 (tf32)"."""
+    return "FP32 (tf32)" if fp32_math(cfg) == "tf32" else "FP32"
+
+
 def amp_dtype(cfg):
     """The reduced dtype the run's --amp computes in ("bf16"/"fp16"); for an FP32 run, the one
     --amp would use on this device (float16 on CUDA, bfloat16 on a CPU)."""
@@ -192,6 +203,8 @@ def measure(model, cfg, onnx_runners, loader, results):
                 **timing,
                 "device": device,
                 "capability": capability,
+                # PyTorch's FP32 matrix products and convolutions (and what autocast leaves in FP32)
+                **({"fp32_math": fp32_math(cfg)} if runner.runtime == "pytorch" else {}),
             }
         )
     return {
@@ -202,6 +215,7 @@ def measure(model, cfg, onnx_runners, loader, results):
         "onnxruntime_device": devices["onnxruntime"][0],
         "onnxruntime_capability": devices["onnxruntime"][1],
         "run_precision": precision_name(cfg),
+        "fp32_math": fp32_math(cfg),
         "input_size": cfg.random_crop or cfg.image_size,
         "test_images": int(len(reference["targets"])),
         "threads": torch.get_num_threads(),

@@ -927,8 +927,9 @@ INFERENCE_COLUMNS = (
 
 def inference_cells(row):
     """A row of inference.json as the cells of INFERENCE_COLUMNS."""
+    tf32 = row["precision"] == "fp32" and row.get("fp32_math") == "tf32"  # (PyTorch's FP32 in TF32)
     return [
-        row["precision"],
+        row["precision"] + (" (tf32)" if tf32 else ""),
         row["runtime"],
         f"{row['size_mb']:.1f}",
         f"{row['test_acc']:.2f}",
@@ -960,8 +961,8 @@ def inference_markdown(report):
         _markdown_table(INFERENCE_COLUMNS, [inference_cells(row) for row in report["rows"]]),
         "",
         f"Accuracy and agreement are over the {report['test_images']} test images; agreement is the share whose "
-        "top-1 is PyTorch FP32's, and max logit diff the largest absolute difference from its logits. Size is the "
-        "ONNX file, or the float32 weights PyTorch holds (autocast casts them per operation). Latency: one image, "
+        f"top-1 is PyTorch {'FP32 (tf32)' if report.get('fp32_math') == 'tf32' else 'FP32'}'s, and max logit diff "
+        "the largest absolute difference from its logits. Size is the ONNX file, or the float32 weights PyTorch holds (autocast casts them per operation). Latency: one image, "
         "from a uint8 array in memory to its logits, p50 and p95 of "
         f"{timing['latency_runs']} runs after {timing['latency_warmup']} warm-up runs; images/s: "
         f"{timing['throughput_batch']} over the median time of {timing['throughput_runs']} batches after "
