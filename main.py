@@ -3,6 +3,7 @@ or --evaluate, --predict, --export, --compare or --benchmark an existing run or 
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -131,13 +132,24 @@ def start_run_dir(run_dir, fresh):
     try:
         os.makedirs(run_dir, exist_ok=True)
         remove_stale_temp_files(run_dir)  # left by a write that was killed
-        for name in (*RUN_FILES, *EXPORT_FILES) if fresh else ():
+        for name in (*RUN_FILES, *EXPORT_FILES, *evaluation_records(run_dir)) if fresh else ():
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
         if fresh:  # a new run's TensorBoard series starts empty
             shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     except OSError as exc:
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
+
+
+def evaluation_records(run_dir):
+    """The files --evaluate wrote with other settings (evaluate_TAG.json, test_predictions_TAG.csv):
+    a fresh run removes them with the model they tested."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return [
+        n
+        for n in names
+        if (n.startswith("evaluate_") and n.endswith(".json")) or re.fullmatch(r"test_predictions_.+\.csv", n)
+    ]
 
 
 def train(cfg, checkpoint=None, restarted=False):

@@ -369,6 +369,13 @@ def test_evaluate_with_other_settings_keeps_the_runs_own_test_record(run_cli, fi
     assert code == 0, err
     assert f"wrote {runs / 'done' / 'test_predictions.csv'}\n" in out and "unchanged" not in out
     assert {f: (runs / "done" / f).read_bytes() for f in own} == own
+    # A fresh run under the name removes the old model's records with it.
+    code, out, err = run_cli(
+        "--data_dir", finished_run.data, "--checkpoint_name", "done", "--epochs", "1", *FAST, "--overwrite",
+        checkpoint_dir=runs,
+    )  # fmt: skip
+    assert code == 0, err
+    assert not csv_path.exists() and not json_path.exists() and (runs / "done" / "test_predictions.csv").exists()
     shutil.rmtree(runs)
 
 
