@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 
 import inference
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_datasets, evaluation_loader, evaluation_view, make_loader
+from hardware import apply_fp32_math
 from report import inference_markdown
 from utils import RunStopped, UserError, atomic_write_files
 
@@ -53,6 +54,9 @@ def export_run(model, best, cfg):
     """--export: model.onnx, model.int8.onnx, inference.json and inference.md in the run folder."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     check_writable(run_dir)  # before minutes of work
+    # The run's FP32 math (IEEE or TF32), as training and --evaluate computed: the parity reference
+    # and the "fp32" PyTorch row compute in what their labels say (inference.fp32_label).
+    apply_fp32_math(cfg)
     check_file_limit(model, cfg.model)
     train_set, _, test_set, class_names = build_datasets(cfg)
     if list(class_names) != list(best["class_names"]):
@@ -76,7 +80,7 @@ def export_run(model, best, cfg):
     check_parity(parity, cfg)
     calibration = calibration_batches(train_set, cfg)
     clock.lap(
-        f"parity: onnxruntime FP32 gives PyTorch FP32's top-1 on {parity['agreement']:.2f}% of "
+        f"parity: onnxruntime FP32 gives PyTorch {inference.fp32_label(cfg)}'s top-1 on {parity['agreement']:.2f}% of "
         f"{len(results['pytorch', 'fp32']['targets'])} test images, largest logit difference "
         f"{parity['max_abs_logit_diff']:.2e}; quantizing to INT8 (static, QDQ, per-channel weights) on "
         f"{sum(len(b) for b in calibration)} training images"

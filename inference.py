@@ -11,7 +11,7 @@ import onnxruntime
 import torch
 
 from dataset import DeviceTransform
-from hardware import cpu_name, device_name
+from hardware import cpu_flags, cpu_name, describe, device_name, summary, tf32_on
 from step import precision_name
 
 # Timing: single images (latency), then batches of 32 (throughput), each after warm-up runs.
@@ -19,8 +19,6 @@ LATENCY_RUNS, LATENCY_WARMUP = 50, 5
 THROUGHPUT_BATCH, THROUGHPUT_RUNS, THROUGHPUT_WARMUP = 32, 5, 2
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # (--amp_dtype's)
-# The CPU features that compute each dtype natively (/proc/cpuinfo's names).
-NATIVE_CPU_FEATURES = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
 ONNX_FP16_SKIPPED = (
     "onnxruntime's CPU provider has no FP16 convolution kernels on x86: it runs an FP16 file's "
     "convolutions in FP32 between inserted casts, so FP16 would measure FP32 plus casts"
@@ -135,59 +133,23 @@ def time_runners(runners, single, batch):
 
 
 # --------------------------------------------------------------------------- the device
-def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _onednn_supports(dtype):
-    """Whether PyTorch's oneDNN will compute `dtype` here: it honours ONEDNN_MAX_CPU_ISA, so an
-    AVX2-limited session says no even on a CPU that has the instructions."""
-    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[dtype]
-    try:
-        return bool(getattr(torch.ops.mkldnn, check)())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def native_dtypes(device):
     """The reduced float dtypes ("bf16", "fp16") `device` computes natively, not emulated through
-    float32. (A small local helper; issue 17 brings a general one.)"""
-    device = torch.device(device)
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return [dtype for dtype, native in (("bf16", bf16), ("fp16", True)) if native]
-    flags = cpu_flags()
-    return [
-        dtype for dtype, features in NATIVE_CPU_FEATURES.items() if flags & set(features) and _onednn_supports(dtype)
-    ]
+    float32: hardware.describe's answer, the one training's warning and results.json give."""
+    return [short for short, dtype in AMP_DTYPE_NAMES.items() if describe(device, dtype).native]
 
 
 def pytorch_capability(device):
-    """What PyTorch computes with on `device`, in words."""
-    device = torch.device(device)
-    native = native_dtypes(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm_{major}{minor}; native {', '.join(native)}"
-    flags = cpu_flags()
-    parts = [f"{dtype} ({', '.join(f for f in NATIVE_CPU_FEATURES[dtype] if f in flags)})" for dtype in native]
-    what = f"native {' and '.join(parts)}" if native else "no native bf16 or fp16"
-    return f"{torch.backends.cpu.get_cpu_capability()} kernels; {what}"
+    """What PyTorch computes with on `device`, and which AMP dtypes are native there, in words
+    (hardware.summary: e.g. "AVX512 (avx512_bf16): bfloat16 native, float16 emulated")."""
+    return summary(device)
 
 
 def onnxruntime_capability():
     """What onnxruntime's CPU kernels (MLAS) find: it reads the CPU's features itself and does not
     honour ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA."""
-    flags = cpu_flags()
-    isa = "AVX512" if "avx512bw" in flags else "AVX2" if "avx2" in flags else "SSE/other"
+    flags = cpu_flags() or set()  # (torch's names or /proc/cpuinfo's: avx512_bw or avx512bw)
+    isa = "AVX512" if flags & {"avx512bw", "avx512_bw"} else "AVX2" if "avx2" in flags else "SSE/other"
     int8 = [
         name
         for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
@@ -197,6 +159,17 @@ def onnxruntime_capability():
 
 
 # --------------------------------------------------------------------------- the rows
+def fp32_math(cfg):
+    """How PyTorch computes FP32 here under the run's --fp32_math (export.py applies it): "tf32"
+    (CUDA, compute capability 8.0 and up) or "ieee"."""
+    return "tf32" if tf32_on(cfg) else "ieee"
+
+
+def fp32_label(cfg):
+    """PyTorch's FP32 as the rows and the parity line name it: "FP32", or "FP32 (tf32)"."""
+    return "FP32 (tf32)" if fp32_math(cfg) == "tf32" else "FP32"
+
+
 def amp_dtype(cfg):
     """The reduced dtype the run's --amp computes in ("bf16"/"fp16"); for an FP32 run, the one
     --amp would use on this device (float16 on CUDA, bfloat16 on a CPU)."""
@@ -230,6 +203,8 @@ def measure(model, cfg, onnx_runners, loader, results):
                 **timing,
                 "device": device,
                 "capability": capability,
+                # PyTorch's FP32 matrix products and convolutions (and what autocast leaves in FP32)
+                **({"fp32_math": fp32_math(cfg)} if runner.runtime == "pytorch" else {}),
             }
         )
     return {
@@ -240,6 +215,7 @@ def measure(model, cfg, onnx_runners, loader, results):
         "onnxruntime_device": devices["onnxruntime"][0],
         "onnxruntime_capability": devices["onnxruntime"][1],
         "run_precision": precision_name(cfg),
+        "fp32_math": fp32_math(cfg),
         "input_size": cfg.random_crop or cfg.image_size,
         "test_images": int(len(reference["targets"])),
         "threads": torch.get_num_threads(),
@@ -271,7 +247,12 @@ def skipped_rows(cfg, reduced, native, pytorch_device):
             )
             why = f"not this run's AMP dtype: {why}"
         elif dtype not in native:
-            why = f"{device} does not compute {dtype} natively ({capability}): autocast would emulate it"
+            known = describe(cfg.device, AMP_DTYPE_NAMES[dtype]).native is not None
+            why = (
+                f"{device} does not compute {dtype} natively ({capability}): autocast would emulate it"
+                if known
+                else f"whether {device} computes {dtype} natively cannot be told ({capability})"
+            )
         else:
             continue
         skipped.append({"precision": dtype, "runtime": "pytorch", "reason": why})

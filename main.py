@@ -3,6 +3,7 @@ or --evaluate, --predict, --export, --compare or --benchmark an existing run or 
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -68,6 +69,7 @@ from hardware import apply_fp32_math, device_name, emulation_warning
 from hardware import record as hardware_record
 from metrics import ImagePredictions
 from model import build_model, precise_bn_batches
+from outputs import evaluation_paths, evaluation_tag, test_setting_changes
 from report import (
     compare_runs,
     comparison_report,
@@ -131,13 +133,24 @@ def start_run_dir(run_dir, fresh):
     try:
         os.makedirs(run_dir, exist_ok=True)
         remove_stale_temp_files(run_dir)  # left by a write that was killed
-        for name in (*RUN_FILES, *EXPORT_FILES) if fresh else ():
+        for name in (*RUN_FILES, *EXPORT_FILES, *evaluation_records(run_dir)) if fresh else ():
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
         if fresh:  # a new run's TensorBoard series starts empty
             shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     except OSError as exc:
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
+
+
+def evaluation_records(run_dir):
+    """The files --evaluate wrote with other settings (evaluate_TAG.json, test_predictions_TAG.csv):
+    a fresh run removes them with the model they tested."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return [
+        n
+        for n in names
+        if (n.startswith("evaluate_") and n.endswith(".json")) or re.fullmatch(r"test_predictions_.+\.csv", n)
+    ]
 
 
 def train(cfg, checkpoint=None, restarted=False):
@@ -337,8 +350,11 @@ def best_model(best, cfg):
 
 
 def evaluate(best, cfg):
-    """Re-test a run's best.pt with the image size and precision it was trained with; its
-    per-image predictions replace the run's test_predictions.csv."""
+    """Re-test a run's best.pt with the image size and precision it was trained with. With the
+    run's own test settings (and its test accuracy again) its per-image predictions replace the
+    run's test_predictions.csv; with other data, device, batch size or precision settings they go
+    to test_predictions_TAG.csv with evaluate_TAG.json beside them, and the run's results.json and
+    test_predictions.csv, the pair --compare reads, stay as they were."""
     apply_fp32_math(cfg)
     model = best_model(best, cfg)
     test_loader, class_names = on_all_ranks(build_test_loader, cfg, cfg.device, rank(), world_size())
@@ -361,13 +377,51 @@ def evaluate(best, cfg):
             f"test accuracy {test['acc']:.2f}% on {test['count']} images, test loss {test['loss']:.4f}"
         )
         print(per_class_report(test["confusion"], class_names))
-        path = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "test_predictions.csv")
-        try:
-            write_test_predictions(path, rows, class_names)
-        except OSError as exc:
-            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-        print(f"wrote {path}")
+        write_evaluation(best, cfg, test, rows, class_names)
     return 0
+
+
+def write_evaluation(best, cfg, test, rows, class_names):
+    """--evaluate's files (see evaluate), and a line that says where they went and why."""
+    run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
+    changes = test_setting_changes(best["config"], cfg)
+    try:
+        own_acc = load_json(os.path.join(run_dir, "results.json")).get("test_acc")
+    except (OSError, ValueError, AttributeError):
+        own_acc = None  # (no test of its own to keep)
+    again = own_acc is None or abs(own_acc - test["acc"]) <= 1e-6
+    tag = None if not changes and again else evaluation_tag(changes)
+    csv_path, json_path = evaluation_paths(run_dir, tag)
+    try:
+        write_test_predictions(csv_path, rows, class_names)
+        if json_path:
+            atomic_write_json(
+                json_path,
+                {
+                    "run": cfg.checkpoint_name,
+                    "epoch": best["epoch"],
+                    "weights": best.get("weights", "raw"),
+                    "precision": precision_name(cfg),
+                    "device": device_name(cfg.device),
+                    "test_acc": test["acc"],
+                    "test_loss": test["loss"],
+                    "test_images": test["count"],
+                    "settings": {name: {"run": run, "evaluated": now} for name, (run, now) in changes.items()},
+                    "run_test_acc": own_acc,
+                    "test_predictions": os.path.basename(csv_path),
+                },
+            )
+    except OSError as exc:
+        raise UserError(f"cannot write {json_path or csv_path}: {exc.strerror or exc}") from None
+    if json_path is None:
+        print(f"wrote {csv_path}")
+        return
+    why = (
+        "tested with " + ", ".join(f"--{name} {now} (the run's: {run})" for name, (run, now) in changes.items())
+        if changes
+        else f"its own settings gave {test['acc']:.2f}%, not the run's {own_acc:.2f}%"
+    )
+    print(f"wrote {csv_path} and {json_path}: {why}; the run's own results.json and test_predictions.csv are unchanged")
 
 
 def which_weights(best):

@@ -227,3 +227,67 @@ def format_epoch(r, epochs):
 
 def plural(n, word):
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# --------------------------------------------------------------------------- --evaluate's record
+# The settings --evaluate may change (config.EVALUATE_OVERRIDES) that change what the test gives:
+# which images (data_dir, skip_bad_images) or how they are computed. With any changed, the run's
+# own results.json and test_predictions.csv (the pair --compare reads) are not this test's.
+TEST_RECORD_SETTINGS = (
+    "data_dir",
+    "skip_bad_images",
+    "device",
+    "batch_size",
+    "amp_dtype",
+    "fp32_math",
+    "channels_last",
+)
+
+
+def test_setting_changes(saved, cfg):
+    """{setting: (the run's, this session's)} for the TEST_RECORD_SETTINGS that differ."""
+    changes = {}
+    for name in TEST_RECORD_SETTINGS:
+        run, now = saved.get(name), getattr(cfg, name, None)
+        same = (
+            _same_place(run, now) if name == "data_dir" else _same_device(run, now) if name == "device" else run == now
+        )
+        if not same:
+            changes[name] = (run, now)
+    return changes
+
+
+def _same_place(a, b):
+    return a is not None and b is not None and os.path.realpath(str(a)) == os.path.realpath(str(b))
+
+
+def _same_device(a, b):
+    """'cuda' and 'cuda:0' are one GPU."""
+    import torch
+
+    try:
+        a, b = torch.device(a), torch.device(b)
+    except (TypeError, RuntimeError):
+        return False
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def evaluation_tag(changes):
+    """The name of an --evaluate record made with other settings than the run's: its changed
+    settings and their values, e.g. "device-cpu_batch_size-64" (a data folder by its last part);
+    "rerun" when none changed but the test gave another accuracy than the run's own."""
+    if not changes:
+        return "rerun"
+    parts = []
+    for name, (_, value) in changes.items():
+        value = os.path.basename(os.path.realpath(str(value))) if name == "data_dir" else str(value)
+        parts.append(f"{name}-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in value))
+    return "_".join(parts)
+
+
+def evaluation_paths(run_dir, tag):
+    """(predictions CSV, results JSON) of an --evaluate record: the run's own pair when `tag` is
+    None, else test_predictions_TAG.csv and evaluate_TAG.json beside them."""
+    if tag is None:
+        return os.path.join(run_dir, "test_predictions.csv"), None
+    return os.path.join(run_dir, f"test_predictions_{tag}.csv"), os.path.join(run_dir, f"evaluate_{tag}.json")

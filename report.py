@@ -150,10 +150,13 @@ def memory_note(runs):
 
 def throughput(run):
     """Training images per second over the steady epochs (each weighted by its duration)."""
-    epochs = steady_epochs(run)
-    seconds = sum(e["seconds"] for e in epochs)
-    images = sum(e["images_per_sec"] * e["seconds"] for e in epochs if e["images_per_sec"] is not None)
-    return images / seconds if seconds > 0 else None
+    return verdicts.training_rate(epoch_work(run))
+
+
+def epoch_work(run):
+    """[(images, seconds)] of the run's steady epochs that were timed: what its throughput and
+    the speedup's interval are computed from."""
+    return [(e["images_per_sec"] * e["seconds"], e["seconds"]) for e in steady_epochs(run) if e.get("images_per_sec")]
 
 
 def seconds_per_epoch(run):
@@ -369,18 +372,11 @@ def paired_correctness(first, run):
     return ([a[f][0] == a[f][1] for f in files], [b[f][0] == b[f][1] for f in files]), None
 
 
-def epoch_rates(run):
-    return [e["images_per_sec"] for e in steady_epochs(run) if e.get("images_per_sec")]
-
-
 def speedup_against(first, run):
-    """Images/s over the first run's (steady epochs), with a 95% interval from the epochs' spread."""
-    reference, speed = throughput(first), throughput(run)
-    interval = verdicts.speedup_interval(epoch_rates(first), epoch_rates(run))
-    return {
-        "speedup": speed / reference if speed and reference else None,
-        "speedup_ci95": list(interval) if interval else None,
-    }
+    """Images/s over the first run's (steady epochs), with a 95% interval from the epochs' spread
+    (verdicts.speedup: one estimator for both)."""
+    speedup, interval = verdicts.speedup(epoch_work(first), epoch_work(run))
+    return {"speedup": speedup, "speedup_ci95": list(interval) if interval else None}
 
 
 def group_entries(runs):
@@ -476,11 +472,13 @@ def against_first_table(entries, first):
         lines.append(f"| {e['name']} | {v['acc_diff']:+.2f} | " + " | ".join([*paired, *speed]) + " |")
     lines += [
         "",
-        f"test acc diff: the run's test accuracy minus {first}'s, with Newcombe's interval for paired "
-        "proportions; only ... right: test images one of the two got right and the other wrong; McNemar p: "
-        "the exact two-sided test on those images; verdict: same within noise when p >= 0.05, else better "
-        f"or worse. speedup: images/s over {first}'s, its interval from the spread of the steady epochs' "
-        "images/s (Welch, on their logarithms): how steady this machine was, not what another would do.",
+        f"test acc diff: the run's test accuracy minus {first}'s; only ... right: test images one of the two "
+        "got right and the other wrong; McNemar p: the exact two-sided test on those images; verdict: same "
+        "within noise when p >= 0.05, else better or worse; 95% CI: the interval that inverts the same test "
+        "(Clopper-Pearson's, of how the discordant images split, in points), so it holds 0 exactly when the "
+        f"verdict is same within noise. speedup: steady-epoch images/s over {first}'s (total images over total "
+        "seconds), its interval from the same estimator and the spread of the epochs: how steady this machine "
+        "was, not what another would do.",
         *notes,
     ]
     return "\n".join(lines) + "\n"
@@ -929,8 +927,9 @@ INFERENCE_COLUMNS = (
 
 def inference_cells(row):
     """A row of inference.json as the cells of INFERENCE_COLUMNS."""
+    tf32 = row["precision"] == "fp32" and row.get("fp32_math") == "tf32"  # (PyTorch's FP32 in TF32)
     return [
-        row["precision"],
+        row["precision"] + (" (tf32)" if tf32 else ""),
         row["runtime"],
         f"{row['size_mb']:.1f}",
         f"{row['test_acc']:.2f}",
@@ -962,8 +961,8 @@ def inference_markdown(report):
         _markdown_table(INFERENCE_COLUMNS, [inference_cells(row) for row in report["rows"]]),
         "",
         f"Accuracy and agreement are over the {report['test_images']} test images; agreement is the share whose "
-        "top-1 is PyTorch FP32's, and max logit diff the largest absolute difference from its logits. Size is the "
-        "ONNX file, or the float32 weights PyTorch holds (autocast casts them per operation). Latency: one image, "
+        f"top-1 is PyTorch {'FP32 (tf32)' if report.get('fp32_math') == 'tf32' else 'FP32'}'s, and max logit diff "
+        "the largest absolute difference from its logits. Size is the ONNX file, or the float32 weights PyTorch holds (autocast casts them per operation). Latency: one image, "
         "from a uint8 array in memory to its logits, p50 and p95 of "
         f"{timing['latency_runs']} runs after {timing['latency_warmup']} warm-up runs; images/s: "
         f"{timing['throughput_batch']} over the median time of {timing['throughput_runs']} batches after "

@@ -1,7 +1,11 @@
 """How sure a comparison is: the statistics behind --compare's verdicts. Two runs tested on the
-same images: the accuracy difference with Newcombe's paired interval and McNemar's exact test.
+same images: the accuracy difference, McNemar's exact test and the interval that inverts that
+same test (Clopper-Pearson's, of the discordant images' split), so the verdict and the interval
+never disagree: a conservative test beside a liberal interval (Newcombe's, which this replaced)
+printed "same within noise" next to a 95% interval that excluded 0.
 Runs that differ only in --seed: a group's mean and standard deviation, and a t-interval for the
-difference between two groups. The speedup: an interval from the spread of the epochs' speed.
+difference between two groups. The speedup: the ratio of the runs' time-weighted training rates,
+its interval from the same estimator.
 scipy.stats gives the distributions; nothing here is a hand-written quantile."""
 
 import math
@@ -29,13 +33,13 @@ def paired_accuracy(first_correct, this_correct):
     """PairedAccuracy of two lists of per-image correctness (bools), image by image."""
     pairs = list(zip(first_correct, this_correct, strict=True))
     n = len(pairs)
-    both = sum(1 for f, t in pairs if f and t)
     only_first = sum(1 for f, t in pairs if f and not t)
     only_this = sum(1 for f, t in pairs if t and not f)
-    low, high = newcombe_interval(both, only_first, only_this, n - both - only_first - only_this)
     p = mcnemar_exact_p(only_first, only_this)
     diff = 100.0 * (only_this - only_first) / n
-    return PairedAccuracy(n, only_first, only_this, diff, (100.0 * low, 100.0 * high), p, verdict(p, diff))
+    return PairedAccuracy(
+        n, only_first, only_this, diff, discordant_interval(only_first, only_this, n), p, verdict(p, diff)
+    )
 
 
 def mcnemar_exact_p(only_first, only_this):
@@ -53,29 +57,25 @@ def verdict(p, diff):
     return SAME if p >= ALPHA else BETTER if diff > 0 else WORSE
 
 
-def newcombe_interval(both, only_first, only_this, neither):
-    """The 95% interval of p_this - p_first (as proportions) for paired proportions: Newcombe's
-    hybrid score interval (Stat. Med. 1998;17:2635, method 10), which combines the two Wilson
-    score intervals with the correlation phi of the per-image outcomes."""
-    n = both + only_first + only_this + neither
-    first, this = both + only_first, both + only_this  # images each run got right
-    p1, p2 = first / n, this / n
-    l1, u1 = wilson(first, n)
-    l2, u2 = wilson(this, n)
-    margins = first * (n - first) * this * (n - this)
-    phi = (both * neither - only_first * only_this) / math.sqrt(margins) if margins else 0.0
-    diff = p2 - p1
-    below = math.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
-    above = math.sqrt(max((u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2, 0.0))
-    return diff - below, diff + above
-
-
-def wilson(successes, n):
-    """The Wilson score interval of a proportion (scipy's)."""
+def discordant_interval(only_first, only_this, images):
+    """The 95% interval of this run's accuracy minus the first's (in points), the one that
+    inverts McNemar's exact test: the exact Clopper-Pearson interval [q_low, q_high] of q, the
+    share of the d = only_first + only_this discordant images that this run got right, taken to
+    the difference (only_this - only_first) / images = d / images * (2q - 1). It holds 0 exactly
+    when q = 1/2 is inside [q_low, q_high], i.e. when neither binomial tail at 1/2 is below 2.5%,
+    i.e. when the exact two-sided p (twice the smaller tail: Binomial(d, 1/2) is symmetric) is at
+    least 0.05: "same within noise" exactly when the interval holds 0. (Twice a tail of
+    Binomial(d, 1/2) is a multiple of 2^-d, never exactly 0.05.) Like the test, it is conditional
+    on d: it says how sure the split of the discordant images is, not how many there would be on
+    other images; with none it is [0, 0] (both runs right and wrong on the same images)."""
+    discordant = only_first + only_this
+    if discordant == 0:
+        return 0.0, 0.0
     from scipy import stats
 
-    interval = stats.binomtest(successes, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
-    return interval.low, interval.high
+    share = stats.binomtest(only_this, discordant).proportion_ci(confidence_level=CONFIDENCE, method="exact")
+    # (Computed as the difference itself is, so share 0 or 1 gives exactly -/+ 100 d / images.)
+    return tuple(100.0 * (discordant * (2 * q) - discordant) / images for q in (share.low, share.high))
 
 
 # --------------------------------------------------------------------------- seed groups
@@ -124,12 +124,41 @@ def welch_interval(a, b):
 
 
 # --------------------------------------------------------------------------- speed
-def speedup_interval(first_rates, this_rates):
-    """The 95% interval of the speedup (this run's images/s over the first's) from the spread of
-    each run's steady epochs: Welch's interval of the difference of the logarithms of their
-    images/s, taken back to a ratio. None without two steady epochs in each run. It says how
-    steady this machine was during these runs, not how another machine would do."""
-    if len(first_rates) < 2 or len(this_rates) < 2 or min(*first_rates, *this_rates) <= 0:
-        return None
-    low, high = welch_interval([math.log(r) for r in first_rates], [math.log(r) for r in this_rates])
-    return math.exp(low), math.exp(high)
+def training_rate(epochs):
+    """Images per second over `epochs`, given as [(images, seconds)]: all their images over all
+    their seconds (each epoch weighted by its duration), or None without a second timed."""
+    seconds = sum(s for _, s in epochs)
+    return sum(i for i, _ in epochs) / seconds if seconds > 0 else None
+
+
+def speedup(first_epochs, this_epochs):
+    """(this run's training_rate over the first's, its 95% interval or None), each run's epochs
+    given as [(images, seconds)]. One estimator for both: the interval is centred (on a log
+    scale) on the speedup itself. Each rate is a ratio estimator, total images over total
+    seconds; its standard error comes from the spread of the epochs' residuals images - rate *
+    seconds (the linearization of a ratio estimator), that of log(speedup) from both runs'
+    relative errors, with Welch-Satterthwaite's degrees of freedom. None without two timed epochs
+    in each run. It says how steady this machine was during these runs, not how another machine
+    would do."""
+    first, this = training_rate(first_epochs), training_rate(this_epochs)
+    if not first or not this:
+        return None, None
+    point = this / first
+    if len(first_epochs) < 2 or len(this_epochs) < 2:
+        return point, None
+    a, b = log_rate_variance(first_epochs, first), log_rate_variance(this_epochs, this)
+    se = math.sqrt(a + b)
+    if se == 0:
+        return point, (point, point)
+    df = (a + b) ** 2 / (a**2 / (len(first_epochs) - 1) + b**2 / (len(this_epochs) - 1))
+    low, high = t_interval(math.log(point), se, df)
+    return point, (math.exp(low), math.exp(high))
+
+
+def log_rate_variance(epochs, rate):
+    """The squared standard error of log(rate), rate = total images / total seconds of `epochs`:
+    var(rate) ~ sum((images - rate * seconds)^2) / (n (n - 1) mean_seconds^2), over rate^2."""
+    n = len(epochs)
+    mean_seconds = sum(s for _, s in epochs) / n
+    residuals = sum((i - rate * s) ** 2 for i, s in epochs)
+    return residuals / (n * (n - 1) * mean_seconds**2) / rate**2

@@ -202,6 +202,7 @@ def test_inference_json_has_a_row_per_precision_and_runtime(demo):
         assert 0 <= row["test_acc"] <= 100 and 0 <= row["agreement"] <= 100
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p95"] and row["images_per_sec"] > 0
     assert rows["fp32", "pytorch"]["agreement"] == 100 and rows["fp32", "pytorch"]["max_abs_logit_diff"] == 0
+    assert rows["fp32", "pytorch"]["fp32_math"] == report["fp32_math"] == "ieee"  # (the CPU: IEEE whatever the flag)
     assert rows["fp32", "onnxruntime"]["agreement"] >= export.MIN_AGREEMENT
     assert rows["fp32", "onnxruntime"]["test_acc"] == rows["fp32", "pytorch"]["test_acc"]
     for precision, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
@@ -216,6 +217,52 @@ def test_inference_json_has_a_row_per_precision_and_runtime(demo):
     text = (demo["run"] / "inference.md").read_text()
     assert "| precision | runtime | size (MB) |" in text and report["device"] in text and "Not measured" in text
     assert "| int8 | onnxruntime |" in text and text.split("\n| precision")[1] in demo["out"]  # printed too
+
+
+def test_a_tf32_row_is_labelled_tf32(demo):
+    """Where PyTorch's FP32 ran in TF32 (--fp32_math tf32 on an Ampere or newer GPU), inference.md
+    says so; onnxruntime's FP32 row is IEEE either way."""
+    from report import inference_markdown
+
+    report = json.loads((demo["run"] / "inference.json").read_text())
+    for row in report["rows"]:
+        if row["runtime"] == "pytorch":
+            row["fp32_math"] = "tf32"
+    text = inference_markdown({**report, "fp32_math": "tf32"})
+    assert "| fp32 (tf32) | pytorch |" in text and "| fp32 | onnxruntime |" in text
+    assert "top-1 is PyTorch FP32 (tf32)'s" in text
+    assert "| fp32 (tf32) |" not in (demo["run"] / "inference.md").read_text()  # this CPU run: IEEE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp32_math", ["ieee", "tf32"])
+def test_export_computes_in_the_runs_fp32_math(demo, tmp_path, monkeypatch, fp32_math):
+    """(review) --export did not apply --fp32_math: its parity reference and "fp32 pytorch" row ran
+    cuDNN's TF32 convolutions (PyTorch's default) whatever the run used."""
+    seen = []
+    call = inference.PyTorchRunner.__call__
+
+    def recording(self, images):
+        seen.append((self.precision, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return call(self, images)
+
+    monkeypatch.setattr(inference.PyTorchRunner, "__call__", recording)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
+    runs, run_dir = copy_of_run(demo, tmp_path, "r18")
+    try:
+        code, out, err = cli(
+            "--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "r18",
+            *EXPORT, "--device", "cuda", "--fp32_math", fp32_math,
+        )  # fmt: skip
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert code == 0, err
+    tf32 = fp32_math == "tf32" and torch.cuda.get_device_capability() >= (8, 0)
+    assert seen and all(allowed == (tf32, tf32) for precision, *allowed in seen if precision == "fp32")
+    report = json.loads((run_dir / "inference.json").read_text())
+    assert report["rows"][0]["fp32_math"] == ("tf32" if tf32 else "ieee")
+    assert ("| fp32 (tf32) | pytorch |" in (run_dir / "inference.md").read_text()) is tf32
 
 
 def test_predict_onnx_writes_the_csv_of_predict_without_pytorch(demo, tmp_path):

@@ -83,14 +83,95 @@ def test_cuda_native_answers_from_the_compute_capability(monkeypatch, capability
     assert ("no float16 tensor cores" in warning) is (not fp16)
 
 
-def test_avx2_imitation_is_seen_as_emulated():
+ZEN4_FLAGS = "{'avx2', 'avx512f', 'avx512_bw', 'avx512_bf16'}"  # (this CPU: AVX512-BF16, no AMX or FP16)
+
+
+@pytest.mark.parametrize(
+    "env,native,unused",
+    [
+        (
+            {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+            False,
+            "ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2",
+        ),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False, "ONEDNN_MAX_CPU_ISA=AVX2"),
+    ],
+)
+def test_avx2_imitation_is_seen_as_emulated(env, native, unused):
     """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, as the README's slow-machine timings use:
-    whatever this CPU has, torch's kernels then emulate bfloat16."""
-    code = "import hardware; c = hardware.describe('cpu', 'bfloat16'); print(c.native, c.capability)"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    whatever this CPU has, torch's kernels then emulate bfloat16. The CPU is mocked as one with
+    AVX512-BF16 (in a fresh process, where torch reads ATEN_CPU_CAPABILITY for real), so an AVX2-only
+    host cannot pass this by having no bf16 instructions: the variables must be what says emulated."""
+    code = (
+        f"import hardware; hardware.cpu_flags = lambda: {ZEN4_FLAGS}; "
+        "c = hardware.describe('cpu', 'bfloat16'); print(c.native, c.capability)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("False AVX2 (")
+    assert done.stdout.startswith(f"{native} ") and done.stdout.rstrip().endswith(f"(avx512_bf16 unused: {unused})")
+    if "ATEN_CPU_CAPABILITY" in env:
+        assert done.stdout.split()[1] == "AVX2"  # torch's kernels, lowered by the variable
+
+
+GRAVITON3 = {"fp", "asimd", "fphp", "asimdhp", "asimddp", "sve", "svebf16", "i8mm", "bf16"}  # its Features line
+
+
+@pytest.mark.parametrize(
+    "device,fake,bf16,fp16",
+    [
+        ("cpu", ("AVX512", SAPPHIRE_RAPIDS, None), True, True),
+        ("cpu", ("AVX512", COOPER_LAKE, None), True, False),
+        ("cpu", ("AVX2", SAPPHIRE_RAPIDS, None), False, False),  # ATEN_CPU_CAPABILITY=avx2 on an AVX512-BF16 CPU
+        ("cpu", ("AVX512", SAPPHIRE_RAPIDS, "AVX2"), False, False),  # ONEDNN_MAX_CPU_ISA=AVX2
+        ("cpu", ("AVX2", ZEN3, None), False, False),
+        ("cpu", ("DEFAULT", GRAVITON3, None, "aarch64"), True, True),  # ARM: Features ... bf16
+        ("cuda:0", (6, 1), False, False),  # Pascal: float16 emulated too
+        ("cuda:0", (7, 5), False, True),
+        ("cuda:0", (8, 0), True, True),
+    ],
+)
+def test_every_caller_gets_one_answer_to_is_this_dtype_native(monkeypatch, device, fake, bf16, fp16):
+    """(review) inference.py had its own answer: [] on a Graviton3 (it read x86 flags only), float16
+    native on any GPU, bf16 native under ATEN_CPU_CAPABILITY=avx2. Now training's warning,
+    results.json (and so --compare), --benchmark's header and --export's rows ask hardware.describe."""
+    inference = pytest.importorskip("inference")  # (onnxruntime: --export's)
+    if device == "cpu":
+        fake_cpu(monkeypatch, *fake)
+    else:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: fake)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert inference.native_dtypes(device) == [d for d, native in (("bf16", bf16), ("fp16", fp16)) if native]
+    for dtype, native in (("bfloat16", bf16), ("float16", fp16)):
+        assert hardware.record(device, dtype)["amp_dtype_native"] is native  # results.json, --compare
+        assert bool(hardware.emulation_warning(device, dtype)) is not native  # training's warning
+        assert f"{dtype} {'native' if native else 'emulated'}" in hardware.summary(device)  # --benchmark
+        assert f"{dtype} {'native' if native else 'emulated'}" in inference.pytorch_capability(device)  # --export
+    # --export measures the AMP dtype's row where native, and says why not where it is emulated.
+    cfg = Namespace(device=device, amp=True, amp_dtype="bfloat16")
+    skipped = inference.skipped_rows(cfg, "bf16", inference.native_dtypes(device), ("It", "its capability"))
+    assert (
+        any(s["precision"] == "bf16" and "does not compute bf16 natively" in s["reason"] for s in skipped) is not bf16
+    )
+
+
+def test_an_arm_cpus_features_line_is_read(monkeypatch):
+    """/proc/cpuinfo on ARM says "Features", not "flags" (torch's own cpuinfo lists x86 names only)."""
+    import io
+
+    cpuinfo = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: " + " ".join(sorted(GRAVITON3)) + "\n"
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: {"architecture": "aarch64"})
+    monkeypatch.setattr(hardware, "open", lambda path, *a, **k: io.StringIO(cpuinfo), raising=False)
+    read_flags = hardware.cpu_flags
+    read_flags.cache_clear()
+    try:
+        assert read_flags() == GRAVITON3
+        fake_cpu(monkeypatch, "DEFAULT", read_flags(), machine="aarch64")
+        assert hardware.describe("cpu", "bfloat16").native is True
+    finally:
+        read_flags.cache_clear()  # (the next caller reads this machine's own flags)
 
 
 def test_fp32_math(monkeypatch):

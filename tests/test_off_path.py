@@ -337,6 +337,48 @@ def test_evaluate_needs_only_the_test_split(run_cli, finished_run, tmp_path):
     assert "on 24 images" in out
 
 
+def test_evaluate_with_other_settings_keeps_the_runs_own_test_record(run_cli, finished_run, tmp_path):
+    """(review) --evaluate with another --data_dir, --device or --batch_size rewrote the run's
+    test_predictions.csv but not its results.json; --compare then said "paired statistics
+    unavailable". Now that test goes to files of its own, named by what changed, and says so."""
+    runs = tmp_path / "checkpoints"
+    for name in ("done", "twin"):  # (copies: the shared run stays as it was)
+        shutil.copytree(finished_run.dir, runs / name)
+    own = {f: (runs / "done" / f).read_bytes() for f in ("results.json", "test_predictions.csv")}
+    only_test = tmp_path / "only_test"  # the same test images, in another folder
+    shutil.copytree(os.path.join(finished_run.data, "seg_test"), only_test / "seg_test")
+    code, out, err = run_cli(
+        "--checkpoint_name", "done", "--evaluate", "--data_dir", only_test, "--batch_size", "8", checkpoint_dir=runs
+    )
+    assert code == 0, err
+    tag = "data_dir-only_test_batch_size-8"
+    csv_path, json_path = runs / "done" / f"test_predictions_{tag}.csv", runs / "done" / f"evaluate_{tag}.json"
+    assert f"wrote {csv_path} and {json_path}: tested with --data_dir {only_test} (the run's: " in out
+    assert "--batch_size 8 (the run's: 16); the run's own results.json and test_predictions.csv are unchanged" in out
+    assert {f: (runs / "done" / f).read_bytes() for f in own} == own
+    record = json.loads(json_path.read_text())
+    assert record["settings"]["batch_size"] == {"run": 16, "evaluated": 8} and record["test_images"] == 24
+    assert f"test accuracy {record['test_acc']:.2f}% on 24 images" in out
+    assert len(csv_path.read_text().splitlines()) == 25  # header + every test image
+    # The run's own pair still pairs with another run's: --compare gives its verdict.
+    code, out, err = run_cli("--compare", "done", "twin", checkpoint_dir=runs)
+    assert code == 0, err
+    assert "paired statistics unavailable" not in out and "| same within noise |" in out
+    # With the run's own settings, --evaluate rewrites the run's own file (the same answers).
+    code, out, err = run_cli("--checkpoint_name", "done", "--evaluate", checkpoint_dir=runs)
+    assert code == 0, err
+    assert f"wrote {runs / 'done' / 'test_predictions.csv'}\n" in out and "unchanged" not in out
+    assert {f: (runs / "done" / f).read_bytes() for f in own} == own
+    # A fresh run under the name removes the old model's records with it.
+    code, out, err = run_cli(
+        "--data_dir", finished_run.data, "--checkpoint_name", "done", "--epochs", "1", *FAST, "--overwrite",
+        checkpoint_dir=runs,
+    )  # fmt: skip
+    assert code == 0, err
+    assert not csv_path.exists() and not json_path.exists() and (runs / "done" / "test_predictions.csv").exists()
+    shutil.rmtree(runs)
+
+
 # --------------------------------------------------------------------------- 12. --pretrained_path from an earlier run
 def test_pretrained_path_fine_tunes_from_an_earlier_run(run_cli, finished_run, tmp_path):
     best = finished_run.dir / "best.pt"

@@ -1,6 +1,7 @@
 """--compare's error bars, on hand-made run folders (no training): the paired accuracy difference
-with Newcombe's interval, McNemar's exact p and the verdict words from per-image predictions with
-known discordant counts; a seed group's mean, sd and t-interval against hand-computed values; the
+with the interval that inverts McNemar's exact test (Clopper-Pearson's), McNemar's exact p and the
+verdict words from per-image predictions with known discordant counts, and that verdict and interval
+never disagree; a seed group's mean, sd and t-interval against hand-computed values; the
 speedup's interval from the steady epochs; older runs without predictions; the outputs' names."""
 
 import csv
@@ -10,9 +11,8 @@ import math
 import pytest
 
 from report import compare_runs, comparison_figure, comparison_report, load_finished_run
-from verdicts import group_difference
+from verdicts import group_difference, paired_accuracy
 
-Z = 1.959963984540054  # the standard normal's 97.5% quantile
 T_975_DF2 = 4.302652729749462  # Student's t, 97.5%, 2 degrees of freedom (tables: 4.303)
 T_975_DF1 = 12.706204736174694  # ... 1 degree of freedom (tables: 12.706)
 CLASSES = ("cat", "dog")
@@ -71,21 +71,37 @@ def paired(both, only_first, only_this, neither):
     return [bool(a) for a, _ in pattern], [bool(b) for _, b in pattern]
 
 
-def wilson_by_hand(k, n):
-    p = k / n
-    center, half = p + Z * Z / (2 * n), Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
-    return (center - half) / (1 + Z * Z / n), (center + half) / (1 + Z * Z / n)
+def binomial_tail(k, n, q, upper):
+    """P(X >= k) (upper) or P(X <= k) of X ~ Binomial(n, q), summed term by term."""
+    terms = range(k, n + 1) if upper else range(k + 1)
+    return sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in terms)
 
 
-def newcombe_by_hand(a, b, c, d):
-    """Newcombe (1998) method 10 for p2 - p1, p1 = (a + b) / n, p2 = (a + c) / n."""
+def clopper_pearson_by_hand(k, n):
+    """The exact 95% interval of a proportion k / n: the q whose upper (lower) tail at k is 2.5%,
+    by bisection (both tails are monotone in q)."""
+
+    def solve(upper):
+        lo, hi = 0.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            tail = binomial_tail(k, n, mid, upper)
+            # The upper tail grows with q, the lower one shrinks.
+            if (tail < 0.025) == upper:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    return (0.0 if k == 0 else solve(True)), (1.0 if k == n else solve(False))
+
+
+def paired_interval_by_hand(a, b, c, d):
+    """The accuracy difference's interval in points: the split c / (b + c) of the discordant
+    images, its exact interval taken to points by (b + c) / n * (2q - 1)."""
     n = a + b + c + d
-    p1, p2 = (a + b) / n, (a + c) / n
-    (l1, u1), (l2, u2) = wilson_by_hand(a + b, n), wilson_by_hand(a + c, n)
-    phi = (a * d - b * c) / math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
-    low = (p2 - p1) - math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
-    high = (p2 - p1) + math.sqrt((u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2)
-    return 100 * low, 100 * high
+    low, high = clopper_pearson_by_hand(c, b + c)
+    return 100 * (b + c) / n * (2 * low - 1), 100 * (b + c) / n * (2 * high - 1)
 
 
 def exact_two_sided(k, n):
@@ -112,7 +128,8 @@ def test_paired_difference_interval_mcnemar_and_verdict(tmp_path, counts, verdic
     assert (vs_first["images"], vs_first["only_first_right"], vs_first["only_this_right"]) == (n, only_first, only_this)
     assert vs_first["acc_diff"] == pytest.approx(100 * (only_this - only_first) / n)
     assert vs_first["mcnemar_p"] == pytest.approx(exact_two_sided(only_this, only_first + only_this), rel=1e-12)
-    assert vs_first["acc_diff_ci95"] == pytest.approx(list(newcombe_by_hand(*counts)), rel=1e-9)
+    expected = [0.0, 0.0] if only_first + only_this == 0 else list(paired_interval_by_hand(*counts))
+    assert vs_first["acc_diff_ci95"] == pytest.approx(expected, rel=1e-6)
     assert vs_first["verdict"] == verdict
     # compare.md says it in words, and the interval with it.
     row = [line for line in comparison_report(runs).splitlines() if line.startswith("| amp | ")][-1]  # (against fp32)
@@ -126,7 +143,44 @@ def test_the_example_values_by_hand(tmp_path):
     vs_first = compare_runs(runs)["runs"][1]["vs_first"]
     assert vs_first["mcnemar_p"] == pytest.approx(2 * (1 + 14 + 91 + 364 + 1001 + 2002) / 2**14)  # 0.42395
     assert vs_first["acc_diff"] == pytest.approx(10.0)
-    assert vs_first["acc_diff_ci95"] == pytest.approx([-8.43, 27.70], abs=0.005)
+    # 9 of the 14 discordant images favour b: q = 0.643 in [0.351, 0.872] (exact), so the
+    # difference is 14/40 * (2q - 1) = 10.00 points in [-10.40, +26.07].
+    assert vs_first["acc_diff_ci95"] == pytest.approx([-10.40, 26.07], abs=0.005)
+
+
+@pytest.mark.parametrize(
+    "images,only_first,only_this",
+    [(216, 5, 0), (216, 7, 1), (216, 9, 2), (216, 14, 5), (216, 19, 8), (216, 22, 10), (1000, 5, 0)],
+)
+def test_same_within_noise_is_never_printed_beside_an_interval_without_zero(tmp_path, images, only_first, only_this):
+    # (review) these splits gave p 0.0625 or so, "same within noise", beside Newcombe's interval
+    # [+0.32, +4.30] points (216 images, 0 vs 5) or [+0.02, +1.00] (1000 images): both excluded 0.
+    counts = (images // 2, only_first, only_this, images - images // 2 - only_first - only_this)
+    runs = [write_run(tmp_path, "a", paired(*counts)[0]), write_run(tmp_path, "b", paired(*counts)[1])]
+    vs_first = compare_runs(runs)["runs"][1]["vs_first"]
+    low, high = vs_first["acc_diff_ci95"]
+    assert vs_first["mcnemar_p"] >= 0.05 and vs_first["verdict"] == "same within noise"
+    assert low < 0 < high
+    assert f"| {low:+.2f} to {high:+.2f} |" in comparison_report(runs)
+
+
+@pytest.mark.parametrize("images", [40, 216, 1000])
+def test_verdict_and_interval_agree_for_every_split_of_up_to_60_discordant_images(images):
+    """Every (only_first, only_this) with at most 60 discordant images: "same within noise"
+    exactly when the 95% interval holds 0, "better" exactly when it is above 0, "worse" below."""
+    disagreements = []
+    for discordant in range(min(60, images) + 1):
+        for only_this in range(discordant + 1):
+            only_first = discordant - only_this
+            rest = images - discordant
+            first = [True] * only_first + [False] * only_this + [True] * (rest // 2) + [False] * (rest - rest // 2)
+            this = [False] * only_first + [True] * only_this + [True] * (rest // 2) + [False] * (rest - rest // 2)
+            result = paired_accuracy(first, this)
+            low, high = result.ci95
+            expected = "same within noise" if low <= 0 <= high else "better" if low > 0 else "worse"
+            if result.verdict != expected or not low <= result.acc_diff <= high:
+                disagreements.append((only_first, only_this, result.verdict, result.ci95, result.mcnemar_p))
+    assert disagreements == []
 
 
 def test_seed_groups_mean_sd_and_paired_t_interval(tmp_path):
@@ -185,16 +239,36 @@ def test_speedup_interval_from_the_steady_epochs(tmp_path):
     ]
     vs_first = compare_runs(runs)["runs"][1]["vs_first"]
     assert vs_first["speedup"] == pytest.approx(2.0)  # 3000 images in the same time ratio
-    logs_a, logs_b = [math.log(r) for r in (50, 52, 48)], [math.log(r) for r in (100, 104, 96)]
-    se = math.sqrt(
-        sum((x - sum(logs_a) / 3) ** 2 for x in logs_a) / 2 / 3
-        + sum((x - sum(logs_b) / 3) ** 2 for x in logs_b) / 2 / 3
-    )
-    center = sum(logs_b) / 3 - sum(logs_a) / 3  # equal variances: Welch's df is 4
+
+    # Every epoch has 1000 images, so a run's rate is 1000 over its mean epoch seconds, and its
+    # relative standard error is the seconds' sd / (sqrt(3) * their mean): the same for both runs
+    # here (each epoch twice as fast), so Welch's df is 4; the interval is 2.0 * exp(+-t * se).
+    def relative_se(rates):
+        seconds = [1000 / r for r in rates]
+        mean = sum(seconds) / 3
+        return math.sqrt(sum((s - mean) ** 2 for s in seconds) / 2) / math.sqrt(3) / mean
+
+    se = math.sqrt(relative_se((50, 52, 48)) ** 2 + relative_se((100, 104, 96)) ** 2)
     assert vs_first["speedup_ci95"] == pytest.approx(
-        [math.exp(center - 2.7764451051977934 * se), math.exp(center + 2.7764451051977934 * se)]
+        [2.0 * math.exp(-2.7764451051977934 * se), 2.0 * math.exp(2.7764451051977934 * se)]
     )
     assert "| 2.00x | 1.83x to 2.19x |" in comparison_report(runs)
+
+
+def test_speedup_interval_holds_the_speedup_when_epochs_vary(tmp_path):
+    # (review) 30 epochs at 100 images/s against epochs alternating 100 and 1000 (1000 images
+    # each): 60000 images in 600 s + 165 s, i.e. 1.82x, but the interval, from the geometric mean
+    # of the epochs' rates, said 2.04x to 4.90x. Point and interval are now one estimator.
+    runs = [
+        write_run(tmp_path, "steady", paired(30, 0, 0, 10)[0], rates=(5.0, *[100.0] * 30)),
+        write_run(tmp_path, "uneven", paired(30, 0, 0, 10)[1], rates=(5.0, *[100.0, 1000.0] * 15)),
+    ]
+    vs_first = compare_runs(runs)["runs"][1]["vs_first"]
+    assert vs_first["speedup"] == pytest.approx(2 / 1.1)  # 1.82x
+    low, high = vs_first["speedup_ci95"]
+    assert low < vs_first["speedup"] < high
+    assert math.log(vs_first["speedup"]) == pytest.approx((math.log(low) + math.log(high)) / 2)
+    assert f"| 1.82x | {low:.2f}x to {high:.2f}x |" in comparison_report(runs)
 
 
 def test_runs_without_predictions_still_compare(tmp_path):
