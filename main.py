@@ -86,10 +86,12 @@ from utils import (
     UserError,
     atomic_write_json,
     atomic_write_text,
+    hold_run_folder,
     load_json,
     log_to_file,
     log_to_file_only,
     progress_bar,
+    release_run_folders,
     remove_stale_temp_files,
     seed_everything,
     setup_logging,
@@ -127,8 +129,8 @@ def refuse_to_clobber(cfg):
 
 def start_run_dir(run_dir, fresh):
     """Create the run folder once the run is ready to start; a fresh run clears an old one's files."""
+    hold_run_folder(run_dir)  # (held already when the folder existed as the run started)
     try:
-        os.makedirs(run_dir, exist_ok=True)
         remove_stale_temp_files(run_dir)  # left by a write that was killed
         for name in (*RUN_FILES, *EXPORT_FILES) if fresh else ():
             if os.path.exists(os.path.join(run_dir, name)):
@@ -513,6 +515,8 @@ def run(argv=None):
     # torchrun restarted the job after a failure (--max-restarts): it goes on from its own last.pt,
     # or starts again when it failed before writing one.
     checkpoint, restarted = None, False
+    if os.path.isdir(run_dir):  # one writer: before its files are read (a new folder is held as it is made)
+        from_main_process(hold_run_folder, run_dir)
     if cfg.resume:
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
         restarted = torchrun_attempt() > 0  # (a job launched with --resume, e.g. on a SLURM requeue)
@@ -554,6 +558,7 @@ def main(argv=None):
     finally:
         if not succeeded:  # a successful run's loaders shut their workers down themselves
             stop_loader_workers()
+        release_run_folders()
         leave_distributed()
 
 

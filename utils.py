@@ -104,6 +104,76 @@ def atomic_write_files(directory, files):
         raise
 
 
+# --------------------------------------------------------------------------- one writer per run folder
+LOCK_FILE = ".training.lock"  # hidden, and no file of the run's: a folder holding it alone holds no run
+LOCK_GRACE_SECONDS = 2.0  # how long a start waits for a holder that may be ending before refusing
+_held_locks = {}  # run folder -> the open lock file (its flock lives as long as it stays open)
+
+
+def hold_run_folder(run_dir):
+    """Make this process the one that trains into `run_dir` (creating the folder), or raise a
+    UserError naming the process that is. An flock on the folder's lock file: the kernel drops it
+    when its holder ends, SIGKILL included, so a restart or a resume after a crash finds it free.
+    Called again for the same folder, it does nothing."""
+    import socket
+    import time
+
+    run_dir = os.path.abspath(run_dir)
+    if run_dir in _held_locks:
+        return
+    path = os.path.join(run_dir, LOCK_FILE)
+    while True:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise UserError(f"cannot prepare {run_dir}: {exc.strerror or exc}") from None
+        if not _lock(fd, time.monotonic() + LOCK_GRACE_SECONDS):
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "one that has just started"
+            os.close(fd)
+            raise UserError(
+                f"{run_dir} is being trained by another process ({holder}); wait for it to end or stop it "
+                "first (one process trains into a run folder at a time)"
+            )
+        try:  # the file it locked is still the folder's (not one a releasing holder unlinked just before)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    since = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    _held_locks[run_dir] = fd
+
+
+def _lock(fd, deadline):
+    """Whether this process got the lock on `fd` by `deadline` (a holder that is ending, killed a
+    moment ago, lets it go within milliseconds)."""
+    import fcntl
+    import time
+
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def release_run_folders():
+    """Give up the run folders this process holds (the lock file goes, then the lock)."""
+    for run_dir, fd in list(_held_locks.items()):
+        try:
+            os.unlink(os.path.join(run_dir, LOCK_FILE))
+        except OSError:  # (a folder removed meanwhile): the lock goes with the file descriptor
+            pass
+        os.close(fd)
+        del _held_locks[run_dir]
+
+
 def remove_stale_temp_files(directory):
     """Delete the temporary files a killed write left behind (see _atomic_write)."""
     if os.path.isdir(directory):
