@@ -83,7 +83,9 @@ from step import autocast_for, build_optimizer, precision_name
 from trainer import Trainer
 from trainer import evaluate as evaluate_model
 from utils import (
+    RunStopped,
     UserError,
+    WriteFailed,
     atomic_write_json,
     atomic_write_text,
     hold_run_folder,
@@ -366,7 +368,7 @@ def evaluate(best, cfg):
         try:
             write_test_predictions(path, rows, class_names)
         except OSError as exc:
-            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise UserError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from None
         print(f"wrote {path}")
     return 0
 
@@ -420,7 +422,7 @@ def predict(best, cfg):
     try:
         write_predictions(path, rows)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from None
     skipped = f" ({len(unreadable)} unreadable file(s) skipped)" if unreadable else ""
     print(
         f"wrote {len(rows)} predictions of {cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, "
@@ -549,6 +551,9 @@ def main(argv=None):
     except UserError as exc:
         print_error(exc)
         return exc.exit_code
+    except WriteFailed as exc:  # a write with no guard of its own (config.json, --compare's files)
+        print_error(RunStopped(f"cannot write {exc.filename}: {exc.strerror}"))
+        return 1
     except KeyboardInterrupt:  # before training's own handler is installed (loading data, say)
         print("interrupted before anything was saved", file=sys.stderr)
         return 130

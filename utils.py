@@ -58,6 +58,31 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class WriteFailed(OSError):
+    """A file the disk refused (full, or over a size limit, or read-only): its `filename` and, in
+    its `strerror`, why and how much space is left there. The callers say it in one line."""
+
+
+def write_failure(path, exc):
+    """The WriteFailed for `exc`, raised while writing `path`, if a refused write caused it (an
+    OSError, or an error raised while cleaning up after one, as torch's zip writer does when its
+    file stops growing); None for anything else (a bug)."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if cause is None:
+        return None
+    if isinstance(cause, WriteFailed):
+        return cause
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return WriteFailed(cause.errno, f"{cause.strerror or cause} ({free})", path)
+
+
 def _atomic_write(path, write):
     """Write through `write(file)` into a temporary file beside `path`, fsync, then rename it
     over `path`: a crash or a full disk leaves the old file as it was."""
@@ -70,38 +95,64 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
+        failure = write_failure(path, exc) if isinstance(exc, Exception) else None
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def atomic_write_files(directory, files):
-    """{name: bytes} into `directory` together: every file is written to a temporary file and
-    fsynced first, and only then are they renamed into place, one after the other (a rename needs no
-    space). A failed write (full disk, read-only folder) removes the temporary files and leaves
-    the old files as they were: never a new one beside an old one."""
-    staged = []
+    """{name: bytes} into `directory`, all or nothing. Every file is written to a temporary file
+    and fsynced first; only then does each old file move aside and its new one take its place.
+    If any step fails (full disk, read-only folder, a failed rename), the files already moved in
+    are taken out again and the old ones put back: the folder holds the old set, never a new file
+    beside an old one, and no temporary file. (A crash between two renames can still leave a mix:
+    the kernel has no rename of several files at once.)"""
+    staged, aside, moved = {}, {}, []  # name -> its new version's / its old version's temporary file
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
-            staged.append(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, name in zip(staged, files):
-            os.replace(tmp, os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            try:
+                fd, staged[name] = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+                os.chmod(staged[name], 0o666 & ~_UMASK)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except Exception as exc:
+                failure = write_failure(path, exc)
+                raise exc if failure is None else failure from None
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                aside[name] = staged[name][: -len(".tmp")] + ".old.tmp"
+                os.replace(path, aside[name])
+            moved.append(name)
+            os.replace(staged[name], path)
+            del staged[name]
     except BaseException:
-        for tmp in staged:
+        for name in reversed(moved):  # back as it was: the old file, or none
+            path = os.path.join(directory, name)
+            try:
+                if name in aside:
+                    os.replace(aside.pop(name), path)
+                elif name not in staged:  # (its new file was moved in, and there was no old one)
+                    os.unlink(path)
+            except OSError:
+                pass
+        for tmp in staged.values():
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
         raise
+    for tmp in aside.values():
+        os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- one writer per run folder
