@@ -283,5 +283,5 @@ def write_files(run_dir, fp32, int8, report):
     }
     try:
         atomic_write_files(run_dir, files)
-    except OSError as exc:
-        raise UserError(f"cannot write to {run_dir}: {exc.strerror or exc}") from None
+    except OSError as exc:  # (a WriteFailed names the file and the free space)
+        raise UserError(f"cannot write {exc.filename or run_dir}: {exc.strerror or exc}") from None

@@ -86,13 +86,17 @@ from step import autocast_for, build_optimizer, precision_name
 from trainer import Trainer
 from trainer import evaluate as evaluate_model
 from utils import (
+    RunStopped,
     UserError,
+    WriteFailed,
     atomic_write_json,
     atomic_write_text,
+    hold_run_folder,
     load_json,
     log_to_file,
     log_to_file_only,
     progress_bar,
+    release_run_folders,
     remove_stale_temp_files,
     seed_everything,
     setup_logging,
@@ -130,8 +134,8 @@ def refuse_to_clobber(cfg):
 
 def start_run_dir(run_dir, fresh):
     """Create the run folder once the run is ready to start; a fresh run clears an old one's files."""
+    hold_run_folder(run_dir)  # (held already when the folder existed as the run started)
     try:
-        os.makedirs(run_dir, exist_ok=True)
         remove_stale_temp_files(run_dir)  # left by a write that was killed
         for name in (*RUN_FILES, *EXPORT_FILES, *evaluation_records(run_dir)) if fresh else ():
             if os.path.exists(os.path.join(run_dir, name)):
@@ -412,7 +416,7 @@ def write_evaluation(best, cfg, test, rows, class_names):
                 },
             )
     except OSError as exc:
-        raise UserError(f"cannot write {json_path or csv_path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {exc.filename or json_path or csv_path}: {exc.strerror or exc}") from None
     if json_path is None:
         print(f"wrote {csv_path}")
         return
@@ -473,7 +477,7 @@ def predict(best, cfg):
     try:
         write_predictions(path, rows)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {exc.filename or path}: {exc.strerror or exc}") from None
     skipped = f" ({len(unreadable)} unreadable file(s) skipped)" if unreadable else ""
     print(
         f"wrote {len(rows)} predictions of {cfg.checkpoint_name} (epoch {best['epoch']}{which_weights(best)}, "
@@ -568,6 +572,8 @@ def run(argv=None):
     # torchrun restarted the job after a failure (--max-restarts): it goes on from its own last.pt,
     # or starts again when it failed before writing one.
     checkpoint, restarted = None, False
+    if os.path.isdir(run_dir):  # one writer: before its files are read (a new folder is held as it is made)
+        from_main_process(hold_run_folder, run_dir)
     if cfg.resume:
         checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
         restarted = torchrun_attempt() > 0  # (a job launched with --resume, e.g. on a SLURM requeue)
@@ -601,6 +607,9 @@ def main(argv=None):
     except UserError as exc:
         print_error(exc)
         return exc.exit_code
+    except WriteFailed as exc:  # a write with no guard of its own (config.json, --compare's files)
+        print_error(RunStopped(f"cannot write {exc.filename}: {exc.strerror}"))
+        return 1
     except KeyboardInterrupt:  # before training's own handler is installed (loading data, say)
         print("interrupted before anything was saved", file=sys.stderr)
         return 130
@@ -610,6 +619,7 @@ def main(argv=None):
     finally:
         if not succeeded:  # a successful run's loaders shut their workers down themselves
             stop_loader_workers()
+        release_run_folders()
         leave_distributed()
 
 

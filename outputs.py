@@ -62,8 +62,8 @@ class RunOutputs:
         def guarded():
             try:
                 write()
-            except OSError as exc:
-                raise RunStopped(f"cannot write {path}: {exc.strerror or exc}{note}") from None
+            except OSError as exc:  # (a WriteFailed names the file and the free space)
+                raise RunStopped(f"cannot write {exc.filename or path}: {exc.strerror or exc}{note}") from None
 
         from_main_process(guarded)
 
@@ -101,6 +101,7 @@ class RunOutputs:
         and its line."""
         record = state.history[-1]
         self.log_epoch(step, record)  # after last.pt: a resume from an older checkpoint would write them again
+        self.flush()
         self.write_results(state, skipped_steps)
         curves = os.path.join(self.run_dir, "curves.png")
         title = f"{self.cfg.checkpoint_name}: {precision_name(self.cfg)} on {device_name(self.device)}"
@@ -134,7 +135,8 @@ class RunOutputs:
         run = {**results, "config": vars(self.cfg)}
         self.log.info(comparison_table([run]) + (f"\n{memory_note([run])}" if memory_note([run]) else ""))
         metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "best_val_acc": state.best_val_acc}
-        self.log_test(step, {**metrics, **({"test/acc_ema": ema["test_acc_ema"]} if ema else {})})
+        metrics = {**metrics, **({"test/acc_ema": ema["test_acc_ema"]} if ema else {})}
+        self.write(os.path.join(self.run_dir, "tensorboard"), lambda: self.log_test(step, metrics))
         return results
 
     # ------------------------------------------------------------------ TensorBoard
@@ -197,7 +199,6 @@ class RunOutputs:
                 if key in record
             },
         )
-        self.tensorboard.flush()
 
     def log_test(self, step, metrics):
         """The test's numbers and the run's settings (the HPARAMS tab); the series ends here."""
@@ -208,9 +209,9 @@ class RunOutputs:
         self.tensorboard = None
 
     def flush(self):
-        """Every event so far on disk (before a checkpoint, so a resume never loses one)."""
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
+        """Every event so far on disk (before a checkpoint, so a resume never loses one). On every
+        rank: a refused write stops them all."""
+        self.write(os.path.join(self.run_dir, "tensorboard"), lambda: self.tensorboard and self.tensorboard.flush())
 
 
 def format_epoch(r, epochs):

@@ -5,6 +5,7 @@ and the predictions CSV; write and read a run's TensorBoard event files."""
 import csv
 import io
 import os
+import threading
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import verdicts
-from utils import UserError, atomic_savefig, atomic_write_text, load_json
+from utils import UserError, atomic_savefig, atomic_write_text, load_json, write_failure
 
 TABLE_COLUMNS = (
     "run",
@@ -824,12 +825,30 @@ class TensorBoardLog:
             self.writer = summary_writer_class()(str(log_dir), purge_step=purge_step)
         except OSError as exc:  # e.g. a file where the folder should be
             raise UserError(f"cannot write TensorBoard events to {log_dir}: {exc.strerror or exc}") from None
+        # A refused write (full disk) is kept, and raised at the next flush or close: the run stops
+        # there, at a point every rank reaches, instead of at a rank 0-only logging call. (When
+        # TensorBoard's writer thread meets it, the thread dies of it: quietly, see below.)
+        self.failure = None
+        writer_thread = getattr(getattr(self.writer.file_writer.event_writer, "_async_writer", None), "_worker", None)
+        if writer_thread is not None:
+            writer_thread.quiet_os_error = True
+            if threading.excepthook is not _quiet_tensorboard_thread:
+                global _threading_excepthook
+                _threading_excepthook, threading.excepthook = threading.excepthook, _quiet_tensorboard_thread
+
+    def _guarded(self, write, *args):
+        if self.failure is None:
+            try:
+                write(*args)
+            except OSError as exc:  # (raised again by every later call: TensorBoard's writer thread died of it)
+                events = getattr(self.writer.file_writer.event_writer, "_file_name", self.writer.log_dir)
+                self.failure = write_failure(events, exc)
 
     def scalars(self, step, values):
         """{tag: value} at `step`; None values (e.g. no loss scale without a GradScaler) are left out."""
         for tag, value in values.items():
             if value is not None:
-                self.writer.add_scalar(tag, value, step)
+                self._guarded(self.writer.add_scalar, tag, value, step)
 
     def hparams(self, step, hparams, metrics):
         """The run's settings and its final {tag: metric} for TensorBoard's HParams tab. Unlike
@@ -840,14 +859,29 @@ class TensorBoardLog:
         summaries = hparams_summaries({name: _hparam_value(value) for name, value in hparams.items()}, metrics)
         file_writer = self.writer._get_file_writer()  # what add_hparams writes with, in its subfolder
         for summary in summaries:  # the experiment, the session start and the session end
-            file_writer.add_summary(summary, step)
+            self._guarded(file_writer.add_summary, summary, step)
         self.scalars(step, metrics)
 
     def flush(self):
-        self.writer.flush()
+        """Every event so far on disk; a WriteFailed if the disk refused one (then or before)."""
+        self._guarded(self.writer.flush)
+        if self.failure is not None:
+            raise self.failure
 
     def close(self):
-        self.writer.close()
+        self._guarded(self.writer.close)
+        if self.failure is not None:
+            raise self.failure
+
+
+_threading_excepthook = threading.excepthook
+
+
+def _quiet_tensorboard_thread(args):
+    """threading.excepthook: no traceback for a TensorBoard writer thread that a refused write
+    ended (TensorBoardLog says it in one line at its next flush); any other as before."""
+    if not (isinstance(args.exc_value, OSError) and getattr(args.thread, "quiet_os_error", False)):
+        _threading_excepthook(args)
 
 
 def _hparam_value(value):

@@ -58,6 +58,31 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class WriteFailed(OSError):
+    """A file the disk refused (full, or over a size limit, or read-only): its `filename` and, in
+    its `strerror`, why and how much space is left there. The callers say it in one line."""
+
+
+def write_failure(path, exc):
+    """The WriteFailed for `exc`, raised while writing `path`, if a refused write caused it (an
+    OSError, or an error raised while cleaning up after one, as torch's zip writer does when its
+    file stops growing); None for anything else (a bug)."""
+    cause = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if cause is None:
+        return None
+    if isinstance(cause, WriteFailed):
+        return cause
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return WriteFailed(cause.errno, f"{cause.strerror or cause} ({free})", path)
+
+
 def _atomic_write(path, write):
     """Write through `write(file)` into a temporary file beside `path`, fsync, then rename it
     over `path`: a crash or a full disk leaves the old file as it was."""
@@ -70,38 +95,134 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
+        failure = write_failure(path, exc) if isinstance(exc, Exception) else None
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def atomic_write_files(directory, files):
-    """{name: bytes} into `directory` together: every file is written to a temporary file and
-    fsynced first, and only then are they renamed into place, one after the other (a rename needs no
-    space). A failed write (full disk, read-only folder) removes the temporary files and leaves
-    the old files as they were: never a new one beside an old one."""
-    staged = []
+    """{name: bytes} into `directory`, all or nothing. Every file is written to a temporary file
+    and fsynced first; only then does each old file move aside and its new one take its place.
+    If any step fails (full disk, read-only folder, a failed rename), the files already moved in
+    are taken out again and the old ones put back: the folder holds the old set, never a new file
+    beside an old one, and no temporary file. (A crash between two renames can still leave a mix:
+    the kernel has no rename of several files at once.)"""
+    staged, aside, moved = {}, {}, []  # name -> its new version's / its old version's temporary file
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
-            staged.append(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, name in zip(staged, files):
-            os.replace(tmp, os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            try:
+                fd, staged[name] = tempfile.mkstemp(dir=directory, prefix="." + name + ".", suffix=".tmp")
+                os.chmod(staged[name], 0o666 & ~_UMASK)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except Exception as exc:
+                failure = write_failure(path, exc)
+                raise exc if failure is None else failure from None
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                aside[name] = staged[name][: -len(".tmp")] + ".old.tmp"
+                os.replace(path, aside[name])
+            moved.append(name)
+            os.replace(staged[name], path)
+            del staged[name]
     except BaseException:
-        for tmp in staged:
+        for name in reversed(moved):  # back as it was: the old file, or none
+            path = os.path.join(directory, name)
+            try:
+                if name in aside:
+                    os.replace(aside.pop(name), path)
+                elif name not in staged:  # (its new file was moved in, and there was no old one)
+                    os.unlink(path)
+            except OSError:
+                pass
+        for tmp in staged.values():
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
         raise
+    for tmp in aside.values():
+        os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+LOCK_FILE = ".training.lock"  # hidden, and no file of the run's: a folder holding it alone holds no run
+LOCK_GRACE_SECONDS = 2.0  # how long a start waits for a holder that may be ending before refusing
+_held_locks = {}  # run folder -> the open lock file (its flock lives as long as it stays open)
+
+
+def hold_run_folder(run_dir):
+    """Make this process the one that trains into `run_dir` (creating the folder), or raise a
+    UserError naming the process that is. An flock on the folder's lock file: the kernel drops it
+    when its holder ends, SIGKILL included, so a restart or a resume after a crash finds it free.
+    Called again for the same folder, it does nothing."""
+    import socket
+    import time
+
+    run_dir = os.path.abspath(run_dir)
+    if run_dir in _held_locks:
+        return
+    path = os.path.join(run_dir, LOCK_FILE)
+    while True:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            raise UserError(f"cannot prepare {run_dir}: {exc.strerror or exc}") from None
+        if not _lock(fd, time.monotonic() + LOCK_GRACE_SECONDS):
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "one that has just started"
+            os.close(fd)
+            raise UserError(
+                f"{run_dir} is being trained by another process ({holder}); wait for it to end or stop it "
+                "first (one process trains into a run folder at a time)"
+            )
+        try:  # the file it locked is still the folder's (not one a releasing holder unlinked just before)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    since = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    _held_locks[run_dir] = fd
+
+
+def _lock(fd, deadline):
+    """Whether this process got the lock on `fd` by `deadline` (a holder that is ending, killed a
+    moment ago, lets it go within milliseconds)."""
+    import fcntl
+    import time
+
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def release_run_folders():
+    """Give up the run folders this process holds (the lock file goes, then the lock)."""
+    for run_dir, fd in list(_held_locks.items()):
+        try:
+            os.unlink(os.path.join(run_dir, LOCK_FILE))
+        except OSError:  # (a folder removed meanwhile): the lock goes with the file descriptor
+            pass
+        os.close(fd)
+        del _held_locks[run_dir]
 
 
 def remove_stale_temp_files(directory):

@@ -59,6 +59,23 @@ FORKSERVER = os.path.join(ROOT, "tests", "forkserver.py")
 PYTHON = [sys.executable, FORKSERVER]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir():
+    """$TMPDIR, for the processes the tests start, is a folder of this session's that goes when it
+    ends: what they leave in it goes too (torchrun's agent leaves an empty /tmp/torchelastic_*
+    folder a job). This process keeps its own (pytest's tmp_path folders are kept on failure)."""
+    tempfile.gettempdir()  # (fixed now, from the $TMPDIR this process started with)
+    folder = tempfile.mkdtemp(prefix="amp-tests-tmp-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = folder
+    yield folder
+    if before is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = before
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def forkserver():
     """A fork server for this test process's PYTHON commands, while the session lasts.

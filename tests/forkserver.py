@@ -49,7 +49,14 @@ LOAD_TIME_VARIABLES = (
     "ATEN_CPU_CAPABILITY",
     "ONEDNN_MAX_CPU_ISA",
     "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "OMP_PROC_BIND",
+    "OMP_PLACES",
+    "OMP_DYNAMIC",
+    "GOMP_SPINCOUNT",
     "KMP_AFFINITY",
+    "KMP_BLOCKTIME",
     "TORCH_DISTRIBUTED_DEBUG",
     "TORCH_LOGS",
     "TORCH_CPP_LOG_LEVEL",
@@ -222,6 +229,10 @@ def serve(path):
                 request, fds = message
                 sys.stdout.flush()
                 sys.stderr.flush()
+                # A fork copies the calling thread alone: a thread pool (OpenMP's, after a parallel
+                # torch op here) would be missing in the child, whose next parallel op then hangs.
+                threads = len(os.listdir("/proc/self/task"))
+                assert threads == 1, f"the fork server has {threads} threads: a forked child would miss them"
                 request["server_loglevel"] = os.environ.get("LOGLEVEL", "WARNING")
                 pid = os.fork()
                 if pid == 0:

@@ -63,9 +63,22 @@ def test_exit_code_and_output_are_those_of_a_fresh_python(script, tmp_path, what
     assert served.stderr.splitlines()[0] == "err" and last_line(served.stderr) == last_line(plain.stderr)
 
 
+def sigint(handler):
+    """For Popen's preexec_fn: the child starts with SIGINT at `handler`. A process inherits an
+    ignored SIGINT (a job started with `&` from a script has one, and so does pytest started so):
+    Python then keeps ignoring it, served or not, and a test of Ctrl-C must not depend on that."""
+    return lambda: signal.signal(signal.SIGINT, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_a_signal_to_the_launcher_reaches_the_script(script, signum):
-    proc = subprocess.Popen([*PYTHON, script, "wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*PYTHON, script, "wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint(signal.SIG_DFL),  # (as from a terminal, whatever started pytest)
+    )
     assert proc.stdout.readline() == "out\n"
     child = int(proc.stdout.readline())  # the process that runs the script
     proc.send_signal(signum)
@@ -77,3 +90,22 @@ def test_a_signal_to_the_launcher_reaches_the_script(script, signum):
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:  # (the server reaps it)
         time.sleep(0.01)
     assert not os.path.exists(f"/proc/{child}")
+
+
+def test_an_inherited_ignored_sigint_stays_ignored_as_in_plain_python(script):
+    for python in (PYTHON, [sys.executable]):
+        proc = subprocess.Popen(
+            [*python, script, "wait"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=sigint(signal.SIG_IGN),
+        )
+        assert proc.stdout.readline() == "out\n"
+        proc.stdout.readline()  # (its pid: it is waiting)
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 143, python

@@ -1,0 +1,137 @@
+"""A refused write (a full disk, a file over the size limit) is one line naming the file and the
+space left, and loses nothing: the previous version of the file stays, no temporary file is left.
+The writes really fail: RLIMIT_FSIZE caps the size of any file this process writes (SIGXFSZ
+ignored, so a write past it fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+
+import contextlib
+import os
+import resource
+import signal
+
+import pytest
+import torch
+from conftest import FAST, SMALL_MODEL
+from matplotlib.figure import Figure
+
+import report
+import utils
+
+
+@contextlib.contextmanager
+def file_size_limit(size):
+    """No file written in this block grows past `size` bytes."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def figure(points):
+    fig = Figure()
+    fig.add_subplot().plot(range(points), [i % 7 for i in range(points)])
+    return fig
+
+
+ROWS = [(f"img{i:05d}.jpg", i % 3, (i + 1) % 3, 0.5) for i in range(5000)]
+WRITERS = {  # name -> (write the previous, small version; write a new one past the limit)
+    "last.pt": (
+        lambda path: utils.atomic_torch_save({"w": torch.zeros(10)}, path),
+        lambda path: utils.atomic_torch_save({"w": torch.zeros(100_000)}, path),  # (torch's zip writer)
+    ),
+    "results.json": (lambda path: utils.atomic_write_json(path, {}), lambda path: utils.atomic_write_json(path, ROWS)),
+    "test_predictions.csv": (
+        lambda path: report.write_test_predictions(path, ROWS[:2], ["a", "b", "c"]),
+        lambda path: report.write_test_predictions(path, ROWS, ["a", "b", "c"]),
+    ),
+    "predictions.csv": (
+        lambda path: report.write_predictions(path, [(r[0], "a", 0.5) for r in ROWS[:2]]),
+        lambda path: report.write_predictions(path, [(r[0], "a", 0.5) for r in ROWS]),
+    ),
+    "curves.png": (
+        lambda path: utils.atomic_savefig(Figure(figsize=(1, 1)), path),
+        lambda path: utils.atomic_savefig(figure(3000), path),
+    ),
+}
+
+
+def assert_one_line_failure(failure, path):
+    assert isinstance(failure, utils.WriteFailed) and failure.filename == str(path)
+    assert failure.strerror.startswith("File too large (") and " MB free there)" in failure.strerror
+    assert "\n" not in failure.strerror
+
+
+def no_temporary_files(folder):
+    return not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_refused_write_keeps_the_previous_file_and_says_which(tmp_path, name):
+    path = tmp_path / name
+    write_previous, write_new = WRITERS[name]
+    write_previous(str(path))
+    previous = path.read_bytes()
+    with file_size_limit(len(previous) + 1000), pytest.raises(utils.WriteFailed) as failed:
+        write_new(str(path))
+    assert_one_line_failure(failed.value, path)
+    assert path.read_bytes() == previous and no_temporary_files(tmp_path)
+
+
+def test_a_refused_export_keeps_all_four_previous_files(tmp_path):
+    names = ["model.onnx", "model.int8.onnx", "inference.json", "inference.md"]
+    utils.atomic_write_files(str(tmp_path), {name: b"old" for name in names})
+    with file_size_limit(1000), pytest.raises(utils.WriteFailed) as failed:
+        utils.atomic_write_files(str(tmp_path), {name: b"x" * (10 if i < 2 else 5000) for i, name in enumerate(names)})
+    assert_one_line_failure(failed.value, tmp_path / "inference.json")
+    assert {name: (tmp_path / name).read_bytes() for name in names} == dict.fromkeys(names, b"old")
+    assert no_temporary_files(tmp_path)
+
+
+def test_a_refused_tensorboard_write_is_raised_at_the_next_flush_and_keeps_the_events_before(tmp_path):
+    log = report.TensorBoardLog(tmp_path)
+    log.scalars(0, {"a": 1.0})
+    log.flush()
+    (events,) = os.listdir(tmp_path)
+    with file_size_limit((tmp_path / events).stat().st_size + 100), pytest.raises(utils.WriteFailed) as failed:
+        for step in range(1, 200):
+            log.scalars(step, {"a": float(step)})
+        log.flush()
+    assert_one_line_failure(failed.value, tmp_path / events)
+    with pytest.raises(utils.WriteFailed):
+        log.close()  # (and again: the run stops on it, never goes on without its events)
+    assert report.read_tensorboard_scalars(tmp_path)["a"][0] == (0, 1.0)
+
+
+def test_a_refused_checkpoint_write_stops_the_run_in_one_line(run_cli, demo_data, tmp_path):
+    # (The previous version staying is shown above, per file; here: what a run says, and leaves.)
+    with file_size_limit(200_000):  # config.json and train.log fit; the small model's checkpoints (~6 MB) not
+        code, out, err = run_cli("--data_dir", demo_data, "--epochs", "1", *FAST, *SMALL_MODEL)
+    run_dir = tmp_path / "checkpoints" / "baseline"
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert (
+        f"cannot write {run_dir / 'best.pt'}: File too large (" in err
+    )  # (the first checkpoint written) and " MB free there)" in err
+    assert not (run_dir / "best.pt").exists() and no_temporary_files(run_dir)
+
+
+@pytest.mark.parametrize("k", range(7))  # 3 old files moved aside, 4 new ones moved in: 7 renames
+def test_a_multi_file_write_is_all_or_nothing_whichever_rename_fails(tmp_path, monkeypatch, k):
+    names = ["model.onnx", "model.int8.onnx", "inference.json", "inference.md"]
+    utils.atomic_write_files(str(tmp_path), {name: b"old" for name in names[:3]})  # (no old inference.md)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == k + 1:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        utils.atomic_write_files(str(tmp_path), {name: b"new" for name in names})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(names[:3])  # the old set, no inference.md, no temporary file
+    assert all((tmp_path / name).read_bytes() == b"old" for name in names[:3])
