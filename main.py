@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from machine import passive_openmp
+
 
 def _interrupted_while_starting(signum, frame):
     print("interrupted before anything was saved", file=sys.stderr, flush=True)
@@ -27,6 +29,10 @@ def _check_flags_before_torch(argv):
         sys.exit(exc.exit_code)
 
 
+# Before torch loads (libgomp reads it then): OpenMP threads that sleep when idle, unless the
+# user chose otherwise (machine.py says why).
+passive_openmp()
+
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
     signal.signal(signal.SIGINT, _interrupted_while_starting)
     if "LOCAL_RANK" not in os.environ:  # (under torchrun every process checks, and names its rank, in main())
@@ -36,7 +42,7 @@ import torch
 
 import benchmark
 import config
-from checkpoint import GracefulStop, load_checkpoint
+from checkpoint import GracefulStop, load_checkpoint, no_such_run, run_command
 from dataset import (
     DeviceTransform,
     build_loaders,
@@ -72,8 +78,10 @@ from report import (
     comparison_report,
     inference_section,
     load_finished_run,
+    load_inference,
     per_class_report,
     plot_comparison,
+    stale_export,
     summary_writer_class,
     write_predictions,
     write_test_predictions,
@@ -218,7 +226,23 @@ def train(cfg, checkpoint=None, restarted=False):
         raise
     finally:
         stop.uninstall()
+    if is_main_process():
+        for line in closing_lines(cfg, run_dir):
+            logger.info(line)
     return 0
+
+
+def closing_lines(cfg, run_dir):
+    """A finished run's last lines: a warning when an export from before this session no longer
+    holds best.pt (see report.stale_export), then where the run's files are."""
+    lines = []
+    report = load_inference(cfg.checkpoint_dir, cfg.checkpoint_name)
+    stale = report and stale_export(cfg.checkpoint_dir, cfg.checkpoint_name, report)
+    if stale:
+        lines.append(f"warning: {stale}")
+    files = [name for name in (*RUN_FILES, *EXPORT_FILES) if os.path.exists(os.path.join(run_dir, name))]
+    lines.append(f"{cfg.checkpoint_name}'s files are in {run_dir}: {', '.join(files)}")
+    return lines
 
 
 def write_run_config(run_dir, cfg, position):
@@ -312,18 +336,53 @@ def load_best(cfg, explicit):
 
 
 def load_trained(path, cfg):
-    """load_checkpoint(path), where a missing file says how to train the run (a new user's likeliest
-    reason: `--demo --evaluate` before `--demo`)."""
+    """load_checkpoint(path), where a missing file says what to run from the state the run is in:
+    --resume for a run stopped in its first epoch (last.pt, no best.pt yet), else how to train it
+    (a new user's likeliest reason: `--demo --evaluate` before `--demo`) and which runs there are."""
     if not os.path.exists(path):
-        name = cfg.checkpoint_name
+        name, run_dir = cfg.checkpoint_name, os.path.dirname(path)
+        if os.path.exists(os.path.join(run_dir, "last.pt")):
+            if run_finished(run_dir):  # (best.pt was deleted: --resume would find nothing to do)
+                again = f"{name} finished, but its best weights are gone; train it again with " + run_command(
+                    name, cfg.checkpoint_dir, "--overwrite"
+                )
+            else:
+                again = f"{name} stopped in its first epoch (it holds last.pt only); continue it with " + run_command(
+                    name, cfg.checkpoint_dir, "--resume"
+                )
+            raise UserError(f"no checkpoint at {path}: {again}")
         if not cfg.demo:
-            train_it = f"python main.py --checkpoint_name {name}"
+            train_it = run_command(name, cfg.checkpoint_dir)
         elif name in ("demo", "demo_amp"):  # (the names --demo gives its FP32 and AMP runs)
             train_it = "python main.py --demo" + (" --amp" if name == "demo_amp" else "")
         else:
             train_it = f"python main.py --demo --checkpoint_name {name}"
         raise UserError(
-            f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with --checkpoint_name"
+            f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with "
+            f"--checkpoint_name ({no_such_run(cfg.checkpoint_dir)})"
+        )
+    return load_checkpoint(path)
+
+
+def run_finished(run_dir):
+    """Whether the run's results.json says it trained all its epochs and was tested."""
+    try:
+        return bool(load_json(os.path.join(run_dir, "results.json")).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_resumed(run_dir, cfg):
+    """--resume's last.pt, where a missing one says which runs there are, or how to start this one."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.exists(path):
+        start = (
+            f"; start it with {run_command(cfg.checkpoint_name, cfg.checkpoint_dir)}"
+            if not os.path.exists(os.path.join(run_dir, "best.pt"))
+            else ""
+        )
+        raise UserError(
+            f"no run {cfg.checkpoint_name} to resume: no checkpoint at {path} ({no_such_run(cfg.checkpoint_dir)}){start}"
         )
     return load_checkpoint(path)
 
@@ -514,7 +573,7 @@ def run(argv=None):
     # or starts again when it failed before writing one.
     checkpoint, restarted = None, False
     if cfg.resume:
-        checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
+        checkpoint = from_main_process(load_resumed, run_dir, cfg)
         restarted = torchrun_attempt() > 0  # (a job launched with --resume, e.g. on a SLURM requeue)
     elif torchrun_attempt() > 0:  # (every rank's the same: see torchrun_attempt)
         checkpoint, restarted = from_main_process(restart_of_own_run, run_dir, cfg.checkpoint_name)
