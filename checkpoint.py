@@ -14,12 +14,17 @@ from distributed import agreed_by_main, agreed_signal, is_main_process, world_si
 from utils import UserError, torch_load_error
 
 
-def run_command(name, checkpoint_dir="checkpoints", *flags):
+def run_command(name, checkpoint_dir="checkpoints", *flags, demo=False):
     """The command line that names run `name` (with its --checkpoint_dir where not the default),
     `flags` added: what the hints tell a user to run next, e.g. run_command("early", "checkpoints",
-    "--resume") -> "python main.py --checkpoint_name early --resume"."""
+    "--resume") -> "python main.py --checkpoint_name early --resume". `demo`: a --demo run, named
+    as --demo names its FP32 and AMP runs where it is one of them ("python main.py --demo --amp")."""
+    if demo and name in ("demo", "demo_amp"):
+        run = ["--demo", *(["--amp"] if name == "demo_amp" else [])]
+    else:
+        run = [*(["--demo"] if demo else []), "--checkpoint_name", name]
     where = [] if os.path.normpath(checkpoint_dir) == "checkpoints" else ["--checkpoint_dir", checkpoint_dir]
-    return " ".join(["python", "main.py", "--checkpoint_name", name, *where, *flags])
+    return " ".join(["python", "main.py", *run, *where, *flags])
 
 
 def existing_runs(checkpoint_dir):

@@ -351,12 +351,7 @@ def load_trained(path, cfg):
                     name, cfg.checkpoint_dir, "--resume"
                 )
             raise UserError(f"no checkpoint at {path}: {again}")
-        if not cfg.demo:
-            train_it = run_command(name, cfg.checkpoint_dir)
-        elif name in ("demo", "demo_amp"):  # (the names --demo gives its FP32 and AMP runs)
-            train_it = "python main.py --demo" + (" --amp" if name == "demo_amp" else "")
-        else:
-            train_it = f"python main.py --demo --checkpoint_name {name}"
+        train_it = run_command(name, cfg.checkpoint_dir, demo=cfg.demo)
         raise UserError(
             f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with "
             f"--checkpoint_name ({no_such_run(cfg.checkpoint_dir)})"
@@ -451,7 +446,7 @@ def predict(best, cfg):
         best["class_names"],
     )
     model.eval()
-    rows = []
+    rows, near_ties = [], []
     for images, files, errors in progress_bar(loader, "labeling" if cfg.progress else ""):
         readable = [i for i, error in enumerate(errors) if not error]
         unreadable += [error for error in errors if error]
@@ -459,8 +454,9 @@ def predict(best, cfg):
             continue
         with autocast():
             logits = model(transform(images[readable]))
-        confidence, label = logits.float().softmax(dim=1).max(dim=1)
-        rows += [(files[i], class_names[k], p) for i, k, p in zip(readable, label.tolist(), confidence.tolist())]
+        for i, (k, p, k2, p2) in zip(readable, top_two(logits.float().softmax(dim=1))):
+            rows.append((files[i], class_names[k], p))
+            near_ties += [(files[i], class_names[k], p, class_names[k2], p2)] if p - p2 < NEAR_TIE else []
     path = cfg.predictions_file or os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
     if not rows:  # an empty CSV would replace earlier predictions with nothing
         raise UserError(
@@ -474,6 +470,8 @@ def predict(best, cfg):
         warning = truncated_warning([os.path.join(root, file) for file, _, _ in rows])
     if warning:
         print(warning, file=sys.stderr)
+    if near_ties:
+        print(near_tie_note(near_ties), file=sys.stderr)
     try:
         write_predictions(path, rows)
     except OSError as exc:
@@ -484,6 +482,28 @@ def predict(best, cfg):
         f"{precision_name(cfg)}) for {root} to {path}{skipped}"
     )
     return 0
+
+
+# Top two classes closer than this in probability: a near-tie, which --predict and
+# deploy/predict_onnx.py (its NEAR_TIE: keep them equal) may label differently, as their resizes
+# (torchvision's, PIL's) and runtimes differ by ~1e-4 in the probabilities.
+NEAR_TIE = 0.005
+
+
+def top_two(probabilities):
+    """Per row of [N, classes] probabilities: (top-1 index, its probability, runner-up index, its
+    probability). An exact tie goes to the class listed first, as deploy/predict_onnx.py breaks it."""
+    values, order = torch.sort(probabilities, dim=1, descending=True, stable=True)
+    return [(a, p, b, q) for (a, b), (p, q) in zip(order[:, :2].tolist(), values[:, :2].tolist())]
+
+
+def near_tie_note(ties):
+    """The line naming the near-ties among --predict's images ((file, label, p, runner-up, q) each)."""
+    file, label, p, other, q = ties[0]
+    return (
+        f"note: {len(ties)} image(s) are near-ties (top two classes within {NEAR_TIE} in probability), e.g. {file}: "
+        f"{label} {p:.4f}, {other} {q:.4f}; --predict and deploy/predict_onnx.py may label them differently"
+    )
 
 
 def export(best, cfg):

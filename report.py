@@ -481,7 +481,13 @@ def against_first_table(entries, first):
     notes = []
     for e in entries[1:]:
         v = e["vs_first"]
-        speed = ("n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x", _interval(v["speedup_ci95"], "{:.2f}", "x"))
+        speed = (
+            "n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
+            # (verdicts.speedup_interval: two steady epochs a run at least; a session's first is not steady)
+            "n/a (fewer than 2 steady epochs)"
+            if v["speedup_ci95"] is None
+            else _interval(v["speedup_ci95"], "{:.2f}", "x"),
+        )
         if v["verdict"] is None:
             paired = ["n/a"] * 4 + ["unavailable"]
             notes.append(f"- {e['name']}: paired statistics unavailable: {v['unavailable']}")

@@ -151,3 +151,24 @@ def test_openmp_threads_wait_passively_unless_the_user_chose(tmp_path):
             [sys.executable, "-c", probe], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120
         )
         assert result.stdout.strip().splitlines()[-1] == expected, result.stderr
+
+
+def test_predict_and_predict_onnx_break_ties_alike_and_both_name_a_near_tie():
+    import runpy
+
+    import numpy as np
+    import torch
+
+    import main as main_module
+
+    deploy = runpy.run_path(os.path.join(ROOT, "deploy", "predict_onnx.py"))
+    assert deploy["NEAR_TIE"] == main_module.NEAR_TIE
+    # An exact tie (classes 1 and 2), and the near-tie (0.3448 against 0.3447).
+    probabilities = np.array([[0.2, 0.4, 0.4], [0.3105, 0.3447, 0.3448]], dtype=np.float32)
+    ours = main_module.top_two(torch.from_numpy(probabilities))
+    theirs = deploy["top_two"](probabilities)
+    assert [(a, b) for a, _, b, _ in ours] == [(a, b) for a, _, b, _ in theirs] == [(1, 2), (2, 1)]
+    names = ["checkerboard", "squares", "stripes"]
+    ties = [("0010.jpg", names[a], p, names[b], q) for a, p, b, q in ours[1:]]
+    assert main_module.near_tie_note(ties) == deploy["near_tie_note"](ties)
+    assert "0010.jpg: stripes 0.3448, squares 0.3447" in main_module.near_tie_note(ties)
