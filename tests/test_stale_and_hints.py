@@ -70,11 +70,9 @@ def test_an_unfinished_export_warns_and_a_resume_that_improves_best_pt_marks_it_
     assert "| early (stale) | fp32 | pytorch |" in out
     assert "stale: early's model.onnx holds epoch 1's weights" in out
 
-    # Exporting again makes it current: no stale mark, no warning (the run has finished).
-    code, out, err = run_cli(*run, "--export", "--calibration_images", "8")
-    assert code == 0 and "warning: early has not finished" not in out, err
-    code, out, err = run_cli("--compare", "early")
-    assert "(stale)" not in out and "stale:" not in out
+    # Each epoch's images/s is recorded with how busy the machine was while it was timed.
+    results = json.loads((tmp_path / "checkpoints" / "early" / "results.json").read_text())
+    assert all({"load_before", "load_after", "cpus"} <= epoch.keys() for epoch in results["epochs"])
 
 
 def test_a_run_holding_only_last_pt_is_told_to_resume_by_every_command_that_needs_best_pt(
@@ -139,8 +137,12 @@ def test_each_epoch_records_how_busy_the_machine_was_and_a_busy_one_is_flagged()
     assert machine.LoadWatch().record().keys() == {"load_before", "load_after", "cpus"}
 
 
-def test_openmp_threads_wait_passively_unless_the_user_chose(tmp_path):
-    probe = "import main, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+def test_openmp_threads_wait_passively_unless_the_user_chose():
+    # In a fresh process where torch cannot load: what main.py set before it tried (libgomp reads it then).
+    probe = (
+        "import os, sys; sys.modules['torch'] = None\n"
+        "try:\n    import main\nexcept ImportError:\n    print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in machine.WAIT_SETTINGS}
     for extra, expected in (
         ({}, "PASSIVE"),
@@ -148,9 +150,9 @@ def test_openmp_threads_wait_passively_unless_the_user_chose(tmp_path):
         ({"GOMP_SPINCOUNT": "0"}, "None"),
     ):
         result = subprocess.run(
-            [sys.executable, "-c", probe], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", probe], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60
         )
-        assert result.stdout.strip().splitlines()[-1] == expected, result.stderr
+        assert result.stdout.strip() == expected, result.stderr
 
 
 def test_predict_and_predict_onnx_break_ties_alike_and_both_name_a_near_tie():
