@@ -11,6 +11,7 @@ import torch
 from config import bf16_supported
 from dataset import DeviceTransform, EpochSampler, build_datasets, cache_dataset, make_loader
 from hardware import describe, device_name, summary, tf32_on
+from machine import LoadWatch, busy_note, threads_note, wait_policy
 from metrics import ClassificationMeter, StepHealth, Stopwatch, peak_memory_mb, reset_peak_memory
 from model import build_model
 from step import HOST_SYNC_OPTIMIZERS, AmpUpdate, autocast_for, batch_seeds, build_optimizer, training_step
@@ -214,8 +215,9 @@ def images_per_sec(loader, batches):
     return images / (time.perf_counter() - start)
 
 
-def benchmark_record(cfg, rows):
-    """What benchmark.json holds: the rows and what they were measured with."""
+def benchmark_record(cfg, rows, load):
+    """What benchmark.json holds: the rows and what they were measured with, and how busy the
+    machine was (`load`: a LoadWatch record of the timing)."""
     return {
         "device": device_name(cfg.device),
         "device_capability": describe(cfg.device).capability,
@@ -226,6 +228,9 @@ def benchmark_record(cfg, rows):
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
         "benchmark_steps": cfg.benchmark_steps,
+        "threads": torch.get_num_threads(),  # (every row alike)
+        "openmp_wait": wait_policy(),
+        **load,
         "rows": rows,
     }
 
@@ -241,7 +246,8 @@ def run(cfg):
         f"{cfg.image_size}x{cfg.image_size} px, on {device_name(cfg.device)} ({summary(cfg.device)}); each step as training takes it "
         f"(flip and normalization on the device, forward, backward, optimizer step, the loss/accuracy meter and "
         f"the step-health counts); the median of {cfg.benchmark_steps} steps a row, the rows stepping in turn, "
-        f"after {WARMUP_STEPS} warm-up steps; peak memory of one step after them",
+        f"after {WARMUP_STEPS} warm-up steps; peak memory of one step after them; every row on "
+        f"{threads_note(torch.get_num_threads())}",
         flush=True,
     )
     if cfg.optimizer in HOST_SYNC_OPTIMIZERS and "amp_float16" in modes and torch.device(cfg.device).type == "cuda":
@@ -251,11 +257,15 @@ def run(cfg):
             f"rows' times include it: compare them with --optimizer adam's",
             flush=True,
         )
+    watch = LoadWatch()
     rows = benchmark_rows(cfg, modes)
+    load = watch.record()
     print(format_table(rows, tf32_on(cfg)))
+    if busy_note(load):
+        print(f"note: {busy_note(load)}; run --benchmark again when the machine is quiet")
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_json(os.path.join(run_dir, "benchmark.json"), benchmark_record(cfg, rows))
+    atomic_write_json(os.path.join(run_dir, "benchmark.json"), benchmark_record(cfg, rows, load))
     print(f"wrote {os.path.join(run_dir, 'benchmark.json')}")
     if cfg.data:
         fastest = max(rows, key=lambda r: r["images_per_sec"])

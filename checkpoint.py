@@ -13,6 +13,42 @@ import torch
 from distributed import agreed_by_main, agreed_signal, is_main_process, world_size
 from utils import UserError, torch_load_error
 
+
+def run_command(name, checkpoint_dir="checkpoints", *flags, demo=False):
+    """The command line that names run `name` (with its --checkpoint_dir where not the default),
+    `flags` added: what the hints tell a user to run next, e.g. run_command("early", "checkpoints",
+    "--resume") -> "python main.py --checkpoint_name early --resume". `demo`: a --demo run, named
+    as --demo names its FP32 and AMP runs where it is one of them ("python main.py --demo --amp")."""
+    if demo and name in ("demo", "demo_amp"):
+        run = ["--demo", *(["--amp"] if name == "demo_amp" else [])]
+    else:
+        run = [*(["--demo"] if demo else []), "--checkpoint_name", name]
+    where = [] if os.path.normpath(checkpoint_dir) == "checkpoints" else ["--checkpoint_dir", checkpoint_dir]
+    return " ".join(["python", "main.py", *run, *where, *flags])
+
+
+def existing_runs(checkpoint_dir):
+    """The names of the runs in `checkpoint_dir` (folders holding a last.pt or best.pt), sorted."""
+    try:
+        folders = sorted(entry.name for entry in os.scandir(checkpoint_dir) if entry.is_dir())
+    except OSError:
+        return []
+    return [
+        name
+        for name in folders
+        if any(os.path.exists(os.path.join(checkpoint_dir, name, f)) for f in ("last.pt", "best.pt"))
+    ]
+
+
+def no_such_run(checkpoint_dir):
+    """The end of the line that says a run is missing: which runs there are."""
+    runs = existing_runs(checkpoint_dir)
+    if not runs:
+        return f"{checkpoint_dir} holds no runs yet"
+    shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+    return f"the runs in {checkpoint_dir}: {shown}"
+
+
 # The keys every checkpoint of this template has had; a file without them is not one.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "class_names", "config")
 

@@ -157,8 +157,33 @@ def image_folder(root, image_size):
     """An ImageFolder whose items are (uint8 tensor [3, S, S], class index)."""
     try:
         return VisibleImageFolder(root, transform=ResizeUint8(image_size))
-    except FileNotFoundError as exc:  # no class folders, or a class folder without images
-        raise UserError(f"{root}: {exc}") from None
+    except FileNotFoundError:  # no class folders, or a class folder without images
+        raise UserError(folder_problem(root)) from None
+
+
+def folder_problem(root):
+    """Why ImageFolder found no data in `root`, in one line that says what to do (its own words
+    name no remedy, e.g. "Found no valid file for the classes zebra. ")."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    kinds = ", ".join(IMG_EXTENSIONS)
+    if not classes:
+        return (
+            f"{root} holds no class folders: put each class's images in a folder of its own, {root}/<class>/ ({kinds})"
+        )
+    empty = [
+        name
+        for name in classes
+        if not any(
+            is_visible_image(os.path.relpath(os.path.join(folder, file), root))
+            for folder, _, files in os.walk(os.path.join(root, name))
+            for file in files
+        )
+    ]
+    return (
+        f"{root}: the class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+        f"{'hold' if len(empty) > 1 else 'holds'} no images ({kinds}): add its images, or move the folder out "
+        "of the split if it is no class"
+    )
 
 
 def not_a_folder(path):

@@ -18,10 +18,11 @@ from torch import nn
 from torch.utils.data import Subset
 
 import inference
+from checkpoint import run_command
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_datasets, evaluation_loader, evaluation_view, make_loader
 from hardware import apply_fp32_math
-from report import inference_markdown
-from utils import RunStopped, UserError, atomic_write_files
+from report import best_pt_identity, inference_markdown
+from utils import RunStopped, UserError, atomic_write_files, load_json
 
 ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 EXPORT_FILES = (ONNX_FILE, INT8_FILE, "inference.json", "inference.md")
@@ -65,6 +66,10 @@ def export_run(model, best, cfg):
             f"({', '.join(best['class_names'])})"
         )
     test_loader = evaluation_loader(test_set, cfg, cfg.device, 0, 1)
+    progress = run_progress(run_dir, best)
+    unfinished = unfinished_warning(progress, best, cfg.checkpoint_name, cfg.checkpoint_dir)
+    if unfinished:  # first, before minutes of work, and again last
+        print(unfinished, flush=True)
     clock = Clock(
         f"exporting {cfg.checkpoint_name} ({cfg.model}, epoch {best['epoch']}, "
         f"{best.get('weights', 'raw')} weights) to ONNX"
@@ -94,14 +99,40 @@ def export_run(model, best, cfg):
         epoch=best["epoch"],
         weights=best.get("weights", "raw"),
         calibration_images=sum(len(b) for b in calibration),
+        run_progress=progress,
+        best_pt=best_pt_identity(run_dir),  # (report.stale_export tells a later best.pt by it)
     )
     write_files(run_dir, fp32, int8, report)
     clock.lap("done")
     print(inference_markdown(report) + f"\nwrote {', '.join(os.path.join(run_dir, f) for f in EXPORT_FILES)}")
-    warning = int8_warning(report)
-    if warning:
-        print(warning)
+    for warning in (int8_warning(report), unfinished):
+        if warning:
+            print(warning)
     return 0
+
+
+def run_progress(run_dir, best):
+    """How far the run had trained when it was exported: {"epoch": epochs finished, "epochs": of
+    how many, "finished": whether it was trained and tested}, from its results.json (best.pt's
+    epoch where that cannot be read)."""
+    epochs = best["config"].get("epochs")
+    try:
+        results = load_json(os.path.join(run_dir, "results.json"))
+        return {"epoch": len(results["epochs"]), "epochs": epochs, "finished": bool(results["finished"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"epoch": best["epoch"], "epochs": epochs, "finished": best["epoch"] == epochs}
+
+
+def unfinished_warning(progress, best, name, checkpoint_dir):
+    """A line when the run has not finished: the export holds the best weights so far, which a
+    --resume may replace ('' for a finished run)."""
+    if progress["finished"]:
+        return ""
+    return (
+        f"warning: {name} has not finished (epoch {progress['epoch']} of {progress['epochs']}): this export holds "
+        f"best.pt as it is now (epoch {best['epoch']}); finish the run ({run_command(name, checkpoint_dir, '--resume')}) "
+        "and export again"
+    )
 
 
 def int8_warning(report):
@@ -174,6 +205,7 @@ def metadata(cfg, best, precision="fp32", calibration=()):
         "model": cfg.model,
         "run": cfg.checkpoint_name,
         "epoch": str(best["epoch"]),
+        "epochs": str(best["config"].get("epochs")),  # (the run's: "epoch" of "epochs")
         "weights": best.get("weights", "raw"),
         "source": "amp-pytorch best.pt",
     }

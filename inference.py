@@ -3,7 +3,6 @@ PyTorch (FP32, and bf16/fp16 autocast where the device computes them natively) a
 (the FP32 and INT8 files); per row the size, test accuracy, agreement with PyTorch FP32's top-1,
 the latency of one image and the images/s of batches of 32."""
 
-import os
 import time
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from dataset import DeviceTransform
 from hardware import cpu_flags, cpu_name, describe, device_name, summary, tf32_on
+from machine import LoadWatch, wait_policy
 from step import precision_name
 
 # Timing: single images (latency), then batches of 32 (throughput), each after warm-up runs.
@@ -49,7 +49,8 @@ class PyTorchRunner:
 
 class OnnxRunner:
     """uint8 batch -> logits through an ONNX file's bytes on onnxruntime's CPU provider, with as
-    many threads as PyTorch uses (so the two runtimes compare on the same cores)."""
+    many threads as PyTorch uses, waiting as PyTorch's OpenMP threads wait (spinning or not), so
+    the two runtimes compare on the same cores alike."""
 
     runtime = "onnxruntime"
 
@@ -58,6 +59,8 @@ class OnnxRunner:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
+        if wait_policy() == "passive":  # (onnxruntime's own pool spins by default, as OpenMP's does)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.precision, self.size = precision, len(data)
 
@@ -190,7 +193,10 @@ def measure(model, cfg, onnx_runners, loader, results):
         "onnxruntime": (cpu_name(), onnxruntime_capability()),
     }
     reference, rows = results["pytorch", "fp32"], []
-    for runner, timing in zip(runners, time_runners(runners, single, batch)):
+    watch = LoadWatch()
+    timings = time_runners(runners, single, batch)
+    load = watch.record()
+    for runner, timing in zip(runners, timings):
         result = results.get((runner.runtime, runner.precision)) or evaluate_runner(runner, loader)
         device, capability = devices[runner.runtime]
         rows.append(
@@ -219,6 +225,7 @@ def measure(model, cfg, onnx_runners, loader, results):
         "input_size": cfg.random_crop or cfg.image_size,
         "test_images": int(len(reference["targets"])),
         "threads": torch.get_num_threads(),
+        "openmp_wait": wait_policy(),
         "timing": {
             "latency_runs": LATENCY_RUNS,
             "latency_warmup": LATENCY_WARMUP,
@@ -227,9 +234,10 @@ def measure(model, cfg, onnx_runners, loader, results):
             "throughput_warmup": THROUGHPUT_WARMUP,
         },
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-        # How busy the machine was as the timing ended (this process's threads included).
-        "load_average": round(os.getloadavg()[0], 2),
-        "cpus": os.cpu_count(),
+        # How busy the machine was before and as the timing ended (this process's threads included);
+        # load_average: the latter (the key kept from before load_before existed).
+        **load,
+        "load_average": load["load_after"],
     }
 
 

@@ -9,6 +9,8 @@ import signal
 import sys
 import time
 
+from machine import passive_openmp
+
 
 def _interrupted_while_starting(signum, frame):
     print("interrupted before anything was saved", file=sys.stderr, flush=True)
@@ -28,6 +30,10 @@ def _check_flags_before_torch(argv):
         sys.exit(exc.exit_code)
 
 
+# Before torch loads (libgomp reads it then): OpenMP threads that sleep when idle, unless the
+# user chose otherwise (machine.py says why).
+passive_openmp()
+
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
     signal.signal(signal.SIGINT, _interrupted_while_starting)
     if "LOCAL_RANK" not in os.environ:  # (under torchrun every process checks, and names its rank, in main())
@@ -37,7 +43,7 @@ import torch
 
 import benchmark
 import config
-from checkpoint import GracefulStop, load_checkpoint
+from checkpoint import GracefulStop, load_checkpoint, no_such_run, run_command
 from dataset import (
     DeviceTransform,
     build_loaders,
@@ -75,8 +81,10 @@ from report import (
     comparison_report,
     inference_section,
     load_finished_run,
+    load_inference,
     per_class_report,
     plot_comparison,
+    stale_export,
     summary_writer_class,
     write_predictions,
     write_test_predictions,
@@ -236,7 +244,23 @@ def train(cfg, checkpoint=None, restarted=False):
         raise
     finally:
         stop.uninstall()
+    if is_main_process():
+        for line in closing_lines(cfg, run_dir):
+            logger.info(line)
     return 0
+
+
+def closing_lines(cfg, run_dir):
+    """A finished run's last lines: a warning when an export from before this session no longer
+    holds best.pt (see report.stale_export), then where the run's files are."""
+    lines = []
+    report = load_inference(cfg.checkpoint_dir, cfg.checkpoint_name)
+    stale = report and stale_export(cfg.checkpoint_dir, cfg.checkpoint_name, report)
+    if stale:
+        lines.append(f"warning: {stale}")
+    files = [name for name in (*RUN_FILES, *EXPORT_FILES) if os.path.exists(os.path.join(run_dir, name))]
+    lines.append(f"{cfg.checkpoint_name}'s files are in {run_dir}: {', '.join(files)}")
+    return lines
 
 
 def write_run_config(run_dir, cfg, position):
@@ -330,18 +354,48 @@ def load_best(cfg, explicit):
 
 
 def load_trained(path, cfg):
-    """load_checkpoint(path), where a missing file says how to train the run (a new user's likeliest
-    reason: `--demo --evaluate` before `--demo`)."""
+    """load_checkpoint(path), where a missing file says what to run from the state the run is in:
+    --resume for a run stopped in its first epoch (last.pt, no best.pt yet), else how to train it
+    (a new user's likeliest reason: `--demo --evaluate` before `--demo`) and which runs there are."""
     if not os.path.exists(path):
-        name = cfg.checkpoint_name
-        if not cfg.demo:
-            train_it = f"python main.py --checkpoint_name {name}"
-        elif name in ("demo", "demo_amp"):  # (the names --demo gives its FP32 and AMP runs)
-            train_it = "python main.py --demo" + (" --amp" if name == "demo_amp" else "")
-        else:
-            train_it = f"python main.py --demo --checkpoint_name {name}"
+        name, run_dir = cfg.checkpoint_name, os.path.dirname(path)
+        if os.path.exists(os.path.join(run_dir, "last.pt")):
+            if run_finished(run_dir):  # (best.pt was deleted: --resume would find nothing to do)
+                again = f"{name} finished, but its best weights are gone; train it again with " + run_command(
+                    name, cfg.checkpoint_dir, "--overwrite"
+                )
+            else:
+                again = f"{name} stopped in its first epoch (it holds last.pt only); continue it with " + run_command(
+                    name, cfg.checkpoint_dir, "--resume"
+                )
+            raise UserError(f"no checkpoint at {path}: {again}")
+        train_it = run_command(name, cfg.checkpoint_dir, demo=cfg.demo)
         raise UserError(
-            f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with --checkpoint_name"
+            f"no checkpoint at {path}: train the run first ({train_it}), or name a trained run with "
+            f"--checkpoint_name ({no_such_run(cfg.checkpoint_dir)})"
+        )
+    return load_checkpoint(path)
+
+
+def run_finished(run_dir):
+    """Whether the run's results.json says it trained all its epochs and was tested."""
+    try:
+        return bool(load_json(os.path.join(run_dir, "results.json")).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_resumed(run_dir, cfg):
+    """--resume's last.pt, where a missing one says which runs there are, or how to start this one."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.exists(path):
+        start = (
+            f"; start it with {run_command(cfg.checkpoint_name, cfg.checkpoint_dir)}"
+            if not os.path.exists(os.path.join(run_dir, "best.pt"))
+            else ""
+        )
+        raise UserError(
+            f"no run {cfg.checkpoint_name} to resume: no checkpoint at {path} ({no_such_run(cfg.checkpoint_dir)}){start}"
         )
     return load_checkpoint(path)
 
@@ -451,7 +505,7 @@ def predict(best, cfg):
         best["class_names"],
     )
     model.eval()
-    rows = []
+    rows, near_ties = [], []
     for images, files, errors in progress_bar(loader, "labeling" if cfg.progress else ""):
         readable = [i for i, error in enumerate(errors) if not error]
         unreadable += [error for error in errors if error]
@@ -459,8 +513,9 @@ def predict(best, cfg):
             continue
         with autocast():
             logits = model(transform(images[readable]))
-        confidence, label = logits.float().softmax(dim=1).max(dim=1)
-        rows += [(files[i], class_names[k], p) for i, k, p in zip(readable, label.tolist(), confidence.tolist())]
+        for i, (k, p, k2, p2) in zip(readable, top_two(logits.float().softmax(dim=1))):
+            rows.append((files[i], class_names[k], p))
+            near_ties += [(files[i], class_names[k], p, class_names[k2], p2)] if p - p2 < NEAR_TIE else []
     path = cfg.predictions_file or os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name, "predictions.csv")
     if not rows:  # an empty CSV would replace earlier predictions with nothing
         raise UserError(
@@ -474,6 +529,8 @@ def predict(best, cfg):
         warning = truncated_warning([os.path.join(root, file) for file, _, _ in rows])
     if warning:
         print(warning, file=sys.stderr)
+    if near_ties:
+        print(near_tie_note(near_ties), file=sys.stderr)
     try:
         write_predictions(path, rows)
     except OSError as exc:
@@ -484,6 +541,28 @@ def predict(best, cfg):
         f"{precision_name(cfg)}) for {root} to {path}{skipped}"
     )
     return 0
+
+
+# Top two classes closer than this in probability: a near-tie, which --predict and
+# deploy/predict_onnx.py (its NEAR_TIE: keep them equal) may label differently, as their resizes
+# (torchvision's, PIL's) and runtimes differ by ~1e-4 in the probabilities.
+NEAR_TIE = 0.005
+
+
+def top_two(probabilities):
+    """Per row of [N, classes] probabilities: (top-1 index, its probability, runner-up index, its
+    probability). An exact tie goes to the class listed first, as deploy/predict_onnx.py breaks it."""
+    values, order = torch.sort(probabilities, dim=1, descending=True, stable=True)
+    return [(a, p, b, q) for (a, b), (p, q) in zip(order[:, :2].tolist(), values[:, :2].tolist())]
+
+
+def near_tie_note(ties):
+    """The line naming the near-ties among --predict's images ((file, label, p, runner-up, q) each)."""
+    file, label, p, other, q = ties[0]
+    return (
+        f"note: {len(ties)} image(s) are near-ties (top two classes within {NEAR_TIE} in probability), e.g. {file}: "
+        f"{label} {p:.4f}, {other} {q:.4f}; --predict and deploy/predict_onnx.py may label them differently"
+    )
 
 
 def export(best, cfg):
@@ -575,7 +654,7 @@ def run(argv=None):
     if os.path.isdir(run_dir):  # one writer: before its files are read (a new folder is held as it is made)
         from_main_process(hold_run_folder, run_dir)
     if cfg.resume:
-        checkpoint = from_main_process(load_checkpoint, os.path.join(run_dir, "last.pt"))
+        checkpoint = from_main_process(load_resumed, run_dir, cfg)
         restarted = torchrun_attempt() > 0  # (a job launched with --resume, e.g. on a SLURM requeue)
     elif torchrun_attempt() > 0:  # (every rank's the same: see torchrun_attempt)
         checkpoint, restarted = from_main_process(restart_of_own_run, run_dir, cfg.checkpoint_name)

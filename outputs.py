@@ -8,8 +8,10 @@ import time
 from distributed import from_main_process, is_main_process, world_size
 from hardware import device_name
 from hardware import record as hardware_record
+from machine import busy_note
 from report import (
     TensorBoardLog,
+    busy_epochs_note,
     comparison_table,
     memory_note,
     per_class_accuracy,
@@ -133,7 +135,8 @@ class RunOutputs:
         if skipped_steps:
             self.log.info(f"GradScaler skipped {skipped_steps} optimizer steps with inf/NaN gradients")
         run = {**results, "config": vars(self.cfg)}
-        self.log.info(comparison_table([run]) + (f"\n{memory_note([run])}" if memory_note([run]) else ""))
+        notes = [note for note in (memory_note([run]), busy_epochs_note([run])) if note]
+        self.log.info("\n".join([comparison_table([run]), *notes]))
         metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "best_val_acc": state.best_val_acc}
         metrics = {**metrics, **({"test/acc_ema": ema["test_acc_ema"]} if ema else {})}
         self.write(os.path.join(self.run_dir, "tensorboard"), lambda: self.log_test(step, metrics))
@@ -219,10 +222,11 @@ def format_epoch(r, epochs):
     if r.get("steady_peak_mem_mb") is not None:
         memory += f" (steady {r['steady_peak_mem_mb'] / 1024:.1f} GiB)"
     ema = f", EMA acc {r['val_acc_ema']:.2f}" if "val_acc_ema" in r else ""
+    busy = f" (busy: load {r['load_after']} on {r['cpus']} cores)" if busy_note(r) else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
         f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f}{ema} | lr {r['lr']:.2e} | "
-        f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{memory}"
+        f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{busy}{memory}"
     )
 
 

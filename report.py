@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import verdicts
+from machine import busy_note
 from utils import UserError, atomic_savefig, atomic_write_text, load_json, write_failure
 
 TABLE_COLUMNS = (
@@ -132,6 +133,23 @@ def memory_key(runs):
     """The peak the table compares: the steady-state one when every run has it (CUDA runs with
     an epoch after their session's first), else the overall one for all, so they compare alike."""
     return STEADY_PEAK if all(peak_memory(r, STEADY_PEAK) is not None for r in runs) else OVERALL_PEAK
+
+
+def busy_epochs_note(runs):
+    """A warning naming the epochs whose training was timed while the machine's load exceeded its
+    cores (results.json's load_before/load_after, see machine.busy_note); "" when none was."""
+    busy = []
+    for r in runs:
+        epochs = [e for e in r["epochs"] if busy_note(e)]
+        if epochs:
+            loads = ", ".join(f"{e['epoch']} (load {e['load_before']} to {e['load_after']})" for e in epochs)
+            busy.append(f"{r['run']} epoch{'s' if len(epochs) > 1 else ''} {loads} on {epochs[0]['cpus']} cores")
+    if not busy:
+        return ""
+    return (
+        "warning: timed while the machine was busier than its cores (the run's own threads included), so their "
+        f"s/epoch and images/s may be slow: {'; '.join(busy)}."
+    )
 
 
 def memory_note(runs):
@@ -269,6 +287,8 @@ def comparison_report(runs, comparison=None):
     note = memory_note(runs)
     if note:  # under the table, whose column it explains
         text += f"\n{note}\n"
+    if busy_epochs_note(runs):
+        text += f"\n{busy_epochs_note(runs)}\n"
     if len(runs) > 1:
         text += (
             f"\nSpeedup (images/s) and memory saving (peak GPU memory) are relative to {first}. s/epoch and "
@@ -458,7 +478,13 @@ def against_first_table(entries, first):
     notes = []
     for e in entries[1:]:
         v = e["vs_first"]
-        speed = ("n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x", _interval(v["speedup_ci95"], "{:.2f}", "x"))
+        speed = (
+            "n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
+            # (verdicts.speedup_interval: two steady epochs a run at least; a session's first is not steady)
+            "n/a (fewer than 2 steady epochs)"
+            if v["speedup_ci95"] is None
+            else _interval(v["speedup_ci95"], "{:.2f}", "x"),
+        )
         if v["verdict"] is None:
             paired = ["n/a"] * 4 + ["unavailable"]
             notes.append(f"- {e['name']}: paired statistics unavailable: {v['unavailable']}")
@@ -989,7 +1015,7 @@ def inference_markdown(report):
         "",
         f"- PyTorch rows: {report['device']} ({report['capability']})",
         f"- onnxruntime rows: {report['onnxruntime_device']} ({report['onnxruntime_capability']})",
-        f"- threads: {report['threads']} for both runtimes; torch {report['versions']['torch']}, onnxruntime "
+        f"- threads: {report['threads']} for both runtimes{wait_words(report)}; torch {report['versions']['torch']}, onnxruntime "
         f"{report['versions']['onnxruntime']}; INT8 calibrated on {report['calibration_images']} training images",
         "",
         _markdown_table(INFERENCE_COLUMNS, [inference_cells(row) for row in report["rows"]]),
@@ -1002,16 +1028,32 @@ def inference_markdown(report):
         f"{timing['throughput_batch']} over the median time of {timing['throughput_runs']} batches after "
         f"{timing['throughput_warmup']} warm-up batches; the rows take turns, run by run, so a passing load "
         "falls on all of them. One measurement: on a shared or busy machine the times "
-        f"vary from run to run (1-minute load average {report['load_average']} on {report['cpus']} CPUs as the "
-        "timing ended, this process's threads included"
-        + (
-            "; busier than its cores, so read the times as upper bounds)."
-            if report["load_average"] > 1.5 * report["cpus"]
-            else ")."
-        ),
+        f"vary from run to run. {load_sentence(report)}",
     ]
     lines += ["", "Not measured:"] + [f"- {s['precision']} on {s['runtime']}: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def wait_words(report):
+    """', idle threads sleeping (OpenMP passive)' or ', ... spinning ...' ('' for an older inference.json)."""
+    wait = report.get("openmp_wait")
+    if wait is None:
+        return ""
+    return f", idle threads {'sleeping' if wait == 'passive' else 'spinning first'} (OpenMP {wait})"
+
+
+def load_sentence(report):
+    """What inference.md says about how busy the machine was while --export timed the rows."""
+    if "load_before" not in report:  # (an inference.json from before load_before existed)
+        busy = report["load_average"] is not None and report["load_average"] > report["cpus"]
+        report = {"load_after": report["load_average"], "cpus": report["cpus"], "load_before": None}
+    else:
+        busy = bool(busy_note(report))
+    loads = f"{report['load_before']} before, " if report["load_before"] is not None else ""
+    return (
+        f"1-minute load average {loads}{report['load_after']} after the timing, on {report['cpus']} cores (this "
+        "process's threads included)" + ("; busier than its cores, so read the times as upper bounds." if busy else ".")
+    )
 
 
 def load_inference(checkpoint_dir, name):
@@ -1023,20 +1065,56 @@ def load_inference(checkpoint_dir, name):
     return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
 
 
+def best_pt_identity(run_dir):
+    """What tells one best.pt from a later one (its size and modification time), which
+    inference.json keeps so that an export whose best.pt has since changed is seen to be stale."""
+    stat = os.stat(os.path.join(run_dir, "best.pt"))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def stale_export(checkpoint_dir, name, report):
+    """Why run `name`'s export (its inference.json `report`) no longer shows its best.pt, in words
+    ('' when it still does): best.pt changed after the export (a --resume or --overwrite trained
+    on), or is gone."""
+    run_dir = os.path.join(checkpoint_dir, name)
+    again = f"export again: python main.py --export --checkpoint_name {name}"
+    exported = f"{name}'s model.onnx holds epoch {report.get('epoch', '?')}'s weights"
+    try:
+        identity = best_pt_identity(run_dir)
+    except OSError:
+        return f"{exported}, but {name} has no best.pt now"
+    recorded = report.get("best_pt")
+    if recorded is None:  # (an export from before best_pt was recorded: the files' times tell)
+        changed = identity["mtime_ns"] > os.stat(os.path.join(run_dir, "inference.json")).st_mtime_ns
+    else:
+        changed = recorded != identity
+    if changed:
+        try:
+            now = load_json(os.path.join(run_dir, "results.json")).get("best_epoch")
+        except (OSError, ValueError, AttributeError):
+            now = None
+        now = f" (now epoch {now}'s)" if now is not None else ""
+        return f"{exported}, but its best.pt has changed since{now}: {again}"
+    return ""
+
+
 def inference_section(checkpoint_dir, names):
-    """--compare's inference table: the rows of each compared run's inference.json; '' when none
-    of them was exported."""
+    """--compare's inference table: the rows of each compared run's inference.json, a stale
+    export's marked and said why; '' when none of them was exported."""
     reports = {name: load_inference(checkpoint_dir, name) for name in names}
     if not any(reports.values()):
         return ""
+    stale = {name: stale_export(checkpoint_dir, name, report) for name, report in reports.items() if report}
     rows = [
-        [name, *inference_cells(row), row.get("device", UNKNOWN)]
+        [name + (" (stale)" if stale[name] else ""), *inference_cells(row), row.get("device", UNKNOWN)]
         for name, report in reports.items()
         if report
         for row in report["rows"]
     ]
     text = "\nInference (each run's inference.json, written by --export; times from each run's own machine):\n\n"
     text += _markdown_table(("run", *INFERENCE_COLUMNS, "device"), rows) + "\n"
+    for reason in filter(None, stale.values()):
+        text += f"\nstale: {reason}; its rows are not of the model in the table above\n"
     missing = [name for name, report in reports.items() if not report]
     if missing:
         text += f"\nnot exported: {', '.join(missing)} (python main.py --export --checkpoint_name NAME)\n"

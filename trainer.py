@@ -12,6 +12,7 @@ from tqdm import tqdm
 from checkpoint import Checkpoints, GracefulStop, RunState, SaveTimer, load_checkpoint
 from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
+from machine import LoadWatch
 from metrics import ClassificationMeter, EpochClock, ImagePredictions, PeakMemory, StepHealth
 from model import recompute_batchnorm_statistics
 from outputs import RunOutputs
@@ -84,7 +85,9 @@ class Trainer:
         earlier = state.epoch_state or {}
         seconds_before = earlier.get("seconds", 0.0) + earlier.get("checkpoint_seconds", 0.0)
         record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
+        watch = LoadWatch()
         record.update(self.train_one_epoch(epoch))
+        record.update(watch.record())  # how busy the machine was while the epoch's images/s were timed
         record.update(self.validate())
         best = state.finish_epoch(record, time.perf_counter() - started + seconds_before)
         saving = time.perf_counter()

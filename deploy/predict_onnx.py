@@ -64,8 +64,31 @@ class OnnxClassifier:
         logits = self.session.run(None, {self.input_name: images})[0].astype(np.float32)
         probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities /= probabilities.sum(axis=1, keepdims=True)
-        labels = probabilities.argmax(axis=1)
-        return [(self.class_names[k], float(probabilities[i, k])) for i, k in enumerate(labels)]
+        return [(self.class_names[k], p, self.class_names[k2], p2) for k, p, k2, p2 in top_two(probabilities)]
+
+
+# Top two classes closer than this in probability: a near-tie, which --predict (PyTorch, torchvision's
+# resize) and this script (onnxruntime, PIL's resize) may label differently. main.py's NEAR_TIE.
+NEAR_TIE = 0.005
+
+
+def top_two(probabilities):
+    """Per row of [N, classes] probabilities: (top-1 index, its probability, runner-up index, its
+    probability). An exact tie goes to the class listed first, as main.py --predict breaks it."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :2]
+    return [(int(a), float(row[a]), int(b), float(row[b])) for row, (a, b) in zip(probabilities, order)]
+
+
+def near_tie_note(rows):
+    """A line naming the near-ties among (file, label, confidence, runner-up, its confidence) rows ('' if none)."""
+    ties = [r for r in rows if r[2] - r[4] < NEAR_TIE]
+    if not ties:
+        return ""
+    file, label, p, other, q = ties[0]
+    return (
+        f"note: {len(ties)} image(s) are near-ties (top two classes within {NEAR_TIE} in probability), e.g. {file}: "
+        f"{label} {p:.4f}, {other} {q:.4f}; --predict and deploy/predict_onnx.py may label them differently"
+    )
 
 
 def image_files(root):
@@ -93,7 +116,7 @@ def looks_truncated(path):
 
 
 def label_folder(classifier, root, batch_size):
-    """([(file, label, confidence)], [unreadable file: reason])."""
+    """([(file, label, confidence, runner-up label, its confidence)], [unreadable file: reason])."""
     rows, unreadable, batch, names = [], [], [], []
     files = image_files(root)
     for i, file in enumerate(files):
@@ -114,7 +137,7 @@ def write_csv(path, rows):
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(("file", "label", "confidence"))
-    for file, label, confidence in sorted(rows):
+    for file, label, confidence, *_ in sorted(rows):
         writer.writerow((file, label, f"{confidence:.4f}"))
     temporary = f"{path}.tmp"
     with open(temporary, "w", newline="") as f:
@@ -147,6 +170,8 @@ def main(argv=None):
                 "they were labeled with the missing part gray",
                 file=sys.stderr,
             )
+        if near_tie_note(rows):
+            print(near_tie_note(rows), file=sys.stderr)
         try:
             write_csv(args.out, rows)
         except OSError as exc:

@@ -46,12 +46,12 @@ def test_evaluate_or_resume_without_a_run(run_cli, demo_data, tmp_path):
     assert_user_error(
         run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--evaluate", *FAST),
         "best.pt",
-        "train the run first (python main.py --checkpoint_name ghost)",
+        f"train the run first (python main.py --checkpoint_name ghost --checkpoint_dir {tmp_path / 'checkpoints'})",
     )
     # --demo --evaluate before --demo: the command that trains it
     assert_user_error(
         run_cli("--demo", "--evaluate", "--data_dir", tmp_path / "demo_data", "--device", "cpu"),
-        "train the run first (python main.py --demo)",
+        f"train the run first (python main.py --demo --checkpoint_dir {tmp_path / 'checkpoints'})",
     )
     assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "ghost", "--resume", *FAST), "last.pt")
 

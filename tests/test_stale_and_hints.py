@@ -1,0 +1,176 @@
+"""What tripped a new user (issue 31): an export of an unfinished run warns, and one that a later
+--resume made stale says so (at the end of the resume, and in --compare); every hint names a
+command that works from the state the run is in; an empty class folder is one line that says what
+to do; how busy the machine was is recorded beside each epoch's time; OpenMP threads wait
+passively unless the user said otherwise."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST, FEW_TIMING_RUNS, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch
+
+import inference
+import machine
+import trainer
+from outputs import format_epoch
+
+
+def command_flags(line, command_start="python main.py "):
+    """The flags of the `python main.py ...` command a message names (up to its closing parenthesis
+    or the end of the line)."""
+    text = line[line.index(command_start) + len(command_start) :]
+    return shlex.split(text.split(")")[0].rstrip(";. \n"))
+
+
+def better_each_epoch(monkeypatch):
+    """Make every epoch validate better than the one before, so best.pt is rewritten each epoch
+    (whatever the tiny data makes of it)."""
+    original = trainer.Trainer.validate
+
+    def validate(self):
+        numbers = original(self)
+        return {**numbers, "val_acc": 10.0 * (self.state.epoch + 1)}
+
+    monkeypatch.setattr(trainer.Trainer, "validate", validate)
+
+
+def test_an_unfinished_export_warns_and_a_resume_that_improves_best_pt_marks_it_stale(
+    demo_data, run_cli, tmp_path, monkeypatch
+):
+    run = ["--data_dir", demo_data, "--checkpoint_name", "early", *FAST, "--model", "squeezenet1_1"]
+    better_each_epoch(monkeypatch)
+    undo = crash_in_epoch(monkeypatch, 1)  # stopped after epoch 1 of 2
+    with pytest.raises(SimulatedCrash):
+        run_cli(*run, "--epochs", "2")
+    undo()
+    for name, value in FEW_TIMING_RUNS.items():
+        monkeypatch.setattr(inference, name, value)
+    code, out, err = run_cli(*run, "--export", "--calibration_images", "8")
+    assert code == 0, err
+    warning = next(line for line in out.splitlines() if line.startswith("warning: early has not finished"))
+    assert "(epoch 1 of 2)" in warning and "epoch 1)" in warning
+    report = json.loads((tmp_path / "checkpoints" / "early" / "inference.json").read_text())
+    assert report["run_progress"] == {"epoch": 1, "epochs": 2, "finished": False}
+    assert {"load_before", "load_after", "cpus", "threads", "openmp_wait"} <= report.keys()
+
+    # The command the warning names finishes the run; its last lines say the export is stale and where the files are.
+    code, out, err = run_cli(*command_flags(warning), "--num_workers", "0", "--no_progress")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("warning: early's model.onnx holds epoch 1's weights, but its best.pt has changed")
+    assert "(now epoch 2's)" in lines[-2] and "--export --checkpoint_name early" in lines[-2]
+    assert lines[-1].startswith(f"early's files are in {tmp_path / 'checkpoints' / 'early'}: best.pt, last.pt")
+
+    code, out, err = run_cli("--compare", "early")
+    assert code == 0, err
+    assert "| early (stale) | fp32 | pytorch |" in out
+    assert "stale: early's model.onnx holds epoch 1's weights" in out
+
+    # Each epoch's images/s is recorded with how busy the machine was while it was timed.
+    results = json.loads((tmp_path / "checkpoints" / "early" / "results.json").read_text())
+    assert all({"load_before", "load_after", "cpus"} <= epoch.keys() for epoch in results["epochs"])
+
+
+def test_a_run_holding_only_last_pt_is_told_to_resume_by_every_command_that_needs_best_pt(
+    demo_data, run_cli, tmp_path, monkeypatch
+):
+    run = ["--data_dir", demo_data, "--checkpoint_name", "early", *FAST, *SMALL_MODEL]
+
+    def crash(self):
+        raise SimulatedCrash  # in epoch 1's validation: last.pt (from --save_every_steps), no best.pt
+
+    original = trainer.Trainer.validate
+    monkeypatch.setattr(trainer.Trainer, "validate", crash)
+    with pytest.raises(SimulatedCrash):
+        run_cli(*run, "--epochs", "1", "--save_every_steps", "2")
+    monkeypatch.setattr(trainer.Trainer, "validate", original)
+    assert sorted(f for f in os.listdir(tmp_path / "checkpoints" / "early") if f.endswith(".pt")) == ["last.pt"]
+    hints = []
+    for mode in ("--evaluate", "--predict", "--export"):
+        result = run_cli(*run, mode)
+        assert_user_error(result, "early stopped in its first epoch", "--resume")
+        hints.append(command_flags(result[2]))
+    assert hints[0] == hints[1] == hints[2]
+    code, out, err = run_cli(*hints[0], "--num_workers", "0", "--no_progress")
+    assert code == 0, err
+    code, out, err = run_cli(*run, "--evaluate")
+    assert code == 0 and "test accuracy" in out, err
+
+    # --resume of a run that does not exist names the runs that do, and how to start it.
+    result = run_cli("--checkpoint_name", "nosuch", "--resume", *FAST)
+    assert_user_error(result, "no run nosuch to resume", "the runs in", "early", "start it with")
+    # --evaluate of one: the same list.
+    assert_user_error(run_cli("--data_dir", demo_data, "--checkpoint_name", "nosuch", "--evaluate"), "early")
+
+
+def test_an_empty_class_folder_is_one_line_that_says_what_to_do(demo_data, run_cli, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    (data / "seg_train" / "seg_train" / "zebra").mkdir()
+    result = run_cli("--data_dir", data, *FAST, "--epochs", "1")
+    assert_user_error(result, "the class folder zebra holds no images", "add its images")
+    assert "Found no valid file" not in result[2] and not result[2].endswith(" \n")
+
+
+def test_each_epoch_records_how_busy_the_machine_was_and_a_busy_one_is_flagged():
+    record = {
+        "epoch": 1,
+        "train_loss": 1.0,
+        "train_acc": 50.0,
+        "val_loss": 1.0,
+        "val_acc": 50.0,
+        "lr": 1e-3,
+        "seconds": 10.0,
+        "images_per_sec": 30.0,
+        "peak_mem_mb": None,
+    }
+    quiet = {**record, "load_before": 0.5, "load_after": 1.9, "cpus": 2}
+    busy = {**record, "load_before": 0.5, "load_after": 4.2, "cpus": 2}
+    assert "busy" not in format_epoch(quiet, 2)
+    assert "(busy: load 4.2 on 2 cores)" in format_epoch(busy, 2)
+    assert machine.LoadWatch().record().keys() == {"load_before", "load_after", "cpus"}
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose():
+    # In a fresh process where torch cannot load: what main.py set before it tried (libgomp reads it then).
+    probe = (
+        "import os, sys; sys.modules['torch'] = None\n"
+        "try:\n    import main\nexcept ImportError:\n    print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in machine.WAIT_SETTINGS}
+    for extra, expected in (
+        ({}, "PASSIVE"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+        ({"GOMP_SPINCOUNT": "0"}, "None"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", probe], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60
+        )
+        assert result.stdout.strip() == expected, result.stderr
+
+
+def test_predict_and_predict_onnx_break_ties_alike_and_both_name_a_near_tie():
+    import runpy
+
+    import numpy as np
+    import torch
+
+    import main as main_module
+
+    deploy = runpy.run_path(os.path.join(ROOT, "deploy", "predict_onnx.py"))
+    assert deploy["NEAR_TIE"] == main_module.NEAR_TIE
+    # An exact tie (classes 1 and 2), and the issue's near-tie (0.3448 against 0.3447).
+    probabilities = np.array([[0.2, 0.4, 0.4], [0.3105, 0.3447, 0.3448]], dtype=np.float32)
+    ours = main_module.top_two(torch.from_numpy(probabilities))
+    theirs = deploy["top_two"](probabilities)
+    assert [(a, b) for a, _, b, _ in ours] == [(a, b) for a, _, b, _ in theirs] == [(1, 2), (2, 1)]
+    names = ["checkerboard", "squares", "stripes"]
+    ties = [("0010.jpg", names[a], p, names[b], q) for a, p, b, q in ours[1:]]
+    assert main_module.near_tie_note(ties) == deploy["near_tie_note"](ties)
+    assert "0010.jpg: stripes 0.3448, squares 0.3447" in main_module.near_tie_note(ties)
