@@ -8,6 +8,7 @@ ones need, and a step can take 20-30 times as long. Sleeping at once (OMP_WAIT_P
 costs a few percent on an idle machine and avoids that; see benchmarks/threads.py."""
 
 import os
+import time
 
 # Settings with which a user chose how OpenMP threads wait; any of them set: we leave it alone.
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -40,27 +41,92 @@ def load_average():
         return None
 
 
+# Other programs keeping at least this many cores busy on average during a timed phase make its
+# times slower than the machine's own: the timings then say so.
+BUSY_CPUS = 0.5
+
+
+def _busy_ticks():
+    """CPU ticks the whole machine has spent busy (user, nice, system, interrupts and steal: a
+    VM's CPU taken by the host counts as taken), from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_ticks():
+    """CPU ticks this process has spent (all its threads, and its children that ended) plus those
+    of its living children (the data-loading workers), from /proc; None where there is none."""
+    me, total = os.getpid(), 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # (a process that ended meanwhile)
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3, the state; the name may hold spaces
+        if int(entry) == me:
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        elif int(fields[1]) == me:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
 class LoadWatch:
-    """The load average before and after a timed phase, and the cores:
-    `{"load_before": 0.4, "load_after": 3.1, "cpus": 2}` (record()) for the JSON files."""
+    """How busy the machine was during a timed phase, for the JSON files (record()):
+    `{"load_before": 0.4, "load_after": 3.1, "cpus": 2, "other_cpus": 0.02}`: the 1-minute load
+    average before and after (this process's threads included), the cores, and how many cores
+    other programs kept busy on average meanwhile (the machine's busy CPU time less this process's
+    and its workers'; None where /proc cannot tell)."""
 
     def __init__(self):
         self.before = load_average()
+        self.started = time.monotonic()
+        self.busy, self.own = _busy_ticks(), _own_ticks()
 
     def record(self):
-        return {"load_before": self.before, "load_after": load_average(), "cpus": os.cpu_count()}
+        busy, own = _busy_ticks(), _own_ticks()
+        seconds = time.monotonic() - self.started
+        other = None
+        if None not in (busy, own, self.busy, self.own) and seconds > 0:
+            ticks = (busy - self.busy) - (own - self.own)
+            other = round(max(0.0, ticks / os.sysconf("SC_CLK_TCK") / seconds), 2)
+        return {"load_before": self.before, "load_after": load_average(), "cpus": os.cpu_count(), "other_cpus": other}
 
 
-def busy_note(record):
-    """'' when the load stayed within the cores during a timed phase (a LoadWatch record, or a
-    dict holding its keys); else why its times may be slow, e.g. "the machine was busy while it
-    was timed: load average 0.4 before, 3.1 after, on 2 cores (this process's threads included)"."""
-    loads = [record.get(key) for key in ("load_before", "load_after")]
-    cpus = record.get("cpus")
-    if not cpus or not any(load is not None and load > cpus for load in loads):
+def was_busy(record):
+    """Whether other programs took enough of the machine during a timed phase (a LoadWatch record,
+    or a dict holding its keys: results.json's epochs, benchmark.json, inference.json) that its
+    times are slower than the machine's own. Records from before other_cpus existed: whether the
+    load average exceeded the cores (which counts the run's own threads too)."""
+    if record.get("other_cpus") is not None:
+        return record["other_cpus"] >= BUSY_CPUS
+    cpus, loads = record.get("cpus"), (record.get("load_before"), record.get("load_after"))
+    return bool(cpus) and any(load is not None and load > cpus for load in loads)
+
+
+def busy_note(record, short=False):
+    """'' when the machine was quiet enough during a timed phase (was_busy); else what took it, e.g.
+    "other programs kept 1.02 of 2 cores busy while it was timed (load average 0.4 before, 3.1
+    after, this run's threads included)"; short: without the load averages."""
+    if not was_busy(record):
         return ""
-    shown = ", ".join(f"{load} {when}" for load, when in zip(loads, ("before", "after")) if load is not None)
-    return (
-        f"the machine was busy while it was timed: load average {shown}, on {cpus} cores "
-        "(this process's threads included), so these times may be slow"
-    )
+    if record.get("other_cpus") is None:
+        text = f"the machine was busier than its {record.get('cpus')} cores while it was timed"
+    else:
+        text = f"other programs kept {record['other_cpus']} of {record.get('cpus')} cores busy while it was timed"
+    loads = [(record.get(key), when) for key, when in (("load_before", "before"), ("load_after", "after"))]
+    loads = ", ".join(f"{load} {when}" for load, when in loads if load is not None)
+    if short or not loads:
+        return text
+    return f"{text} (load average {loads}, this run's threads included)"

@@ -222,7 +222,7 @@ def format_epoch(r, epochs):
     if r.get("steady_peak_mem_mb") is not None:
         memory += f" (steady {r['steady_peak_mem_mb'] / 1024:.1f} GiB)"
     ema = f", EMA acc {r['val_acc_ema']:.2f}" if "val_acc_ema" in r else ""
-    busy = f" (busy: load {r['load_after']} on {r['cpus']} cores)" if busy_note(r) else ""
+    busy = f" (busy: {busy_note(r, short=True)})" if busy_note(r) else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
         f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f}{ema} | lr {r['lr']:.2e} | "

@@ -136,20 +136,16 @@ def memory_key(runs):
 
 
 def busy_epochs_note(runs):
-    """A warning naming the epochs whose training was timed while the machine's load exceeded its
-    cores (results.json's load_before/load_after, see machine.busy_note); "" when none was."""
+    """A warning naming the epochs whose training was timed while other programs took part of the
+    machine (machine.was_busy); "" when none was."""
     busy = []
     for r in runs:
-        epochs = [e for e in r["epochs"] if busy_note(e)]
-        if epochs:
-            loads = ", ".join(f"{e['epoch']} (load {e['load_before']} to {e['load_after']})" for e in epochs)
-            busy.append(f"{r['run']} epoch{'s' if len(epochs) > 1 else ''} {loads} on {epochs[0]['cpus']} cores")
+        for e in r["epochs"]:
+            if busy_note(e):
+                busy.append(f"{r['run']} epoch {e['epoch']}: {busy_note(e, short=True)}")
     if not busy:
         return ""
-    return (
-        "warning: timed while the machine was busier than its cores (the run's own threads included), so their "
-        f"s/epoch and images/s may be slow: {'; '.join(busy)}."
-    )
+    return f"warning: these epochs' s/epoch and images/s may be slower than this machine's own: {'; '.join(busy)}."
 
 
 def memory_note(runs):
@@ -1045,14 +1041,13 @@ def wait_words(report):
 def load_sentence(report):
     """What inference.md says about how busy the machine was while --export timed the rows."""
     if "load_before" not in report:  # (an inference.json from before load_before existed)
-        busy = report["load_average"] is not None and report["load_average"] > report["cpus"]
-        report = {"load_after": report["load_average"], "cpus": report["cpus"], "load_before": None}
-    else:
-        busy = bool(busy_note(report))
-    loads = f"{report['load_before']} before, " if report["load_before"] is not None else ""
+        report = {"load_after": report["load_average"], "cpus": report["cpus"]}
+    if busy_note(report):
+        return f"While the rows were timed, {busy_note(report)}: read the times as upper bounds."
+    others = f", other programs {report['other_cpus']} cores" if report.get("other_cpus") is not None else ""
     return (
-        f"1-minute load average {loads}{report['load_after']} after the timing, on {report['cpus']} cores (this "
-        "process's threads included)" + ("; busier than its cores, so read the times as upper bounds." if busy else ".")
+        f"While the rows were timed the machine was quiet enough: 1-minute load average {report.get('load_before')} "
+        f"before and {report['load_after']} after on {report['cpus']} cores (this process's threads included){others}."
     )
 
 

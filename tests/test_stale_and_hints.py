@@ -5,10 +5,12 @@ to do; how busy the machine was is recorded beside each epoch's time; OpenMP thr
 passively unless the user said otherwise."""
 
 import json
+import multiprocessing
 import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import FAST, FEW_TIMING_RUNS, ROOT, SMALL_MODEL, SimulatedCrash, assert_user_error, crash_in_epoch
@@ -130,11 +132,47 @@ def test_each_epoch_records_how_busy_the_machine_was_and_a_busy_one_is_flagged()
         "images_per_sec": 30.0,
         "peak_mem_mb": None,
     }
-    quiet = {**record, "load_before": 0.5, "load_after": 1.9, "cpus": 2}
-    busy = {**record, "load_before": 0.5, "load_after": 4.2, "cpus": 2}
+    # The load average counts the run's own threads: a quiet 2-core machine training at load 4.2 is
+    # not busy; other programs taking a core are.
+    quiet = {**record, "load_before": 0.5, "load_after": 4.2, "cpus": 2, "other_cpus": 0.1}
+    busy = {**record, "load_before": 0.5, "load_after": 4.2, "cpus": 2, "other_cpus": 1.02}
     assert "busy" not in format_epoch(quiet, 2)
-    assert "(busy: load 4.2 on 2 cores)" in format_epoch(busy, 2)
-    assert machine.LoadWatch().record().keys() == {"load_before", "load_after", "cpus"}
+    assert "(busy: other programs kept 1.02 of 2 cores busy while it was timed)" in format_epoch(busy, 2)
+    old = {**record, "load_before": 0.5, "load_after": 4.2, "cpus": 2}  # (results.json from before other_cpus)
+    assert "(busy: the machine was busier than its 2 cores while it was timed)" in format_epoch(old, 2)
+
+
+def spin_cpu(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_other_programs_cpu_is_counted_and_the_runs_own_workers_is_not(tmp_path):
+    # LoadWatch's other_cpus is the machine's busy CPU time less this process tree's. Counted in CPU
+    # time, not wall time, so that the suite's other worker cannot change the answer.
+    half_second = 0.4 * os.sysconf("SC_CLK_TCK")  # (ticks; 0.4 for the tick's rounding)
+    own, busy = machine._own_ticks(), machine._busy_ticks()
+    worker = multiprocessing.get_context("fork").Process(target=spin_cpu, args=(0.5,))  # as a loader worker
+    worker.start()
+    worker.join()
+    assert machine._own_ticks() - own >= half_second
+    assert machine._busy_ticks() - busy >= half_second
+    # Another program (started through a shell that exits at once, so outside this process's tree:
+    # a descendant's CPU time, once reaped, counts as this process's own).
+    done = tmp_path / "done"
+    program = (
+        f"import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\nopen({str(done)!r}, 'w')"
+    )
+    own, busy = machine._own_ticks(), machine._busy_ticks()
+    subprocess.run(["sh", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(program)} &"], check=True)
+    deadline = time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert done.exists()
+    assert machine._own_ticks() - own < half_second
+    assert machine._busy_ticks() - busy >= half_second
+    assert machine.LoadWatch().record().keys() == {"load_before", "load_after", "cpus", "other_cpus"}
 
 
 def test_openmp_threads_wait_passively_unless_the_user_chose():
