@@ -244,5 +244,5 @@ def test_amp_on_a_native_cpu_prints_no_warning(monkeypatch, run_cli, demo_data, 
         "--data_dir", demo_data, "--checkpoint_name", "amp", "--epochs", "1", *FAST, "--amp", *SMALL_MODEL
     )
     assert code == 0, err
-    assert "warning" not in out and "emulated" not in out, out
+    assert "emulated" not in out and "slower than FP32" not in out, out  # (a busy machine may still be noted)
     assert json.loads((tmp_path / "checkpoints" / "amp" / "results.json").read_text())["amp_dtype_native"] is True
