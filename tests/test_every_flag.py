@@ -13,9 +13,9 @@ a file written, a progress bar off. `Case.flags` names the flags whose effect `c
 - `test_flag_case` runs each case (parametrized from `CASES`).
 - `PAIRS` is the explicit table of what every pair of mode flags does: refused with one line,
   or a case that runs. `REFUSALS` lists the other combinations and values refused with one line.
-- The README's flag table and `--help` must list exactly the parser's flags.
+- docs/flags.md's tables and `--help` must list exactly the parser's flags.
 
-Adding a flag: add it to the parser, to README's "## Flags" table, and add its effect to a
+Adding a flag: add it to the parser, regenerate docs/flags.md (`python tools/flags_md.py`), and add its effect to a
 `Case` here: either a new `Case(id, flags=("--new_flag",), argv=[...], check=...)` or the flag
 and an assertion in an existing case whose run it fits (a run costs ~1-2 s). A flag that cannot
 run on this machine gets a case that checks its one-line refusal (see `--sync_bn`).
@@ -1397,14 +1397,12 @@ def test_refused_with_one_line(what, argv, flags, request, tmp_path):
 
 
 # ----------------------------------------------------------------------------- README and --help
-def readme_flags():
-    text = Path(ROOT, "README.md").read_text()
-    section = text.split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+def documented_flags():
+    """The flags docs/flags.md's tables list, each by its canonical spelling (a row's first)."""
     flags = set()
-    for line in section.splitlines():
+    for line in Path(ROOT, "docs", "flags.md").read_text().splitlines():
         if line.startswith("| `--"):
-            first_cell = line.split("|")[1]
-            flags |= set(re.findall(r"`(--[A-Za-z0-9_]+)", first_cell))
+            flags.add(re.match(r"\| `(--[A-Za-z0-9_]+)`", line).group(1))
     return flags
 
 
@@ -1430,8 +1428,8 @@ def assert_same_flags(listed, where):
     )
 
 
-def test_readme_flag_table_lists_exactly_the_parser_flags():
-    assert_same_flags(readme_flags(), "README's flag table")
+def test_the_flags_page_lists_exactly_the_parser_flags():
+    assert_same_flags(documented_flags(), "docs/flags.md")
 
 
 def test_help_lists_exactly_the_parser_flags(capsys):
