@@ -58,10 +58,18 @@ def _busy_ticks():
     return user + nice + system + irq + softirq + steal
 
 
+def _run_root():
+    """The process whose tree is this run: under torchrun its agent (the parent of every rank on
+    this machine, so that the other ranks and their workers are this run's, not other programs),
+    else this process."""
+    return os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+
+
 def _own_ticks():
-    """CPU ticks this process has spent (all its threads, and its children that ended) plus those
-    of its living children (the data-loading workers), from /proc; None where there is none."""
-    me, total = os.getpid(), 0
+    """CPU ticks this run's processes have spent (see _run_root): the root's and every living
+    descendant's (a data-loading worker, another rank), each with its children that ended; None
+    where /proc cannot tell."""
+    stats = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -75,10 +83,19 @@ def _own_ticks():
         except OSError:
             continue  # (a process that ended meanwhile)
         fields = stat[stat.rindex(")") + 2 :].split()  # from field 3, the state; the name may hold spaces
-        if int(entry) == me:
-            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-        elif int(fields[1]) == me:
-            total += int(fields[11]) + int(fields[12])
+        # (parent, utime + stime + cutime + cstime)
+        stats[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    root = _run_root()
+    if root not in stats:
+        return None
+    children = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
     return total
 
 
@@ -86,8 +103,8 @@ class LoadWatch:
     """How busy the machine was during a timed phase, for the JSON files (record()):
     `{"load_before": 0.4, "load_after": 3.1, "cpus": 2, "other_cpus": 0.02}`: the 1-minute load
     average before and after (this process's threads included), the cores, and how many cores
-    other programs kept busy on average meanwhile (the machine's busy CPU time less this process's
-    and its workers'; None where /proc cannot tell)."""
+    other programs kept busy on average meanwhile (the machine's busy CPU time less this run's
+    processes': its workers' and, under torchrun, the other ranks'; None where /proc cannot tell)."""
 
     def __init__(self):
         self.before = load_average()

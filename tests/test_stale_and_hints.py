@@ -148,6 +148,14 @@ def spin_cpu(seconds):
         pass
 
 
+def test_under_torchrun_the_run_is_the_agents_tree(monkeypatch):
+    # (The other ranks are its children, siblings of this one: this run's, not other programs.)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert machine._run_root() == os.getpid()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert machine._run_root() == os.getppid()
+
+
 def test_other_programs_cpu_is_counted_and_the_runs_own_workers_is_not(tmp_path):
     # LoadWatch's other_cpus is the machine's busy CPU time less this process tree's. Counted in CPU
     # time, not wall time, so that the suite's other worker cannot change the answer.
@@ -172,6 +180,14 @@ def test_other_programs_cpu_is_counted_and_the_runs_own_workers_is_not(tmp_path)
     assert done.exists()
     assert machine._own_ticks() - own < half_second
     assert machine._busy_ticks() - busy >= half_second
+    # A grandchild (a worker's own process) is this run's too, while it runs.
+    done.unlink()
+    own = machine._own_ticks()
+    grandchild = subprocess.Popen(["sh", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(program)} & wait"])
+    while not done.exists() and grandchild.poll() is None:
+        time.sleep(0.01)
+    assert machine._own_ticks() - own >= half_second
+    grandchild.wait()
     assert machine.LoadWatch().record().keys() == {"load_before", "load_after", "cpus", "other_cpus"}
 
 
