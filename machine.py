@@ -4,8 +4,10 @@ passive_openmp must run before torch loads.)
 OpenMP's threads, which PyTorch's CPU operators run on, by default spin for a while after each
 parallel region instead of sleeping. On a machine with no core to spare (a laptop, a shared
 server, a data-loading worker beside them) the spinning threads take the cores that the working
-ones need, and a step can take 20-30 times as long. Sleeping at once (OMP_WAIT_POLICY=PASSIVE)
-costs a few percent on an idle machine and avoids that; see benchmarks/threads.py."""
+ones need: on a 2-core AMD EPYC (AVX2) that other work kept busy, a 2-epoch 32 px run took 207 s
+with the default threads against 25 s with one, and one image's PyTorch latency 529 ms against
+5.6 ms. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) avoids that; what it costs on a quiet machine:
+benchmarks/threads.py, docs/benchmarks.md."""
 
 import os
 import time
