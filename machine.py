@@ -48,16 +48,31 @@ def load_average():
 BUSY_CPUS = 0.5
 
 
-def _busy_ticks():
-    """CPU ticks the whole machine has spent busy (user, nice, system, interrupts and steal: a
-    VM's CPU taken by the host counts as taken), from /proc/stat; None where there is none."""
+def usable_cpus():
+    """The CPUs this process may run on (a cpuset, taskset, SLURM or a container's limit), or all
+    the machine's where the system cannot tell."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _busy_ticks(cpus):
+    """CPU ticks the CPUs `cpus` have spent busy (user, nice, system, interrupts and steal: a VM's
+    CPU taken by the host counts as taken), from /proc/stat's per-CPU lines; None where there are
+    none. (Only the CPUs the run may use: other jobs on the rest of the machine take nothing.)"""
+    wanted, total = {f"cpu{n}" for n in cpus}, 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
+            for line in f:
+                name, *fields = line.split()
+                if name in wanted:
+                    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+                    total += user + nice + system + irq + softirq + steal
+                    wanted.discard(name)
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return user + nice + system + irq + softirq + steal
+    return None if wanted else total
 
 
 def _run_root():
@@ -104,23 +119,24 @@ def _own_ticks():
 class LoadWatch:
     """How busy the machine was during a timed phase, for the JSON files (record()):
     `{"load_before": 0.4, "load_after": 3.1, "cpus": 2, "other_cpus": 0.02}`: the 1-minute load
-    average before and after (this process's threads included), the cores, and how many cores
-    other programs kept busy on average meanwhile (the machine's busy CPU time less this run's
+    average before and after (this process's threads included; the whole machine's), the cores
+    this run may use, and how many of them other programs kept busy on average meanwhile (the machine's busy CPU time less this run's
     processes': its workers' and, under torchrun, the other ranks'; None where /proc cannot tell)."""
 
     def __init__(self):
         self.before = load_average()
         self.started = time.monotonic()
-        self.busy, self.own = _busy_ticks(), _own_ticks()
+        self.cpus = usable_cpus()
+        self.busy, self.own = _busy_ticks(self.cpus), _own_ticks()
 
     def record(self):
-        busy, own = _busy_ticks(), _own_ticks()
+        busy, own = _busy_ticks(self.cpus), _own_ticks()
         seconds = time.monotonic() - self.started
         other = None
         if None not in (busy, own, self.busy, self.own) and seconds > 0:
             ticks = (busy - self.busy) - (own - self.own)
             other = round(max(0.0, ticks / os.sysconf("SC_CLK_TCK") / seconds), 2)
-        return {"load_before": self.before, "load_after": load_average(), "cpus": os.cpu_count(), "other_cpus": other}
+        return {"load_before": self.before, "load_after": load_average(), "cpus": len(self.cpus), "other_cpus": other}
 
 
 def was_busy(record):

@@ -4,6 +4,7 @@ command that works from the state the run is in; an empty class folder is one li
 to do; how busy the machine was is recorded beside each epoch's time; OpenMP threads wait
 passively unless the user said otherwise."""
 
+import io
 import json
 import multiprocessing
 import os
@@ -148,6 +149,18 @@ def spin_cpu(seconds):
         pass
 
 
+def test_busy_counts_only_the_cpus_the_run_may_use(monkeypatch):
+    # Under a cpuset (taskset, SLURM, a container) other jobs on the other CPUs take nothing from us.
+    stat = (
+        "cpu  300 0 300 900 0 0 0 0 0 0\ncpu0 100 0 100 300 0 0 0 0 0 0\ncpu1 200 0 200 600 0 0 0 5 0 0\nintr 1 2 3\n"
+    )
+    monkeypatch.setattr(machine, "open", lambda *args, **kwargs: io.StringIO(stat), raising=False)
+    assert machine._busy_ticks([0]) == 200
+    assert machine._busy_ticks([1]) == 405  # (a VM's steal counts: the host took that CPU)
+    assert machine._busy_ticks([0, 1]) == 605
+    assert machine._busy_ticks([2]) is None  # (a CPU /proc/stat does not list: cannot tell)
+
+
 def test_under_torchrun_the_run_is_the_agents_tree(monkeypatch):
     # (The other ranks are its children, siblings of this one: this run's, not other programs.)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -160,26 +173,26 @@ def test_other_programs_cpu_is_counted_and_the_runs_own_workers_is_not(tmp_path)
     # LoadWatch's other_cpus is the machine's busy CPU time less this process tree's. Counted in CPU
     # time, not wall time, so that the suite's other worker cannot change the answer.
     half_second = 0.4 * os.sysconf("SC_CLK_TCK")  # (ticks; 0.4 for the tick's rounding)
-    own, busy = machine._own_ticks(), machine._busy_ticks()
+    own, busy = machine._own_ticks(), machine._busy_ticks(machine.usable_cpus())
     worker = multiprocessing.get_context("fork").Process(target=spin_cpu, args=(0.5,))  # as a loader worker
     worker.start()
     worker.join()
     assert machine._own_ticks() - own >= half_second
-    assert machine._busy_ticks() - busy >= half_second
+    assert machine._busy_ticks(machine.usable_cpus()) - busy >= half_second
     # Another program (started through a shell that exits at once, so outside this process's tree:
     # a descendant's CPU time, once reaped, counts as this process's own).
     done = tmp_path / "done"
     program = (
         f"import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\nopen({str(done)!r}, 'w')"
     )
-    own, busy = machine._own_ticks(), machine._busy_ticks()
+    own, busy = machine._own_ticks(), machine._busy_ticks(machine.usable_cpus())
     subprocess.run(["sh", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(program)} &"], check=True)
     deadline = time.monotonic() + 60
     while not done.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert done.exists()
     assert machine._own_ticks() - own < half_second
-    assert machine._busy_ticks() - busy >= half_second
+    assert machine._busy_ticks(machine.usable_cpus()) - busy >= half_second
     # A grandchild (a worker's own process) is this run's too, while it runs.
     done.unlink()
     own = machine._own_ticks()
