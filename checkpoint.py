@@ -273,17 +273,18 @@ class GracefulStop:
         self.signal = signum
         if not is_main_process():
             return
+        # (A second SIGINT exits at once; a second SIGTERM changes nothing.)
+        at_once = "press Ctrl-C again" if signum == signal.SIGINT else "a Ctrl-C (SIGINT)"
         if self.finishing:
             print(
                 f"\n{signal.Signals(signum).name}: training is done and saved; finishing {self.finishing} "
-                "first (press Ctrl-C again to stop now; --resume then runs the test)",
+                f"first ({at_once} to stop now; --resume then runs the test)",
                 file=sys.stderr,
                 flush=True,
             )
         else:
             print(
-                f"\n{signal.Signals(signum).name}: stopping after the current step "
-                "(press Ctrl-C again to exit at once)",
+                f"\n{signal.Signals(signum).name}: stopping after the current step ({at_once} to exit at once)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -202,10 +202,20 @@ class _Parser(argparse.ArgumentParser):
         """A bad flag is a user error like any other: one line, exit code 2. (A flag is named by
         its canonical spelling, not all of them: "argument --auto_augment: invalid choice ...")"""
         message = re.sub(r"^argument (-[^/:\s]+)(?:/-[^/:\s]+)+:", r"argument \1:", message)
+        switch = re.match(r"^argument (-\S+): ignored explicit argument (.*)$", message)
+        if switch:  # (--resume=ckpt.pth: as --resume ckpt.pth says it)
+            raise UserError(self.switch_with_value(switch.group(1), switch.group(2)))
         raise UserError(f"{message} (see --help)")
+
+    def switch_with_value(self, flag, value):
+        """The line for a value given to a switch, which takes none."""
+        action = next(a for a in self._actions if flag in a.option_strings)
+        return f"{flag} takes no value ({action.help}), got {value}"
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
+        if "--" in args:  # (argparse would read what follows as values, and name each flag as unknown)
+            raise UserError("main.py takes no '--': drop it, and give the flags after it as flags")
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             raise UserError(self.unrecognized(args, extras))
@@ -226,8 +236,7 @@ class _Parser(argparse.ArgumentParser):
             if argv[i] == value and argv[i - 1] in actions and actions[argv[i - 1]].nargs == 0
         ]
         if switches:
-            action = actions[switches[0]]
-            return f"{switches[0]} takes no value ({action.help}), got {value!r}"
+            return self.switch_with_value(switches[0], repr(value))
         return f"unrecognized argument {value!r} (see --help)"
 
 

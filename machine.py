@@ -25,8 +25,10 @@ def passive_openmp(environ=os.environ):
 
 
 def wait_policy():
-    """How this process's OpenMP threads wait: "passive" (sleep at once) or "active" (spin first)."""
-    return "passive" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "active"
+    """How this process's OpenMP threads wait: "passive" (sleep at once: OMP_WAIT_POLICY=PASSIVE,
+    or a spin count of 0) or "active" (spin first)."""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or os.environ.get("GOMP_SPINCOUNT") == "0"
+    return "passive" if passive else "active"
 
 
 def threads_note(threads):

@@ -139,6 +139,12 @@ def test_a_value_after_a_switch_is_named_as_such():
     )
     assert refusal("stray") == refusal("--epochs", "3", "stray") == "unrecognized argument 'stray' (see --help)"
     assert refusal("--epochs", "3", "--amp", "3").startswith("--amp takes no value (automatic mixed precision")
+    assert refusal("--resume=checkpoint.pth") == refusal("--resume", "checkpoint.pth")  # (argparse's own words before)
+
+
+def test_a_double_dash_is_named_not_every_flag_after_it():
+    # (argparse took the flags after it as values, and named each as unknown: "--evaluate (did you mean --evaluate?)")
+    assert refusal("--", "--evaluate") == "main.py takes no '--': drop it, and give the flags after it as flags"
 
 
 def test_a_bad_value_names_the_flag_once():

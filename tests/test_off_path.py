@@ -199,7 +199,7 @@ def test_ctrl_c_during_the_final_test_says_it_finishes_the_test(run_cli, demo_da
     monkeypatch.setattr(trainer.Trainer, "test", interrupted_test)
     code, out, err = run_cli("--data_dir", demo_data, "--epochs", "1", *FAST)
     assert code == 0
-    assert "finishing the final test" in err and "Ctrl-C again" in err and "--resume" in err
+    assert "finishing the final test" in err and "press Ctrl-C again" in err and "--resume" in err
     assert "stopping after the current step" not in err
     assert read_results(tmp_path / "checkpoints" / "baseline")["finished"]
 
@@ -841,3 +841,18 @@ def test_a_kill_between_an_epochs_last_step_and_its_last_pt_writes_no_tensorboar
     scalars = read_tensorboard_scalars(tmp_path / "baseline" / "tensorboard")
     assert [s for s, _ in scalars["epoch/val_acc"]] == [3, 6]  # each epoch once (was [3, 3, 6])
     assert [s for s, _ in scalars["step/lr"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_stop_message_names_what_a_second_signal_does(capsys):
+    # A second Ctrl-C exits at once; a second SIGTERM (a scheduler's) changes nothing, and nobody pressed Ctrl-C.
+    from checkpoint import GracefulStop
+
+    GracefulStop()._handle(signal.SIGTERM, None)
+    assert capsys.readouterr().err.strip() == (
+        "SIGTERM: stopping after the current step (a Ctrl-C (SIGINT) to exit at once)"
+    )
+    GracefulStop()._handle(signal.SIGINT, None)
+    assert (
+        capsys.readouterr().err.strip()
+        == "SIGINT: stopping after the current step (press Ctrl-C again to exit at once)"
+    )
