@@ -59,13 +59,15 @@ class RunOutputs:
 
     def write(self, path, write, note=""):
         """`write()`, which writes `path`, on rank 0 alone; if the disk refuses, every rank stops
-        with one line (ending in `note`; files already written stay as they are)."""
+        with one line (ending in `note`, or in what `note()` says just before the write, on rank 0;
+        files already written stay as they are)."""
 
         def guarded():
+            said = note() if callable(note) else note
             try:
                 write()
             except OSError as exc:  # (a WriteFailed names the file and the free space)
-                raise RunStopped(f"cannot write {exc.filename or path}: {exc.strerror or exc}{note}") from None
+                raise RunStopped(f"cannot write {exc.filename or path}: {exc.strerror or exc}{said}") from None
 
         from_main_process(guarded)
 

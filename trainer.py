@@ -249,9 +249,11 @@ class Trainer:
         self.check_not_diverged()
         self.outputs.flush()  # every TensorBoard event up to this checkpoint is on disk before it
         path = os.path.join(self.run_dir, name)
-        self.outputs.write(
-            path, lambda: atomic_torch_save(self.checkpoint(name), path), f"; the previous {name} is intact"
-        )
+
+        def kept():  # (said if the write fails; asked on the rank that writes, before it writes)
+            return f"; the previous {name} is intact" if os.path.exists(path) else f"; no {name} was saved before"
+
+        self.outputs.write(path, lambda: atomic_torch_save(self.checkpoint(name), path), kept)
         if name == "last.pt":
             self.save_timer.restart()
 

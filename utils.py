@@ -293,6 +293,35 @@ class _ConsoleHandler(logging.StreamHandler):
             super().handleError(record)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The log in the run's train.log. When the disk refuses a line (full, over a size limit),
+    say so in one line on stderr, once, and go on logging to the console alone (instead of
+    logging's traceback for every line after): the run's own files are what stop a run."""
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record):
+        failure = write_failure(self.baseFilename, sys.exc_info()[1])
+        if failure is None:
+            super().handleError(record)
+            return
+        self.failed = True
+        try:
+            self.stream.close()  # (what it holds back it cannot write either)
+        except OSError:
+            pass
+        self.stream = None  # (close() then has nothing to flush)
+        print(
+            f"cannot write {failure.filename}: {failure.strerror}; the log goes on on the console only",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def silence_stdout():
     """Point stdout at /dev/null, so later writes (and Python's final flush) find no closed pipe."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -330,7 +359,7 @@ def log_to_file(logger, log_file):
     Only the process that logs (see setup_logging) writes the file."""
     if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         return
-    handler = logging.FileHandler(log_file)
+    handler = _LogFileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
         held.setTarget(handler)

@@ -19,19 +19,35 @@ runs the tests so, with no server at all (slower: to tell whether a failure is t
 In `ps` a child has the server's command line (`forkserver.py --serve SOCKET`) and the server as
 its parent; the test's own process is the launcher (`forkserver.py SCRIPT ARGS`).
 
+A child ends as a fresh process ends: its script returns (or raises) into the interpreter's own
+shutdown (non-daemon threads joined, atexit functions, the final flush and its exit code 120,
+__del__ of what the script's globals held, modules torn down), then the C library's exit (its
+handlers, C++ static destructors): a crash or an abort at exit shows as it would. That costs
+~0.5 s of CPU a child (tearing down ~2500 modules copies the server's memory pages they sit on);
+the server freezes its objects out of the garbage collector before each fork, or it would be ~2 s.
+
 What differs from a fresh process, and why it does not matter to the tests:
 - the child's parent is the server, not the launcher: a test probe that signals its parent
   (tests/ddp_probe.py) reads $AMP_TEST_LAUNCHER_PARENT, the launcher's parent;
-- variables read only as Python starts or torch loads are the server's: the child applies
-  OMP_NUM_THREADS (torch.set_num_threads) and LOGLEVEL (torchrun's loggers) itself; the server refuses (and the
-  launcher starts a real process) when other such variables differ from its own, or when the
-  launcher's interpreter started differently (flags, PYTHON* variables, path, encodings, umask);
+- variables read only as Python starts or torch loads are the server's. The server refuses (and
+  the launcher starts a real process) when such a variable (the thread pools' OMP_*, MKL_*,
+  OPENBLAS_*..., ATEN_CPU_CAPABILITY, see LOAD_TIME_VARIABLES) is set in the launcher's
+  environment other than in the server's own as it started, or when the launcher's interpreter
+  started differently (flags, PYTHON* variables, path, encodings, umask). The child applies two
+  itself: OMP_NUM_THREADS (torch.set_num_threads: see become()) and LOGLEVEL (torchrun's loggers);
+- the server imports main.py before torch, and compares with its environment from before that
+  import: if main.py sets such a variable before torch loads (unless the user set it), torch
+  loaded in the server as in a fresh `python main.py` whose environment is the server's, and in
+  a child main.py runs again and sets it in os.environ the same way. A script that loads torch
+  without main.py (torchrun's agent, the probes) gets main.py's settings too: harmless while they
+  are the wait policy (how idle threads wait) and not the results of any computation;
 - a warning issued while the modules imported is not issued again (importing them issues none);
 - the children of one server share its str hash seed (set orders); numpy and torch are reseeded;
 - the child is in the server's session, not the launcher's process group: signal the launcher;
 - a SIGKILLed launcher's child is killed by the server a moment (~1-20 ms) after, not with it.
 """
 
+import gc
 import json
 import os
 import signal
@@ -48,19 +64,14 @@ PARENT_ENV = "AMP_TEST_LAUNCHER_PARENT"
 LOAD_TIME_VARIABLES = (
     "ATEN_CPU_CAPABILITY",
     "ONEDNN_MAX_CPU_ISA",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "OMP_WAIT_POLICY",
-    "OMP_PROC_BIND",
-    "OMP_PLACES",
-    "OMP_DYNAMIC",
-    "GOMP_SPINCOUNT",
-    "KMP_AFFINITY",
-    "KMP_BLOCKTIME",
     "TORCH_DISTRIBUTED_DEBUG",
     "TORCH_LOGS",
     "TORCH_CPP_LOG_LEVEL",
 )
+# The thread pools' (OpenMP's: GNU's and Intel's, MKL's, OpenBLAS's), all read as they load:
+# OMP_WAIT_POLICY, OMP_PROC_BIND, GOMP_SPINCOUNT, KMP_BLOCKTIME, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS...
+# OMP_NUM_THREADS alone a child applies itself (see become()).
+THREAD_POOL_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "GOTO_")
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -196,11 +207,18 @@ def serve(path):
     started_as = interpreter()  # (a child gets this, whatever its launcher's)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
+    # What a fresh process would have found as torch loaded: the server's own variables, taken
+    # before main.py may set some (it runs again in each child, which then sets the same ones).
+    loaded = load_time_variables(os.environ)
+    import main  # noqa: F401, I001  (first: torch loads as main.py has it load; with it torchvision and the project)
     import torch.distributed.launcher.api  # noqa: F401  (torchrun's agent, but for run.py: runpy runs that)
 
-    import main  # noqa: F401  (and with it torch, torchvision and the project)
-
-    loaded = {name: os.environ.get(name) for name in LOAD_TIME_VARIABLES}
+    # numpy's OpenBLAS started a thread pool as it loaded, and stops it before each fork (its own
+    # fork handler; a child starts one at its first BLAS call): after one fork, any thread left
+    # is one a child would miss (see the assertion below).
+    if os.fork() == 0:
+        os._exit(0)
+    os.wait()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
     os.rename(path + ".new", path)  # (the socket appears ready to connect to)
@@ -234,6 +252,10 @@ def serve(path):
                 threads = len(os.listdir("/proc/self/task"))
                 assert threads == 1, f"the fork server has {threads} threads: a forked child would miss them"
                 request["server_loglevel"] = os.environ.get("LOGLEVEL", "WARNING")
+                # The garbage collector leaves the server's objects alone in a child: else its
+                # passes (and the one at exit) write to every object's header, and a child copies
+                # all the server's memory pages (~1.5 s at each child's exit).
+                gc.freeze()
                 pid = os.fork()
                 if pid == 0:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (become sets it as the caller had it)
@@ -273,7 +295,8 @@ def read_request(connection, loaded, started_as):
         return None
     request, fds = message
     env = request.get("env", {})
-    differs = any(env.get(name) != value for name, value in loaded.items())
+    threads = env.get("OMP_NUM_THREADS", "1")
+    differs = load_time_variables(env) != loaded or not (threads.isdigit() and int(threads) > 0)
     if differs or request.get("interpreter") != started_as:
         try:
             send_message(connection, {"refused": "a variable read while torch or Python loads differs"})
@@ -284,6 +307,15 @@ def read_request(connection, loaded, started_as):
             os.close(fd)
         return None
     return request, fds
+
+
+def load_time_variables(env):
+    """The variables of `env` read as Python, torch or its thread pools load (OMP_NUM_THREADS aside)."""
+    return {
+        name: value
+        for name, value in env.items()
+        if name in LOAD_TIME_VARIABLES or name.startswith(THREAD_POOL_PREFIXES) and name != "OMP_NUM_THREADS"
+    }
 
 
 def report_ended(children, selector):
@@ -332,8 +364,15 @@ def become(request):
         for name, logger in logging.Logger.manager.loggerDict.items():
             if name.startswith("torch.distributed") and getattr(logger, "level", None) == loaded_level:
                 logger.setLevel(os.environ.get("LOGLEVEL", "WARNING"))
+    # OMP_NUM_THREADS (torchrun sets it to 1 for each worker) was read as torch loaded, by OpenMP
+    # and MKL, in the server, which has none (conftest). Setting it now is what loading would have
+    # done: OpenMP starts its pool at the first parallel op (the server has made none: one thread),
+    # sized by the nthreads ICV that omp_set_num_threads sets as OMP_NUM_THREADS does; torch's own
+    # count and MKL's are set with it. (Not numpy's OpenBLAS pool: its size stays the server's,
+    # which changes how many threads a numpy matrix product uses, not what it gives.) A value
+    # other than one number (a list, "4,2") is refused.
     threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:  # (read by OpenMP as torch loaded: in the server, which has none set)
+    if threads:
         torch.set_num_threads(int(threads))
     np.random.seed()  # a fresh process's numpy draws from the OS, not from the server's state;
     torch.seed()  # so does torch's default generator (its first seed is random too)
@@ -364,16 +403,18 @@ def become(request):
             sys.argv = list(args)
             sys.path[:] = [os.path.dirname(os.path.abspath(args[0])), *SITE_PATH]
             runpy.run_path(os.path.abspath(args[0]), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exit_code(exc)
-    except KeyboardInterrupt as exc:
-        print_uncaught(exc)
-        code = -signal.SIGINT  # Python ends an uncaught Ctrl-C by dying of SIGINT
+    except SystemExit:
+        raise  # Python's own handling: its exit code (and message), then its shutdown
     except BaseException as exc:
         print_uncaught(exc)
-        code = 1
-    end(code)
+        if not isinstance(exc, KeyboardInterrupt):
+            sys.exit(1)
+        # Python dies of SIGINT, after its shutdown, when a KeyboardInterrupt reaches the top:
+        # this one does, silently (it is printed already, without this file's frames).
+        sys.excepthook = lambda *_: None
+        raise
+    # Returning, the child ends as any Python process ends: the interpreter's own shutdown, then
+    # the C library's exit (its handlers, C++ static destructors).
 
 
 def print_uncaught(exc):
@@ -382,50 +423,6 @@ def print_uncaught(exc):
     while tb and tb.tb_next and tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>"):
         tb = tb.tb_next
     sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # (Python prints the exception's own)
-
-
-def exit_code(exc):
-    """What the interpreter makes of an uncaught SystemExit."""
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code & 0xFF
-    print(exc.code, file=sys.stderr)
-    return 1
-
-
-def end(code):
-    """Interpreter shutdown as far as anything outside the process sees it: non-daemon threads
-    joined, atexit functions run, output flushed. Then exit without tearing down the ~2500
-    modules one by one (a second of CPU, and nothing anyone sees)."""
-    import atexit
-    import threading
-
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):  # as Python's final flush: a failed one is exit code 120
-        try:
-            if stream is not None and not stream.closed:
-                stream.flush()
-        except Exception as exc:
-            if stream is sys.stdout:  # (said on stderr: `... | head` with output still buffered)
-                print_unraisable(exc, stream)
-            code = 120 if code >= 0 else code
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code)
-
-
-def print_unraisable(exc, obj):
-    """What Python prints of an exception it can only ignore."""
-    import traceback
-
-    try:
-        sys.stderr.write(f"Exception ignored in: {obj!r}\n{''.join(traceback.format_exception_only(type(exc), exc))}")
-        sys.stderr.flush()
-    except Exception:
-        pass
 
 
 def script_or_module(args):

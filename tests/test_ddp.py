@@ -23,6 +23,7 @@ from torchvision.models import resnet18
 import config
 import distributed
 import main as main_module
+import utils
 from dataset import EpochSampler, build_loaders
 from distributed import wrap_ddp
 from scheduler import WarmupCosineLR
@@ -258,6 +259,25 @@ def test_ddp_failure_on_one_rank_at_start_up_stops_every_rank(demo_data, tmp_pat
     assert proc.stderr.count("error: rank") == 1  # said once, by the rank that hit it
     assert f"error: rank 0: weights file not found: {missing}" in proc.stderr
     assert "[rank1]" not in proc.stderr  # rank 1 left quietly, not by a crash in a collective
+
+
+def test_ddp_ranks_are_one_writer_and_are_refused_together_by_a_folder_another_holds(demo_data, tmp_path):
+    run_dir = tmp_path / "ck" / "baseline"
+    utils.hold_run_folder(run_dir)  # this process: a live holder (an flock, as a training process's)
+    try:
+        proc, seconds = torchrun(MAIN, "--data_dir", demo_data, "--checkpoint_dir", tmp_path / "ck", *FAST)
+        after = os.listdir(run_dir)
+    finally:
+        utils.release_run_folders()
+    assert proc.returncode != 0 and seconds < TIME_LIMIT
+    refusal = f"{run_dir} is being trained by another process (pid {os.getpid()} on "
+    assert proc.stderr.count(refusal) == 1, proc.stderr  # said once, for the job
+    # torchrun's report: the first rank to end (rank 1 too, unless the agent stopped it first) ended
+    # with a user error's exit code, not a crash
+    assert "Root Cause (first observed failure):" in proc.stderr
+    assert "exitcode  : 2 " in proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr  # (a rank's traceback)
+    assert after == [utils.LOCK_FILE]  # nothing written into the folder
 
 
 def test_ddp_crash_mid_training_brings_the_group_down(demo_data, tmp_path):

@@ -4,6 +4,7 @@ The writes really fail: RLIMIT_FSIZE caps the size of any file this process writ
 ignored, so a write past it fails with EFBIG, as one on a full disk fails with ENOSPC)."""
 
 import contextlib
+import logging
 import os
 import resource
 import signal
@@ -105,15 +106,30 @@ def test_a_refused_tensorboard_write_is_raised_at_the_next_flush_and_keeps_the_e
     assert report.read_tensorboard_scalars(tmp_path)["a"][0] == (0, 1.0)
 
 
+def test_a_refused_log_line_is_said_once_in_one_line_and_the_log_goes_on_on_the_console(tmp_path, capsys):
+    log = utils.setup_logging()
+    utils.log_to_file(log, str(tmp_path / "train.log"))
+    log.info("first")
+    logged = (tmp_path / "train.log").read_bytes()
+    with file_size_limit(len(logged) + 100):
+        for i in range(20):
+            log.info(f"line {i} " + "x" * 50)
+    logging.shutdown()  # (as at exit: nothing more to say)
+    out, err = capsys.readouterr()
+    assert err == f"cannot write {tmp_path / 'train.log'}: File too large (" + err.split(" (", 1)[1]
+    assert err.count("\n") == 1 and " MB free there); the log goes on on the console only" in err
+    assert out.splitlines()[-1].startswith("line 19 ")  # (the console has every line)
+    assert (tmp_path / "train.log").read_bytes().startswith(logged)
+
+
 def test_a_refused_checkpoint_write_stops_the_run_in_one_line(run_cli, demo_data, tmp_path):
     # (The previous version staying is shown above, per file; here: what a run says, and leaves.)
     with file_size_limit(200_000):  # config.json and train.log fit; the small model's checkpoints (~6 MB) not
         code, out, err = run_cli("--data_dir", demo_data, "--epochs", "1", *FAST, *SMALL_MODEL)
     run_dir = tmp_path / "checkpoints" / "baseline"
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert (
-        f"cannot write {run_dir / 'best.pt'}: File too large (" in err
-    )  # (the first checkpoint written) and " MB free there)" in err
+    assert f"cannot write {run_dir / 'best.pt'}: File too large (" in err  # (the first checkpoint written)
+    assert " MB free there); no best.pt was saved before" in err  # (not "the previous one is intact")
     assert not (run_dir / "best.pt").exists() and no_temporary_files(run_dir)
 
 
