@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import verdicts
-from machine import busy_note
+from machine import busy_note, was_busy
 from utils import UserError, atomic_savefig, atomic_write_text, load_json, write_failure
 
 TABLE_COLUMNS = (
@@ -136,13 +136,20 @@ def memory_key(runs):
 
 
 def busy_epochs_note(runs):
-    """A warning naming the epochs whose training was timed while other programs took part of the
-    machine (machine.was_busy); "" when none was."""
+    """A warning naming, run by run, the epochs whose training was timed while other programs took
+    part of the machine (machine.was_busy), and how much they took; "" when none was."""
     busy = []
     for r in runs:
-        for e in r["epochs"]:
-            if busy_note(e):
-                busy.append(f"{r['run']} epoch {e['epoch']}: {busy_note(e, short=True)}")
+        epochs = [e for e in r["epochs"] if was_busy(e)]
+        if not epochs:
+            continue
+        others = sorted(e["other_cpus"] for e in epochs if e.get("other_cpus") is not None)
+        span = (
+            f"{others[0]}" if others and others[0] == others[-1] else f"{others[0]} to {others[-1]}" if others else ""
+        )
+        took = f"other programs kept {span} of {epochs[0]['cpus']} cores busy" if others else "load above the cores"
+        numbers = ", ".join(str(e["epoch"]) for e in epochs)
+        busy.append(f"{r['run']} epoch{'s' if len(epochs) > 1 else ''} {numbers} of {len(r['epochs'])} ({took})")
     if not busy:
         return ""
     return f"warning: these epochs' s/epoch and images/s may be slower than this machine's own: {'; '.join(busy)}."

@@ -241,3 +241,18 @@ def test_predict_and_predict_onnx_break_ties_alike_and_both_name_a_near_tie():
     ties = [("0010.jpg", names[a], p, names[b], q) for a, p, b, q in ours[1:]]
     assert main_module.near_tie_note(ties) == deploy["near_tie_note"](ties)
     assert "0010.jpg: stripes 0.3448, squares 0.3447" in main_module.near_tie_note(ties)
+
+
+def test_busy_epochs_are_named_run_by_run_in_one_line():
+    from report import busy_epochs_note
+
+    def epoch(n, other):
+        return {"epoch": n, "load_before": 3.0, "load_after": 3.5, "cpus": 2, "other_cpus": other}
+
+    quiet = {"run": "fp32", "epochs": [epoch(1, 0.1), epoch(2, 0.0)]}
+    busy = {"run": "amp", "epochs": [epoch(1, 1.02), epoch(2, 0.2), epoch(3, 0.97)]}
+    assert busy_epochs_note([quiet]) == ""
+    assert busy_epochs_note([quiet, busy]) == (
+        "warning: these epochs' s/epoch and images/s may be slower than this machine's own: "
+        "amp epochs 1, 3 of 3 (other programs kept 0.97 to 1.02 of 2 cores busy)."
+    )
