@@ -3,6 +3,7 @@ norm and float16's loss scale), comparison and confusion-matrix pictures, per-cl
 and the predictions CSV; write and read a run's TensorBoard event files."""
 
 import csv
+import hashlib
 import io
 import os
 import threading
@@ -1060,29 +1061,51 @@ def load_inference(checkpoint_dir, name):
     return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
 
 
-def best_pt_identity(run_dir):
-    """What tells one best.pt from a later one (its size and modification time), which
-    inference.json keeps so that an export whose best.pt has since changed is seen to be stale."""
-    stat = os.stat(os.path.join(run_dir, "best.pt"))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def best_pt_identity(run_dir, digest=True):
+    """What tells one best.pt from a later one, which inference.json keeps so that an export whose
+    best.pt has since changed is seen to be stale: its size and modification time (cheap) and,
+    with `digest`, the sha256 of its bytes (what decides where a copy, tar or touch gave the same
+    file a new time)."""
+    path = os.path.join(run_dir, "best.pt")
+    stat = os.stat(path)
+    identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if digest:
+        sha256 = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha256.update(block)
+        identity["sha256"] = sha256.hexdigest()
+    return identity
+
+
+def best_pt_changed(run_dir, recorded):
+    """Whether best.pt is not the one `recorded` (inference.json's best_pt) describes: the same
+    size and time say it is; else its sha256 decides (an export recorded without one, from
+    before sha256 was kept: the size and time alone, as then)."""
+    identity = best_pt_identity(run_dir, digest=False)
+    if all(recorded.get(key) == value for key, value in identity.items()):
+        return False
+    if "sha256" not in recorded:
+        return True
+    return best_pt_identity(run_dir)["sha256"] != recorded["sha256"]
 
 
 def stale_export(checkpoint_dir, name, report):
     """Why run `name`'s export (its inference.json `report`) no longer shows its best.pt, in words
     ('' when it still does): best.pt changed after the export (a --resume or --overwrite trained
-    on), or is gone."""
+    on), or is gone. A copied run folder (cp -r, tar) or a touched best.pt is not a change."""
     run_dir = os.path.join(checkpoint_dir, name)
     again = f"export again: python main.py --export --checkpoint_name {name}"
     exported = f"{name}'s model.onnx holds epoch {report.get('epoch', '?')}'s weights"
     try:
-        identity = best_pt_identity(run_dir)
+        best_time = os.stat(os.path.join(run_dir, "best.pt")).st_mtime_ns
     except OSError:
         return f"{exported}, but {name} has no best.pt now"
     recorded = report.get("best_pt")
     if recorded is None:  # (an export from before best_pt was recorded: the files' times tell)
-        changed = identity["mtime_ns"] > os.stat(os.path.join(run_dir, "inference.json")).st_mtime_ns
+        changed = best_time > os.stat(os.path.join(run_dir, "inference.json")).st_mtime_ns
     else:
-        changed = recorded != identity
+        changed = best_pt_changed(run_dir, recorded)
     if changed:
         try:
             now = load_json(os.path.join(run_dir, "results.json")).get("best_epoch")

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -228,3 +229,31 @@ def test_predict_and_predict_onnx_break_ties_alike_and_both_name_a_near_tie():
     ties = [("0010.jpg", names[a], p, names[b], q) for a, p, b, q in ours[1:]]
     assert main_module.near_tie_note(ties) == deploy["near_tie_note"](ties)
     assert "0010.jpg: stripes 0.3448, squares 0.3447" in main_module.near_tie_note(ties)
+
+
+def test_a_copied_or_touched_run_folder_keeps_its_export_and_a_new_best_pt_makes_it_stale(tmp_path):
+    """(review) The export recorded best.pt by size and time only, so `cp -r`, tar or `touch` marked
+    an unchanged best.pt's export "(stale)": the sha256 now decides whenever size or time differ."""
+    from report import best_pt_identity, stale_export
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"weights of epoch 3" * 1000)
+    (run_dir / "results.json").write_text(json.dumps({"best_epoch": 5}))
+    report = {"epoch": 3, "best_pt": best_pt_identity(run_dir)}
+    (run_dir / "inference.json").write_text(json.dumps(report))
+    assert stale_export(tmp_path / "runs", "r", report) == ""
+
+    shutil.copytree(tmp_path / "runs", tmp_path / "copy", copy_function=shutil.copy)  # as `cp -r`: new times
+    assert os.stat(tmp_path / "copy" / "r" / "best.pt").st_mtime_ns != report["best_pt"]["mtime_ns"]
+    assert stale_export(tmp_path / "copy", "r", report) == ""
+    os.utime(run_dir / "best.pt", ns=(time.time_ns(), time.time_ns() + 10**9))  # touch
+    assert stale_export(tmp_path / "runs", "r", report) == ""
+
+    (run_dir / "best.pt").write_bytes(b"weights of epoch 5" * 1000)  # the same size, other bytes
+    assert "r's model.onnx holds epoch 3's weights, but its best.pt has changed since (now epoch 5's)" in (
+        stale_export(tmp_path / "runs", "r", report)
+    )
+    # An export from before the sha256 was kept: a different size or time still means stale.
+    old = {"epoch": 3, "best_pt": {k: v for k, v in report["best_pt"].items() if k != "sha256"}}
+    assert "has changed since" in stale_export(tmp_path / "copy", "r", old)
