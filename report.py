@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import verdicts
+from checkpoint import run_command
 from machine import busy_note
 from utils import UserError, atomic_savefig, atomic_write_text, load_json, write_failure
 
@@ -1095,7 +1096,7 @@ def stale_export(checkpoint_dir, name, report):
     ('' when it still does): best.pt changed after the export (a --resume or --overwrite trained
     on), or is gone. A copied run folder (cp -r, tar) or a touched best.pt is not a change."""
     run_dir = os.path.join(checkpoint_dir, name)
-    again = f"export again: python main.py --export --checkpoint_name {name}"
+    again = "export again: " + run_command(name, checkpoint_dir, "--export")
     exported = f"{name}'s model.onnx holds epoch {report.get('epoch', '?')}'s weights"
     try:
         best_time = os.stat(os.path.join(run_dir, "best.pt")).st_mtime_ns
@@ -1135,5 +1136,6 @@ def inference_section(checkpoint_dir, names):
         text += f"\nstale: {reason}; its rows are not of the model in the table above\n"
     missing = [name for name, report in reports.items() if not report]
     if missing:
-        text += f"\nnot exported: {', '.join(missing)} (python main.py --export --checkpoint_name NAME)\n"
+        command = run_command(missing[0] if len(missing) == 1 else "NAME", checkpoint_dir, "--export")
+        text += f"\nnot exported: {', '.join(missing)} ({command})\n"
     return text

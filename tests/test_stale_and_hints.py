@@ -65,7 +65,9 @@ def test_an_unfinished_export_warns_and_a_resume_that_improves_best_pt_marks_it_
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[-2].startswith("warning: early's model.onnx holds epoch 1's weights, but its best.pt has changed")
-    assert "(now epoch 2's)" in lines[-2] and "--export --checkpoint_name early" in lines[-2]
+    assert "(now epoch 2's)" in lines[-2]
+    runs = str(tmp_path / "checkpoints")  # (not the default folder: the hint names it)
+    assert command_flags(lines[-2]) == ["--checkpoint_name", "early", "--checkpoint_dir", runs, "--export"]
     assert lines[-1].startswith(f"early's files are in {tmp_path / 'checkpoints' / 'early'}: best.pt, last.pt")
 
     code, out, err = run_cli("--compare", "early")
@@ -257,3 +259,24 @@ def test_a_copied_or_touched_run_folder_keeps_its_export_and_a_new_best_pt_makes
     # An export from before the sha256 was kept: a different size or time still means stale.
     old = {"epoch": 3, "best_pt": {k: v for k, v in report["best_pt"].items() if k != "sha256"}}
     assert "has changed since" in stale_export(tmp_path / "copy", "r", old)
+
+
+def test_the_export_hints_name_the_runs_folder_even_with_a_space_in_it(tmp_path):
+    """(review) The stale-export and "not exported" hints wrote their own command, without a
+    non-default --checkpoint_dir; they come from checkpoint.run_command now, which quotes paths."""
+    from checkpoint import run_command
+    from report import best_pt_identity, inference_section, stale_export
+
+    runs = tmp_path / "my runs"
+    for name in ("r", "other run"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "best.pt").write_bytes(b"weights")
+    report = {"epoch": 1, "rows": [], "best_pt": best_pt_identity(runs / "r")}
+    (runs / "r" / "inference.json").write_text(json.dumps(report))
+    (runs / "r" / "best.pt").write_bytes(b"new weights")
+    stale = stale_export(runs, "r", report)
+    assert command_flags(stale) == ["--checkpoint_name", "r", "--checkpoint_dir", str(runs), "--export"]
+    text = inference_section(runs, ["r", "other run"])
+    line = next(line for line in text.splitlines() if line.startswith("not exported: other run ("))
+    assert command_flags(line) == ["--checkpoint_name", "other run", "--checkpoint_dir", str(runs), "--export"]
+    assert run_command("r", "checkpoints", "--resume") == "python main.py --checkpoint_name r --resume"
