@@ -352,7 +352,10 @@ def paired_against(first, run):
     and the verdict, over the images both were tested on; without both runs' per-image
     predictions only the difference, and why the rest is unavailable."""
     correct, unavailable = paired_correctness(first, run)
-    if correct is None:
+    paired = None if correct is None else verdicts.paired_accuracy(*correct)
+    if paired is None:
+        if correct is not None:
+            unavailable = f"{first['run']} and {run['run']}: {verdicts.NO_IMAGES}"
         return {
             "acc_diff": run["test_acc"] - first["test_acc"],
             "acc_diff_ci95": None,
@@ -360,7 +363,6 @@ def paired_against(first, run):
             "verdict": None,
             "unavailable": unavailable,
         }
-    paired = verdicts.paired_accuracy(*correct)
     return {
         "acc_diff": paired.acc_diff,
         "acc_diff_ci95": list(paired.ci95),
@@ -394,8 +396,12 @@ def paired_correctness(first, run):
 def speedup_against(first, run):
     """Images/s over the first run's (steady epochs), with a 95% interval from the epochs' spread
     (verdicts.speedup: one estimator for both)."""
-    speedup, interval = verdicts.speedup(epoch_work(first), epoch_work(run))
-    return {"speedup": speedup, "speedup_ci95": list(interval) if interval else None}
+    speedup, interval, why = verdicts.speedup(epoch_work(first), epoch_work(run))
+    return {
+        "speedup": speedup,
+        "speedup_ci95": list(interval) if interval else None,
+        "speedup_ci95_unavailable": why,
+    }
 
 
 def group_entries(runs):
@@ -478,8 +484,8 @@ def against_first_table(entries, first):
         v = e["vs_first"]
         speed = (
             "n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
-            # (verdicts.speedup_interval: two steady epochs a run at least; a session's first is not steady)
-            "n/a (fewer than 2 steady epochs)"
+            # (verdicts.speedup says why there is none: a session's first epoch is not steady, say)
+            f"n/a ({v.get('speedup_ci95_unavailable') or verdicts.FEW_EPOCHS})"
             if v["speedup_ci95"] is None
             else _interval(v["speedup_ci95"], "{:.2f}", "x"),
         )
