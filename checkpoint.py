@@ -3,6 +3,7 @@ on from one (Checkpoints: the one place the saved keys are named), loading one s
 stopping into one on Ctrl-C or SIGTERM (GracefulStop)."""
 
 import os
+import shlex
 import signal
 import sys
 import time
@@ -23,8 +24,9 @@ def run_command(name, checkpoint_dir="checkpoints", *flags, demo=False):
         run = ["--demo", *(["--amp"] if name == "demo_amp" else [])]
     else:
         run = [*(["--demo"] if demo else []), "--checkpoint_name", name]
-    where = [] if os.path.normpath(checkpoint_dir) == "checkpoints" else ["--checkpoint_dir", checkpoint_dir]
-    return " ".join(["python", "main.py", *run, *where, *flags])
+    where = [] if os.path.normpath(checkpoint_dir) == "checkpoints" else ["--checkpoint_dir", str(checkpoint_dir)]
+    # Quoted as a shell reads them: a folder or run name with a space is still one argument.
+    return " ".join(["python", "main.py", *(shlex.quote(part) for part in [*run, *where, *flags])])
 
 
 def existing_runs(checkpoint_dir):

@@ -748,7 +748,9 @@ def build_datasets(cfg, progress=False):
         pool = range(len(full_train))
     if len(full_train.classes) < 2:
         raise UserError(f"{full_train.root} has {len(full_train.classes)} class folder; a classifier needs at least 2")
-    val_root = find_split_dir(cfg.data_dir, "val")
+    # A validation folder is used only by a run that chose it at its start (use_validation_folder
+    # set val_fraction to None): a run that validates on a fraction split keeps it, on --resume too.
+    val_root = find_split_dir(cfg.data_dir, "val") if cfg.val_fraction is None else None
     if val_root is not None:  # its own folder: no share of the training images is split off
         val = image_folder(val_root, cfg.image_size)
         check_images((val,), cfg, progress)
@@ -797,6 +799,20 @@ def use_validation_folder(cfg, explicit):
     cfg.val_fraction = None
 
 
+def unused_validation_folder_note(cfg):
+    """One line where DATA_DIR/val exists but the run validates on its --val_fraction split
+    (a folder added after the run started is not switched to on --resume); else None."""
+    if cfg.val_fraction is None or not os.path.isdir(cfg.data_dir):
+        return None
+    val_root = find_split_dir(cfg.data_dir, "val")
+    if val_root is None:
+        return None
+    return (
+        f"{val_root} is not used: this run validates on its --val_fraction {cfg.val_fraction} split of the "
+        "training images (a new run would validate on the folder)"
+    )
+
+
 def per_rank_batch(cfg, world_size):
     """`cfg.batch_size` is the global batch: each of the `world_size` processes loads its share."""
     return max(cfg.batch_size // world_size, 1)
@@ -816,6 +832,9 @@ def build_loaders(cfg, device, rank=0, world_size=1):
     train_set, val_set, test_set, class_names = build_datasets(cfg, progress)
     if isinstance(val_set, ImageFolder):  # (else a share of the training split)
         logging.getLogger("amp").info(f"validation split: {val_set.root} ({len(val_set)} images)")
+    unused = unused_validation_folder_note(cfg)
+    if unused:
+        logging.getLogger("amp").info(unused)
     if getattr(cfg, "cache", False):
         train_set, val_set, test_set = (
             cache_dataset(d, cfg.num_workers, progress) for d in (train_set, val_set, test_set)

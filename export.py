@@ -20,7 +20,6 @@ from torch.utils.data import Subset
 import inference
 from checkpoint import run_command
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_datasets, evaluation_loader, evaluation_view, make_loader
-from hardware import apply_fp32_math
 from report import best_pt_identity, inference_markdown
 from utils import RunStopped, UserError, atomic_write_files, load_json
 
@@ -28,6 +27,8 @@ ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 EXPORT_FILES = (ONNX_FILE, INT8_FILE, "inference.json", "inference.md")
 # An FP32 export must give the PyTorch model's top-1 on at least this share of the test images.
 MIN_AGREEMENT = 99.9
+# What PyTorch computes in for the parity check: the file's own arithmetic (onnxruntime's FP32 is IEEE).
+PARITY_MATH = "IEEE FP32"
 # Below this agreement with FP32's top-1 (percent of the test images), --export warns about INT8.
 INT8_MIN_AGREEMENT = 90.0
 # One ONNX file is one protobuf message, which cannot exceed 2 GiB (larger models need their
@@ -55,9 +56,6 @@ def export_run(model, best, cfg):
     """--export: model.onnx, model.int8.onnx, inference.json and inference.md in the run folder."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     check_writable(run_dir)  # before minutes of work
-    # The run's FP32 math (IEEE or TF32), as training and --evaluate computed: the parity reference
-    # and the "fp32" PyTorch row compute in what their labels say (inference.fp32_label).
-    apply_fp32_math(cfg)
     check_file_limit(model, cfg.model)
     train_set, _, test_set, class_names = build_datasets(cfg)
     if list(class_names) != list(best["class_names"]):
@@ -77,15 +75,17 @@ def export_run(model, best, cfg):
     fp32 = export_onnx(model, cfg, metadata(cfg, best))
     clock.lap("checking it against PyTorch on the test split")
     onnx_fp32 = inference.OnnxRunner(fp32, "fp32")
+    # The parity check checks the file: onnxruntime computes IEEE FP32, so PyTorch does too here,
+    # whatever the run's --fp32_math (the timed PyTorch rows compute in that; inference.measure).
     results = {
-        ("pytorch", "fp32"): inference.evaluate_runner(inference.PyTorchRunner(model, cfg), test_loader),
+        ("pytorch", "fp32"): inference.evaluate_runner(inference.PyTorchRunner(model, cfg, math="ieee"), test_loader),
         ("onnxruntime", "fp32"): inference.evaluate_runner(onnx_fp32, test_loader),
     }
     parity = inference.agreement(results["onnxruntime", "fp32"], results["pytorch", "fp32"])
     check_parity(parity, cfg)
     calibration = calibration_batches(train_set, cfg)
     clock.lap(
-        f"parity: onnxruntime FP32 gives PyTorch {inference.fp32_label(cfg)}'s top-1 on {parity['agreement']:.2f}% of "
+        f"parity: onnxruntime FP32 gives PyTorch {PARITY_MATH}'s top-1 on {parity['agreement']:.2f}% of "
         f"{len(results['pytorch', 'fp32']['targets'])} test images, largest logit difference "
         f"{parity['max_abs_logit_diff']:.2e}; quantizing to INT8 (static, QDQ, per-channel weights) on "
         f"{sum(len(b) for b in calibration)} training images"
@@ -100,6 +100,7 @@ def export_run(model, best, cfg):
         weights=best.get("weights", "raw"),
         calibration_images=sum(len(b) for b in calibration),
         run_progress=progress,
+        parity={**parity, "pytorch": PARITY_MATH},  # (model.onnx against PyTorch, both in IEEE FP32)
         best_pt=best_pt_identity(run_dir),  # (report.stale_export tells a later best.pt by it)
     )
     write_files(run_dir, fp32, int8, report)
@@ -249,7 +250,8 @@ def check_parity(parity, cfg):
     """An FP32 export that does not compute what PyTorch computes is an error, not a result."""
     if parity["agreement"] < MIN_AGREEMENT:
         raise RunStopped(
-            f"error: the ONNX export of {cfg.checkpoint_name} ({cfg.model}) disagrees with PyTorch: the same top-1 on "
+            f"error: the ONNX export of {cfg.checkpoint_name} ({cfg.model}) disagrees with PyTorch {PARITY_MATH}: the "
+            "same top-1 on "
             f"{parity['agreement']:.2f}% of the test images (at least {MIN_AGREEMENT}% needed), largest logit "
             f"difference {parity['max_abs_logit_diff']:.3g}; nothing was written"
         )

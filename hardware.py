@@ -2,6 +2,7 @@
 device's own instructions or is emulated (then AMP is slower than FP32, not faster), and the
 FP32 math (IEEE or TF32) a CUDA run uses."""
 
+import contextlib
 import functools
 import os
 import platform
@@ -191,4 +192,21 @@ def apply_fp32_math(cfg):
     allow_tf32 switch, as some libraries do, fails after the new ones were set.)"""
     if torch.device(cfg.device).type != "cuda":
         return
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.fp32_math == "tf32"
+    set_tf32(cfg.fp32_math == "tf32")
+
+
+def set_tf32(allowed):
+    """cuBLAS's and cuDNN's TF32 switches, both alike (they act on CUDA only)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+
+
+@contextlib.contextmanager
+def fp32_math_switches(math):
+    """Compute FP32 in `math` ("ieee" or "tf32") inside the block, then put back the two switches
+    as they were: --export checks its file in IEEE FP32 and times PyTorch in the run's math."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(math == "tf32")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -10,7 +10,7 @@ import onnxruntime
 import torch
 
 from dataset import DeviceTransform
-from hardware import cpu_flags, cpu_name, describe, device_name, summary, tf32_on
+from hardware import cpu_flags, cpu_name, describe, device_name, fp32_math_switches, summary, tf32_on
 from machine import LoadWatch, wait_policy
 from step import precision_name
 
@@ -27,12 +27,15 @@ ONNX_FP16_SKIPPED = (
 
 class PyTorchRunner:
     """uint8 batch -> logits (numpy) through the run's model on its device, as --evaluate runs
-    it (DeviceTransform's normalization), in FP32 or under bf16/fp16 autocast."""
+    it (DeviceTransform's normalization), in FP32 or under bf16/fp16 autocast. Its FP32 math
+    (`math`: "ieee" or "tf32") is the run's --fp32_math unless given (the parity check's is
+    IEEE), set for each call and put back after it."""
 
     runtime = "pytorch"
 
-    def __init__(self, model, cfg, precision="fp32"):
+    def __init__(self, model, cfg, precision="fp32", math=None):
         self.model, self.precision = model.eval(), precision
+        self.fp32_math = math or fp32_math(cfg)
         self.transform = DeviceTransform(cfg.device, cfg.channels_last)
         self.device_type = torch.device(cfg.device).type
         # Autocast casts the float32 weights per operation: the model in memory stays float32.
@@ -40,8 +43,11 @@ class PyTorchRunner:
 
     @torch.inference_mode()
     def __call__(self, images):
-        with torch.autocast(
-            self.device_type, dtype=AUTOCAST_DTYPES.get(self.precision), enabled=self.precision != "fp32"
+        with (
+            fp32_math_switches(self.fp32_math),
+            torch.autocast(
+                self.device_type, dtype=AUTOCAST_DTYPES.get(self.precision), enabled=self.precision != "fp32"
+            ),
         ):
             logits = self.model(self.transform(images))
         return logits.float().cpu().numpy()  # (on CUDA this waits for the GPU)
@@ -182,11 +188,15 @@ def amp_dtype(cfg):
 
 def measure(model, cfg, onnx_runners, loader, results):
     """inference.json's content: a row per precision and runtime (PyTorch FP32 and, where the
-    device computes it natively, the run's AMP dtype; the onnxruntime runners), what was left out
-    and why, and the setting. `results` holds the test-split results already computed, by
-    (runtime, precision)."""
+    device computes it natively, the run's AMP dtype, in the run's --fp32_math; the onnxruntime
+    runners), what was left out and why, and the setting. `results` holds the test-split results
+    already computed (in IEEE FP32, PyTorch's too), by (runtime, precision): a PyTorch one is
+    used again only where this row computes in IEEE as well. Agreement is with the PyTorch FP32
+    row."""
     reduced, native = amp_dtype(cfg), native_dtypes(cfg.device)
     runners = [PyTorchRunner(model, cfg, p) for p in ("fp32", reduced) if p == "fp32" or p in native] + onnx_runners
+    results = {key: result for key, result in results.items() if key[0] != "pytorch" or runners[0].fp32_math == "ieee"}
+    results["pytorch", "fp32"] = results.get(("pytorch", "fp32")) or evaluate_runner(runners[0], loader)
     single, batch = timing_batches(loader)
     devices = {
         "pytorch": (device_name(cfg.device), pytorch_capability(cfg.device)),

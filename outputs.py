@@ -2,11 +2,13 @@
 confusion.png, TensorBoard's scalars, and the lines it prints for each epoch and the test. Rank 0
 writes; a disk that refuses stops every rank with one line."""
 
+import hashlib
 import os
 import time
+from types import SimpleNamespace
 
 from distributed import from_main_process, is_main_process, world_size
-from hardware import device_name
+from hardware import device_name, tf32_on
 from hardware import record as hardware_record
 from machine import busy_note
 from report import (
@@ -252,16 +254,29 @@ TEST_RECORD_SETTINGS = (
 
 
 def test_setting_changes(saved, cfg):
-    """{setting: (the run's, this session's)} for the TEST_RECORD_SETTINGS that differ."""
+    """{setting: (the run's, this session's)} for the TEST_RECORD_SETTINGS that differ. The FP32
+    math is compared as computed (hardware.tf32_on): --fp32_math tf32 on the CPU is IEEE, as
+    ieee is, so it changes nothing; where it differs its values are the math each computed in."""
     changes = {}
     for name in TEST_RECORD_SETTINGS:
         run, now = saved.get(name), getattr(cfg, name, None)
+        if name == "fp32_math" and run is not None:
+            run, now = _computed_fp32_math(run, saved.get("device")), _computed_fp32_math(now, cfg.device)
         same = (
             _same_place(run, now) if name == "data_dir" else _same_device(run, now) if name == "device" else run == now
         )
         if not same:
             changes[name] = (run, now)
     return changes
+
+
+def _computed_fp32_math(fp32_math, device):
+    """ "tf32" or "ieee": what --fp32_math `fp32_math` computes in on `device` (the flag's value
+    itself where the device cannot be read)."""
+    try:
+        return "tf32" if tf32_on(SimpleNamespace(fp32_math=fp32_math, device=device)) else "ieee"
+    except (TypeError, RuntimeError):
+        return fp32_math
 
 
 def _same_place(a, b):
@@ -281,13 +296,18 @@ def _same_device(a, b):
 
 def evaluation_tag(changes):
     """The name of an --evaluate record made with other settings than the run's: its changed
-    settings and their values, e.g. "device-cpu_batch_size-64" (a data folder by its last part);
-    "rerun" when none changed but the test gave another accuracy than the run's own."""
+    settings and their values, e.g. "device-cpu_batch_size-64" (a data folder by its last part
+    and a short hash of its real path, "data_dir-holdout-1a2b3c", so two folders of one name keep
+    a record each); "rerun" when none changed but the test gave another accuracy than the run's own."""
     if not changes:
         return "rerun"
     parts = []
     for name, (_, value) in changes.items():
-        value = os.path.basename(os.path.realpath(str(value))) if name == "data_dir" else str(value)
+        if name == "data_dir":
+            place = os.path.realpath(str(value))
+            value = f"{os.path.basename(place)}-{hashlib.sha256(place.encode()).hexdigest()[:6]}"
+        else:
+            value = str(value)
         parts.append(f"{name}-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in value))
     return "_".join(parts)
 

@@ -3,6 +3,7 @@ norm and float16's loss scale), comparison and confusion-matrix pictures, per-cl
 and the predictions CSV; write and read a run's TensorBoard event files."""
 
 import csv
+import hashlib
 import io
 import os
 import threading
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import verdicts
+from checkpoint import run_command
 from machine import busy_note, was_busy
 from utils import UserError, atomic_savefig, atomic_write_text, load_json, write_failure
 
@@ -357,7 +359,10 @@ def paired_against(first, run):
     and the verdict, over the images both were tested on; without both runs' per-image
     predictions only the difference, and why the rest is unavailable."""
     correct, unavailable = paired_correctness(first, run)
-    if correct is None:
+    paired = None if correct is None else verdicts.paired_accuracy(*correct)
+    if paired is None:
+        if correct is not None:
+            unavailable = f"{first['run']} and {run['run']}: {verdicts.NO_IMAGES}"
         return {
             "acc_diff": run["test_acc"] - first["test_acc"],
             "acc_diff_ci95": None,
@@ -365,7 +370,6 @@ def paired_against(first, run):
             "verdict": None,
             "unavailable": unavailable,
         }
-    paired = verdicts.paired_accuracy(*correct)
     return {
         "acc_diff": paired.acc_diff,
         "acc_diff_ci95": list(paired.ci95),
@@ -399,8 +403,12 @@ def paired_correctness(first, run):
 def speedup_against(first, run):
     """Images/s over the first run's (steady epochs), with a 95% interval from the epochs' spread
     (verdicts.speedup: one estimator for both)."""
-    speedup, interval = verdicts.speedup(epoch_work(first), epoch_work(run))
-    return {"speedup": speedup, "speedup_ci95": list(interval) if interval else None}
+    speedup, interval, why = verdicts.speedup(epoch_work(first), epoch_work(run))
+    return {
+        "speedup": speedup,
+        "speedup_ci95": list(interval) if interval else None,
+        "speedup_ci95_unavailable": why,
+    }
 
 
 def group_entries(runs):
@@ -483,8 +491,8 @@ def against_first_table(entries, first):
         v = e["vs_first"]
         speed = (
             "n/a" if v["speedup"] is None else f"{v['speedup']:.2f}x",
-            # (verdicts.speedup_interval: two steady epochs a run at least; a session's first is not steady)
-            "n/a (fewer than 2 steady epochs)"
+            # (verdicts.speedup says why there is none: a session's first epoch is not steady, say)
+            f"n/a ({v.get('speedup_ci95_unavailable') or verdicts.FEW_EPOCHS})"
             if v["speedup_ci95"] is None
             else _interval(v["speedup_ci95"], "{:.2f}", "x"),
         )
@@ -1067,29 +1075,51 @@ def load_inference(checkpoint_dir, name):
     return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
 
 
-def best_pt_identity(run_dir):
-    """What tells one best.pt from a later one (its size and modification time), which
-    inference.json keeps so that an export whose best.pt has since changed is seen to be stale."""
-    stat = os.stat(os.path.join(run_dir, "best.pt"))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def best_pt_identity(run_dir, digest=True):
+    """What tells one best.pt from a later one, which inference.json keeps so that an export whose
+    best.pt has since changed is seen to be stale: its size and modification time (cheap) and,
+    with `digest`, the sha256 of its bytes (what decides where a copy, tar or touch gave the same
+    file a new time)."""
+    path = os.path.join(run_dir, "best.pt")
+    stat = os.stat(path)
+    identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if digest:
+        sha256 = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha256.update(block)
+        identity["sha256"] = sha256.hexdigest()
+    return identity
+
+
+def best_pt_changed(run_dir, recorded):
+    """Whether best.pt is not the one `recorded` (inference.json's best_pt) describes: the same
+    size and time say it is; else its sha256 decides (an export recorded without one, from
+    before sha256 was kept: the size and time alone, as then)."""
+    identity = best_pt_identity(run_dir, digest=False)
+    if all(recorded.get(key) == value for key, value in identity.items()):
+        return False
+    if "sha256" not in recorded:
+        return True
+    return best_pt_identity(run_dir)["sha256"] != recorded["sha256"]
 
 
 def stale_export(checkpoint_dir, name, report):
     """Why run `name`'s export (its inference.json `report`) no longer shows its best.pt, in words
     ('' when it still does): best.pt changed after the export (a --resume or --overwrite trained
-    on), or is gone."""
+    on), or is gone. A copied run folder (cp -r, tar) or a touched best.pt is not a change."""
     run_dir = os.path.join(checkpoint_dir, name)
-    again = f"export again: python main.py --export --checkpoint_name {name}"
+    again = "export again: " + run_command(name, checkpoint_dir, "--export")
     exported = f"{name}'s model.onnx holds epoch {report.get('epoch', '?')}'s weights"
     try:
-        identity = best_pt_identity(run_dir)
+        best_time = os.stat(os.path.join(run_dir, "best.pt")).st_mtime_ns
     except OSError:
         return f"{exported}, but {name} has no best.pt now"
     recorded = report.get("best_pt")
     if recorded is None:  # (an export from before best_pt was recorded: the files' times tell)
-        changed = identity["mtime_ns"] > os.stat(os.path.join(run_dir, "inference.json")).st_mtime_ns
+        changed = best_time > os.stat(os.path.join(run_dir, "inference.json")).st_mtime_ns
     else:
-        changed = recorded != identity
+        changed = best_pt_changed(run_dir, recorded)
     if changed:
         try:
             now = load_json(os.path.join(run_dir, "results.json")).get("best_epoch")
@@ -1119,5 +1149,6 @@ def inference_section(checkpoint_dir, names):
         text += f"\nstale: {reason}; its rows are not of the model in the table above\n"
     missing = [name for name, report in reports.items() if not report]
     if missing:
-        text += f"\nnot exported: {', '.join(missing)} (python main.py --export --checkpoint_name NAME)\n"
+        command = run_command(missing[0] if len(missing) == 1 else "NAME", checkpoint_dir, "--export")
+        text += f"\nnot exported: {', '.join(missing)} ({command})\n"
     return text

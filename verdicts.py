@@ -29,10 +29,19 @@ class PairedAccuracy(NamedTuple):
     verdict: str
 
 
+# Why a comparison has no figure, said where it is printed (report.py), from here alone.
+NO_IMAGES = "no test images to compare the runs on"
+FEW_EPOCHS = "fewer than 2 steady epochs"
+NO_SPREAD = "every steady epoch at the same rate: no spread to tell how sure it is"
+
+
 def paired_accuracy(first_correct, this_correct):
-    """PairedAccuracy of two lists of per-image correctness (bools), image by image."""
+    """PairedAccuracy of two lists of per-image correctness (bools), image by image; None for no
+    images (NO_IMAGES: nothing was compared, so no verdict, not even "same within noise")."""
     pairs = list(zip(first_correct, this_correct, strict=True))
     n = len(pairs)
+    if n == 0:
+        return None
     only_first = sum(1 for f, t in pairs if f and not t)
     only_this = sum(1 for f, t in pairs if t and not f)
     p = mcnemar_exact_p(only_first, only_this)
@@ -132,27 +141,29 @@ def training_rate(epochs):
 
 
 def speedup(first_epochs, this_epochs):
-    """(this run's training_rate over the first's, its 95% interval or None), each run's epochs
-    given as [(images, seconds)]. One estimator for both: the interval is centred (on a log
-    scale) on the speedup itself. Each rate is a ratio estimator, total images over total
-    seconds; its standard error comes from the spread of the epochs' residuals images - rate *
-    seconds (the linearization of a ratio estimator), that of log(speedup) from both runs'
-    relative errors, with Welch-Satterthwaite's degrees of freedom. None without two timed epochs
-    in each run. It says how steady this machine was during these runs, not how another machine
-    would do."""
+    """(this run's training_rate over the first's, its 95% interval or None, why there is none
+    or None), each run's epochs given as [(images, seconds)]. One estimator for both: the
+    interval is centred (on a log scale) on the speedup itself. Each rate is a ratio estimator,
+    total images over total seconds; its standard error comes from the spread of the epochs'
+    residuals images - rate * seconds (the linearization of a ratio estimator), that of
+    log(speedup) from both runs' relative errors, with Welch-Satterthwaite's degrees of freedom.
+    No interval without two timed epochs in each run (FEW_EPOCHS), nor where every epoch ran at
+    the same rate (NO_SPREAD: a zero-width interval would claim certainty that one steady run of
+    epochs cannot give). It says how steady this machine was during these runs, not how another
+    machine would do."""
     first, this = training_rate(first_epochs), training_rate(this_epochs)
     if not first or not this:
-        return None, None
+        return None, None, FEW_EPOCHS
     point = this / first
     if len(first_epochs) < 2 or len(this_epochs) < 2:
-        return point, None
+        return point, None, FEW_EPOCHS
     a, b = log_rate_variance(first_epochs, first), log_rate_variance(this_epochs, this)
     se = math.sqrt(a + b)
     if se == 0:
-        return point, (point, point)
+        return point, None, NO_SPREAD
     df = (a + b) ** 2 / (a**2 / (len(first_epochs) - 1) + b**2 / (len(this_epochs) - 1))
     low, high = t_interval(math.log(point), se, df)
-    return point, (math.exp(low), math.exp(high))
+    return point, (math.exp(low), math.exp(high)), None
 
 
 def log_rate_variance(epochs, rate):

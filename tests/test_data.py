@@ -180,3 +180,34 @@ def test_a_run_on_a_torchvision_layout_validates_on_val(run_cli, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["val_fraction"] is None
     assert f"validation split: {data}/val (12 images)" in (run_dir / "train.log").read_text()
     shutil.rmtree(run_dir)
+
+
+def test_resume_keeps_its_fraction_split_when_a_val_folder_appears(run_cli, tmp_path, monkeypatch):
+    """A val/ folder added while a run is stopped does not change what --resume validates on:
+    the run keeps its --val_fraction split (same sizes) and says once why val/ is unused."""
+    from conftest import FAST, SMALL_MODEL, SimulatedCrash, crash_in_epoch, make_colour_dataset
+
+    import dataset
+
+    data = make_colour_dataset(tmp_path / "colours", train_per_class=10, test_per_class=4)
+    sizes = []
+    original = dataset.build_datasets
+
+    def recording(cfg, progress=False):
+        train, val, test, classes = original(cfg, progress)
+        sizes.append((len(train), len(val), len(test)))
+        return train, val, test, classes
+
+    monkeypatch.setattr(dataset, "build_datasets", recording)
+    restore = crash_in_epoch(monkeypatch, 1)
+    with pytest.raises(SimulatedCrash):
+        run_cli("--data_dir", data, "--epochs", "2", *FAST, *SMALL_MODEL)
+    restore()
+    shutil.copytree(os.path.join(data, "seg_test", "seg_test"), os.path.join(data, "val"))
+    code, out, err = run_cli("--data_dir", data, "--resume", "--no_progress")
+    assert code == 0, err
+    assert sizes == [(24, 6, 12), (24, 6, 12)]  # 30 training images, 0.2 of them validate, both times
+    note = f"{data}/val is not used: this run validates on its --val_fraction 0.2 split"
+    run_dir = tmp_path / "checkpoints" / "baseline"
+    assert note in out and (run_dir / "train.log").read_text().count(note) == 1
+    shutil.rmtree(run_dir)

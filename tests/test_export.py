@@ -234,17 +234,25 @@ def test_a_tf32_row_is_labelled_tf32(demo):
     assert "| fp32 (tf32) |" not in (demo["run"] / "inference.md").read_text()  # this CPU run: IEEE
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fp32_math", ["ieee", "tf32"])
-def test_export_computes_in_the_runs_fp32_math(demo, tmp_path, monkeypatch, fp32_math):
-    """(review) --export did not apply --fp32_math: its parity reference and "fp32 pytorch" row ran
-    cuDNN's TF32 convolutions (PyTorch's default) whatever the run used."""
-    seen = []
+def export_recording_fp32_math(demo, tmp_path, monkeypatch, *flags):
+    """--export of a copy of the demo run with `flags`: (its stdout, run folder, the set of (FP32
+    math, cuDNN's and cuBLAS's TF32 switches) PyTorch's FP32 calls saw, the switches after it)."""
+    seen = set()
     call = inference.PyTorchRunner.__call__
 
     def recording(self, images):
-        seen.append((self.precision, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
-        return call(self, images)
+        transform = self.transform
+
+        def seeing(batch):  # (inside the call: the switches the model computes under)
+            if self.precision == "fp32":
+                seen.add((self.fp32_math, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return transform(batch)
+
+        self.transform = seeing
+        try:
+            return call(self, images)
+        finally:
+            self.transform = transform
 
     monkeypatch.setattr(inference.PyTorchRunner, "__call__", recording)
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -252,17 +260,43 @@ def test_export_computes_in_the_runs_fp32_math(demo, tmp_path, monkeypatch, fp32
     runs, run_dir = copy_of_run(demo, tmp_path, "r18")
     try:
         code, out, err = cli(
-            "--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "r18",
-            *EXPORT, "--device", "cuda", "--fp32_math", fp32_math,
+            "--data_dir", demo["data"], "--checkpoint_dir", runs, "--checkpoint_name", "r18", *EXPORT, *flags
         )  # fmt: skip
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert code == 0, err
-    tf32 = fp32_math == "tf32" and torch.cuda.get_device_capability() >= (8, 0)
-    assert seen and all(allowed == (tf32, tf32) for precision, *allowed in seen if precision == "fp32")
+    return out, run_dir, seen, after
+
+
+def assert_parity_in_ieee_and_row_in(math, out, run_dir, seen, after):
+    """The parity check compared the file with PyTorch in IEEE FP32 (and says so); the timed
+    PyTorch FP32 row computed in `math` and is labelled by it; the switches are as they were."""
+    assert ("ieee", False, False) in seen and seen <= {("ieee", False, False), (math, math == "tf32", math == "tf32")}
+    assert "parity: onnxruntime FP32 gives PyTorch IEEE FP32's top-1 on 100.00% of" in out
     report = json.loads((run_dir / "inference.json").read_text())
-    assert report["rows"][0]["fp32_math"] == ("tf32" if tf32 else "ieee")
-    assert ("| fp32 (tf32) | pytorch |" in (run_dir / "inference.md").read_text()) is tf32
+    assert report["parity"]["pytorch"] == "IEEE FP32" and report["parity"]["agreement"] == 100.0
+    assert report["rows"][0]["fp32_math"] == math
+    assert ("| fp32 (tf32) | pytorch |" in (run_dir / "inference.md").read_text()) is (math == "tf32")
+    assert after == (True, False)  # cuDNN's default TF32, cuBLAS's IEEE: put back
+
+
+def test_export_checks_parity_in_ieee_and_times_the_tf32_row_in_tf32(demo, tmp_path, monkeypatch):
+    """(review) A --fp32_math tf32 run on an Ampere+ GPU (imitated here: tf32_on says yes, and the
+    switches are set on the CPU too) would have failed its own parity check, onnxruntime's IEEE
+    FP32 against PyTorch in TF32: the check now runs in IEEE FP32, and only the timed row in TF32."""
+    monkeypatch.setattr(inference, "tf32_on", lambda cfg: True)
+    assert_parity_in_ieee_and_row_in("tf32", *export_recording_fp32_math(demo, tmp_path, monkeypatch))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp32_math", ["ieee", "tf32"])
+def test_export_computes_in_the_runs_fp32_math(demo, tmp_path, monkeypatch, fp32_math):
+    """(review) --export did not apply --fp32_math: its "fp32 pytorch" row ran cuDNN's TF32
+    convolutions (PyTorch's default) whatever the run used; its parity check is IEEE FP32 always."""
+    recorded = export_recording_fp32_math(demo, tmp_path, monkeypatch, "--device", "cuda", "--fp32_math", fp32_math)
+    tf32 = fp32_math == "tf32" and torch.cuda.get_device_capability() >= (8, 0)
+    assert_parity_in_ieee_and_row_in("tf32" if tf32 else "ieee", *recorded)
 
 
 def test_predict_onnx_writes_the_csv_of_predict_without_pytorch(demo, tmp_path):

@@ -351,8 +351,9 @@ def test_evaluate_with_other_settings_keeps_the_runs_own_test_record(run_cli, fi
         "--checkpoint_name", "done", "--evaluate", "--data_dir", only_test, "--batch_size", "8", checkpoint_dir=runs
     )
     assert code == 0, err
-    tag = "data_dir-only_test_batch_size-8"
-    csv_path, json_path = runs / "done" / f"test_predictions_{tag}.csv", runs / "done" / f"evaluate_{tag}.json"
+    # (the folder's name, a short hash of its real path: see test_two_data_folders_of_one_name_...)
+    (csv_path,) = (runs / "done").glob("test_predictions_data_dir-only_test-*_batch_size-8.csv")
+    json_path = runs / "done" / csv_path.name.replace("test_predictions_", "evaluate_").replace(".csv", ".json")
     assert f"wrote {csv_path} and {json_path}: tested with --data_dir {only_test} (the run's: " in out
     assert "--batch_size 8 (the run's: 16); the run's own results.json and test_predictions.csv are unchanged" in out
     assert {f: (runs / "done" / f).read_bytes() for f in own} == own
@@ -379,7 +380,53 @@ def test_evaluate_with_other_settings_keeps_the_runs_own_test_record(run_cli, fi
     shutil.rmtree(runs)
 
 
+# A run's saved test settings (outputs.TEST_RECORD_SETTINGS), as config.json holds them.
+SAVED_TEST_SETTINGS = dict(
+    data_dir="/data/run",
+    skip_bad_images=False,
+    device="cpu",
+    batch_size=16,
+    amp_dtype="bfloat16",
+    fp32_math="ieee",
+    channels_last=True,
+)
+
+
+def test_evaluate_counts_tf32_as_a_change_only_where_it_computes_in_tf32():
+    """(review) --evaluate --fp32_math tf32 on the CPU wrote a record of its own as if the test
+    had changed, but the CPU computes IEEE FP32 either way."""
+    import outputs
+
+    saved = SAVED_TEST_SETTINGS
+    assert outputs.test_setting_changes(saved, Namespace(**{**saved, "fp32_math": "tf32"})) == {}
+    changes = outputs.test_setting_changes(saved, Namespace(**{**saved, "fp32_math": "tf32", "device": "cuda"}))
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 0):
+        assert changes["fp32_math"] == ("ieee", "tf32")  # (and the device, cpu to cuda)
+    cuda_tf32 = {**saved, "fp32_math": "tf32", "device": "cuda"}
+    assert outputs.test_setting_changes(cuda_tf32, Namespace(**{**cuda_tf32, "device": "cuda:0"})) == {}
+
+
+def test_two_data_folders_of_one_name_get_a_record_each(tmp_path):
+    """(review) The tag named a data folder by its last part: --evaluate on a/holdout, then on
+    b/holdout, wrote the second's files over the first's. A short hash of the real path tells them apart."""
+    import outputs
+
+    def tag(data_dir):
+        now = Namespace(**{**SAVED_TEST_SETTINGS, "data_dir": str(data_dir)})
+        return outputs.evaluation_tag(outputs.test_setting_changes(SAVED_TEST_SETTINGS, now))
+
+    for parent in ("a", "b"):
+        (tmp_path / parent / "holdout").mkdir(parents=True)
+    first, second = tag(tmp_path / "a" / "holdout"), tag(tmp_path / "b" / "holdout")
+    assert first.startswith("data_dir-holdout-") and first != second and tag(tmp_path / "a" / "holdout") == first
+    os.symlink(tmp_path / "a" / "holdout", tmp_path / "same")  # the same folder by another path: one record
+    assert tag(tmp_path / "same") == first
+    assert outputs.evaluation_paths("run", first) != outputs.evaluation_paths("run", second)
+
+
 # --------------------------------------------------------------------------- 12. --pretrained_path from an earlier run
+
+
 def test_pretrained_path_fine_tunes_from_an_earlier_run(run_cli, finished_run, tmp_path):
     best = finished_run.dir / "best.pt"
     trained_acc = read_results(finished_run.dir)["best_val_acc"]

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -65,7 +66,9 @@ def test_an_unfinished_export_warns_and_a_resume_that_improves_best_pt_marks_it_
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[-2].startswith("warning: early's model.onnx holds epoch 1's weights, but its best.pt has changed")
-    assert "(now epoch 2's)" in lines[-2] and "--export --checkpoint_name early" in lines[-2]
+    assert "(now epoch 2's)" in lines[-2]
+    runs = str(tmp_path / "checkpoints")  # (not the default folder: the hint names it)
+    assert command_flags(lines[-2]) == ["--checkpoint_name", "early", "--checkpoint_dir", runs, "--export"]
     assert lines[-1].startswith(f"early's files are in {tmp_path / 'checkpoints' / 'early'}: best.pt, last.pt")
 
     code, out, err = run_cli("--compare", "early")
@@ -256,3 +259,52 @@ def test_busy_epochs_are_named_run_by_run_in_one_line():
         "warning: these epochs' s/epoch and images/s may be slower than this machine's own: "
         "amp epochs 1, 3 of 3 (other programs kept 0.97 to 1.02 of 2 cores busy)."
     )
+
+
+def test_a_copied_or_touched_run_folder_keeps_its_export_and_a_new_best_pt_makes_it_stale(tmp_path):
+    """(review) The export recorded best.pt by size and time only, so `cp -r`, tar or `touch` marked
+    an unchanged best.pt's export "(stale)": the sha256 now decides whenever size or time differ."""
+    from report import best_pt_identity, stale_export
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"weights of epoch 3" * 1000)
+    (run_dir / "results.json").write_text(json.dumps({"best_epoch": 5}))
+    report = {"epoch": 3, "best_pt": best_pt_identity(run_dir)}
+    (run_dir / "inference.json").write_text(json.dumps(report))
+    assert stale_export(tmp_path / "runs", "r", report) == ""
+
+    shutil.copytree(tmp_path / "runs", tmp_path / "copy", copy_function=shutil.copy)  # as `cp -r`: new times
+    assert os.stat(tmp_path / "copy" / "r" / "best.pt").st_mtime_ns != report["best_pt"]["mtime_ns"]
+    assert stale_export(tmp_path / "copy", "r", report) == ""
+    os.utime(run_dir / "best.pt", ns=(time.time_ns(), time.time_ns() + 10**9))  # touch
+    assert stale_export(tmp_path / "runs", "r", report) == ""
+
+    (run_dir / "best.pt").write_bytes(b"weights of epoch 5" * 1000)  # the same size, other bytes
+    assert "r's model.onnx holds epoch 3's weights, but its best.pt has changed since (now epoch 5's)" in (
+        stale_export(tmp_path / "runs", "r", report)
+    )
+    # An export from before the sha256 was kept: a different size or time still means stale.
+    old = {"epoch": 3, "best_pt": {k: v for k, v in report["best_pt"].items() if k != "sha256"}}
+    assert "has changed since" in stale_export(tmp_path / "copy", "r", old)
+
+
+def test_the_export_hints_name_the_runs_folder_even_with_a_space_in_it(tmp_path):
+    """(review) The stale-export and "not exported" hints wrote their own command, without a
+    non-default --checkpoint_dir; they come from checkpoint.run_command now, which quotes paths."""
+    from checkpoint import run_command
+    from report import best_pt_identity, inference_section, stale_export
+
+    runs = tmp_path / "my runs"
+    for name in ("r", "other run"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "best.pt").write_bytes(b"weights")
+    report = {"epoch": 1, "rows": [], "best_pt": best_pt_identity(runs / "r")}
+    (runs / "r" / "inference.json").write_text(json.dumps(report))
+    (runs / "r" / "best.pt").write_bytes(b"new weights")
+    stale = stale_export(runs, "r", report)
+    assert command_flags(stale) == ["--checkpoint_name", "r", "--checkpoint_dir", str(runs), "--export"]
+    text = inference_section(runs, ["r", "other run"])
+    line = next(line for line in text.splitlines() if line.startswith("not exported: other run ("))
+    assert command_flags(line) == ["--checkpoint_name", "other run", "--checkpoint_dir", str(runs), "--export"]
+    assert run_command("r", "checkpoints", "--resume") == "python main.py --checkpoint_name r --resume"

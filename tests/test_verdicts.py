@@ -40,7 +40,7 @@ def write_run(root, name, correct=None, seed=42, precision="FP32", rates=(100.0,
             for i, right in enumerate(correct):
                 true = CLASSES[i % 2]
                 writer.writerow((f"{true}/{i:03d}.jpg", true, true if right else CLASSES[1 - i % 2], "0.9000"))
-        test_acc = 100.0 * sum(correct) / len(correct)
+        test_acc = 100.0 * sum(correct) / len(correct) if correct else test_acc
     epochs = [
         {"epoch": i + 1, "seconds": 1000 / rate, "images_per_sec": rate, "peak_mem_mb": None, "val_acc": 50.0}
         for i, rate in enumerate(rates)
@@ -309,3 +309,20 @@ def test_compare_name_never_replaces_a_file_that_is_not_a_comparison(tmp_path, r
     code, out, err = run_cli("--compare", "fp32", "--compare_name", "README", checkpoint_dir=tmp_path)
     assert code == 2 and f"{readme} exists and is not a comparison" in err and "--compare_name" in err
     assert readme.read_text() == "the folder's own notes\n" and not (tmp_path / "README.json").exists()
+
+
+def test_no_images_and_no_spread_are_n_a_with_their_reason(tmp_path):
+    """(review) paired_accuracy([], []) divided by zero, and epochs all at one rate (synthetic)
+    gave a zero-width speedup interval, a certainty no run of epochs can give: both are n/a now,
+    each with why."""
+    assert paired_accuracy([], []) is None
+    runs = [
+        write_run(tmp_path, "fp32", [], rates=(5.0, 50.0, 50.0, 50.0), test_acc=0.0),
+        write_run(tmp_path, "amp", [], rates=(5.0, 100.0, 100.0, 100.0), test_acc=0.0, precision="AMP bf16"),
+    ]
+    vs_first = compare_runs(runs)["runs"][1]["vs_first"]
+    assert vs_first["speedup"] == pytest.approx(2.0) and vs_first["speedup_ci95"] is None
+    assert vs_first["verdict"] is None and "no test images to compare the runs on" in vs_first["unavailable"]
+    report = comparison_report(runs)
+    assert "| 2.00x | n/a (every steady epoch at the same rate: no spread to tell how sure it is) |" in report
+    assert "- amp: paired statistics unavailable: fp32 and amp: no test images to compare the runs on" in report
