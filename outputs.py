@@ -242,6 +242,22 @@ def plural(n, word):
 # The settings --evaluate may change (config.EVALUATE_OVERRIDES) that change what the test gives:
 # which images (data_dir, skip_bad_images) or how they are computed. With any changed, the run's
 # own results.json and test_predictions.csv (the pair --compare reads) are not this test's.
+# The keys of results.json's epochs that measure the session and the machine (time, speed, how
+# busy it was), not the training: a resumed run equals an uninterrupted one in every other key.
+MEASUREMENT_KEYS = frozenset(
+    {
+        "seconds",
+        "checkpoint_seconds",
+        "images_per_sec",
+        "first_in_session",
+        "load_before",
+        "load_after",
+        "cpus",
+        "other_cpus",
+    }
+)
+
+
 TEST_RECORD_SETTINGS = (
     "data_dir",
     "skip_bad_images",

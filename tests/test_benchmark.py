@@ -13,9 +13,11 @@ from conftest import FAST, ROOT, SMALL_MODEL, assert_user_error, read_results
 from torchvision.models import resnet18
 
 import benchmark
+import machine
 import main as main_module
 from dataset import build_loaders
 from hardware import describe, device_name
+from outputs import MEASUREMENT_KEYS
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -48,6 +50,11 @@ def test_benchmark_writes_a_well_formed_table(run_cli, demo_data, tmp_path):
     )
     record = json.loads((tmp_path / "checkpoints" / "bench" / "benchmark.json").read_text())
     rows = record.pop("rows")
+    # How it was timed: every row on the same threads, and how busy the machine was meanwhile.
+    assert record.pop("threads") == torch.get_num_threads() and record.pop("openmp_wait") == machine.wait_policy()
+    assert f"every row on {torch.get_num_threads()} thread" in out
+    load = {key: record.pop(key) for key in ("load_before", "load_after", "cpus", "other_cpus")}
+    assert load["cpus"] == len(os.sched_getaffinity(0)) and load["other_cpus"] >= 0
     assert record == {
         "device": device_name("cpu"),
         "device_capability": describe("cpu").capability,
@@ -142,14 +149,7 @@ def test_cached_training_equals_plain_training(run_cli, demo_data, tmp_path):
     assert "--cache: 48 train, 12 val and 24 test images decoded" in out
 
     def strip(r):
-        return [
-            {
-                k: v
-                for k, v in e.items()
-                if k not in ("seconds", "checkpoint_seconds", "images_per_sec", "first_in_session")
-            }
-            for e in r["epochs"]
-        ]
+        return [{k: v for k, v in e.items() if k not in MEASUREMENT_KEYS} for e in r["epochs"]]
 
     plain, cached = read_results(tmp_path / "checkpoints" / "plain"), read_results(tmp_path / "checkpoints" / "cached")
     assert strip(plain) == strip(cached) and plain["test_acc"] == cached["test_acc"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
 
-pytestmark = pytest.mark.usefixtures("forkserver")  # every test here starts main.py processes
+from outputs import MEASUREMENT_KEYS
 
-TIMING_KEYS = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_session"}
+pytestmark = pytest.mark.usefixtures("forkserver")  # every test here starts main.py processes
 
 
 def cli(data, ckdir, name, *flags):
@@ -46,7 +46,7 @@ def env():
 
 def finished_run(ckdir, name):
     ckpt = torch.load(ckdir / name / "last.pt", weights_only=True)
-    history = [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in read_results(ckdir / name)["epochs"]]
+    history = [{k: v for k, v in e.items() if k not in MEASUREMENT_KEYS} for e in read_results(ckdir / name)["epochs"]]
     return ckpt["model"], history
 
 

@@ -19,6 +19,7 @@ import step
 import trainer
 import utils
 from dataset import build_loaders
+from outputs import MEASUREMENT_KEYS
 from report import read_tensorboard_scalars
 from scheduler import WarmupCosineLR, warmup_cosine_lr
 
@@ -257,8 +258,7 @@ def test_sigkill_and_resume_in_float16_equal_the_uninterrupted_run(demo_data, tm
     for key, value in full_pt["model"].items():
         assert torch.equal(cut_pt["model"][key], value), key
     assert cut_pt["scaler"] == full_pt["scaler"]  # the same loss scale and growth tracker
-    timing = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_session"}
-    strip = lambda run: [{k: v for k, v in e.items() if k not in timing} for e in read_results(run)["epochs"]]  # noqa: E731
+    strip = lambda run: [{k: v for k, v in e.items() if k not in MEASUREMENT_KEYS} for e in read_results(run)["epochs"]]  # noqa: E731
     assert strip(cut) == strip(tmp_path / "full")
     # TensorBoard: the resumed run appended to the same series, each step exactly once.
     full_tb, cut_tb = (read_tensorboard_scalars(tmp_path / n / "tensorboard") for n in ("full", "cut"))

@@ -108,7 +108,7 @@ def test_the_server_runs_the_script(script, forkserver):
 
 @pytest.mark.parametrize(
     "env, served",
-    [({"OMP_NUM_THREADS": "1"}, True), ({"OMP_NUM_THREADS": "4,2"}, False), ({"OMP_WAIT_POLICY": "PASSIVE"}, False)],
+    [({"OMP_NUM_THREADS": "1"}, True), ({"OMP_NUM_THREADS": "4,2"}, False), ({"GOMP_SPINCOUNT": "12345"}, False)],
 )
 def test_a_variable_read_as_torch_loads_is_applied_or_refused(script, forkserver, env, served):
     """OMP_NUM_THREADS (each torchrun worker's) the child applies as loading would have; one the

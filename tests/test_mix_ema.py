@@ -18,6 +18,7 @@ from test_float16 import float16_trainer
 
 import trainer
 import utils
+from outputs import MEASUREMENT_KEYS
 from report import read_tensorboard_scalars
 from step import MIX_SEED_TAG, BatchMix, WeightEMA
 
@@ -233,8 +234,7 @@ def test_a_run_sigkilled_mid_epoch_resumes_to_the_same_weights_and_ema(run_cli, 
         assert full[part].keys() == cut[part].keys()
         for key, value in full[part].items():
             assert torch.equal(cut[part][key], value), (part, key)
-    timing = {"seconds", "checkpoint_seconds", "images_per_sec", "first_in_session"}
-    strip = lambda run: [{k: v for k, v in e.items() if k not in timing} for e in read_results(run)["epochs"]]  # noqa: E731
+    strip = lambda run: [{k: v for k, v in e.items() if k not in MEASUREMENT_KEYS} for e in read_results(run)["epochs"]]  # noqa: E731
     assert strip(run_dir(tmp_path, "cut")) == strip(run_dir(tmp_path, "full"))
 
     # best.pt: the better weights of the best epoch, loadable by a plain torchvision model, and
