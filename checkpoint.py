@@ -224,8 +224,10 @@ class SaveTimer:
 
 
 class GracefulStop:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption) ask the trainer to stop after the current step,
-    save, and exit; a second Ctrl-C exits at once (atomic writes keep the files whole)."""
+    """SIGINT (Ctrl-C), SIGTERM (preemption) and SIGHUP (the terminal closed, an ssh connection
+    lost) ask the trainer to stop after the current step, save, and exit; a second Ctrl-C exits at
+    once (atomic writes keep the files whole). A SIGHUP ignored as the process started (nohup)
+    stays ignored."""
 
     def __init__(self):
         self.signal = None
@@ -234,7 +236,9 @@ class GracefulStop:
         self._previous = {}
 
     def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # (nohup: the user asked the run to outlive the terminal)
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -275,7 +279,7 @@ class GracefulStop:
         self.signal = signum
         if not is_main_process():
             return
-        # (A second SIGINT exits at once; a second SIGTERM changes nothing.)
+        # (A second SIGINT exits at once; a second SIGTERM or SIGHUP changes nothing.)
         at_once = "press Ctrl-C again" if signum == signal.SIGINT else "a Ctrl-C (SIGINT)"
         if self.finishing:
             print(

@@ -1,5 +1,5 @@
-"""A run survives crashes: SIGKILL at random points (also mid-checkpoint-write), SIGINT and
-SIGTERM, each followed by --resume, end with exactly the weights of an uninterrupted run."""
+"""A run survives crashes: SIGKILL at random points (also mid-checkpoint-write), SIGINT,
+SIGTERM and SIGHUP, each followed by --resume, end with exactly the weights of an uninterrupted run."""
 
 import json
 import os
@@ -128,9 +128,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(demo_data, tm
     print(f"\n{kills} SIGKILLs ({mid_save_kills} during a write of last.pt), max weight difference {diff}")
 
 
-def test_sigterm_and_sigint_save_then_resume_equals_uninterrupted(demo_data, tmp_path, reference):
+def test_sigterm_sighup_and_sigint_save_then_resume_equals_uninterrupted(demo_data, tmp_path, reference):
+    # SIGHUP: the terminal closed or the ssh connection dropped (without nohup, which ignores it).
     run_dir = tmp_path / "sig"
-    for signum, flags in ((signal.SIGTERM, []), (signal.SIGINT, ["--resume"])):
+    for signum, flags in ((signal.SIGTERM, []), (signal.SIGHUP, ["--resume"]), (signal.SIGINT, ["--resume"])):
         proc = subprocess.Popen(
             cli(demo_data, tmp_path, "sig", *flags), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )

@@ -903,3 +903,20 @@ def test_the_stop_message_names_what_a_second_signal_does(capsys):
         capsys.readouterr().err.strip()
         == "SIGINT: stopping after the current step (press Ctrl-C again to exit at once)"
     )
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored():
+    # `nohup python main.py &`: the run must outlive the terminal, not stop when it closes.
+    from checkpoint import GracefulStop
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = GracefulStop().install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        stop.uninstall()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        stop = GracefulStop().install()  # (without nohup: a closed terminal saves and stops the run)
+        assert signal.getsignal(signal.SIGHUP) == stop._handle
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
