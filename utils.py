@@ -179,13 +179,10 @@ def hold_run_folder(run_dir):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         except OSError as exc:
             raise UserError(f"cannot prepare {run_dir}: {exc.strerror or exc}") from None
-        if not _lock(fd, time.monotonic() + LOCK_GRACE_SECONDS):
-            holder = os.read(fd, 1000).decode(errors="replace").strip() or "one that has just started"
+        if not _lock(fd, time.monotonic() + LOCK_GRACE_SECONDS, path):
+            holder = os.read(fd, 1000).decode(errors="replace").strip()
             os.close(fd)
-            raise UserError(
-                f"{run_dir} is being trained by another process ({holder}); wait for it to end or stop it "
-                "first (one process trains into a run folder at a time)"
-            )
+            raise UserError(_refusal(run_dir, path, holder))
         try:  # the file it locked is still the folder's (not one a releasing holder unlinked just before)
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -193,14 +190,33 @@ def hold_run_folder(run_dir):
             pass
         os.close(fd)
     since = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    try:  # (who holds it is for the refusal's line only: a full disk is said by the run's first real write)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    except OSError:
+        pass
     _held_locks[run_dir] = fd
 
 
-def _lock(fd, deadline):
+def _refusal(run_dir, path, holder):
+    """The line refusing a start into `run_dir`, whose lock file `path` says `holder` holds it."""
+    import re
+    import socket
+
+    host = re.fullmatch(r"pid \d+ on (\S+), since .*", holder)
+    down = ""
+    if host and host[1] != socket.gethostname():  # (a network file system keeps a lost node's lock for its lease)
+        down = f"; if {host[1]} is down, remove {path}"
+    holder = holder or "one that has not said which: it has just started, or its disk is full"
+    return (
+        f"{run_dir} is being trained by another process ({holder}); wait for it to end or stop it "
+        f"first (one process trains into a run folder at a time){down}"
+    )
+
+
+def _lock(fd, deadline, path):
     """Whether this process got the lock on `fd` by `deadline` (a holder that is ending, killed a
-    moment ago, lets it go within milliseconds)."""
+    moment ago, lets it go within milliseconds). A file system without locks is a UserError."""
     import fcntl
     import time
 
@@ -212,6 +228,27 @@ def _lock(fd, deadline):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+        except OSError as exc:  # ENOLCK (NFSv3 without lockd), ENOSYS (Lustre without -o flock), EOPNOTSUPP
+            os.close(fd)
+            raise UserError(
+                f"cannot lock {path}: its file system does not support file locks ({exc.strerror or exc}); "
+                "put --checkpoint_dir on one that does"
+            ) from None
+
+
+def _close_held_locks_in_child():
+    """In a forked child (a DataLoader worker): close its copies of the lock files. An flock
+    belongs to the open file, which a fork shares: a child outliving a killed trainer would keep
+    the folder held until it noticed (seconds). Closing the child's copy leaves the parent's lock."""
+    for fd in _held_locks.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()  # (so the child's release_run_folders neither unlinks nor unlocks)
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def release_run_folders():
