@@ -63,7 +63,7 @@ class WriteFailed(OSError):
     its `strerror`, why and how much space is left there. The callers say it in one line."""
 
 
-def write_failure(path, exc):
+def write_failure(path, exc, *temporary):
     """The WriteFailed for `exc`, raised while writing `path`, if a refused write caused it (an
     OSError, or an error raised while cleaning up after one, as torch's zip writer does when its
     file stops growing); None for anything else (a bug)."""
@@ -100,7 +100,7 @@ def _atomic_write(path, write):
             os.unlink(tmp)
         except OSError:
             pass
-        failure = write_failure(path, exc) if isinstance(exc, Exception) else None
+        failure = write_failure(path, exc, tmp) if isinstance(exc, Exception) else None
         if failure is None:
             raise
         raise failure from None
@@ -108,11 +108,12 @@ def _atomic_write(path, write):
 
 def atomic_write_files(directory, files):
     """{name: bytes} into `directory`, all or nothing. Every file is written to a temporary file
-    and fsynced first; only then does each old file move aside and its new one take its place.
-    If any step fails (full disk, read-only folder, a failed rename), the files already moved in
-    are taken out again and the old ones put back: the folder holds the old set, never a new file
-    beside an old one, and no temporary file. (A crash between two renames can still leave a mix:
-    the kernel has no rename of several files at once.)"""
+    and fsynced first; only then does each new one take its old one's place, in one rename, while
+    a hard link (or a copy) keeps the old one aside: a file is never missing, even after a crash.
+    If any step fails (full disk, read-only folder, a failed rename), the old files are put back:
+    the folder holds the old set, never a new file beside an old one, and no temporary file.
+    (A crash between two renames can still leave a mix: the kernel has no rename of several
+    files at once.)"""
     staged, aside, moved = {}, {}, []  # name -> its new version's / its old version's temporary file
     try:
         for name, data in files.items():
@@ -124,35 +125,64 @@ def atomic_write_files(directory, files):
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                if os.path.exists(path):
+                    aside[name] = staged[name][: -len(".tmp")] + ".old.tmp"  # (remove_stale_temp_files reads it)
+                    _keep_aside(path, aside[name])
             except Exception as exc:
-                failure = write_failure(path, exc)
+                failure = write_failure(path, exc, staged.get(name), aside.get(name))
                 raise exc if failure is None else failure from None
-        for name in files:
-            path = os.path.join(directory, name)
-            if os.path.exists(path):
-                aside[name] = staged[name][: -len(".tmp")] + ".old.tmp"
-                os.replace(path, aside[name])
-            moved.append(name)
-            os.replace(staged[name], path)
+        for name in files:  # (only these renames change what the folder holds)
+            os.replace(staged[name], os.path.join(directory, name))
             del staged[name]
-    except BaseException:
-        for name in reversed(moved):  # back as it was: the old file, or none
+            moved.append(name)
+    except BaseException as exc:
+        lost, kept = [], set()  # what could not be put back: where the previous files are
+        for name in reversed(moved):  # back as it was: the old file, or none (the others are the old ones still)
             path = os.path.join(directory, name)
             try:
                 if name in aside:
-                    os.replace(aside.pop(name), path)
-                elif name not in staged:  # (its new file was moved in, and there was no old one)
+                    os.replace(aside[name], path)
+                    del aside[name]
+                else:  # (there was no old one)
                     os.unlink(path)
-            except OSError:
-                pass
-        for tmp in staged.values():
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            except OSError as undo:
+                kept.add(aside.get(name))
+                lost.append(
+                    f"the previous {name} is {aside[name]}" if name in aside else f"{path} is new (there was none)"
+                )
+                error = undo
+        for tmp in [*staged.values(), *aside.values()]:
+            if tmp not in kept:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        if lost and isinstance(exc, Exception):
+            said = getattr(exc, "strerror", None) or exc
+            raise OSError(
+                error.errno,
+                f"{said}; putting the previous files back failed too ({error.strerror}): {'; '.join(lost)}",
+                getattr(exc, "filename", None),
+            ) from exc
         raise
     for tmp in aside.values():
         os.unlink(tmp)
+
+
+def _keep_aside(path, aside):
+    """`aside`: the file at `path` as it is, which stays there (a hard link; a copy where the file
+    system has none)."""
+    import errno
+    import shutil
+
+    try:
+        os.link(path, aside)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        shutil.copy2(path, aside)
+        with open(aside, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- one writer per run folder
@@ -263,11 +293,20 @@ def release_run_folders():
 
 
 def remove_stale_temp_files(directory):
-    """Delete the temporary files a killed write left behind (see _atomic_write)."""
+    """Delete the temporary files a killed write left behind (see _atomic_write), except an old
+    version kept aside (atomic_write_files' `.NAME.XXXXXXXX.old.tmp`) whose file is missing: that
+    one goes back in its place."""
     if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.unlink(os.path.join(directory, name))
+        for name in sorted(os.listdir(directory)):
+            tmp = os.path.join(directory, name)
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            if name.endswith(".old.tmp"):  # (mkstemp's 8 random characters hold no dot)
+                path = os.path.join(directory, name[1 : -len(".old.tmp")].rsplit(".", 1)[0])
+                if not os.path.exists(path):
+                    os.replace(tmp, path)
+                    continue
+            os.unlink(tmp)
 
 
 def atomic_torch_save(obj, path):
