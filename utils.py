@@ -3,6 +3,7 @@ seeding, atomic file writes and safe loading, and the run's log (console and tra
 (torch is imported by the two functions that use it: config.py reads the flags with this
 file's UserError before torch loads.)"""
 
+import errno
 import json
 import logging
 import logging.handlers
@@ -63,10 +64,18 @@ class WriteFailed(OSError):
     its `strerror`, why and how much space is left there. The callers say it in one line."""
 
 
+# The errors of a write the disk or the file system refused: full (ENOSPC, EDQUOT), over a size
+# limit (EFBIG), read-only or not ours (EROFS, EACCES, EPERM), or failing (EIO).
+REFUSED_WRITE_ERRNOS = frozenset(
+    (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+)
+
+
 def write_failure(path, exc, *temporary):
-    """The WriteFailed for `exc`, raised while writing `path`, if a refused write caused it (an
-    OSError, or an error raised while cleaning up after one, as torch's zip writer does when its
-    file stops growing); None for anything else (a bug)."""
+    """The WriteFailed for `exc`, raised while writing `path` (through the `temporary` files), if
+    a refused write caused it: an OSError with one of REFUSED_WRITE_ERRNOS about one of those
+    files (or no file), or an error raised while cleaning up after one, as torch's zip writer
+    does when its file stops growing. None for anything else (a bug: the caller raises it)."""
     cause = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__context__
@@ -74,6 +83,12 @@ def write_failure(path, exc, *temporary):
         return None
     if isinstance(cause, WriteFailed):
         return cause
+    ours = {os.path.abspath(os.fsdecode(p)) for p in (path, *temporary) if p is not None}
+    about = cause.filename
+    if cause.errno not in REFUSED_WRITE_ERRNOS or not (
+        about is None or (isinstance(about, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(about)) in ours)
+    ):
+        return None
     import shutil
 
     try:

@@ -240,3 +240,35 @@ def test_an_old_file_set_aside_whose_file_is_missing_is_put_back(tmp_path):
         "model.onnx": b"old",
         "inference.json": b"new",
     }
+
+
+def test_only_a_refused_write_of_the_file_itself_is_a_write_failure(tmp_path):
+    path, tmp = str(tmp_path / "results.json"), str(tmp_path / ".results.json.abcd1234.tmp")
+    for refused in (OSError(28, "No space left on device"), OSError(122, "Disk quota exceeded", tmp)):
+        failure = utils.write_failure(path, refused, tmp)
+        assert isinstance(failure, utils.WriteFailed) and failure.filename == path and failure.errno == refused.errno
+    try:  # torch's zip writer: an error raised while cleaning up after the refused write
+        try:
+            raise OSError(27, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")  # noqa: B904 (as torch does)
+    except RuntimeError as exc:
+        assert utils.write_failure(path, exc).errno == 27
+    bugs = [OSError("not a write"), OSError(2, "No such file or directory", tmp), OSError(28, "full", "/elsewhere")]
+    try:  # a bug raised while handling an unrelated failed open
+        try:
+            open(tmp_path / "missing" / "x")
+        except OSError:
+            {}["key"]
+    except KeyError as exc:
+        bugs.append(exc)
+    assert [utils.write_failure(path, bug, tmp) for bug in bugs] == [None] * len(bugs)
+
+    def write(f):
+        try:
+            open(tmp_path / "missing" / "x")
+        except OSError:
+            {}["key"]
+
+    with pytest.raises(KeyError):  # (and so a write's bug comes out as what it is)
+        utils._atomic_write(path, write)
