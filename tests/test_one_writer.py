@@ -175,3 +175,23 @@ def test_a_holder_on_another_host_is_named_with_how_to_free_its_folder_if_that_h
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_new_run_checks_again_for_a_run_to_clobber_once_it_holds_the_folder(tmp_path):
+    # (A run of the same name may have finished into the folder between the first check and the hold.)
+    import types
+
+    import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("{}")
+    cfg = types.SimpleNamespace(checkpoint_dir=str(tmp_path), checkpoint_name="run", overwrite=False)
+    try:
+        with pytest.raises(utils.UserError, match="already holds a run \\(results.json\\)"):
+            main.start_run_dir(str(run_dir), True, cfg)
+        assert (run_dir / "results.json").read_text() == "{}"
+        main.start_run_dir(str(run_dir), True, types.SimpleNamespace(**{**vars(cfg), "overwrite": True}))
+        assert not (run_dir / "results.json").exists()
+    finally:
+        utils.release_run_folders()
