@@ -140,9 +140,21 @@ def refuse_to_clobber(cfg):
         )
 
 
-def start_run_dir(run_dir, fresh):
-    """Create the run folder once the run is ready to start; a fresh run clears an old one's files."""
+def hold_existing_run_folder(run_dir):
+    """hold_run_folder, for a folder that exists already (a new one is held as it is made, by
+    start_run_dir). For from_main_process: rank 0 alone decides whether it exists (on several
+    nodes a stale network file system cache could give the ranks different answers)."""
+    if os.path.isdir(run_dir):
+        hold_run_folder(run_dir)
+
+
+def start_run_dir(run_dir, fresh, clobber_check=None):
+    """Create the run folder once the run is ready to start; a fresh run clears an old one's files.
+    `clobber_check`: a new run's cfg, checked again by refuse_to_clobber now that the folder is
+    held (a run of the same name may have finished into it since the first check)."""
     hold_run_folder(run_dir)  # (held already when the folder existed as the run started)
+    if fresh and clobber_check is not None:
+        refuse_to_clobber(clobber_check)
     try:
         remove_stale_temp_files(run_dir)  # left by a write that was killed
         for name in (*RUN_FILES, *EXPORT_FILES, *evaluation_records(run_dir)) if fresh else ():
@@ -221,7 +233,8 @@ def train(cfg, checkpoint=None, restarted=False):
     )
     if checkpoint is not None:
         trainer.restore(checkpoint)
-    from_main_process(start_run_dir, run_dir, checkpoint is None)
+    # (A torchrun restart of this job's own run, which failed before its first checkpoint, is no clobbering.)
+    from_main_process(start_run_dir, run_dir, checkpoint is None, None if restarted else cfg)
     log_to_file(logger, os.path.join(run_dir, "train.log"))
     restart = f"torchrun restart {torchrun_attempt()}: " if restarted else ""
     if checkpoint is not None:
@@ -651,8 +664,7 @@ def run(argv=None):
     # torchrun restarted the job after a failure (--max-restarts): it goes on from its own last.pt,
     # or starts again when it failed before writing one.
     checkpoint, restarted = None, False
-    if os.path.isdir(run_dir):  # one writer: before its files are read (a new folder is held as it is made)
-        from_main_process(hold_run_folder, run_dir)
+    from_main_process(hold_existing_run_folder, run_dir)  # one writer: before its files are read
     if cfg.resume:
         checkpoint = from_main_process(load_resumed, run_dir, cfg)
         restarted = torchrun_attempt() > 0  # (a job launched with --resume, e.g. on a SLURM requeue)

@@ -880,6 +880,8 @@ class TensorBoardLog:
             except OSError as exc:  # (raised again by every later call: TensorBoard's writer thread died of it)
                 events = getattr(self.writer.file_writer.event_writer, "_file_name", self.writer.log_dir)
                 self.failure = write_failure(events, exc)
+                if self.failure is None:  # (not a refused write: a bug)
+                    raise
 
     def scalars(self, step, values):
         """{tag: value} at `step`; None values (e.g. no loss scale without a GradScaler) are left out."""

@@ -3,6 +3,7 @@ seeding, atomic file writes and safe loading, and the run's log (console and tra
 (torch is imported by the two functions that use it: config.py reads the flags with this
 file's UserError before torch loads.)"""
 
+import errno
 import json
 import logging
 import logging.handlers
@@ -63,10 +64,18 @@ class WriteFailed(OSError):
     its `strerror`, why and how much space is left there. The callers say it in one line."""
 
 
-def write_failure(path, exc):
-    """The WriteFailed for `exc`, raised while writing `path`, if a refused write caused it (an
-    OSError, or an error raised while cleaning up after one, as torch's zip writer does when its
-    file stops growing); None for anything else (a bug)."""
+# The errors of a write the disk or the file system refused: full (ENOSPC, EDQUOT), over a size
+# limit (EFBIG), read-only or not ours (EROFS, EACCES, EPERM), or failing (EIO).
+REFUSED_WRITE_ERRNOS = frozenset(
+    (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+)
+
+
+def write_failure(path, exc, *temporary):
+    """The WriteFailed for `exc`, raised while writing `path` (through the `temporary` files), if
+    a refused write caused it: an OSError with one of REFUSED_WRITE_ERRNOS about one of those
+    files (or no file), or an error raised while cleaning up after one, as torch's zip writer
+    does when its file stops growing. None for anything else (a bug: the caller raises it)."""
     cause = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__context__
@@ -74,6 +83,12 @@ def write_failure(path, exc):
         return None
     if isinstance(cause, WriteFailed):
         return cause
+    ours = {os.path.abspath(os.fsdecode(p)) for p in (path, *temporary) if p is not None}
+    about = cause.filename
+    if cause.errno not in REFUSED_WRITE_ERRNOS or not (
+        about is None or (isinstance(about, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(about)) in ours)
+    ):
+        return None
     import shutil
 
     try:
@@ -100,7 +115,7 @@ def _atomic_write(path, write):
             os.unlink(tmp)
         except OSError:
             pass
-        failure = write_failure(path, exc) if isinstance(exc, Exception) else None
+        failure = write_failure(path, exc, tmp) if isinstance(exc, Exception) else None
         if failure is None:
             raise
         raise failure from None
@@ -108,11 +123,12 @@ def _atomic_write(path, write):
 
 def atomic_write_files(directory, files):
     """{name: bytes} into `directory`, all or nothing. Every file is written to a temporary file
-    and fsynced first; only then does each old file move aside and its new one take its place.
-    If any step fails (full disk, read-only folder, a failed rename), the files already moved in
-    are taken out again and the old ones put back: the folder holds the old set, never a new file
-    beside an old one, and no temporary file. (A crash between two renames can still leave a mix:
-    the kernel has no rename of several files at once.)"""
+    and fsynced first; only then does each new one take its old one's place, in one rename, while
+    a hard link (or a copy) keeps the old one aside: a file is never missing, even after a crash.
+    If any step fails (full disk, read-only folder, a failed rename), the old files are put back:
+    the folder holds the old set, never a new file beside an old one, and no temporary file.
+    (A crash between two renames can still leave a mix: the kernel has no rename of several
+    files at once.)"""
     staged, aside, moved = {}, {}, []  # name -> its new version's / its old version's temporary file
     try:
         for name, data in files.items():
@@ -124,35 +140,64 @@ def atomic_write_files(directory, files):
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                if os.path.exists(path):
+                    aside[name] = staged[name][: -len(".tmp")] + ".old.tmp"  # (remove_stale_temp_files reads it)
+                    _keep_aside(path, aside[name])
             except Exception as exc:
-                failure = write_failure(path, exc)
+                failure = write_failure(path, exc, staged.get(name), aside.get(name))
                 raise exc if failure is None else failure from None
-        for name in files:
-            path = os.path.join(directory, name)
-            if os.path.exists(path):
-                aside[name] = staged[name][: -len(".tmp")] + ".old.tmp"
-                os.replace(path, aside[name])
-            moved.append(name)
-            os.replace(staged[name], path)
+        for name in files:  # (only these renames change what the folder holds)
+            os.replace(staged[name], os.path.join(directory, name))
             del staged[name]
-    except BaseException:
-        for name in reversed(moved):  # back as it was: the old file, or none
+            moved.append(name)
+    except BaseException as exc:
+        lost, kept = [], set()  # what could not be put back: where the previous files are
+        for name in reversed(moved):  # back as it was: the old file, or none (the others are the old ones still)
             path = os.path.join(directory, name)
             try:
                 if name in aside:
-                    os.replace(aside.pop(name), path)
-                elif name not in staged:  # (its new file was moved in, and there was no old one)
+                    os.replace(aside[name], path)
+                    del aside[name]
+                else:  # (there was no old one)
                     os.unlink(path)
-            except OSError:
-                pass
-        for tmp in staged.values():
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            except OSError as undo:
+                kept.add(aside.get(name))
+                lost.append(
+                    f"the previous {name} is {aside[name]}" if name in aside else f"{path} is new (there was none)"
+                )
+                error = undo
+        for tmp in [*staged.values(), *aside.values()]:
+            if tmp not in kept:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        if lost and isinstance(exc, Exception):
+            said = getattr(exc, "strerror", None) or exc
+            raise OSError(
+                error.errno,
+                f"{said}; putting the previous files back failed too ({error.strerror}): {'; '.join(lost)}",
+                getattr(exc, "filename", None),
+            ) from exc
         raise
     for tmp in aside.values():
         os.unlink(tmp)
+
+
+def _keep_aside(path, aside):
+    """`aside`: the file at `path` as it is, which stays there (a hard link; a copy where the file
+    system has none)."""
+    import errno
+    import shutil
+
+    try:
+        os.link(path, aside)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        shutil.copy2(path, aside)
+        with open(aside, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- one writer per run folder
@@ -179,13 +224,10 @@ def hold_run_folder(run_dir):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         except OSError as exc:
             raise UserError(f"cannot prepare {run_dir}: {exc.strerror or exc}") from None
-        if not _lock(fd, time.monotonic() + LOCK_GRACE_SECONDS):
-            holder = os.read(fd, 1000).decode(errors="replace").strip() or "one that has just started"
+        if not _lock(fd, time.monotonic() + LOCK_GRACE_SECONDS, path):
+            holder = os.read(fd, 1000).decode(errors="replace").strip()
             os.close(fd)
-            raise UserError(
-                f"{run_dir} is being trained by another process ({holder}); wait for it to end or stop it "
-                "first (one process trains into a run folder at a time)"
-            )
+            raise UserError(_refusal(run_dir, path, holder))
         try:  # the file it locked is still the folder's (not one a releasing holder unlinked just before)
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
@@ -193,14 +235,33 @@ def hold_run_folder(run_dir):
             pass
         os.close(fd)
     since = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    try:  # (who holds it is for the refusal's line only: a full disk is said by the run's first real write)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    except OSError:
+        pass
     _held_locks[run_dir] = fd
 
 
-def _lock(fd, deadline):
+def _refusal(run_dir, path, holder):
+    """The line refusing a start into `run_dir`, whose lock file `path` says `holder` holds it."""
+    import re
+    import socket
+
+    host = re.fullmatch(r"pid \d+ on (\S+), since .*", holder)
+    down = ""
+    if host and host[1] != socket.gethostname():  # (a network file system keeps a lost node's lock for its lease)
+        down = f"; if {host[1]} is down, remove {path}"
+    holder = holder or "one that has not said which: it has just started, or its disk is full"
+    return (
+        f"{run_dir} is being trained by another process ({holder}); wait for it to end or stop it "
+        f"first (one process trains into a run folder at a time){down}"
+    )
+
+
+def _lock(fd, deadline, path):
     """Whether this process got the lock on `fd` by `deadline` (a holder that is ending, killed a
-    moment ago, lets it go within milliseconds)."""
+    moment ago, lets it go within milliseconds). A file system without locks is a UserError."""
     import fcntl
     import time
 
@@ -212,6 +273,27 @@ def _lock(fd, deadline):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+        except OSError as exc:  # ENOLCK (NFSv3 without lockd), ENOSYS (Lustre without -o flock), EOPNOTSUPP
+            os.close(fd)
+            raise UserError(
+                f"cannot lock {path}: its file system does not support file locks ({exc.strerror or exc}); "
+                "put --checkpoint_dir on one that does"
+            ) from None
+
+
+def _close_held_locks_in_child():
+    """In a forked child (a DataLoader worker): close its copies of the lock files. An flock
+    belongs to the open file, which a fork shares: a child outliving a killed trainer would keep
+    the folder held until it noticed (seconds). Closing the child's copy leaves the parent's lock."""
+    for fd in _held_locks.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()  # (so the child's release_run_folders neither unlinks nor unlocks)
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def release_run_folders():
@@ -226,11 +308,20 @@ def release_run_folders():
 
 
 def remove_stale_temp_files(directory):
-    """Delete the temporary files a killed write left behind (see _atomic_write)."""
+    """Delete the temporary files a killed write left behind (see _atomic_write), except an old
+    version kept aside (atomic_write_files' `.NAME.XXXXXXXX.old.tmp`) whose file is missing: that
+    one goes back in its place."""
     if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.unlink(os.path.join(directory, name))
+        for name in sorted(os.listdir(directory)):
+            tmp = os.path.join(directory, name)
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            if name.endswith(".old.tmp"):  # (mkstemp's 8 random characters hold no dot)
+                path = os.path.join(directory, name[1 : -len(".old.tmp")].rsplit(".", 1)[0])
+                if not os.path.exists(path):
+                    os.replace(tmp, path)
+                    continue
+            os.unlink(tmp)
 
 
 def atomic_torch_save(obj, path):

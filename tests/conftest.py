@@ -114,9 +114,20 @@ def forkserver():
     os.environ[fs.ENV] = path
     yield path
     del os.environ[fs.ENV]
-    server.terminate()
-    server.wait(timeout=30)
+    # A server that died, or a launcher that found none, would leave the rest of the session on
+    # plain python unnoticed (the launcher falls back to it): say so, with the server's last words.
+    ended = server.poll()
+    if ended is None:
+        server.terminate()
+        server.wait(timeout=30)
+    log = open(os.path.join(folder, "server.log"), errors="replace").read()[-3000:]
+    no_server = os.path.join(folder, fs.NO_SERVER_FILE)
+    fallbacks = open(no_server).read()[-2000:] if os.path.exists(no_server) else ""
     shutil.rmtree(folder, ignore_errors=True)
+    if ended is not None:
+        pytest.fail(f"the fork server ended (exit code {ended}) before the session did: {log}")
+    if fallbacks:
+        pytest.fail(f"launchers found no fork server and ran plain python:\n{fallbacks}\nserver.log: {log}")
 
 
 # Small and fast: 32 px images, random init, no worker processes, no progress bars.

@@ -58,6 +58,7 @@ import sys
 ENV = "AMP_TEST_FORKSERVER"  # the server's socket
 SITE_PATH = []  # the server's sys.path without its script's folder
 PARENT_ENV = "AMP_TEST_LAUNCHER_PARENT"
+NO_SERVER_FILE = "no-server.log"  # beside the socket: the launchers that found no server there
 # Read once, as torch loads (or at its first kernel): a caller that sets them other than the server
 # has them needs a real process. (The debugging ones too: TORCH_DISTRIBUTED_DEBUG=DETAIL set for one
 # child would be silently dropped. PYTHON* variables: see interpreter().)
@@ -131,6 +132,12 @@ def launch(args):
         reply = receive_message(sock)
     except (OSError, TypeError):  # no server: a process of its own, as without the launcher
         reply = None
+    if path and reply is None:  # (not a refusal: the server is gone) recorded for conftest's teardown
+        try:
+            with open(os.path.join(os.path.dirname(path), NO_SERVER_FILE), "a") as record:
+                record.write(f"pid {os.getpid()}: {' '.join(args)}\n")
+        except OSError:
+            pass
     if not reply or "pid" not in reply:
         sock.close()
         import subprocess
@@ -250,7 +257,8 @@ def serve(path):
                 # A fork copies the calling thread alone: a thread pool (OpenMP's, after a parallel
                 # torch op here) would be missing in the child, whose next parallel op then hangs.
                 threads = len(os.listdir("/proc/self/task"))
-                assert threads == 1, f"the fork server has {threads} threads: a forked child would miss them"
+                if threads != 1:  # (not an assert: python -O would drop it)
+                    raise SystemExit(f"the fork server has {threads} threads: a forked child would miss them")
                 request["server_loglevel"] = os.environ.get("LOGLEVEL", "WARNING")
                 # The garbage collector leaves the server's objects alone in a child: else its
                 # passes (and the one at exit) write to every object's header, and a child copies
