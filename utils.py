@@ -61,7 +61,32 @@ os.umask(_UMASK)
 
 class WriteFailed(OSError):
     """A file the disk refused (full, or over a size limit, or read-only): its `filename` and, in
-    its `strerror`, why and how much space is left there. The callers say it in one line."""
+    its `strerror`, why and how much room is left there (measured as it is made: make it again
+    after cleaning up, see `again`). The callers say it in one line."""
+
+    def __init__(self, errno_, reason, path):
+        super().__init__(errno_, f"{reason} ({room_there(path, errno_)})", path)
+        self.reason = reason
+
+    def again(self):
+        """The same failure with the room measured now (after the temporary files are gone)."""
+        return WriteFailed(self.errno, self.reason, self.filename)
+
+
+def room_there(path, errno_):
+    """How much room a write to `path` had: the free space there, and for a file over a size limit
+    (EFBIG) the limit of this process (ulimit -f), which the free space does not explain."""
+    import resource
+    import shutil
+
+    try:
+        room = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.1f} MB free there"
+    except OSError:
+        room = "free space unknown"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if errno_ == errno.EFBIG and limit != resource.RLIM_INFINITY:
+        room = f"this process may write files of at most {limit / 1e6:,.1f} MB: ulimit -f; {room}"
+    return room
 
 
 # The errors of a write the disk or the file system refused: full (ENOSPC, EDQUOT), over a size
@@ -89,13 +114,7 @@ def write_failure(path, exc, *temporary):
         about is None or (isinstance(about, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(about)) in ours)
     ):
         return None
-    import shutil
-
-    try:
-        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.1f} MB free there"
-    except OSError:
-        free = "free space unknown"
-    return WriteFailed(cause.errno, f"{cause.strerror or cause} ({free})", path)
+    return WriteFailed(cause.errno, cause.strerror or str(cause), path)
 
 
 def _atomic_write(path, write):
@@ -172,6 +191,8 @@ def atomic_write_files(directory, files):
                     os.unlink(tmp)
                 except OSError:
                     pass
+        if isinstance(exc, WriteFailed) and not lost:
+            raise exc.again() from None  # (the free space without this write's temporary files)
         if lost and isinstance(exc, Exception):
             said = getattr(exc, "strerror", None) or exc
             raise OSError(

@@ -62,6 +62,8 @@ WRITERS = {  # name -> (write the previous, small version; write a new one past 
 def assert_one_line_failure(failure, path):
     assert isinstance(failure, utils.WriteFailed) and failure.filename == str(path)
     assert failure.strerror.startswith("File too large (") and " MB free there)" in failure.strerror
+    # (the file-size limit, which a disk with room left does not explain)
+    assert "this process may write files of at most " in failure.strerror and " MB: ulimit -f; " in failure.strerror
     assert "\n" not in failure.strerror
 
 
