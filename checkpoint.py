@@ -266,11 +266,10 @@ class GracefulStop:
     def resume_hint(self, saved, position, cfg):
         """The one line a stop prints: what was saved, and the command that goes on from it."""
         name = signal.Signals(self.signal).name
-        launcher = "python main.py" if world_size() == 1 else "torchrun [the same options] main.py"
-        return (
-            f"{name}: saved {saved} ({position}); continue with: {launcher} --checkpoint_dir {cfg.checkpoint_dir} "
-            f"--checkpoint_name {cfg.checkpoint_name} --resume"
-        )
+        command = run_command(cfg.checkpoint_name, cfg.checkpoint_dir, "--resume")
+        if world_size() > 1:
+            command = command.replace("python main.py", "torchrun [the same options] main.py", 1)
+        return f"{name}: saved {saved} ({position}); continue with: {command}"
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:

@@ -507,10 +507,10 @@ def stop_loader_workers():
 
 
 def _ignore_stop_signals(worker_id):
-    """Workers leave Ctrl-C and SIGTERM to the main process, which finishes its step and saves;
-    they exit with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Workers leave Ctrl-C, SIGTERM and SIGHUP (a closed terminal signals the whole process
+    group) to the main process, which finishes its step and saves; they exit with it."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_loader(dataset, sampler, batch_size, cfg, device, drop_last=False):

@@ -920,3 +920,41 @@ def test_a_sighup_ignored_by_nohup_stays_ignored():
         stop.uninstall()
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_data_workers_leave_every_stop_signal_to_the_main_process():
+    # A closed terminal sends SIGHUP to the whole process group: workers that died of it would
+    # crash the run instead of letting it save.
+    from dataset import _ignore_stop_signals
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.getsignal(signum) for signum in stops}
+    try:
+        _ignore_stop_signals(0)
+        assert all(signal.getsignal(signum) == signal.SIG_IGN for signum in stops)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_the_stop_line_names_a_command_that_works_as_pasted():
+    # (a folder or run name with a space, and no --checkpoint_dir where it is the default)
+    import shlex
+    from argparse import Namespace
+
+    from checkpoint import GracefulStop
+
+    stop = GracefulStop()
+    stop.signal = signal.SIGTERM
+    line = stop.resume_hint("last.pt", "epoch 1", Namespace(checkpoint_name="a b", checkpoint_dir="my runs"))
+    assert shlex.split(line.split("continue with: ")[1]) == [
+        "python",
+        "main.py",
+        "--checkpoint_name",
+        "a b",
+        "--checkpoint_dir",
+        "my runs",
+        "--resume",
+    ]
+    line = stop.resume_hint("last.pt", "epoch 1", Namespace(checkpoint_name="x", checkpoint_dir="checkpoints"))
+    assert line.endswith("continue with: python main.py --checkpoint_name x --resume")
