@@ -133,7 +133,13 @@ def test_sigterm_sighup_and_sigint_save_then_resume_equals_uninterrupted(demo_da
     run_dir = tmp_path / "sig"
     for signum, flags in ((signal.SIGTERM, []), (signal.SIGHUP, ["--resume"]), (signal.SIGINT, ["--resume"])):
         proc = subprocess.Popen(
-            cli(demo_data, tmp_path, "sig", *flags), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            cli(demo_data, tmp_path, "sig", *flags),
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # As from a terminal, whatever started pytest: under nohup SIGHUP arrives ignored, and a
+            # run keeps it ignored (it is asked to outlive the terminal).
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
         )
         before = os.path.getmtime(run_dir / "last.pt") if (run_dir / "last.pt").exists() else 0
         while proc.poll() is None and not (
