@@ -59,6 +59,22 @@ FORKSERVER = os.path.join(ROOT, "tests", "forkserver.py")
 PYTHON = [sys.executable, FORKSERVER]
 
 
+def main_command(data, checkpoint_dir, name, *flags):
+    """The command line of a `python main.py` process (started through the fork server: PYTHON)
+    training run `name` of `checkpoint_dir` on `data`, `flags` added."""
+    return [
+        *PYTHON,
+        os.path.join(ROOT, "main.py"),
+        "--data_dir",
+        data,
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--checkpoint_name",
+        name,
+        *flags,
+    ]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_tmpdir():
     """$TMPDIR, for the processes the tests start, is a folder of this session's that goes when it

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
+from conftest import FAST, SMALL_MODEL, main_command, read_results
 
 from outputs import MEASUREMENT_KEYS
 
@@ -20,24 +20,9 @@ pytestmark = pytest.mark.usefixtures("forkserver")  # every test here starts mai
 def cli(data, ckdir, name, *flags):
     # The small model: what is tested is the checkpointing, and ResNet-18's 135 MB at each of a
     # run's 12 saves made these the suite's slowest tests.
-    return [
-        *PYTHON,
-        os.path.join(ROOT, "main.py"),
-        "--data_dir",
-        data,
-        "--checkpoint_dir",
-        str(ckdir),
-        "--checkpoint_name",
-        name,
-        *FAST,
-        *SMALL_MODEL,
-        "--deterministic",
-        "--epochs",
-        "3",
-        "--save_every_steps",
-        "1",
-        *flags,
-    ]
+    return main_command(
+        data, ckdir, name, *FAST, *SMALL_MODEL, "--deterministic", "--epochs", "3", "--save_every_steps", "1", *flags
+    )
 
 
 def env():

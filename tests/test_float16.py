@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, PYTHON, ROOT, SMALL_MODEL, read_results
+from conftest import FAST, SMALL_MODEL, main_command, read_results
 from torch import nn
 
 import config
@@ -205,14 +205,9 @@ def test_twenty_skipped_steps_in_a_row_stop_the_run_and_keep_last_pt(run_cli, de
 
 
 def cli(data, ckdir, name, *flags):
-    return [
-        *PYTHON,
-        os.path.join(ROOT, "main.py"),
-        "--data_dir",
+    return main_command(
         data,
-        "--checkpoint_dir",
-        str(ckdir),
-        "--checkpoint_name",
+        ckdir,
         name,
         *FAST,
         *FLOAT16,
@@ -227,7 +222,7 @@ def cli(data, ckdir, name, *flags):
         "1",
         "--tensorboard",
         *flags,
-    ]
+    )
 
 
 def run_env():

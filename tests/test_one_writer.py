@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, PYTHON, ROOT, SMALL_MODEL
+from conftest import FAST, ROOT, SMALL_MODEL, main_command
 
 import utils
 
@@ -22,23 +22,7 @@ LOCK = ".training.lock"
 
 
 def cli(data, ckdir, *flags):
-    return [
-        *PYTHON,
-        os.path.join(ROOT, "main.py"),
-        "--data_dir",
-        data,
-        "--checkpoint_dir",
-        str(ckdir),
-        "--checkpoint_name",
-        "run",
-        *FAST,
-        *SMALL_MODEL,
-        "--epochs",
-        "2",
-        "--save_every_steps",
-        "1",
-        *flags,
-    ]
+    return main_command(data, ckdir, "run", *FAST, *SMALL_MODEL, "--epochs", "2", "--save_every_steps", "1", *flags)
 
 
 def env():
