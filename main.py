@@ -3,7 +3,6 @@ or --evaluate, --predict, --export, --compare or --benchmark an existing run or 
 
 import hashlib
 import os
-import re
 import shutil
 import signal
 import sys
@@ -75,7 +74,7 @@ from hardware import apply_fp32_math, device_name, emulation_warning
 from hardware import record as hardware_record
 from metrics import ImagePredictions
 from model import build_model, precise_bn_batches
-from outputs import evaluation_paths, evaluation_tag, test_setting_changes
+from outputs import evaluation_paths, evaluation_records, evaluation_tag, test_setting_changes
 from report import (
     compare_runs,
     comparison_report,
@@ -164,17 +163,6 @@ def start_run_dir(run_dir, fresh, clobber_check=None):
             shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)
     except OSError as exc:
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
-
-
-def evaluation_records(run_dir):
-    """The files --evaluate wrote with other settings (evaluate_TAG.json, test_predictions_TAG.csv):
-    a fresh run removes them with the model they tested."""
-    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return [
-        n
-        for n in names
-        if (n.startswith("evaluate_") and n.endswith(".json")) or re.fullmatch(r"test_predictions_.+\.csv", n)
-    ]
 
 
 def train(cfg, checkpoint=None, restarted=False):

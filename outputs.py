@@ -4,6 +4,7 @@ writes; a disk that refuses stops every rank with one line."""
 
 import hashlib
 import os
+import re
 import time
 from types import SimpleNamespace
 
@@ -334,3 +335,14 @@ def evaluation_paths(run_dir, tag):
     if tag is None:
         return os.path.join(run_dir, "test_predictions.csv"), None
     return os.path.join(run_dir, f"test_predictions_{tag}.csv"), os.path.join(run_dir, f"evaluate_{tag}.json")
+
+
+def evaluation_records(run_dir):
+    """The files --evaluate wrote with other settings (evaluate_TAG.json, test_predictions_TAG.csv):
+    a fresh run removes them with the model they tested."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return [
+        n
+        for n in names
+        if (n.startswith("evaluate_") and n.endswith(".json")) or re.fullmatch(r"test_predictions_.+\.csv", n)
+    ]
