@@ -339,13 +339,13 @@ def build_parser():
         action="store_true",
         help="decode every image once before training and leave out the unreadable ones (listed in train.log)",
     )
-    # Under torchrun the node's processes share its CPUs.
-    cpus_per_process = max((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
     g.add_argument(
         "--num_workers",
         type=int,
-        default=min(8, cpus_per_process),
-        help="data-loading processes per training process (0: load in the main process)",
+        default=None,
+        help="data-loading processes per training process (0: load in the main process). Default: on a "
+        "GPU this process's CPUs, on the CPU those PyTorch's threads leave (0 where they take them all), "
+        "at most 8",
     )
 
     g = _Group(p.add_argument_group("model"))
@@ -760,7 +760,7 @@ def check_values(cfg):
         raise UserError(f"--save_every_minutes must be a number of minutes, 0 or more (0: off), got {minutes}")
     if (getattr(cfg, "precise_bn", None) or 0) < 0:
         raise UserError(f"--precise_bn must not be negative (0: off), got {cfg.precise_bn}")
-    if cfg.num_workers < 0:
+    if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UserError(f"--num_workers must not be negative, got {cfg.num_workers}")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         raise UserError(f"--clip_grad_norm must be positive, got {cfg.clip_grad_norm}")
@@ -983,6 +983,12 @@ def resolve(cfg):
     if cfg.sync_bn and launched_world_size() == 1:
         raise UserError("--sync_bn only applies to several processes started by torchrun (on CUDA GPUs)")
     cfg.device = resolve_device(cfg.device)
+    if cfg.num_workers is None:
+        import torch
+
+        from machine import default_workers
+
+        cfg.num_workers = default_workers(torch.device(cfg.device).type, torch.get_num_threads())
     if not cfg.amp and not cfg.benchmark:
         cfg.amp_dtype = None  # FP32: config.json says so
     elif cfg.amp_dtype is None:

@@ -1,27 +1,15 @@
 """The CPU threads a run uses and how busy the machine was while it was timed. (No torch here:
-passive_openmp must run before torch loads.)
+main.py loads it before torch, to time its start-up.)
 
-OpenMP's threads, which PyTorch's CPU operators run on, by default spin for a while after each
-parallel region instead of sleeping. On a machine with no core to spare (a laptop, a shared
-server, a data-loading worker beside them) the spinning threads take the cores that the working
-ones need: on a 2-core AMD EPYC (AVX2) that other work kept busy, a 2-epoch 32 px run took 207 s
-with the default threads against 25 s with one, and one image's PyTorch latency 529 ms against
-5.6 ms. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) avoids that; what it costs on a quiet machine:
-benchmarks/threads.py, docs/benchmarks.md."""
+PyTorch's CPU operators run on a thread a core. Beside another busy program, those threads fight it
+for the cores (OpenMP's threads spin a while at each wait): on a 2-core AMD EPYC (AVX2) that other
+work kept busy, a 2-epoch 32 px run took 207 s with the default threads against 25 s with one, and
+one image's PyTorch latency 529 ms against 5.6 ms. So a run uses the cores other programs leave
+(CpuThreads): all of them on a quiet machine, where spinning is the fastest way to wait, and one
+fewer for each core another program keeps busy. Measured: benchmarks/threads.py, docs/benchmarks.md."""
 
 import os
 import time
-
-# Settings with which a user chose how OpenMP threads wait; any of them set: we leave it alone.
-WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-
-
-def passive_openmp(environ=os.environ):
-    """Make OpenMP threads sleep when idle (OMP_WAIT_POLICY=PASSIVE) unless the user set how they
-    wait. libgomp reads it once, when it loads with torch: call this before `import torch`.
-    Data-loading workers inherit it (PyTorch gives each of them one thread)."""
-    if not any(name in environ for name in WAIT_SETTINGS):
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def wait_policy():
@@ -43,6 +31,15 @@ def load_average():
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
+
+
+def default_workers(device_type, threads, environ=os.environ):
+    """--num_workers' default: the CPUs this process may use (under torchrun its share of the
+    node's), less on the CPU the `threads` PyTorch trains with, at most 8. On 2 cores, two workers
+    beside two training threads cost the demo 10-25% (benchmarks/threads.py): decoding is ~25x
+    faster than training there, so the main process loads its batches in a few percent of the time."""
+    cpus = max(len(usable_cpus()) // int(environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return min(8, cpus if device_type != "cpu" else max(0, cpus - threads))
 
 
 # Other programs keeping at least this many cores busy on average during a timed phase make its
@@ -167,3 +164,88 @@ def busy_note(record, short=False):
     if short or not loads:
         return text
     return f"{text} (load average {loads}, this run's threads included)"
+
+
+# Settings with which a user chose how many threads PyTorch's CPU operators use: we leave them be.
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def fixed_threads_reason(device, deterministic, environ=os.environ):
+    """Why a training run keeps its CPU threads fixed ('' when they follow other programs' load: see
+    CpuThreads): a GPU run (its CPU threads do little), --deterministic (a thread count that changes
+    changes the sums' order, and so the weights' last bits), or the user's own thread setting."""
+    if device != "cpu":
+        return "a GPU run"
+    if deterministic:
+        return "--deterministic"
+    chosen = [name for name in THREAD_SETTINGS if name in environ]
+    return f"{chosen[0]} is set" if chosen else ""
+
+
+def free_cores(cpus, other_cpus):
+    """The cores this run may use that other programs leave it: `cpus` less the cores they kept
+    busy, counted as was_busy counts them (half a core or more is one), at least 1."""
+    return max(1, cpus - int(other_cpus + 1 - BUSY_CPUS))
+
+
+def following_threads_note(most, interval=2.0):
+    """The line a training run prints when its threads follow other programs' load (CpuThreads)."""
+    return (
+        f"CPU threads: {most}, one fewer for each core other programs keep busy (looked at every "
+        f"{interval:g} s; OMP_NUM_THREADS=N fixes the count)"
+    )
+
+
+class CpuThreads:
+    """PyTorch's CPU threads for a run. With `adapt`, it looks how many cores other programs kept
+    busy (LoadWatch's other_cpus) and uses the cores left (free_cores), never more than at the
+    start: with 2 cores and one other busy program, one thread runs at its full speed where two
+    fight that program for the cores (benchmarks/threads.py). Training looks every `interval`
+    seconds (poll(), at a step); a timed or one-off job once, at its start, over the time since
+    `watch` began (main.py's start-up: fit_now()). Without `adapt` the count stays as it is.
+    `get`/`set`: torch.get_num_threads and torch.set_num_threads (this module loads before torch)."""
+
+    # A look over less time than this (a process forked with torch loaded) cannot tell: no change.
+    SHORTEST_LOOK = 1.0
+
+    def __init__(self, get, set, adapt, interval=2.0, watch=None):
+        self.get, self.set, self.adapt, self.interval = get, set, adapt, interval
+        self.most = get()
+        self.watch = watch or LoadWatch()
+        self.start()
+
+    def poll(self):
+        """At a training step: the thread count for the next ones, every `interval` seconds."""
+        if self.adapt and time.monotonic() - self.watch.started >= self.interval:
+            self.fit_now()
+
+    def fit_now(self):
+        """The thread count from other programs' load since the last look (or `watch`'s start)."""
+        if not self.adapt or time.monotonic() - self.watch.started < min(self.interval, self.SHORTEST_LOOK):
+            return
+        other = self.watch.record()["other_cpus"]
+        self.watch = LoadWatch()
+        threads = self.most if other is None else min(self.most, free_cores(len(self.watch.cpus), other))
+        if threads != self.get():
+            self._count()
+            self.set(threads)
+
+    def start(self):
+        """A timed phase (an epoch's training) starts: record() gives its mean count."""
+        self.since, self.thread_seconds, self.seconds = time.monotonic(), 0.0, 0.0
+
+    def record(self):
+        """{"threads": the mean count since start(), time-weighted}, for results.json's epochs."""
+        self._count()
+        mean = self.thread_seconds / self.seconds if self.seconds > 0 else self.get()
+        return {"threads": round(mean, 1)}
+
+    def restore(self):
+        """The count as it was at the start (a run in a process that goes on: the tests')."""
+        self.set(self.most)
+
+    def _count(self):
+        now = time.monotonic()
+        self.thread_seconds += self.get() * (now - self.since)
+        self.seconds += now - self.since
+        self.since = now

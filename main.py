@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from machine import passive_openmp
+from machine import CpuThreads, LoadWatch, fixed_threads_reason, following_threads_note
 
 
 def _interrupted_while_starting(signum, frame):
@@ -29,9 +29,9 @@ def _check_flags_before_torch(argv):
         sys.exit(exc.exit_code)
 
 
-# Before torch loads (libgomp reads it then): OpenMP threads that sleep when idle, unless the
-# user chose otherwise (machine.py says why).
-passive_openmp()
+# Before torch loads (seconds): how busy other programs keep the machine meanwhile is the first
+# look of how many CPU threads this run uses (machine.CpuThreads).
+STARTUP = LoadWatch()
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
     signal.signal(signal.SIGINT, _interrupted_while_starting)
@@ -165,7 +165,7 @@ def start_run_dir(run_dir, fresh, clobber_check=None):
         raise UserError(f"cannot prepare {run_dir}: {exc.strerror}") from None
 
 
-def train(cfg, checkpoint=None, restarted=False):
+def train(cfg, threads, checkpoint=None, restarted=False):
     """Train cfg's run: a new one, or from `checkpoint` (its last.pt). `restarted`: torchrun
     restarted the job after a failure (the log says so)."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
@@ -217,7 +217,17 @@ def train(cfg, checkpoint=None, restarted=False):
     loaders = (train_loader, val_loader, test_loader)
     stop = GracefulStop()
     trainer = Trainer(
-        model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=train_model, stop=stop
+        model,
+        optimizer,
+        scheduler,
+        loaders,
+        cfg,
+        run_dir,
+        class_names,
+        logger,
+        train_model=train_model,
+        stop=stop,
+        threads=threads,
     )
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -235,6 +245,8 @@ def train(cfg, checkpoint=None, restarted=False):
     if is_main_process():
         write_run_config(run_dir, cfg, trainer.position() if checkpoint is not None else "start")
     logger.info(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if threads.adapt:
+        logger.info(following_threads_note(threads.most, threads.interval))
     if precise_bn_note:  # after the log file opens, so train.log says it too
         logger.info(precise_bn_note)
     stop.install()
@@ -626,6 +638,19 @@ def comparison_name(names):
 
 def run(argv=None):
     cfg, explicit = config.parse_config(argv)
+    # PyTorch's CPU threads: the cores other programs leave, looked at once now (from the start-up's
+    # load) and, while training, every few seconds; as they were again at the end (machine.py).
+    fixed = fixed_threads_reason(torch.device(cfg.device).type, cfg.deterministic)
+    threads = CpuThreads(torch.get_num_threads, torch.set_num_threads, adapt=not fixed, watch=STARTUP)
+    threads.fit_now()
+    try:
+        return run_job(cfg, explicit, threads)
+    finally:
+        threads.restore()
+
+
+def run_job(cfg, explicit, threads):
+    """The job cfg asks for: --compare, --predict, --export, --benchmark, --evaluate or training."""
     # Under torchrun: join the group. Rank 0 alone then touches the shared files (demo data,
     # run folder, checkpoints) and hands the result, or its error, to the other ranks.
     if cfg.compare or cfg.predict or cfg.export:
@@ -668,11 +693,11 @@ def run(argv=None):
             return 0
         cfg.resume = True  # (a restart resumes as --resume would)
         cfg = config.merge_resumed(checkpoint["config"], cfg, explicit)
-        return train(cfg, checkpoint, restarted)
+        return train(cfg, threads, checkpoint, restarted)
     if not restarted:  # (this job's own folder, from before its failure, is not clobbered)
         from_main_process(refuse_to_clobber, cfg)
     use_validation_folder(cfg, explicit)
-    return train(cfg, restarted=restarted)
+    return train(cfg, threads, restarted=restarted)
 
 
 def main(argv=None):

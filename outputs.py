@@ -227,12 +227,21 @@ def format_epoch(r, epochs):
     if r.get("steady_peak_mem_mb") is not None:
         memory += f" (steady {r['steady_peak_mem_mb'] / 1024:.1f} GiB)"
     ema = f", EMA acc {r['val_acc_ema']:.2f}" if "val_acc_ema" in r else ""
-    busy = f" (busy: {busy_note(r, short=True)})" if busy_note(r) else ""
+    busy = f" (busy: {busy_note(r, short=True)}{threads_used(r)})" if busy_note(r) else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2f} | "
         f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2f}{ema} | lr {r['lr']:.2e} | "
         f"{r['seconds']:.1f} s, {r['images_per_sec']:.0f} img/s{busy}{memory}"
     )
+
+
+def threads_used(r):
+    """E.g. "; trained with 1 thread" or "...1.4 threads on average": the CPU threads a busy epoch
+    trained with (results.json's "threads": absent on a GPU)."""
+    threads = r.get("threads")
+    if threads is None:
+        return ""
+    return f"; trained with {threads:g} {'thread' if threads == 1 else 'threads'}{'' if threads == int(threads) else ' on average'}"
 
 
 def plural(n, word):
@@ -255,6 +264,7 @@ MEASUREMENT_KEYS = frozenset(
         "load_after",
         "cpus",
         "other_cpus",
+        "threads",
     }
 )
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from checkpoint import Checkpoints, GracefulStop, RunState, SaveTimer, load_checkpoint
 from dataset import DeviceTransform, loader_files, training_inputs
 from distributed import agreed_failure, broadcast_buffers, from_main_process, gradient_sync, is_main_process, rank
-from machine import LoadWatch
+from machine import CpuThreads, LoadWatch
 from metrics import ClassificationMeter, EpochClock, ImagePredictions, PeakMemory, StepHealth
 from model import recompute_batchnorm_statistics
 from outputs import RunOutputs
@@ -36,7 +36,18 @@ class Trainer:
     --ema_decay, `ema` averages the plain module (see WeightEMA)."""
 
     def __init__(
-        self, model, optimizer, scheduler, loaders, cfg, run_dir, class_names, logger, train_model=None, stop=None
+        self,
+        model,
+        optimizer,
+        scheduler,
+        loaders,
+        cfg,
+        run_dir,
+        class_names,
+        logger,
+        train_model=None,
+        stop=None,
+        threads=None,
     ):
         self.model = model
         self.train_model = model if train_model is None else train_model  # (a compiled module has no truth value)
@@ -65,6 +76,8 @@ class Trainer:
         self.outputs = RunOutputs(cfg, run_dir, self.device, self.class_names, logger)
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
         self.save_timer = SaveTimer(getattr(cfg, "save_every_minutes", 0))
+        # PyTorch's CPU threads: main.py's may follow other programs' load (machine.CpuThreads).
+        self.threads = threads or CpuThreads(torch.get_num_threads, torch.set_num_threads, adapt=False)
 
     def fit(self):
         """Train the epochs left, validating and saving after each, then test."""
@@ -86,8 +99,11 @@ class Trainer:
         seconds_before = earlier.get("seconds", 0.0) + earlier.get("checkpoint_seconds", 0.0)
         record = {"epoch": epoch + 1, "lr": self.scheduler.lr_at(epoch * self.steps_per_epoch())}
         watch = LoadWatch()
+        self.threads.start()
         record.update(self.train_one_epoch(epoch))
         record.update(watch.record())  # how busy the machine was while the epoch's images/s were timed
+        if self.device.type == "cpu":
+            record.update(self.threads.record())  # and with how many threads (on average)
         record.update(self.validate())
         best = state.finish_epoch(record, time.perf_counter() - started + seconds_before)
         saving = time.perf_counter()
@@ -139,6 +155,7 @@ class Trainer:
                 )
             meter.update(loss, logits, labels)
             bar.update()
+            self.threads.poll()  # (fewer threads while other programs keep cores busy; main.py's)
             self.health.record(loss, outcome)  # (puts a skipped step's BatchNorm statistics back)
             if group.last:
                 self.scheduler.step()
