@@ -128,14 +128,19 @@ class LoadWatch:
         self.cpus = usable_cpus()
         self.busy, self.own = _busy_ticks(self.cpus), _own_ticks()
 
-    def record(self):
-        busy, own = _busy_ticks(self.cpus), _own_ticks()
-        seconds = time.monotonic() - self.started
+    def record(self, restart=False):
+        """The record of the time since the watch started; `restart`: the watch then starts again
+        from these readings (a look every few seconds reads /proc once, not twice)."""
+        busy, own, now, load = _busy_ticks(self.cpus), _own_ticks(), time.monotonic(), load_average()
+        seconds = now - self.started
         other = None
         if None not in (busy, own, self.busy, self.own) and seconds > 0:
             ticks = (busy - self.busy) - (own - self.own)
             other = round(max(0.0, ticks / os.sysconf("SC_CLK_TCK") / seconds), 2)
-        return {"load_before": self.before, "load_after": load_average(), "cpus": len(self.cpus), "other_cpus": other}
+        record = {"load_before": self.before, "load_after": load, "cpus": len(self.cpus), "other_cpus": other}
+        if restart:
+            self.before, self.started, self.busy, self.own = load, now, busy, own
+        return record
 
 
 def was_busy(record):
@@ -170,22 +175,26 @@ def busy_note(record, short=False):
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def fixed_threads_reason(device, deterministic, environ=os.environ):
-    """Why a training run keeps its CPU threads fixed ('' when they follow other programs' load: see
+def fixed_threads_reason(device, deterministic, compiled=False, environ=os.environ):
+    """Why a run keeps its CPU threads fixed ('' when they follow other programs' load: see
     CpuThreads): a GPU run (its CPU threads do little), --deterministic (a thread count that changes
-    changes the sums' order, and so the weights' last bits), or the user's own thread setting."""
+    changes the sums' order, and so the weights' last bits), --compile (torch.compile compiles the
+    model again for each new count, ~90 s on 2 cores), or the user's own thread setting."""
     if device != "cpu":
         return "a GPU run"
     if deterministic:
         return "--deterministic"
+    if compiled:
+        return "--compile"
     chosen = [name for name in THREAD_SETTINGS if name in environ]
     return f"{chosen[0]} is set" if chosen else ""
 
 
-def free_cores(cpus, other_cpus):
-    """The cores this run may use that other programs leave it: `cpus` less the cores they kept
-    busy, counted as was_busy counts them (half a core or more is one), at least 1."""
-    return max(1, cpus - int(other_cpus + 1 - BUSY_CPUS))
+def threads_left(most, cpus, other_cpus):
+    """The threads of `most` that other programs' `other_cpus` (of the run's `cpus` CPUs) leave:
+    their share of the threads (other_cpus x most / cpus: with hyperthreading PyTorch starts a
+    thread a core, two CPUs each) counted as was_busy counts cores (half or more is one), at least 1."""
+    return max(1, most - int(other_cpus * most / cpus + 1 - BUSY_CPUS))
 
 
 def following_threads_note(most, interval=2.0):
@@ -198,7 +207,7 @@ def following_threads_note(most, interval=2.0):
 
 class CpuThreads:
     """PyTorch's CPU threads for a run. With `adapt`, it looks how many cores other programs kept
-    busy (LoadWatch's other_cpus) and uses the cores left (free_cores), never more than at the
+    busy (LoadWatch's other_cpus) and uses the threads they leave (threads_left), never more than at the
     start: with 2 cores and one other busy program, one thread runs at its full speed where two
     fight that program for the cores (benchmarks/threads.py). Training looks every `interval`
     seconds (poll(), at a step); a timed or one-off job once, at its start, over the time since
@@ -209,8 +218,9 @@ class CpuThreads:
     SHORTEST_LOOK = 1.0
 
     def __init__(self, get, set, adapt, interval=2.0, watch=None):
-        self.get, self.set, self.adapt, self.interval = get, set, adapt, interval
+        self.get, self.set, self.interval = get, set, interval
         self.most = get()
+        self.adapt = adapt and self.most > 1  # (one thread has nowhere to go)
         self.watch = watch or LoadWatch()
         self.start()
 
@@ -223,9 +233,8 @@ class CpuThreads:
         """The thread count from other programs' load since the last look (or `watch`'s start)."""
         if not self.adapt or time.monotonic() - self.watch.started < min(self.interval, self.SHORTEST_LOOK):
             return
-        other = self.watch.record()["other_cpus"]
-        self.watch = LoadWatch()
-        threads = self.most if other is None else min(self.most, free_cores(len(self.watch.cpus), other))
+        other = self.watch.record(restart=True)["other_cpus"]
+        threads = self.most if other is None else threads_left(self.most, len(self.watch.cpus), other)
         if threads != self.get():
             self._count()
             self.set(threads)
@@ -242,7 +251,8 @@ class CpuThreads:
 
     def restore(self):
         """The count as it was at the start (a run in a process that goes on: the tests')."""
-        self.set(self.most)
+        if self.adapt:
+            self.set(self.most)
 
     def _count(self):
         now = time.monotonic()

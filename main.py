@@ -30,8 +30,17 @@ def _check_flags_before_torch(argv):
 
 
 # Before torch loads (seconds): how busy other programs keep the machine meanwhile is the first
-# look of how many CPU threads this run uses (machine.CpuThreads).
-STARTUP = LoadWatch()
+# look of how many CPU threads this run uses (machine.CpuThreads; see startup_watch).
+_startup = LoadWatch()
+
+
+def startup_watch():
+    """The LoadWatch begun as main.py loaded, for the first run in this process; None after (a
+    later run in the same process, the tests', starts its own)."""
+    global _startup
+    watch, _startup = _startup, None
+    return watch
+
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not an import traceback
     signal.signal(signal.SIGINT, _interrupted_while_starting)
@@ -640,8 +649,8 @@ def run(argv=None):
     cfg, explicit = config.parse_config(argv)
     # PyTorch's CPU threads: the cores other programs leave, looked at once now (from the start-up's
     # load) and, while training, every few seconds; as they were again at the end (machine.py).
-    fixed = fixed_threads_reason(torch.device(cfg.device).type, cfg.deterministic)
-    threads = CpuThreads(torch.get_num_threads, torch.set_num_threads, adapt=not fixed, watch=STARTUP)
+    fixed = fixed_threads_reason(torch.device(cfg.device).type, cfg.deterministic, getattr(cfg, "compile", False))
+    threads = CpuThreads(torch.get_num_threads, torch.set_num_threads, adapt=not fixed, watch=startup_watch())
     threads.fit_now()
     try:
         return run_job(cfg, explicit, threads)

@@ -36,11 +36,10 @@ What differs from a fresh process, and why it does not matter to the tests:
   started differently (flags, PYTHON* variables, path, encodings, umask). The child applies two
   itself: OMP_NUM_THREADS (torch.set_num_threads: see become()) and LOGLEVEL (torchrun's loggers);
 - the server imports main.py before torch, and compares with its environment from before that
-  import: if main.py sets such a variable before torch loads (unless the user set it), torch
-  loaded in the server as in a fresh `python main.py` whose environment is the server's, and in
-  a child main.py runs again and sets it in os.environ the same way. A script that loads torch
-  without main.py (torchrun's agent, the probes) gets main.py's settings too: harmless while they
-  are the wait policy (how idle threads wait) and not the results of any computation;
+  import: were main.py to set such a variable before torch loads (it sets none now), torch would
+  load in the server as in a fresh `python main.py`, and in a child main.py runs again and would
+  set it in os.environ the same way; a script that loads torch without main.py (torchrun's agent,
+  the probes) would get main.py's settings too;
 - a warning issued while the modules imported is not issued again (importing them issues none);
 - the children of one server share its str hash seed (set orders); numpy and torch are reseeded;
 - the child is in the server's session, not the launcher's process group: signal the launcher;

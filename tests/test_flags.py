@@ -165,7 +165,10 @@ def test_docs_flags_md_lists_every_flag_with_its_default():
         if action.dest != "help":
             assert f"| `{action.option_strings[0]}`" in text, action.option_strings[0]
     assert "| `--batch_size`, `--batch-size`, `-b` BATCH_SIZE | `256` |" in text
-    assert "| `--num_workers`, `--num-workers`, `-j`, `--workers` NUM_WORKERS | 8, or the CPU cores" in text
+    assert (
+        "| `--num_workers`, `--num-workers`, `-j`, `--workers` NUM_WORKERS | on a GPU the CPUs per process, on the CPU those"
+        in text
+    )
     assert "## optimization" in text and "| `--amp` | off |" in text and "| `--channels_last`, " in text
 
 

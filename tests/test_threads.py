@@ -14,13 +14,25 @@ import machine
 
 
 @pytest.mark.parametrize(
-    "cpus, other, free",
-    [(2, 0.0, 2), (2, 0.49, 2), (2, 0.5, 1), (2, 1.0, 1), (2, 1.8, 1), (2, 3.0, 1), (16, 1.2, 15), (16, 1.5, 14)],
+    "most, cpus, other, threads",
+    [
+        (2, 2, 0.0, 2),
+        (2, 2, 0.49, 2),
+        (2, 2, 0.5, 1),
+        (2, 2, 1.0, 1),
+        (2, 2, 1.8, 1),
+        (2, 2, 3.0, 1),
+        (16, 16, 1.2, 15),
+        (16, 16, 1.5, 14),
+        # Hyperthreading: PyTorch starts a thread a core, 2 CPUs each; 2 busy CPUs take a core's share.
+        (8, 16, 2.0, 7),
+        (8, 16, 6.0, 5),
+    ],
 )
-def test_free_cores_count_other_programs_as_was_busy_does(cpus, other, free):
-    assert machine.free_cores(cpus, other) == free
-    # Half a core or more is a busy machine, and a core taken from this run.
-    assert (free < cpus) == machine.was_busy({"other_cpus": other, "cpus": cpus}) or free == 1
+def test_threads_left_count_other_programs_as_was_busy_does(most, cpus, other, threads):
+    assert machine.threads_left(most, cpus, other) == threads
+    if most == cpus:  # half a core or more is a busy machine, and a thread taken from this run
+        assert (threads < most) == machine.was_busy({"other_cpus": other, "cpus": cpus}) or threads == 1
 
 
 class Clock:
@@ -39,7 +51,9 @@ def fake_load(monkeypatch, clock, others):
         def __init__(self):
             self.started, self.cpus = clock(), [0, 1]
 
-        def record(self):
+        def record(self, restart=False):
+            if restart:
+                self.started = clock()
             return {"other_cpus": next(looks)}
 
     monkeypatch.setattr(machine, "LoadWatch", FakeWatch)
@@ -96,17 +110,20 @@ def test_without_adapt_the_count_stays(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "device, deterministic, environ, fixed",
+    "device, deterministic, compiled, environ, fixed",
     [
-        ("cpu", False, {}, ""),
-        ("cuda", False, {}, "a GPU run"),
-        ("cpu", True, {}, "--deterministic"),
-        ("cpu", False, {"OMP_NUM_THREADS": "2"}, "OMP_NUM_THREADS is set"),
-        ("cpu", False, {"MKL_NUM_THREADS": "1"}, "MKL_NUM_THREADS is set"),
+        ("cpu", False, False, {}, ""),
+        ("cuda", False, False, {}, "a GPU run"),
+        ("cpu", True, False, {}, "--deterministic"),
+        ("cpu", False, True, {}, "--compile"),  # (torch.compile would compile again for each count)
+        ("cpu", False, False, {"OMP_NUM_THREADS": "2"}, "OMP_NUM_THREADS is set"),
+        ("cpu", False, False, {"MKL_NUM_THREADS": "1"}, "MKL_NUM_THREADS is set"),
     ],
 )
-def test_a_users_thread_count_and_deterministic_runs_keep_the_threads_fixed(device, deterministic, environ, fixed):
-    assert machine.fixed_threads_reason(device, deterministic, environ) == fixed
+def test_a_users_thread_count_and_deterministic_runs_keep_the_threads_fixed(
+    device, deterministic, compiled, environ, fixed
+):
+    assert machine.fixed_threads_reason(device, deterministic, compiled, environ=environ) == fixed
 
 
 @pytest.fixture
@@ -124,7 +141,9 @@ def two_threads(monkeypatch):
 def other_programs_keep(monkeypatch, cores):
     """Every LoadWatch finds other programs keeping `cores` cores busy (the rest of its record real)."""
     record = machine.LoadWatch.record
-    monkeypatch.setattr(machine.LoadWatch, "record", lambda self: {**record(self), "other_cpus": cores})
+    monkeypatch.setattr(
+        machine.LoadWatch, "record", lambda self, restart=False: {**record(self, restart), "other_cpus": cores}
+    )
 
 
 @pytest.mark.parametrize("other, threads", [(1.0, 1), (0.0, 2)])
@@ -169,3 +188,13 @@ def test_default_workers_take_the_cpus_training_threads_leave(monkeypatch, devic
     assert machine.default_workers(device, threads, {"LOCAL_WORLD_SIZE": "2"}) == min(
         8, cpus // 2 if device == "cuda" else max(0, cpus // 2 - threads)
     )
+
+
+def test_a_look_restarts_the_watch_from_its_own_readings(monkeypatch):
+    reads = []
+    monkeypatch.setattr(machine, "_own_ticks", lambda: reads.append("own") or 100 * len(reads))
+    watch = machine.LoadWatch()
+    started = watch.started
+    watch.record(restart=True)
+    assert watch.started > started and watch.own == 200  # the window now starts at this look
+    assert reads == ["own", "own"]  # one /proc walk a look, not two

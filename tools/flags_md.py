@@ -13,7 +13,9 @@ import config  # noqa: E402
 
 PATH = os.path.join(ROOT, "docs", "flags.md")
 # Defaults that depend on the machine, as the file states them (--help prints this machine's number).
-MACHINE_DEFAULTS = {"num_workers": "8, or the CPU cores per process if fewer"}
+MACHINE_DEFAULTS = {
+    "num_workers": "on a GPU the CPUs per process, on the CPU those PyTorch's threads leave (0 on 2 cores), at most 8"
+}
 
 HEADER = """\
 # The flags of main.py
