@@ -35,9 +35,10 @@ def load_average():
 
 def default_workers(device_type, threads, environ=os.environ):
     """--num_workers' default: the CPUs this process may use (under torchrun its share of the
-    node's), less on the CPU the `threads` PyTorch trains with, at most 8. On 2 cores, two workers
-    beside two training threads cost the demo 10-25% (benchmarks/threads.py): decoding is ~25x
-    faster than training there, so the main process loads its batches in a few percent of the time."""
+    node's), less on the CPU the `threads` PyTorch trains with, at most 8. On the CPU the training
+    threads take the cores a worker would need: on 2 cores, 0, 1 and 2 workers trained the demo
+    within noise of each other (benchmarks/threads.py), decoding there being ~25x faster than
+    training, and the main process then loads its batches in a few percent of the time."""
     cpus = max(len(usable_cpus()) // int(environ.get("LOCAL_WORLD_SIZE", 1)), 1)
     return min(8, cpus if device_type != "cpu" else max(0, cpus - threads))
 
@@ -186,7 +187,8 @@ def fixed_threads_reason(device, deterministic, compiled=False, environ=os.envir
         return "--deterministic"
     if compiled:
         return "--compile"
-    chosen = [name for name in THREAD_SETTINGS if name in environ]
+    # (An empty or malformed value, which OpenMP ignores with a warning, is no choice: "4,2" is 4.)
+    chosen = [name for name in THREAD_SETTINGS if environ.get(name, "").split(",")[0].strip().isdigit()]
     return f"{chosen[0]} is set" if chosen else ""
 
 
@@ -197,30 +199,35 @@ def threads_left(most, cpus, other_cpus):
     return max(1, most - int(other_cpus * most / cpus + 1 - BUSY_CPUS))
 
 
-def following_threads_note(most, interval=2.0):
-    """The line a training run prints when its threads follow other programs' load (CpuThreads)."""
+def threads_line(threads):
+    """A CPU training run's line about its threads (a CpuThreads), e.g. "CPU threads: 1 of 2 now,
+    one fewer for each core other programs keep busy (...)" or "CPU threads: 2 (fixed:
+    OMP_NUM_THREADS is set)"."""
+    now = threads.get()
+    if not threads.adapt:
+        return f"CPU threads: {now}" + (f" (fixed: {threads.fixed})" if threads.fixed else "")
     return (
-        f"CPU threads: {most}, one fewer for each core other programs keep busy (looked at every "
-        f"{interval:g} s; OMP_NUM_THREADS=N fixes the count)"
+        f"CPU threads: {now}{f' of {threads.most}' if now != threads.most else ''} now, one fewer for each core "
+        f"other programs keep busy (looked at every {threads.interval:g} s; OMP_NUM_THREADS=N fixes the count)"
     )
 
 
 class CpuThreads:
-    """PyTorch's CPU threads for a run. With `adapt`, it looks how many cores other programs kept
+    """PyTorch's CPU threads for a run. Unless `fixed` says why not (fixed_threads_reason), it looks how many cores other programs kept
     busy (LoadWatch's other_cpus) and uses the threads they leave (threads_left), never more than at the
     start: with 2 cores and one other busy program, one thread runs at its full speed where two
     fight that program for the cores (benchmarks/threads.py). Training looks every `interval`
     seconds (poll(), at a step); a timed or one-off job once, at its start, over the time since
-    `watch` began (main.py's start-up: fit_now()). Without `adapt` the count stays as it is.
+    `watch` began (main.py's start-up: fit_now()). `adapt`: whether it does (not with one thread).
     `get`/`set`: torch.get_num_threads and torch.set_num_threads (this module loads before torch)."""
 
     # A look over less time than this (a process forked with torch loaded) cannot tell: no change.
     SHORTEST_LOOK = 1.0
 
-    def __init__(self, get, set, adapt, interval=2.0, watch=None):
-        self.get, self.set, self.interval = get, set, interval
+    def __init__(self, get, set, fixed, interval=2.0, watch=None):
+        self.get, self.set, self.fixed, self.interval = get, set, fixed, interval
         self.most = get()
-        self.adapt = adapt and self.most > 1  # (one thread has nowhere to go)
+        self.adapt = not fixed and self.most > 1  # (one thread has nowhere to go)
         self.watch = watch or LoadWatch()
         self.start()
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from machine import CpuThreads, LoadWatch, fixed_threads_reason, following_threads_note
+from machine import CpuThreads, LoadWatch, fixed_threads_reason, threads_line
 
 
 def _interrupted_while_starting(signum, frame):
@@ -254,8 +254,8 @@ def train(cfg, threads, checkpoint=None, restarted=False):
     if is_main_process():
         write_run_config(run_dir, cfg, trainer.position() if checkpoint is not None else "start")
     logger.info(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    if threads.adapt:
-        logger.info(following_threads_note(threads.most, threads.interval))
+    if torch.device(cfg.device).type == "cpu":
+        logger.info(threads_line(threads))
     if precise_bn_note:  # after the log file opens, so train.log says it too
         logger.info(precise_bn_note)
     stop.install()
@@ -650,7 +650,7 @@ def run(argv=None):
     # PyTorch's CPU threads: the cores other programs leave, looked at once now (from the start-up's
     # load) and, while training, every few seconds; as they were again at the end (machine.py).
     fixed = fixed_threads_reason(torch.device(cfg.device).type, cfg.deterministic, getattr(cfg, "compile", False))
-    threads = CpuThreads(torch.get_num_threads, torch.set_num_threads, adapt=not fixed, watch=startup_watch())
+    threads = CpuThreads(torch.get_num_threads, torch.set_num_threads, fixed, watch=startup_watch())
     threads.fit_now()
     try:
         return run_job(cfg, explicit, threads)

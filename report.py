@@ -1060,7 +1060,7 @@ def load_sentence(report):
     if "load_before" not in report:  # (an inference.json from before load_before existed)
         report = {"load_after": report["load_average"], "cpus": report["cpus"]}
     if busy_note(report):
-        return f"While the rows were timed, {busy_note(report)}: read the times as upper bounds."
+        return f"{busy_note(report)[0].upper()}{busy_note(report)[1:]}: read the times as upper bounds."
     others = f", other programs {report['other_cpus']} cores" if report.get("other_cpus") is not None else ""
     return (
         f"While the rows were timed the machine was quiet enough: 1-minute load average {report.get('load_before')} "

@@ -77,7 +77,7 @@ class Trainer:
         self.stop = stop or GracefulStop()  # its .signal is set when SIGINT/SIGTERM arrive
         self.save_timer = SaveTimer(getattr(cfg, "save_every_minutes", 0))
         # PyTorch's CPU threads: main.py's may follow other programs' load (machine.CpuThreads).
-        self.threads = threads or CpuThreads(torch.get_num_threads, torch.set_num_threads, adapt=False)
+        self.threads = threads or CpuThreads(torch.get_num_threads, torch.set_num_threads, fixed="the caller's")
 
     def fit(self):
         """Train the epochs left, validating and saving after each, then test."""

@@ -11,6 +11,7 @@ import torch
 from conftest import FAST, SMALL_MODEL
 
 import machine
+import main as main_module
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def fake_load(monkeypatch, clock, others):
 def test_threads_follow_other_programs_and_come_back(monkeypatch):
     clock, counts = Clock(), [2]
     fake_load(monkeypatch, clock, [0.0, 0.9, 1.0, None, 0.6, 0.1])
-    threads = machine.CpuThreads(lambda: counts[-1], counts.append, adapt=True, interval=2.0)
+    threads = machine.CpuThreads(lambda: counts[-1], counts.append, "", interval=2.0)
     seen = []
     for _ in range(6):
         clock.now += 1.0
@@ -80,7 +81,7 @@ def test_threads_follow_other_programs_and_come_back(monkeypatch):
 def test_the_epochs_thread_count_is_time_weighted_and_never_above_the_start(monkeypatch):
     clock, counts = Clock(), [2]
     fake_load(monkeypatch, clock, [1.0, 0.0])
-    threads = machine.CpuThreads(lambda: counts[-1], counts.append, adapt=True, interval=2.0)
+    threads = machine.CpuThreads(lambda: counts[-1], counts.append, "", interval=2.0)
     threads.start()
     clock.now += 2.0
     threads.poll()  # busy: 2 s at 2 threads, then 1
@@ -93,7 +94,7 @@ def test_the_epochs_thread_count_is_time_weighted_and_never_above_the_start(monk
     assert threads.record() == {"threads": 1.3}
     clock, counts = Clock(), [1]
     fake_load(monkeypatch, clock, [0.0])
-    one = machine.CpuThreads(lambda: counts[-1], counts.append, adapt=True, interval=2.0)
+    one = machine.CpuThreads(lambda: counts[-1], counts.append, "", interval=2.0)
     clock.now += 2.0
     one.poll()
     assert counts == [1]  # a quiet machine gives no more than the run started with
@@ -102,7 +103,7 @@ def test_the_epochs_thread_count_is_time_weighted_and_never_above_the_start(monk
 def test_without_adapt_the_count_stays(monkeypatch):
     clock, counts = Clock(), [2]
     fake_load(monkeypatch, clock, [1.0] * 5)
-    threads = machine.CpuThreads(lambda: counts[-1], counts.append, adapt=False, interval=2.0)
+    threads = machine.CpuThreads(lambda: counts[-1], counts.append, "--deterministic", interval=2.0)
     for _ in range(5):
         clock.now += 3.0
         threads.poll()
@@ -118,6 +119,10 @@ def test_without_adapt_the_count_stays(monkeypatch):
         ("cpu", False, True, {}, "--compile"),  # (torch.compile would compile again for each count)
         ("cpu", False, False, {"OMP_NUM_THREADS": "2"}, "OMP_NUM_THREADS is set"),
         ("cpu", False, False, {"MKL_NUM_THREADS": "1"}, "MKL_NUM_THREADS is set"),
+        ("cpu", False, False, {"OMP_NUM_THREADS": "4,2"}, "OMP_NUM_THREADS is set"),
+        # What OpenMP ignores (with a warning) is no choice of the user's: the count still follows the load.
+        ("cpu", False, False, {"OMP_NUM_THREADS": ""}, ""),
+        ("cpu", False, False, {"OMP_NUM_THREADS": "abc"}, ""),
     ],
 )
 def test_a_users_thread_count_and_deterministic_runs_keep_the_threads_fixed(
@@ -151,12 +156,16 @@ def test_a_run_beside_a_busy_program_trains_with_the_core_left_and_says_so(
     demo_data, run_cli, tmp_path, monkeypatch, two_threads, other, threads
 ):
     other_programs_keep(monkeypatch, other)
+    started = machine.LoadWatch()
+    started.started -= 3  # as if main.py had loaded 3 s ago, in a fresh process: the start-up's look
+    monkeypatch.setattr(main_module, "_startup", started)
     code, out, err = run_cli("--data_dir", demo_data, "--checkpoint_name", "run", "--epochs", "2", *FAST, *SMALL_MODEL)
     assert code == 0, err
     with open(tmp_path / "checkpoints" / "run" / "results.json") as f:
         epochs = json.load(f)["epochs"]
     assert [e["threads"] for e in epochs] == [threads, threads]
-    assert "CPU threads: 2, one fewer for each core other programs keep busy" in out
+    now = "1 of 2" if threads == 1 else "2"  # (the first look, over the start-up, finds the load)
+    assert f"CPU threads: {now} now, one fewer for each core other programs keep busy" in out
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     if threads == 1:
         assert all(
@@ -175,7 +184,7 @@ def test_a_users_thread_count_wins_even_beside_a_busy_program(demo_data, run_cli
     assert code == 0, err
     with open(tmp_path / "checkpoints" / "run" / "results.json") as f:
         assert [e["threads"] for e in json.load(f)["epochs"]] == [2]
-    assert "CPU threads:" not in out
+    assert "CPU threads: 2 (fixed: OMP_NUM_THREADS is set)" in out
 
 
 @pytest.mark.parametrize(
