@@ -213,13 +213,14 @@ def threads_line(threads):
 
 
 class CpuThreads:
-    """PyTorch's CPU threads for a run. Unless `fixed` says why not (fixed_threads_reason), it looks how many cores other programs kept
-    busy (LoadWatch's other_cpus) and uses the threads they leave (threads_left), never more than at the
-    start: with 2 cores and one other busy program, one thread runs at its full speed where two
-    fight that program for the cores (benchmarks/threads.py). Training looks every `interval`
-    seconds (poll(), at a step); a timed or one-off job once, at its start, over the time since
-    `watch` began (main.py's start-up: fit_now()). `adapt`: whether it does (not with one thread).
-    `get`/`set`: torch.get_num_threads and torch.set_num_threads (this module loads before torch)."""
+    """PyTorch's CPU threads for a run. Unless `fixed` says why not (fixed_threads_reason), it
+    looks how many cores other programs kept busy (LoadWatch's other_cpus) and uses the threads
+    they leave (threads_left), never more than at the start: with 2 cores and one other busy
+    program, one thread runs at its full speed where two fight that program for the cores
+    (benchmarks/threads.py). Training looks every `interval` seconds (poll(), at a step); every
+    job once as it starts, over the time since `watch` began (main.py's start-up: fit_now()).
+    `adapt`: whether it looks at all (not with one thread). `get`/`set`: torch.get_num_threads
+    and torch.set_num_threads (this module loads before torch)."""
 
     # A look over less time than this (a process forked with torch loaded) cannot tell: no change.
     SHORTEST_LOOK = 1.0
