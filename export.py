@@ -20,8 +20,8 @@ from torch.utils.data import Subset
 import inference
 from checkpoint import run_command
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_datasets, evaluation_loader, evaluation_view, make_loader
-from report import best_pt_identity, inference_markdown
-from utils import RunStopped, UserError, atomic_write_files, load_json
+from report import best_pt_identity, inference_markdown, read_results
+from utils import RunStopped, UserError, atomic_write_files
 
 ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 EXPORT_FILES = (ONNX_FILE, INT8_FILE, "inference.json", "inference.md")
@@ -116,12 +116,10 @@ def run_progress(run_dir, best):
     """How far the run had trained when it was exported: {"epoch": epochs finished, "epochs": of
     how many, "finished": whether it was trained and tested}, from its results.json (best.pt's
     epoch where that cannot be read)."""
-    epochs = best["config"].get("epochs")
-    try:
-        results = load_json(os.path.join(run_dir, "results.json"))
+    epochs, results = best["config"].get("epochs"), read_results(run_dir)
+    if isinstance(results.get("epochs"), list) and "finished" in results:
         return {"epoch": len(results["epochs"]), "epochs": epochs, "finished": bool(results["finished"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"epoch": best["epoch"], "epochs": epochs, "finished": best["epoch"] == epochs}
+    return {"epoch": best["epoch"], "epochs": epochs, "finished": best["epoch"] == epochs}
 
 
 def unfinished_warning(progress, best, name, checkpoint_dir):

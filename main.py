@@ -92,6 +92,7 @@ from report import (
     load_inference,
     per_class_report,
     plot_comparison,
+    read_results,
     stale_export,
     summary_writer_class,
     write_predictions,
@@ -339,10 +340,7 @@ def finished_run_note(run_dir, checkpoint, name):
     epochs = checkpoint["config"].get("epochs")
     if not isinstance(epochs, int) or checkpoint["epoch"] < epochs or checkpoint["batch_in_epoch"]:
         return ""
-    try:
-        results = load_json(os.path.join(run_dir, "results.json"))
-    except (OSError, ValueError):
-        return ""
+    results = read_results(run_dir)
     if not results.get("finished") or results.get("test_acc") is None:
         return ""  # stopped during its final test: --resume runs the test
     epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
@@ -401,10 +399,7 @@ def load_trained(path, cfg):
 
 def run_finished(run_dir):
     """Whether the run's results.json says it trained all its epochs and was tested."""
-    try:
-        return bool(load_json(os.path.join(run_dir, "results.json")).get("finished"))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return bool(read_results(run_dir).get("finished"))
 
 
 def load_resumed(run_dir, cfg):
@@ -465,10 +460,7 @@ def write_evaluation(best, cfg, test, rows, class_names):
     """--evaluate's files (see evaluate), and a line that says where they went and why."""
     run_dir = os.path.join(cfg.checkpoint_dir, cfg.checkpoint_name)
     changes = test_setting_changes(best["config"], cfg)
-    try:
-        own_acc = load_json(os.path.join(run_dir, "results.json")).get("test_acc")
-    except (OSError, ValueError, AttributeError):
-        own_acc = None  # (no test of its own to keep)
+    own_acc = read_results(run_dir).get("test_acc")  # (None: no test of its own to keep)
     again = own_acc is None or abs(own_acc - test["acc"]) <= 1e-6
     tag = None if not changes and again else evaluation_tag(changes)
     csv_path, json_path = evaluation_paths(run_dir, tag)

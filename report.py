@@ -109,6 +109,16 @@ def load_run_config(path):
     return config if isinstance(config, dict) else None
 
 
+def read_results(run_dir):
+    """A run's results.json as a dict; {} where it is missing, unreadable or not a dict (a run
+    that has not finished an epoch, a damaged file), for the callers that then say or do less."""
+    try:
+        results = load_json(os.path.join(run_dir, "results.json"))
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
 # A run's peak GPU memory two ways (see metrics.PeakMemory): over every training epoch, or in steady
 # state, over the epochs after each session's first (no cuDNN autotuning in them).
 OVERALL_PEAK, STEADY_PEAK = "peak_mem_mb", "steady_peak_mem_mb"
@@ -1059,8 +1069,9 @@ def load_sentence(report):
     """What inference.md says about how busy the machine was while --export timed the rows."""
     if "load_before" not in report:  # (an inference.json from before load_before existed)
         report = {"load_after": report["load_average"], "cpus": report["cpus"]}
-    if busy_note(report):
-        return f"{busy_note(report)[0].upper()}{busy_note(report)[1:]}: read the times as upper bounds."
+    busy = busy_note(report)
+    if busy:
+        return f"{busy[0].upper()}{busy[1:]}: read the times as upper bounds."
     others = f", other programs {report['other_cpus']} cores" if report.get("other_cpus") is not None else ""
     return (
         f"While the rows were timed the machine was quiet enough: 1-minute load average {report.get('load_before')} "
@@ -1123,10 +1134,7 @@ def stale_export(checkpoint_dir, name, report):
     else:
         changed = best_pt_changed(run_dir, recorded)
     if changed:
-        try:
-            now = load_json(os.path.join(run_dir, "results.json")).get("best_epoch")
-        except (OSError, ValueError, AttributeError):
-            now = None
+        now = read_results(run_dir).get("best_epoch")
         now = f" (now epoch {now}'s)" if now is not None else ""
         return f"{exported}, but its best.pt has changed since{now}: {again}"
     return ""

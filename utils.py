@@ -208,7 +208,6 @@ def atomic_write_files(directory, files):
 def _keep_aside(path, aside):
     """`aside`: the file at `path` as it is, which stays there (a hard link; a copy where the file
     system has none)."""
-    import errno
     import shutil
 
     try:
